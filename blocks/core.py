@@ -1,0 +1,69 @@
+"""Elementary blocks: linear projection, dropout, residual add."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from blocks.registry import Block, BlockParams, Port, register
+from blocks.types import TensorType, expect_last, expect_same_shape
+
+
+@register("linear", family="core")
+class Linear(Block):
+    """Affine map of the last dimension: y = x Wᵀ + b."""
+
+    class Params(BlockParams):
+        in_features: int = Field(gt=0, description="size of the input's last dimension")
+        out_features: int = Field(gt=0, description="size of the output's last dimension")
+        bias: bool = Field(True, description="learn an additive bias b")
+
+    example = {"in_features": 512, "out_features": 512}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.proj = nn.Linear(p.in_features, p.out_features, bias=p.bias)
+
+    @classmethod
+    def infer(cls, p: Params, x: TensorType) -> TensorType:
+        """[..., in_features] → [..., out_features]."""
+        expect_last(x, p.in_features, "in_features")
+        return x.with_last(p.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+@register("dropout", family="core")
+class Dropout(Block):
+    """Zero each element with probability p during training, scaling the rest by 1/(1-p)."""
+
+    class Params(BlockParams):
+        p: float = Field(0.1, ge=0.0, lt=1.0, description="drop probability")
+
+    example = {"p": 0.1}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.drop = nn.Dropout(p.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x)
+
+
+@register("add", family="core")
+class Add(Block):
+    """Residual connection: y = x + sublayer, shapes must agree."""
+
+    in_ports = (Port("x"), Port("sublayer"))
+    example = {}
+
+    @classmethod
+    def infer(cls, p: BlockParams, x: TensorType, sublayer: TensorType) -> TensorType:
+        """x and sublayer have the same shape, which the output keeps."""
+        expect_same_shape(x, sublayer, ("x", "sublayer"))
+        return x
+
+    def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
+        return x + sublayer

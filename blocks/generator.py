@@ -1,0 +1,46 @@
+"""Output heads that turn model states into vocabulary distributions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from blocks.registry import Block, BlockParams, register
+from blocks.types import TensorType, expect_last
+
+
+@register("generator", family="head")
+class Generator(Block):
+    """Final Linear to vocabulary logits followed by log-softmax (or softmax, or nothing)."""
+
+    class Params(BlockParams):
+        d_model: int = Field(gt=0, description="input width")
+        vocab: int = Field(gt=0, description="output vocabulary size")
+        output: Literal["log_softmax", "softmax", "logits"] = Field(
+            "log_softmax", description="log_softmax (for NLL loss), softmax (probabilities) or raw logits"
+        )
+
+    example = {"d_model": 512, "vocab": 32000}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.proj = nn.Linear(p.d_model, p.vocab)
+        self.output = p.output
+
+    @classmethod
+    def infer(cls, p: Params, x: TensorType) -> TensorType:
+        """[..., d_model] → [..., vocab]."""
+        expect_last(x, p.d_model, "d_model")
+        return x.with_last(p.vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(x)
+        if self.output == "log_softmax":
+            return F.log_softmax(logits, dim=-1)
+        if self.output == "softmax":
+            return F.softmax(logits, dim=-1)
+        return logits

@@ -1,0 +1,185 @@
+"""The block registry: one object holds every block, built-in or from a plugin, with where it came from."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from blocks.types import DtypeKind, TensorType
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class BlockParams(BaseModel):
+    """Base of every block's parameters: unknown keys are errors, values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Port:
+    """A named input or output of a block, with the rank(s) and dtype kind it accepts."""
+
+    name: str
+    rank: int | tuple[int, ...] | None = None
+    dtype: DtypeKind = "float"
+    optional: bool = False
+    doc: str = ""
+
+    @property
+    def ranks(self) -> tuple[int, ...] | None:
+        return (self.rank,) if isinstance(self.rank, int) else self.rank
+
+    def describe(self) -> str:
+        rank = "any rank" if self.ranks is None else "rank " + " or ".join(map(str, self.ranks))
+        kind = "any dtype" if self.dtype == "any" else f"{self.dtype} dtype"
+        return f"{rank}, {kind}" + (", optional" if self.optional else "")
+
+
+class Block(nn.Module):
+    """Base of every block: an `nn.Module` that also declares its params, ports and shape rule.
+
+    `forward` takes the input ports as arguments, in order; a block with several output
+    ports returns a tuple in the order of `out_ports`.
+    """
+
+    Params: ClassVar[type[BlockParams]] = BlockParams
+    in_ports: ClassVar[tuple[Port, ...]] = (Port("x"),)
+    out_ports: ClassVar[tuple[Port, ...]] = (Port("y"),)
+    example: ClassVar[dict[str, Any] | None] = None
+
+    @classmethod
+    def infer(cls, params: Any, **inputs: TensorType | None) -> TensorType | tuple[TensorType, ...]:
+        """The output type(s) for these input types, or raise `ShapeError`. Default: same as the first input."""
+        first = inputs[cls.in_ports[0].name]
+        if first is None:
+            raise NotImplementedError(f"{cls.__name__} must define infer()")
+        return first
+
+    @classmethod
+    def flops(cls, params: Any, inputs: dict[str, TensorType | None], outputs: tuple[TensorType, ...]) -> Any:
+        """Forward FLOPs as an expression of the dimensions; None where not counted."""
+        return None
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """A registered block and where it came from."""
+
+    name: str
+    cls: type[Block]
+    family: str
+    source: str
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.cls) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.cls) or ""
+
+
+class RegistrationError(Exception):
+    """A block definition is unusable or its name is taken."""
+
+
+class UnknownBlockError(LookupError):
+    def __init__(self, name: str, suggestions: list[str]):
+        super().__init__(name)
+        self.name = name
+        self.suggestions = suggestions
+
+
+B = TypeVar("B", bound=type[Block])
+
+
+class Registry:
+    """Name → block. A taken name is an error unless the registering source explicitly overrides."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, BlockEntry] = {}
+        self._source = "built-in"
+        self._override = False
+
+    def register(self, name: str, *, family: str = "misc") -> Callable[[B], B]:
+        def decorate(cls: B) -> B:
+            self.add(name, cls, family=family)
+            return cls
+
+        return decorate
+
+    def add(self, name: str, cls: type[Block], *, family: str = "misc") -> BlockEntry:
+        _check_definition(name, cls)
+        taken = self._entries.get(name)
+        if taken is not None and not self._override:
+            raise RegistrationError(
+                f"block name {name!r} from {self._source} is already taken by {taken.source} "
+                f"({taken.cls.__module__}.{taken.cls.__qualname__}); rename it, or load the plugin "
+                "with override allowed"
+            )
+        entry = BlockEntry(name=name, cls=cls, family=family, source=self._source)
+        self._entries[name] = entry
+        return entry
+
+    @contextmanager
+    def source(self, origin: str, *, override: bool = False) -> Iterator[None]:
+        """Stamp blocks registered inside this context with `origin` (a plugin's name)."""
+        saved = self._source, self._override
+        self._source, self._override = origin, override
+        try:
+            yield
+        finally:
+            self._source, self._override = saved
+
+    def get(self, name: str) -> BlockEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise UnknownBlockError(name, difflib.get_close_matches(name, self._entries, n=3))
+        return entry
+
+    def remove(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def list(self, pattern: str = "*") -> list[BlockEntry]:
+        """Blocks whose name matches a shell-style wildcard, sorted by family then name."""
+        found = [e for n, e in self._entries.items() if fnmatch.fnmatchcase(n, pattern)]
+        return sorted(found, key=lambda e: (e.family, e.name))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+
+def _check_definition(name: str, cls: type[Block]) -> None:
+    where = f"block {name!r} ({cls.__module__}.{cls.__qualname__})"
+    if not NAME_PATTERN.match(name):
+        raise RegistrationError(f"{where}: names are lower_snake_case (a-z, 0-9, _), starting with a letter")
+    if not (isinstance(cls, type) and issubclass(cls, Block)):
+        raise RegistrationError(f"{where}: must subclass blocks.Block")
+    if not (isinstance(cls.Params, type) and issubclass(cls.Params, BlockParams)):
+        raise RegistrationError(f"{where}: Params must subclass blocks.BlockParams")
+    if not inspect.getdoc(cls) or cls.__doc__ is None:
+        raise RegistrationError(f"{where}: needs a docstring; its first line is the block's summary")
+    declared = [p.name for p in cls.in_ports]
+    signature = list(inspect.signature(cls.forward).parameters)[1:]
+    if signature != declared:
+        raise RegistrationError(f"{where}: forward{tuple(signature)} must take the in_ports {tuple(declared)}")
+    if not cls.out_ports:
+        raise RegistrationError(f"{where}: declares no out_ports")
+
+
+REGISTRY = Registry()
+register = REGISTRY.register

@@ -1,0 +1,99 @@
+"""Symbolic tensor types that flow through shape rules before any weight exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import Literal
+
+import sympy
+import torch
+
+Dim = int | sympy.Expr
+DtypeKind = Literal["float", "int", "bool", "any"]
+
+
+@cache
+def symbol(name: str) -> sympy.Symbol:
+    """The one symbol for a named dimension such as `batch` or `src_len` (positive integer)."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def as_dim(value: int | str | sympy.Expr) -> Dim:
+    """A shape entry from a spec: ints stay ints, names become symbols."""
+    if isinstance(value, str):
+        return symbol(value)
+    return value
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def format_dim(d: Dim) -> str:
+    return str(d)
+
+
+def format_shape(shape: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join(format_dim(d) for d in shape) + "]"
+
+
+def dtype_kind(dtype: torch.dtype) -> DtypeKind:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_floating_point or dtype.is_complex:
+        return "float"
+    return "int"
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """Shape (ints and symbols), dtype, and which node/port produced it (for error messages)."""
+
+    shape: tuple[Dim, ...]
+    dtype: torch.dtype = torch.float32
+    source: str = ""
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def with_shape(self, *shape: Dim) -> TensorType:
+        return replace(self, shape=tuple(shape))
+
+    def with_last(self, size: Dim) -> TensorType:
+        return replace(self, shape=(*self.shape[:-1], size))
+
+    def __str__(self) -> str:
+        return f"{format_shape(self.shape)} {str(self.dtype).removeprefix('torch.')}"
+
+    def described(self) -> str:
+        """`[batch, seq, 512] float32 from node 'emb'` — for messages that name both ends."""
+        return f"{self} from {self.source!r}" if self.source else str(self)
+
+
+class ShapeError(Exception):
+    """Raised by a shape rule; the builder adds file, line and node."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def expect_last(x: TensorType, size: int, param: str, port: str = "x") -> None:
+    """Check the feature (last) dimension against a parameter, naming both."""
+    if not dims_equal(x.shape[-1], size):
+        raise ShapeError(
+            f"input {port!r} has feature size {format_dim(x.shape[-1])} ({x.described()}), but {param} is {size}",
+            hint=f"set {param}: {format_dim(x.shape[-1])} or change the producing node",
+        )
+
+
+def expect_same_shape(a: TensorType, b: TensorType, names: tuple[str, str]) -> None:
+    if a.rank != b.rank or not all(dims_equal(p, q) for p, q in zip(a.shape, b.shape, strict=True)):
+        raise ShapeError(
+            f"inputs {names[0]!r} and {names[1]!r} must have the same shape: {a.described()} vs {b.described()}"
+        )

@@ -1,0 +1,27 @@
+"""blockgraph's builder: spec file → validated graph → shapes → compiled `nn.Module`."""
+
+from builder.api import build, dummy_inputs, load_spec, resolve_dims, trial_run, typed_graph
+from builder.compile import GraphModel, compile_graph
+from builder.errors import BlockgraphError, Location, PluginError, Problem, SpecError
+from builder.graph import Graph, assemble
+from builder.shapes import TypedGraph, infer_shapes
+
+__all__ = [
+    "BlockgraphError",
+    "Graph",
+    "GraphModel",
+    "Location",
+    "PluginError",
+    "Problem",
+    "SpecError",
+    "TypedGraph",
+    "assemble",
+    "build",
+    "compile_graph",
+    "dummy_inputs",
+    "infer_shapes",
+    "load_spec",
+    "resolve_dims",
+    "trial_run",
+    "typed_graph",
+]

@@ -1,0 +1,145 @@
+"""The Python API: the pipeline load → validate → graph → shapes → compile, one call per stage or all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blocks.types import TensorType, format_shape, symbol
+from builder.compile import GraphModel, compile_graph
+from builder.errors import Location, Problem, SpecError
+from builder.graph import Graph, assemble
+from builder.load import Document, SourceMap, load_file
+from builder.shapes import TypedGraph, infer_shapes
+from builder.spec import DTYPES
+from builder.validate import ValidSpec, validate_document
+
+SpecSource = str | Path | dict[str, Any] | ValidSpec
+
+
+def load_spec(source: SpecSource, overrides: dict[str, Any] | None = None) -> ValidSpec:
+    """A spec file (or a mapping already in memory) validated, with `--set`-style variable overrides applied."""
+    if isinstance(source, ValidSpec):
+        return source
+    document = Document(source, SourceMap("<dict>")) if isinstance(source, dict) else load_file(source)
+    return validate_document(document, overrides)
+
+
+def typed_graph(source: SpecSource, overrides: dict[str, Any] | None = None) -> TypedGraph:
+    """Everything short of allocating weights: validated, wired and shape-checked."""
+    return infer_shapes(assemble(load_spec(source, overrides)))
+
+
+def build(
+    source: SpecSource,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> GraphModel:
+    """Build a spec into an ordinary `nn.Module` (weights on `device`; `meta` allocates none)."""
+    return compile_graph(typed_graph(source, overrides), device=device, dtype=parse_dtype(dtype))
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES or not DTYPES[dtype].is_floating_point:
+        floats = [n for n, d in DTYPES.items() if d.is_floating_point]
+        raise SpecError(Problem(f"--dtype {dtype!r} is not a floating dtype", hint=f"use one of {', '.join(floats)}"))
+    return DTYPES[dtype]
+
+
+def resolve_dims(graph: Graph, given: dict[str, int] | None = None) -> dict[str, int]:
+    """Concrete sizes for every named dimension of the inputs: `--dim` first, then the spec's `dims:`."""
+    declared = graph.valid.spec.dims if graph.valid else {}
+    sizes = {**declared, **(given or {})}
+    missing = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str) and d not in sizes})
+    if missing:
+        raise SpecError(
+            Problem(
+                f"no size for dimension(s) {', '.join(missing)}",
+                Location(str(graph.valid.file) if graph.valid and graph.valid.file else None, path=("dims",)),
+                hint=" ".join(f"--dim {d}=N" for d in missing) + ", or declare them under dims:",
+            )
+        )
+    return sizes
+
+
+def dummy_inputs(
+    graph: Graph,
+    dims: dict[str, int],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random inputs for a trial run: integers below `high` (default 2), masks all False; optional inputs left out."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, spec in graph.inputs.items():
+        if spec.optional:
+            continue
+        shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+        kind = spec.torch_dtype
+        if kind == torch.bool:
+            value = torch.zeros(shape, dtype=torch.bool)
+        elif kind.is_floating_point:
+            value = torch.randn(shape, generator=generator).to(dtype or kind)
+        else:
+            value = torch.randint(0, spec.high or 2, shape, generator=generator, dtype=kind)
+        tensors[name] = value.to(device)
+    return tensors
+
+
+def concrete_shape(tensor_type: TensorType, dims: dict[str, int]) -> tuple[int, ...]:
+    """Substitute sizes for the symbols of an inferred shape."""
+    subs = {symbol(name): size for name, size in dims.items()}
+    out = []
+    for d in tensor_type.shape:
+        value = d if isinstance(d, int) else d.subs(subs)
+        out.append(int(value) if getattr(value, "is_number", True) else value)
+    return tuple(out)
+
+
+def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str, int]) -> Any:
+    """One forward pass that also checks every block's output against its inferred shape.
+
+    A block whose module disagrees with its own shape rule (typically a plugin) is named, with both shapes.
+    """
+    typed = model.typed_graph
+    mismatches: list[Problem] = []
+
+    def checker(node_id: str):
+        inst = typed.graph.nodes[node_id]
+        expected = [concrete_shape(t, dims) for t in typed.output_types(inst)]
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            got = output if isinstance(output, tuple) else (output,)
+            for port, want, tensor in zip(inst.entry.cls.out_ports, expected, got, strict=False):
+                if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != want:
+                    mismatches.append(
+                        Problem(
+                            f"block {inst.entry.name!r} (from {inst.entry.source}) produced {list(tensor.shape)} on "
+                            f"port {port.name!r}, but its shape rule promised {format_shape(want)}",
+                            typed.graph.locate(inst.spec_path),
+                            hint="the block's infer() and its forward() disagree; fix the block",
+                            node=node_id,
+                        )
+                    )
+
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[node_id].register_forward_hook(checker(node_id)) for node_id in typed.graph.nodes]
+    try:
+        with torch.no_grad():
+            outputs = model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if mismatches:
+        raise SpecError(mismatches)
+    return outputs

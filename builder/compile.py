@@ -1,0 +1,149 @@
+"""Typed graph → `nn.Module` whose `forward` is generated Python: no per-call interpretation of the graph."""
+
+from __future__ import annotations
+
+import keyword
+import linecache
+import re
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from builder.graph import Endpoint, Graph
+from builder.shapes import TypedGraph
+
+
+class GraphModel(nn.Module):
+    """Base of every built model. `code` is the generated `forward`; submodules are named after spec nodes."""
+
+    code: ClassVar[str] = ""
+    spec_name: ClassVar[str] = ""
+    typed_graph: ClassVar[TypedGraph | None] = None
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec_name!r}"
+
+
+def compile_graph(
+    typed: TypedGraph, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> GraphModel:
+    """Instantiate every block (on `device`, or `meta` for a weightless model) and bind the generated forward."""
+    graph = typed.graph
+    cls = model_class(typed)
+    model = cls()
+    with torch.device(device or "cpu"):
+        for inst in graph.nodes.values():
+            _install(model, inst.id, inst.entry.cls(inst.params), graph)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def model_class(typed: TypedGraph) -> type[GraphModel]:
+    graph = typed.graph
+    code = generate_forward(graph)
+    filename = f"<blockgraph {graph.name}>"
+    namespace: dict[str, Any] = {"Tensor": torch.Tensor, "Optional": Any}
+    exec(compile(code, filename, "exec"), namespace)
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    class_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", graph.name) if part) or "Model"
+    return type(
+        class_name if class_name[0].isalpha() else "Model" + class_name,
+        (GraphModel,),
+        {"forward": namespace["forward"], "code": code, "spec_name": graph.name, "typed_graph": typed},
+    )
+
+
+def _install(model: nn.Module, node_id: str, module: nn.Module, graph: Graph) -> None:
+    """Place a block at its dotted path, creating ModuleList (repeats) / ModuleDict (sub-graphs) on the way."""
+    parts = node_id.split(".")
+    parent = model
+    for depth, part in enumerate(parts[:-1]):
+        child = parent._modules.get(part)
+        if child is None:
+            child = nn.ModuleList() if parts[depth + 1].isdigit() else nn.ModuleDict()
+            parent.add_module(part, child)
+        parent = child
+    if isinstance(parent, nn.ModuleList):
+        parent.append(module)
+    else:
+        parent.add_module(parts[-1], module)
+
+
+class _Names:
+    """Python identifiers for node outputs and containers, unique and never keywords."""
+
+    def __init__(self, reserved: set[str]):
+        self.taken = set(reserved)
+
+    def new(self, wanted: str) -> str:
+        base = re.sub(r"\W", "_", wanted)
+        if not base or base[0].isdigit() or keyword.iskeyword(base) or base.startswith("_"):
+            base = "v_" + base
+        name, n = base, 1
+        while name in self.taken:
+            n += 1
+            name = f"{base}_{n}"
+        self.taken.add(name)
+        return name
+
+
+def generate_forward(graph: Graph) -> str:
+    """The forward as Python source: one line per block call, submodules bound from `_modules` dicts once."""
+    required = [n for n, s in graph.inputs.items() if not s.optional]
+    optional = [n for n, s in graph.inputs.items() if s.optional]
+    names = _Names({"self", "Tensor", "Optional", *graph.inputs})
+    var: dict[Endpoint, str] = {Endpoint(n): n for n in graph.inputs}
+    containers: dict[str, str] = {"": "_m"}
+    names.taken.add("_m")
+    args = [f"{n}: Tensor" for n in required] + [f"{n}: Optional[Tensor] = None" for n in optional]
+    lines = [f"def forward(self, {', '.join(args)}):", "    _m = self._modules"]
+
+    def container(path: str) -> str:
+        if path not in containers:
+            parent, _, last = path.rpartition(".")
+            containers[path] = names.new("m_" + path)
+            lines.append(f"    {containers[path]} = {container(parent)}[{last!r}]._modules")
+        return containers[path]
+
+    last_use = _last_uses(graph)
+    for index, inst in enumerate(graph.nodes.values()):
+        parent, _, last = inst.id.rpartition(".")
+        call_args = _call_args(inst.entry.cls.in_ports, inst.bindings, var)
+        ports = inst.entry.cls.out_ports
+        for port in ports:
+            var[Endpoint(inst.id, port.name)] = names.new(inst.id if len(ports) == 1 else f"{inst.id}_{port.name}")
+        targets = ", ".join(var[Endpoint(inst.id, p.name)] for p in ports)
+        lines.append(f"    {targets} = {container(parent)}[{last!r}]({call_args})")
+        dead = sorted(var[e] for e, i in last_use.items() if i == index and e.port)
+        if dead:
+            lines.append(f"    del {', '.join(dead)}")
+    if graph.single_output:
+        lines.append(f"    return {var[graph.outputs['output']]}")
+    else:
+        items = ", ".join(f"{name!r}: {var[ep]}" for name, ep in graph.outputs.items())
+        lines.append(f"    return {{{items}}}")
+    return "\n".join(lines) + "\n"
+
+
+def _call_args(ports: tuple, bindings: dict[str, Endpoint | None], var: dict[Endpoint, str]) -> str:
+    """Positional arguments up to the last bound port; skipped optional ports get None."""
+    values = [var[bindings[p.name]] if bindings.get(p.name) is not None else "None" for p in ports]
+    while values and values[-1] == "None":
+        values.pop()
+    return ", ".join(values)
+
+
+def _last_uses(graph: Graph) -> dict[Endpoint, int]:
+    """For each node output, the index of the last node that reads it (outputs of the model are never freed)."""
+    last: dict[Endpoint, int] = {}
+    for index, inst in enumerate(graph.nodes.values()):
+        for endpoint in inst.bindings.values():
+            if endpoint is not None:
+                last[endpoint] = index
+        for port in inst.entry.cls.out_ports:
+            last.setdefault(Endpoint(inst.id, port.name), index)
+    for endpoint in graph.outputs.values():
+        last.pop(endpoint, None)
+    return last

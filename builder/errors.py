@@ -1,0 +1,98 @@
+"""The one error type of blockgraph: a list of located problems, rendered once at the CLI edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SpecPath = tuple[str | int, ...]
+
+
+def format_path(path: SpecPath) -> str:
+    """`("nodes", "enc", "params", "heads")` → `nodes.enc.params.heads`; list indices as `[2]`."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a problem sits: the file, the line/column of the value (1-based) and its path in the spec."""
+
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+    path: SpecPath = ()
+
+    def __str__(self) -> str:
+        where = self.file or "<spec>"
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        return f"{where} ({format_path(self.path)})" if self.path else where
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong (or worth a warning) in a spec, with enough context to fix it."""
+
+    message: str
+    location: Location = field(default_factory=Location)
+    hint: str | None = None
+    severity: Literal["error", "warning"] = "error"
+    node: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.location}: {self.severity}: {self.message}"
+        if self.node:
+            text += f" [node {self.node}]"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class BlockgraphError(Exception):
+    """Anything the user can fix: a bad spec, a missing file, a broken plugin. Carries every problem found."""
+
+    def __init__(self, problems: list[Problem] | Problem | str):
+        if isinstance(problems, str):
+            problems = Problem(problems)
+        self.problems: list[Problem] = [problems] if isinstance(problems, Problem) else list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class SpecError(BlockgraphError):
+    """The spec (or its file) is invalid."""
+
+
+class PluginError(BlockgraphError):
+    """A plugin could not be loaded or registered."""
+
+
+class ProblemList:
+    """Collects problems across a pass so that all independent errors are reported together."""
+
+    def __init__(self) -> None:
+        self.items: list[Problem] = []
+        self._seen: set[tuple[str, Location, str]] = set()
+
+    def add(self, problem: Problem) -> None:
+        """Record a problem once: the same mistake seen in every copy of a repeat is one problem."""
+        key = (problem.message, problem.location, problem.severity)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.items.append(problem)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.items if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.items if p.severity == "warning"]
+
+    def raise_if_errors(self, error_type: type[BlockgraphError] = SpecError) -> None:
+        if self.errors:
+            raise error_type(self.errors)

@@ -1,0 +1,401 @@
+"""Validated spec → one flat DAG of block instances (sub-graphs and repeats expanded), checked for wiring."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+from pydantic import ValidationError
+
+from blocks import REGISTRY, BlockEntry, BlockParams
+from builder.errors import Location, Problem, ProblemList, SpecError, SpecPath
+from builder.expressions import Scope
+from builder.spec import GraphSpec, InputSpec, NodeSpec
+from builder.validate import ValidSpec, pydantic_problems, substitute_located
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A tensor in the flat graph: a spec input (port "") or one output port of a node."""
+
+    node: str
+    port: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.node}.{self.port}" if self.port else self.node
+
+
+@dataclass
+class NodeInstance:
+    """One block module in the flat graph; `id` is its dotted module path (`encoder.3.attn`)."""
+
+    id: str
+    entry: BlockEntry
+    params: BlockParams
+    bindings: dict[str, Endpoint | None]
+    spec_path: SpecPath
+
+
+@dataclass(frozen=True)
+class Group:
+    """A repeat stack or a sub-graph instance, for collapsing in `inspect`."""
+
+    id: str
+    kind: Literal["repeat", "subgraph"]
+    type: str
+    count: int = 1
+
+
+@dataclass
+class Graph:
+    """The assembled model: inputs, block instances in execution order, outputs."""
+
+    name: str
+    inputs: dict[str, InputSpec]
+    nodes: dict[str, NodeInstance]
+    outputs: dict[str, Endpoint]
+    single_output: bool
+    dag: nx.DiGraph
+    groups: dict[str, Group] = field(default_factory=dict)
+    warnings: list[Problem] = field(default_factory=list)
+    valid: ValidSpec | None = None
+
+    def locate(self, path: SpecPath) -> Location:
+        return self.valid.source.locate(path) if self.valid else Location(path=path)
+
+
+def assemble(valid: ValidSpec) -> Graph:
+    """Expand and wire every node; all wiring problems are reported together."""
+    spec = valid.spec
+    assembler = _Assembler(valid)
+    env: dict[str, Endpoint | None] = {name: Endpoint(name) for name in spec.inputs}
+    local = assembler.expand_level(spec.nodes, "", env, valid.scope, ("nodes",), [])
+    problems = assembler.problems
+    outputs: dict[str, Endpoint] = {}
+    single = isinstance(spec.outputs, str)
+    for name, ref in ({"output": spec.outputs} if single else spec.outputs).items():
+        path = ("outputs",) if single else ("outputs", name)
+        endpoint = assembler.resolve(ref, local, path)
+        if endpoint is not None:
+            outputs[name] = endpoint
+    problems.raise_if_errors()
+    graph = Graph(spec.name, dict(spec.inputs), {}, outputs, single, nx.DiGraph(), assembler.groups, valid=valid)
+    _build_dag(graph, assembler.nodes)
+    graph.warnings = [*valid.warnings, *_unused(graph, valid), *problems.warnings]
+    return graph
+
+
+class _Assembler:
+    def __init__(self, valid: ValidSpec):
+        self.valid = valid
+        self.source = valid.source
+        self.problems = ProblemList()
+        self.nodes: list[NodeInstance] = []
+        self.groups: dict[str, Group] = {}
+        self._params_cache: dict[tuple[str, str], BlockParams] = {}
+
+    def error(
+        self, message: str, path: SpecPath, hint: str | None = None, node: str | None = None, key: bool = False
+    ) -> None:
+        self.problems.add(Problem(message, self.source.locate(path, key=key), hint=hint, node=node))
+
+    def expand_level(
+        self,
+        nodes: dict[str, NodeSpec],
+        prefix: str,
+        env: dict[str, Endpoint | None],
+        scope: Scope,
+        base: SpecPath,
+        stack: list[str],
+    ) -> dict[str, dict[str, Endpoint | None]]:
+        """Expand the nodes of one level in dependency order; returns each local node's outputs by port."""
+        clashes = set(nodes) & set(env)
+        for name in clashes:
+            self.error(f"node {name!r} has the same name as an input", (*base, name), key=True, hint="rename the node")
+        order = self._local_order(nodes, base)
+        local: dict[str, dict[str, Endpoint | None]] = {name: {"": ep} for name, ep in env.items()}
+        for name in order:
+            local[name] = self._expand_node(name, nodes[name], prefix, local, scope, (*base, name), stack)
+        return local
+
+    def _local_order(self, nodes: dict[str, NodeSpec], base: SpecPath) -> list[str]:
+        deps = nx.DiGraph()
+        deps.add_nodes_from(nodes)
+        for name, node in nodes.items():
+            for ref in _refs(node.inputs):
+                if (target := ref.split(".")[0]) in nodes:
+                    deps.add_edge(target, name)
+        try:
+            cycle = nx.find_cycle(deps)
+        except nx.NetworkXNoCycle:
+            position = {name: i for i, name in enumerate(nodes)}
+            return list(nx.lexicographical_topological_sort(deps, key=position.__getitem__))
+        names = [edge[0] for edge in cycle] + [cycle[0][0]]
+        self.error(
+            f"the nodes form a cycle: {' → '.join(names)}",
+            (*base, cycle[-1][1], "in"),
+            hint="a model is a directed acyclic graph; break the loop (use a recurrent block for recurrence)",
+            node=cycle[-1][1],
+        )
+        raise SpecError(self.problems.errors)
+
+    def resolve(self, ref: str, local: dict[str, dict[str, Endpoint | None]], path: SpecPath) -> Endpoint | None:
+        name, _, port = ref.partition(".")
+        outs = local.get(name)
+        if outs is None:
+            close = difflib.get_close_matches(name, list(local), n=1)
+            self.error(
+                f"{name!r} is not a node or input here" + (f" (in {ref!r})" if port else ""),
+                path,
+                hint=f"did you mean {close[0]!r}?" if close else f"known names: {', '.join(local)}",
+            )
+            return None
+        if not outs:  # the node itself failed to expand; that error is already reported
+            return None
+        if not port:
+            return next(iter(outs.values()))
+        if port not in outs:
+            close = difflib.get_close_matches(port, [p for p in outs if p], n=1)
+            self.error(
+                f"{name!r} has no output port {port!r}",
+                path,
+                hint=f"did you mean {name}.{close[0]}?"
+                if close
+                else f"its outputs: {', '.join(p for p in outs if p) or '(one, unnamed)'}",
+            )
+            return None
+        return outs[port]
+
+    def _expand_node(
+        self,
+        name: str,
+        node: NodeSpec,
+        prefix: str,
+        local: dict[str, dict[str, Endpoint | None]],
+        scope: Scope,
+        path: SpecPath,
+        stack: list[str],
+    ) -> dict[str, Endpoint | None]:
+        node_id = prefix + name
+        subgraph = self.valid.spec.blocks.get(node.type)
+        entry = None if subgraph else self._entry(node.type, path, node_id)
+        if subgraph is None and entry is None:
+            return {}
+        ports = subgraph.inputs if subgraph else [p.name for p in entry.cls.in_ports]
+        bindings, wired = self._bind(node, ports, local, path, node_id)
+        repeat = self._repeat(node, scope, path)
+        if subgraph and node.type in stack:
+            self.error(f"sub-graph {node.type!r} uses itself: {' → '.join([*stack, node.type])}", (*path, "type"))
+            return {}
+        if repeat > 1:
+            self.groups[node_id] = Group(node_id, "repeat", node.type, repeat)
+        outs: dict[str, Endpoint | None] = {}
+        for copy in range(repeat):
+            copy_id = f"{node_id}.{copy}" if repeat > 1 else node_id
+            if subgraph:
+                outs = self._expand_subgraph(node, subgraph, copy_id, bindings, scope, path, stack)
+            else:
+                outs = self._add_block(entry, node, copy_id, bindings, scope, path, wired)
+            if copy + 1 < repeat and ports and outs:
+                bindings = {**bindings, ports[0]: next(iter(outs.values()))}
+        return outs
+
+    def _entry(self, type_name: str, path: SpecPath, node_id: str) -> BlockEntry | None:
+        if type_name in REGISTRY:
+            return REGISTRY.get(type_name)
+        known = REGISTRY.names() + list(self.valid.spec.blocks)
+        close = difflib.get_close_matches(type_name, known, n=3)
+        self.error(
+            f"unknown block type {type_name!r}",
+            (*path, "type"),
+            hint=f"did you mean {' or '.join(repr(c) for c in close)}?"
+            if close
+            else "run `blockgraph blocks` to list them",
+            node=node_id,
+        )
+        return None
+
+    def _repeat(self, node: NodeSpec, scope: Scope, path: SpecPath) -> int:
+        value = node.repeat
+        if isinstance(value, str):
+            value = substitute_located(value, (*path, "repeat"), scope, self.source, self.problems)
+        if value is None:
+            return 1
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 10_000:
+            self.error(f"repeat must be an integer from 1 to 10000; found {value!r}", (*path, "repeat"))
+            return 1
+        return value
+
+    def _bind(
+        self,
+        node: NodeSpec,
+        ports: list[str],
+        local: dict[str, dict[str, Endpoint | None]],
+        path: SpecPath,
+        node_id: str,
+    ) -> tuple[dict[str, Endpoint | None], bool]:
+        """Port → endpoint, and whether every given ref resolved (if not, that is already reported)."""
+        spec_in = node.inputs
+        in_path = (*path, "in")
+        if spec_in is None:
+            return {}, True
+        if isinstance(spec_in, str):
+            spec_in = [spec_in]
+        if isinstance(spec_in, list):
+            if len(spec_in) > len(ports):
+                self.error(
+                    f"{len(spec_in)} inputs given but {node.type!r} takes {len(ports)}: {', '.join(ports)}",
+                    in_path,
+                    node=node_id,
+                )
+            pairs = [(port, ref, (*in_path, i)) for i, (port, ref) in enumerate(zip(ports, spec_in, strict=False))]
+        else:
+            pairs = []
+            for port, ref in spec_in.items():
+                if port not in ports:
+                    close = difflib.get_close_matches(port, ports, n=1)
+                    self.error(
+                        f"{node.type!r} has no input port {port!r}",
+                        (*in_path, port),
+                        hint=f"did you mean {close[0]!r}?" if close else f"its inputs: {', '.join(ports)}",
+                        node=node_id,
+                        key=True,
+                    )
+                    continue
+                pairs.append((port, ref, (*in_path, port)))
+        bindings = {port: None if ref is None else self.resolve(ref, local, ref_path) for port, ref, ref_path in pairs}
+        wired = all(bindings[port] is not None for port, ref, _ in pairs if ref is not None)
+        return bindings, wired
+
+    def _add_block(
+        self,
+        entry: BlockEntry,
+        node: NodeSpec,
+        node_id: str,
+        bindings: dict[str, Endpoint | None],
+        scope: Scope,
+        path: SpecPath,
+        wired: bool,
+    ) -> dict[str, Endpoint | None]:
+        params = self._params(entry, node, scope, path, node_id)
+        for port in entry.cls.in_ports if wired else ():
+            if not port.optional and bindings.get(port.name) is None:
+                self.error(
+                    f"required input {port.name!r} of {entry.name!r} is not connected",
+                    (*path, "in"),
+                    hint=f"add it to `in`, e.g. in: {{{port.name}: <node>}}",
+                    node=node_id,
+                )
+        if params is not None:
+            self.nodes.append(NodeInstance(node_id, entry, params, bindings, path))
+        return {port.name: Endpoint(node_id, port.name) for port in entry.cls.out_ports}
+
+    def _params(
+        self, entry: BlockEntry, node: NodeSpec, scope: Scope, path: SpecPath, node_id: str
+    ) -> BlockParams | None:
+        raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
+        key = (entry.name, json.dumps(raw, sort_keys=True, default=repr))
+        cached = self._params_cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            params = entry.cls.Params.model_validate(raw)
+        except ValidationError as exc:
+            for problem in pydantic_problems(exc, (*path, "params"), self.source, entry.cls.Params):
+                self.problems.add(Problem(problem.message, problem.location, problem.hint, node=node_id))
+            return None
+        self._params_cache[key] = params
+        return params
+
+    def _expand_subgraph(
+        self,
+        node: NodeSpec,
+        subgraph: GraphSpec,
+        instance_id: str,
+        bindings: dict[str, Endpoint | None],
+        scope: Scope,
+        path: SpecPath,
+        stack: list[str],
+    ) -> dict[str, Endpoint | None]:
+        self.groups[instance_id] = Group(instance_id, "subgraph", node.type)
+        unknown = set(node.params) - set(subgraph.params)
+        for param in sorted(unknown):
+            close = difflib.get_close_matches(param, list(subgraph.params), n=1)
+            self.error(
+                f"sub-graph {node.type!r} has no parameter {param!r}",
+                (*path, "params", param),
+                hint=f"did you mean {close[0]!r}?" if close else f"its params: {', '.join(subgraph.params) or 'none'}",
+                node=instance_id,
+                key=True,
+            )
+        defaults = substitute_located(
+            subgraph.params, ("blocks", node.type, "params"), scope, self.source, self.problems
+        )
+        given = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
+        inner_scope = Scope({**defaults, **given}, parent=scope)
+        env = {name: bindings.get(name) for name in subgraph.inputs}
+        base = ("blocks", node.type, "nodes")
+        inner = self.expand_level(subgraph.nodes, instance_id + ".", env, inner_scope, base, [*stack, node.type])
+        outputs = {"output": subgraph.outputs} if isinstance(subgraph.outputs, str) else subgraph.outputs
+        return {
+            port: self.resolve(
+                ref,
+                inner,
+                ("blocks", node.type, "outputs")
+                if isinstance(subgraph.outputs, str)
+                else ("blocks", node.type, "outputs", port),
+            )
+            for port, ref in outputs.items()
+        }
+
+
+def _refs(spec_in: Any) -> list[str]:
+    if spec_in is None:
+        return []
+    if isinstance(spec_in, str):
+        return [spec_in]
+    values = spec_in if isinstance(spec_in, list) else list(spec_in.values())
+    return [v for v in values if v is not None]
+
+
+def _build_dag(graph: Graph, instances: list[NodeInstance]) -> None:
+    dag = graph.dag
+    for name in graph.inputs:
+        dag.add_node(name, kind="input")
+    for inst in instances:
+        graph.nodes[inst.id] = inst
+        dag.add_node(inst.id, kind="block")
+        for port, endpoint in inst.bindings.items():
+            if endpoint is not None:
+                dag.add_edge(endpoint.node, inst.id, port=port)
+
+
+def _unused(graph: Graph, valid: ValidSpec) -> list[Problem]:
+    """Nodes and inputs that no output depends on, and variables nothing refers to."""
+    needed: set[str] = set()
+    for endpoint in graph.outputs.values():
+        needed |= nx.ancestors(graph.dag, endpoint.node) | {endpoint.node}
+    warnings = []
+    for inst in graph.nodes.values():
+        if inst.id not in needed:
+            warnings.append(
+                Problem(
+                    f"node {inst.id!r} does not contribute to any output",
+                    graph.locate(inst.spec_path),
+                    hint="remove it or connect it to an output",
+                    severity="warning",
+                    node=inst.id,
+                )
+            )
+    for name in graph.inputs:
+        if name not in needed:
+            warnings.append(Problem(f"input {name!r} is not used", graph.locate(("inputs", name)), severity="warning"))
+    for name in valid.scope.raw:
+        if name not in valid.scope.used:
+            warnings.append(
+                Problem(f"variable {name!r} is never used", graph.locate(("vars", name)), severity="warning")
+            )
+    return warnings

@@ -1,0 +1,187 @@
+"""Read a spec file (YAML or JSON) safely into plain data plus a map from spec paths to lines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from builder.errors import Location, Problem, SpecError, SpecPath
+
+MAX_BYTES = 2 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_VALUES = 200_000
+
+Position = tuple[str | None, int, int]
+
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
+@dataclass
+class SourceMap:
+    """File, line and column (1-based) of every value and every mapping key, by spec path.
+
+    Positions carry their file because `extends:` merges several files into one spec.
+    """
+
+    file: str | None = None
+    values: dict[SpecPath, Position] = field(default_factory=dict)
+    keys: dict[SpecPath, Position] = field(default_factory=dict)
+
+    def locate(self, path: SpecPath, *, key: bool = False) -> Location:
+        """The position of `path`, or of its nearest ancestor that has one."""
+        if key and path in self.keys:
+            return Location(*self.keys[path], path)
+        for n in range(len(path), -1, -1):
+            pos = self.values.get(path[:n])
+            if pos is not None:
+                return Location(*pos, path)
+        return Location(self.file, None, None, path)
+
+    def mark(self, node: yaml.Node) -> Position:
+        return (self.file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+@dataclass
+class Document:
+    """A loaded spec file: its data and where each part of it came from."""
+
+    data: Any
+    source: SourceMap
+    path: Path | None = None
+
+
+def load_file(path: str | Path) -> Document:
+    """Load a `.yaml`/`.yml`/`.json` spec; every failure is a located `SpecError`."""
+    path = Path(path)
+    where = Location(str(path))
+    if not path.exists():
+        raise SpecError(Problem(f"spec file not found: {path}", where, hint="check the path and its spelling"))
+    if path.is_dir():
+        raise SpecError(Problem(f"{path} is a directory, not a spec file", where))
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise SpecError(Problem(f"spec file is {size:,} bytes; the limit is {MAX_BYTES:,}", where))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(Problem(f"cannot read spec file: {exc.strerror}", where)) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            Problem(
+                f"spec file is not UTF-8 text (byte {exc.start})", Location(str(path), line), hint="save it as UTF-8"
+            )
+        ) from exc
+    document = load_text(text, str(path), json_syntax=path.suffix.lower() == ".json")
+    document.path = path
+    return document
+
+
+def load_text(text: str, filename: str | None = None, *, json_syntax: bool = False) -> Document:
+    """Parse spec text. JSON is checked by the JSON parser first, then mapped to lines like YAML."""
+    if len(text.encode("utf-8")) > MAX_BYTES:
+        raise SpecError(Problem(f"spec text is larger than {MAX_BYTES:,} bytes", Location(filename)))
+    if json_syntax:
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(
+                Problem(f"JSON syntax error: {exc.msg}", Location(filename, exc.lineno, exc.colno))
+            ) from exc
+    data, source = _YamlWalker(text, filename).run()
+    if data is None:
+        raise SpecError(
+            Problem(
+                "the spec is empty", Location(filename), hint="a spec is a mapping with name, inputs, nodes, outputs"
+            )
+        )
+    return Document(data, source)
+
+
+class _YamlWalker:
+    """Compose the YAML node tree (no object construction), then convert it while recording positions."""
+
+    def __init__(self, text: str, filename: str | None):
+        self.loader = yaml.SafeLoader(text)
+        self.source = SourceMap(filename)
+        self.count = 0
+
+    def run(self) -> tuple[Any, SourceMap]:
+        try:
+            node = self.loader.get_single_node()
+            data = None if node is None else self._convert(node, (), 0)
+        except yaml.MarkedYAMLError as exc:
+            raise self._syntax_error(exc) from exc
+        except yaml.YAMLError as exc:
+            raise SpecError(Problem(f"YAML error: {exc}", Location(self.source.file))) from exc
+        finally:
+            self.loader.dispose()
+        return data, self.source
+
+    def _syntax_error(self, exc: yaml.MarkedYAMLError) -> SpecError:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        message = f"YAML syntax error: {exc.problem or exc.context}"
+        hint = f"{exc.context}" if exc.context and exc.problem else None
+        return SpecError(Problem(message, Location(self.source.file, line, col), hint=hint))
+
+    def _fail(self, message: str, node: yaml.Node, path: SpecPath, hint: str | None = None) -> SpecError:
+        mark = node.start_mark
+        return SpecError(Problem(message, Location(self.source.file, mark.line + 1, mark.column + 1, path), hint=hint))
+
+    def _convert(self, node: yaml.Node, path: SpecPath, depth: int) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise self._fail(
+                f"the spec expands to more than {MAX_VALUES:,} values",
+                node,
+                path,
+                hint="YAML aliases (*name) that expand recursively are not allowed to blow up",
+            )
+        if depth > MAX_DEPTH:
+            raise self._fail(f"the spec is nested deeper than {MAX_DEPTH} levels", node, path)
+        self.source.values[path] = self.source.mark(node)
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return self.loader.construct_object(node)
+            except yaml.constructor.ConstructorError as exc:
+                raise self._fail(
+                    f"YAML tag {node.tag!r} is not allowed", node, path, hint="specs hold plain data only"
+                ) from exc
+        if node.tag not in _PLAIN_TAGS:
+            raise self._fail(f"YAML tag {node.tag!r} is not allowed", node, path, hint="specs hold plain data only")
+        if isinstance(node, yaml.SequenceNode):
+            return [self._convert(item, (*path, i), depth + 1) for i, item in enumerate(node.value)]
+        self.loader.flatten_mapping(node)
+        result: dict[str, Any] = {}
+        first_seen: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self._fail("mapping keys must be plain names", key_node, path)
+            key = key_node.value  # the name as written: `on:` and `yes:` stay strings, not YAML 1.1 booleans
+            if key in first_seen:
+                first = first_seen[key].start_mark.line + 1
+                raise self._fail(
+                    f"duplicate key {key!r} (first defined on line {first})",
+                    key_node,
+                    (*path, key),
+                    hint="each key may appear once per mapping; remove or rename one",
+                )
+            first_seen[key] = key_node
+            self.source.keys[(*path, key)] = self.source.mark(key_node)
+            result[key] = self._convert(value_node, (*path, key), depth + 1)
+        return result
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def dump_json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)

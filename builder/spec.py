@@ -1,0 +1,163 @@
+"""The spec language as pydantic models: one definition gives validation, JSON Schema and docs."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+EXPR_RE = r"^\s*\$\{[^{}]*\}\s*$"
+
+Name = Annotated[str, StringConstraints(pattern=NAME_RE)]
+Expr = Annotated[str, StringConstraints(pattern=EXPR_RE)]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+def check_ref(value: str) -> str:
+    if not isinstance(value, str) or not REF_RE.match(value):
+        raise ValueError(f"{value!r} is not a reference; write `node` or `node.port` (letters, digits, _)")
+    return value
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InputSpec(SpecModel):
+    """A tensor the model takes when called."""
+
+    dtype: str = Field("float32", description="torch dtype name: " + ", ".join(DTYPES))
+    shape: list[Annotated[int, Field(gt=0)] | Name] = Field(
+        description="sizes: integers or dimension names such as batch, seq"
+    )
+    optional: bool = Field(False, description="may be omitted (None) when the model is called, e.g. a padding mask")
+    high: int | None = Field(None, gt=0, description="exclusive upper bound of dummy integer values (e.g. the vocab)")
+    doc: str | None = Field(None, description="what the input holds")
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"{value!r} is not a torch dtype; use one of {', '.join(DTYPES)}")
+        return value
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+Inputs = Annotated[
+    Any,
+    Field(
+        description="where the inputs come from: `ref` (first port), a list (ports in order; null skips one), "
+        "or a mapping port → ref. A ref is `node`, `node.port` or a spec input",
+        json_schema_extra={
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": ["string", "null"]}},
+                {"type": "object", "additionalProperties": {"type": "string"}},
+            ]
+        },
+    ),
+]
+
+
+class NodeSpec(SpecModel):
+    """One use of a block (or of a sub-graph from `blocks:`)."""
+
+    type: Name = Field(description="registered block name or a sub-graph defined under blocks:")
+    params: dict[str, Any] = Field(default_factory=dict, description="the block's parameters")
+    inputs: Inputs = Field(None, alias="in")
+    repeat: Annotated[int, Field(ge=1, le=10_000)] | Expr | None = Field(
+        None, description="stack N independent copies, each one's first output feeding the next one's first input"
+    )
+    doc: str | None = Field(None, description="a note shown by inspect")
+
+    @field_validator("inputs")
+    @classmethod
+    def _check_inputs(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value if value is None else check_ref(value)
+        if isinstance(value, list):
+            return [None if v is None else check_ref(v) for v in value]
+        if isinstance(value, dict):
+            for port, ref in value.items():
+                if not re.match(NAME_RE, port):
+                    raise ValueError(f"{port!r} is not a port name")
+                check_ref(ref)
+            return value
+        raise ValueError("`in` must be a ref, a list of refs, or a mapping port → ref")
+
+
+Outputs = Annotated[
+    Any,
+    Field(
+        description="a ref (the model returns one tensor) or a mapping name → ref (the model returns a dict)",
+        json_schema_extra={
+            "anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}]
+        },
+    ),
+]
+
+
+def check_outputs(cls: type, value: Any) -> Any:
+    if isinstance(value, str):
+        return check_ref(value)
+    if isinstance(value, dict) and value:
+        for name, ref in value.items():
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"{name!r} is not an output name")
+            check_ref(ref)
+        return value
+    raise ValueError("outputs must be a ref or a non-empty mapping name → ref")
+
+
+class GraphSpec(SpecModel):
+    """A reusable sub-graph: its own inputs, parameters, nodes and outputs; used as a node `type`."""
+
+    inputs: list[Name] = Field(description="input names, in the order a list `in:` binds them")
+    params: dict[Name, Any] = Field(default_factory=dict, description="parameters and their defaults")
+    nodes: dict[Name, NodeSpec]
+    outputs: Outputs
+    doc: str | None = None
+
+    _check_outputs = field_validator("outputs")(check_outputs)
+
+
+class Spec(SpecModel):
+    """A model architecture: inputs, nodes wired by reference, outputs."""
+
+    name: str = Field(description="the model's name")
+    description: str | None = Field(None, description="what the model is")
+    extends: str | None = Field(None, description="a base spec file (relative to this one) to inherit and override")
+    vars: dict[Name, Any] = Field(default_factory=dict, description="values substituted for ${name} anywhere below")
+    dims: dict[Name, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="default sizes of named dimensions for dummy runs (e.g. batch: 2)"
+    )
+    inputs: dict[Name, InputSpec]
+    blocks: dict[Name, GraphSpec] = Field(default_factory=dict, description="reusable sub-graphs")
+    nodes: dict[Name, NodeSpec]
+    outputs: Outputs
+
+    _check_outputs = field_validator("outputs")(check_outputs)

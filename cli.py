@@ -1,0 +1,270 @@
+"""The `blockgraph` command line: build, inspect, validate, blocks, schema. Errors are rendered here, once."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.syntax import Syntax
+
+from builder.errors import BlockgraphError, Problem
+
+app = typer.Typer(
+    name="blockgraph",
+    help="Turn an architecture written as a YAML/JSON spec into a runnable PyTorch model.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+blocks_app = typer.Typer(help="List the registered blocks or show one in detail.", no_args_is_help=False)
+app.add_typer(blocks_app, name="blocks")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class State:
+    debug = False
+
+
+def user_errors(fn: F) -> F:
+    """Render `BlockgraphError`s as located messages and exit 1; `--debug` shows the traceback instead."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from builder import render
+
+        try:
+            return fn(*args, **kwargs)
+        except BlockgraphError as exc:
+            if State.debug:
+                raise
+            err.print(render.problems(exc.problems))
+            count = len(exc.problems)
+            err.print(f"[red]{count} error{'s' if count != 1 else ''}[/]")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+) -> None:
+    State.debug = debug
+
+
+def parse_pairs(values: list[str], option: str, *, typed: bool) -> dict[str, Any]:
+    """`["d_model=256", "heads=4"]` → `{"d_model": 256, "heads": 4}` (values parsed as YAML scalars when typed)."""
+    pairs: dict[str, Any] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
+        try:
+            value = yaml.safe_load(raw) if typed else raw
+        except yaml.YAMLError as exc:
+            raise typer.BadParameter(f"cannot parse the value of {item!r}", param_hint=option) from exc
+        pairs[name.strip()] = value
+    return pairs
+
+
+def parse_dims(values: list[str]) -> dict[str, int]:
+    dims = {}
+    for name, raw in parse_pairs(values, "--dim", typed=False).items():
+        if not raw.strip().isdigit() or int(raw) <= 0:
+            raise typer.BadParameter(f"{name}={raw}: sizes are positive integers", param_hint="--dim")
+        dims[name] = int(raw)
+    return dims
+
+
+def warn(items: list[Problem], strict: bool) -> None:
+    from builder import render
+    from builder.errors import SpecError
+
+    if not items:
+        return
+    if strict:
+        raise SpecError([Problem(p.message, p.location, p.hint, "error", p.node) for p in items])
+    err.print(render.problems(items))
+
+
+SpecArg = Annotated[Path, typer.Argument(help="Spec file (.yaml, .yml or .json).", show_default=False)]
+SetOpt = Annotated[
+    list[str], typer.Option("--set", "-s", help="Override a spec variable: --set d_model=256 (repeatable).")
+]
+DimOpt = Annotated[
+    list[str], typer.Option("--dim", "-d", help="Size of a named dimension: --dim batch=2 (repeatable).")
+]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Treat warnings (unused nodes, inputs, variables) as errors.")
+]
+
+
+class InspectFormat(str, Enum):
+    tree = "tree"
+    table = "table"
+    json = "json"
+
+
+@app.command()
+@user_errors
+def build(
+    spec: SpecArg,
+    set_: SetOpt = [],  # noqa: B006 - Typer reads the default
+    dim: DimOpt = [],  # noqa: B006
+    device: Annotated[str, typer.Option(help="Where the weights live: cpu, cuda, cuda:1, meta.")] = "cpu",
+    dtype: Annotated[
+        str | None, typer.Option(help="Floating dtype of the weights: float32, bfloat16, float16, ...")
+    ] = None,
+    strict: StrictOpt = False,
+) -> None:
+    """Validate SPEC, compile it, run one forward pass on dummy inputs, and print a summary."""
+    import torch
+
+    from builder import api, render
+
+    started = time.perf_counter()
+    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
+    warn(typed.graph.warnings, strict)
+    checked = time.perf_counter()
+    _check_device(device)
+    model = api.compile_graph(typed, device=device, dtype=api.parse_dtype(dtype))
+    built = time.perf_counter()
+    dims = api.resolve_dims(typed.graph, parse_dims(dim))
+    inputs = api.dummy_inputs(typed.graph, dims, device=device, dtype=api.parse_dtype(dtype))
+    model.eval()
+    outputs = api.trial_run(model, inputs, dims)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    ran = time.perf_counter()
+    seconds = {"validate": checked - started, "compile": built - checked, "forward": ran - built}
+    weights_dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    out.print(render.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from builder.errors import SpecError
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise SpecError(Problem(f"--device {device!r} is not a device", hint="use cpu, cuda, cuda:N or meta")) from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(Problem("--device cuda: no CUDA device is available here", hint="use --device cpu"))
+    if parsed.type == "meta":
+        raise SpecError(
+            Problem("build runs a forward pass, which needs real weights", hint="use `blockgraph inspect` for meta")
+        )
+
+
+@app.command()
+@user_errors
+def inspect(
+    spec: SpecArg,
+    set_: SetOpt = [],  # noqa: B006
+    depth: Annotated[
+        int | None, typer.Option(min=1, help="Collapse the tree below this depth (repeats, sub-graphs).")
+    ] = None,
+    format: Annotated[InspectFormat, typer.Option("--format", "-f", help="tree, table or json.")] = InspectFormat.tree,
+    code: Annotated[bool, typer.Option("--code", help="Print the compiled forward as Python.")] = False,
+) -> None:
+    """Show the architecture (blocks, shapes, parameters) without allocating any weight."""
+    from builder import api, render
+
+    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
+    warn(typed.graph.warnings, False)
+    model = api.compile_graph(typed, device="meta")
+    params = render.node_params(model)
+    if code:
+        out.print(Syntax(model.code, "python", theme="ansi_dark"))
+    elif format is InspectFormat.json:
+        out.print_json(json.dumps(render.architecture_json(typed, params)))
+    elif format is InspectFormat.table:
+        out.print(render.architecture_table(typed, params))
+    else:
+        out.print(render.architecture_tree(typed, params, depth))
+        total = sum(p.numel() for p in model.parameters())
+        out.print(f"[bold]total[/] {total:,} parameters ({render.count(total)}), {len(typed.graph.nodes)} blocks")
+
+
+@app.command()
+@user_errors
+def validate(
+    specs: Annotated[list[Path], typer.Argument(help="Spec files to check.", show_default=False)],
+    set_: SetOpt = [],  # noqa: B006
+    strict: StrictOpt = False,
+) -> None:
+    """Check specs without building them: exit 0 when all are valid, 1 otherwise."""
+    from builder import api, render
+
+    overrides = parse_pairs(set_, "--set", typed=True)
+    failed: list[Problem] = []
+    for path in specs:
+        try:
+            typed = api.typed_graph(path, overrides)
+            warn(typed.graph.warnings, strict)
+        except BlockgraphError as exc:
+            failed += exc.problems
+            err.print(render.problems(exc.problems))
+            err.print(f"[red]✗[/] {path}")
+            continue
+        out.print(f"[green]✓[/] {path}: {len(typed.graph.nodes)} blocks")
+    if failed:
+        raise typer.Exit(1)
+
+
+@blocks_app.callback(invoke_without_command=True)
+def blocks_default(ctx: typer.Context) -> None:
+    """With no subcommand, list every block."""
+    if ctx.invoked_subcommand is None:
+        blocks_list()
+
+
+@blocks_app.command("list")
+def blocks_list(
+    pattern: Annotated[str, typer.Argument(help="Wildcard on block names, e.g. '*attention*'.")] = "*",
+) -> None:
+    """Every registered block: name, family, source and summary."""
+    from rich.table import Table
+
+    from blocks import REGISTRY
+
+    table = Table(header_style="bold")
+    for column in ("block", "family", "source", "summary"):
+        table.add_column(column)
+    for entry in REGISTRY.list(pattern):
+        table.add_row(f"[cyan]{entry.name}[/]", entry.family, entry.source, entry.summary)
+    out.print(table)
+
+
+@blocks_app.command("show")
+@user_errors
+def blocks_show(name: Annotated[str, typer.Argument(help="Block name.")]) -> None:
+    """A block's parameters, ports, documentation and an example spec snippet."""
+    from builder import blockdoc
+
+    out.print(blockdoc.render_block(blockdoc.lookup(name)))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()
