@@ -229,9 +229,16 @@ def validate(
 
 
 @blocks_app.callback(invoke_without_command=True)
-def blocks_default(ctx: typer.Context) -> None:
+def blocks_default(
+    ctx: typer.Context,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the block reference as Markdown.")] = False,
+) -> None:
     """With no subcommand, list every block."""
-    if ctx.invoked_subcommand is None:
+    if markdown:
+        from builder import blockdoc
+
+        print(blockdoc.markdown_reference(), end="")
+    elif ctx.invoked_subcommand is None:
         blocks_list()
 
 

@@ -1,8 +1,19 @@
-"""blockgraph's block library: every block registered in one registry, importable by plugins."""
+"""blockgraph's block library: every block registered in one registry, importable by plugins.
 
-from blocks import attention, core, embedding, feedforward, generator, norm, positional
+Each family module registers its blocks when imported; all modules of this package are imported here,
+so adding a family is adding a file.
+"""
+
+import importlib
+import pkgutil
+
 from blocks.registry import REGISTRY, Block, BlockEntry, BlockParams, Port, RegistrationError, register
 from blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, expect_same_shape, format_shape
+
+_INFRASTRUCTURE = {"registry", "types"}
+for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
+        importlib.import_module(f"blocks.{_module.name}")
 
 __all__ = [
     "REGISTRY",
@@ -14,16 +25,9 @@ __all__ = [
     "RegistrationError",
     "ShapeError",
     "TensorType",
-    "attention",
-    "core",
     "dims_equal",
-    "embedding",
     "expect_last",
     "expect_same_shape",
-    "feedforward",
     "format_shape",
-    "generator",
-    "norm",
-    "positional",
     "register",
 ]

@@ -58,6 +58,12 @@ class Block(nn.Module):
     example: ClassVar[dict[str, Any] | None] = None
 
     @classmethod
+    def outputs_for(cls, params: Any) -> tuple[Port, ...]:
+        """The output ports for these params; by default `out_ports`. Override when params add outputs
+        (e.g. attention weights only when asked for), so the common case keeps its fast path."""
+        return cls.out_ports
+
+    @classmethod
     def infer(cls, params: Any, **inputs: TensorType | None) -> TensorType | tuple[TensorType, ...]:
         """The output type(s) for these input types, or raise `ShapeError`. Default: same as the first input."""
         first = inputs[cls.in_ports[0].name]

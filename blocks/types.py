@@ -77,10 +77,12 @@ class TensorType:
 class ShapeError(Exception):
     """Raised by a shape rule; the builder adds file, line and node."""
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, at: tuple[str, ...] = ()):
+        """`at` narrows the location inside the node, e.g. `("params", "d_model")` or `("in", "query")`."""
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.at = at
 
 
 def expect_last(x: TensorType, size: int, param: str, port: str = "x") -> None:
@@ -89,6 +91,7 @@ def expect_last(x: TensorType, size: int, param: str, port: str = "x") -> None:
         raise ShapeError(
             f"input {port!r} has feature size {format_dim(x.shape[-1])} ({x.described()}), but {param} is {size}",
             hint=f"set {param}: {format_dim(x.shape[-1])} or change the producing node",
+            at=("params", param),
         )
 
 

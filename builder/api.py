@@ -118,7 +118,7 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
             got = output if isinstance(output, tuple) else (output,)
-            for port, want, tensor in zip(inst.entry.cls.out_ports, expected, got, strict=False):
+            for port, want, tensor in zip(inst.out_ports, expected, got, strict=False):
                 if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != want:
                     mismatches.append(
                         Problem(

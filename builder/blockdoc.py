@@ -83,9 +83,9 @@ def render_block(entry: BlockEntry) -> RenderableType:
 
 
 def markdown_reference() -> str:
-    """The block reference as Markdown, generated from the registry (docs/blocks.md)."""
+    """The built-in block reference as Markdown, generated from the registry (docs/blocks.md)."""
     lines = ["# Block reference", "", "Generated from the registry by `blockgraph blocks --markdown`; do not edit.", ""]
-    for entry in REGISTRY.list():
+    for entry in (e for e in REGISTRY.list() if e.source == "built-in"):
         lines += [f"## `{entry.name}`", "", entry.doc, "", f"Family: {entry.family}. Source: {entry.source}.", ""]
         lines += ["| parameter | type | default | description |", "|---|---|---|---|"]
         lines += [f"| `{n}` | {t} | {d} | {desc} |" for n, t, d, desc in param_rows(entry)]

@@ -111,7 +111,7 @@ def generate_forward(graph: Graph) -> str:
     for index, inst in enumerate(graph.nodes.values()):
         parent, _, last = inst.id.rpartition(".")
         call_args = _call_args(inst.entry.cls.in_ports, inst.bindings, var)
-        ports = inst.entry.cls.out_ports
+        ports = inst.out_ports
         for port in ports:
             var[Endpoint(inst.id, port.name)] = names.new(inst.id if len(ports) == 1 else f"{inst.id}_{port.name}")
         targets = ", ".join(var[Endpoint(inst.id, p.name)] for p in ports)
@@ -142,7 +142,7 @@ def _last_uses(graph: Graph) -> dict[Endpoint, int]:
         for endpoint in inst.bindings.values():
             if endpoint is not None:
                 last[endpoint] = index
-        for port in inst.entry.cls.out_ports:
+        for port in inst.out_ports:
             last.setdefault(Endpoint(inst.id, port.name), index)
     for endpoint in graph.outputs.values():
         last.pop(endpoint, None)

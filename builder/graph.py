@@ -10,7 +10,7 @@ from typing import Any, Literal
 import networkx as nx
 from pydantic import ValidationError
 
-from blocks import REGISTRY, BlockEntry, BlockParams
+from blocks import REGISTRY, BlockEntry, BlockParams, Port
 from builder.errors import Location, Problem, ProblemList, SpecError, SpecPath
 from builder.expressions import Scope
 from builder.spec import GraphSpec, InputSpec, NodeSpec
@@ -37,6 +37,10 @@ class NodeInstance:
     params: BlockParams
     bindings: dict[str, Endpoint | None]
     spec_path: SpecPath
+
+    @property
+    def out_ports(self) -> tuple[Port, ...]:
+        return self.entry.cls.outputs_for(self.params)
 
 
 @dataclass(frozen=True)
@@ -190,11 +194,12 @@ class _Assembler:
         if subgraph and node.type in stack:
             self.error(f"sub-graph {node.type!r} uses itself: {' → '.join([*stack, node.type])}", (*path, "type"))
             return {}
-        if repeat > 1:
+        stacked = node.repeat is not None  # `repeat: 1` still names copies `node.0`, so keys don't move with N
+        if stacked:
             self.groups[node_id] = Group(node_id, "repeat", node.type, repeat)
         outs: dict[str, Endpoint | None] = {}
         for copy in range(repeat):
-            copy_id = f"{node_id}.{copy}" if repeat > 1 else node_id
+            copy_id = f"{node_id}.{copy}" if stacked else node_id
             if subgraph:
                 outs = self._expand_subgraph(node, subgraph, copy_id, bindings, scope, path, stack)
             else:
@@ -289,9 +294,11 @@ class _Assembler:
                     hint=f"add it to `in`, e.g. in: {{{port.name}: <node>}}",
                     node=node_id,
                 )
-        if params is not None:
-            self.nodes.append(NodeInstance(node_id, entry, params, bindings, path))
-        return {port.name: Endpoint(node_id, port.name) for port in entry.cls.out_ports}
+        if params is None:
+            return {port.name: Endpoint(node_id, port.name) for port in entry.cls.out_ports}
+        instance = NodeInstance(node_id, entry, params, bindings, path)
+        self.nodes.append(instance)
+        return {port.name: Endpoint(node_id, port.name) for port in instance.out_ports}
 
     def _params(
         self, entry: BlockEntry, node: NodeSpec, scope: Scope, path: SpecPath, node_id: str

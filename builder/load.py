@@ -128,7 +128,10 @@ class _YamlWalker:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         message = f"YAML syntax error: {exc.problem or exc.context}"
-        hint = f"{exc.context}" if exc.context and exc.problem else None
+        hint = None
+        if exc.context and exc.problem:
+            started = f" that starts on line {exc.context_mark.line + 1}" if exc.context_mark else ""
+            hint = f"{exc.context}{started}: look for a missing bracket, quote or comma"
         return SpecError(Problem(message, Location(self.source.file, line, col), hint=hint))
 
     def _fail(self, message: str, node: yaml.Node, path: SpecPath, hint: str | None = None) -> SpecError:

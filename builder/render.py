@@ -185,7 +185,7 @@ def architecture_json(typed: TypedGraph, params: dict[str, int]) -> dict:
                 },
                 "outputs": {
                     port.name: {"shape": [str(d) for d in t.shape], "dtype": str(t.dtype).removeprefix("torch.")}
-                    for port, t in zip(inst.entry.cls.out_ports, typed.output_types(inst), strict=True)
+                    for port, t in zip(inst.out_ports, typed.output_types(inst), strict=True)
                 },
                 "parameters": params[inst.id],
             }

@@ -21,7 +21,7 @@ class TypedGraph:
         return {port: None if ep is None else self.types[ep] for port, ep in inst.bindings.items()}
 
     def output_types(self, inst: NodeInstance) -> tuple[TensorType, ...]:
-        return tuple(self.types[Endpoint(inst.id, p.name)] for p in inst.entry.cls.out_ports)
+        return tuple(self.types[Endpoint(inst.id, p.name)] for p in inst.out_ports)
 
 
 def infer_shapes(graph: Graph) -> TypedGraph:
@@ -38,7 +38,7 @@ def infer_shapes(graph: Graph) -> TypedGraph:
         try:
             result = inst.entry.cls.infer(inst.params, **inputs)
         except ShapeError as exc:
-            problems.add(Problem(exc.message, graph.locate(inst.spec_path), hint=exc.hint, node=inst.id))
+            problems.add(Problem(exc.message, graph.locate((*inst.spec_path, *exc.at)), hint=exc.hint, node=inst.id))
             continue
         except Exception as exc:  # a shape rule is user code when it comes from a plugin
             problems.add(
@@ -52,7 +52,7 @@ def infer_shapes(graph: Graph) -> TypedGraph:
             )
             continue
         outs = result if isinstance(result, tuple) else (result,)
-        ports = inst.entry.cls.out_ports
+        ports = inst.out_ports
         if len(outs) != len(ports) or not all(isinstance(t, TensorType) for t in outs):
             problems.add(
                 Problem(

@@ -1,0 +1,54 @@
+"""Shared test helpers: run the CLI in-process, write spec files, build specs from mappings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke `blockgraph ARGS...` in-process; returns exit code, stdout and stderr separately."""
+    runner = CliRunner()
+
+    def run(*args: str, env: dict[str, str] | None = None) -> CliResult:
+        result = runner.invoke(cli.app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})})
+        exception = result.exception if not isinstance(result.exception, SystemExit) else None
+        return CliResult(result.exit_code, result.stdout, result.stderr, exception)
+
+    return run
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    """Write a spec (a mapping, dumped as YAML, or raw text) to a temporary file and return its path."""
+
+    def write(content: dict | str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,25 @@
+"""Project hygiene that must hold on every commit: lint, formatting, and generated docs in sync with the code."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from builder import blockdoc
+
+
+@pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+def test_ruff(args):
+    ruff = shutil.which("ruff", path=str(ROOT / ".venv" / "bin")) or shutil.which("ruff")
+    command = [ruff, *args] if ruff else [sys.executable, "-m", "ruff", *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_block_reference_is_generated_from_the_registry():
+    on_disk = (ROOT / "docs" / "blocks.md").read_text(encoding="utf-8")
+    assert on_disk == blockdoc.markdown_reference(), "run `blockgraph blocks --markdown > docs/blocks.md`"
