@@ -202,30 +202,60 @@ def inspect(
         out.print(f"[bold]total[/] {total:,} parameters ({render.count(total)}), {len(typed.graph.nodes)} blocks")
 
 
+class ResolvedFormat(str, Enum):
+    yaml = "yaml"
+    json = "json"
+
+
 @app.command()
 @user_errors
 def validate(
     specs: Annotated[list[Path], typer.Argument(help="Spec files to check.", show_default=False)],
     set_: SetOpt = [],  # noqa: B006
     strict: StrictOpt = False,
+    resolved: Annotated[
+        ResolvedFormat | None,
+        typer.Option(help="Print the resolved spec (variables substituted, extends merged, repeats expanded)."),
+    ] = None,
 ) -> None:
-    """Check specs without building them: exit 0 when all are valid, 1 otherwise."""
+    """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
     from builder import api, render
+    from builder.load import dump_json, dump_yaml
 
     overrides = parse_pairs(set_, "--set", typed=True)
-    failed: list[Problem] = []
+    failed = False
     for path in specs:
         try:
             typed = api.typed_graph(path, overrides)
             warn(typed.graph.warnings, strict)
+            api.compile_graph(typed, device="meta")
         except BlockgraphError as exc:
-            failed += exc.problems
+            failed = True
             err.print(render.problems(exc.problems))
             err.print(f"[red]✗[/] {path}")
             continue
-        out.print(f"[green]✓[/] {path}: {len(typed.graph.nodes)} blocks")
+        if resolved is None:
+            out.print(f"[green]✓[/] {path}: {len(typed.graph.nodes)} blocks")
+        else:
+            data = render.resolved_spec(typed.graph)
+            print(dump_yaml(data) if resolved is ResolvedFormat.yaml else dump_json(data))
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of spec files (every registered block's params included) for editors."""
+    from builder.schema import spec_schema
+
+    text = json.dumps(spec_schema(), indent=2, ensure_ascii=False)
+    if output is None:
+        print(text)
+    else:
+        output.write_text(text + "\n", encoding="utf-8")
+        err.print(f"wrote {output}")
 
 
 @blocks_app.callback(invoke_without_command=True)

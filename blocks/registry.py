@@ -57,6 +57,9 @@ class Block(nn.Module):
     out_ports: ClassVar[tuple[Port, ...]] = (Port("y"),)
     example: ClassVar[dict[str, Any] | None] = None
 
+    def __init__(self, params: Any = None) -> None:
+        super().__init__()
+
     @classmethod
     def outputs_for(cls, params: Any) -> tuple[Port, ...]:
         """The output ports for these params; by default `out_ports`. Override when params add outputs

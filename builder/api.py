@@ -108,15 +108,21 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
     """One forward pass that also checks every block's output against its inferred shape.
 
     A block whose module disagrees with its own shape rule (typically a plugin) is named, with both shapes.
+    A module shared by several nodes (`share:`) is called once per node, in graph order.
     """
     typed = model.typed_graph
+    graph = typed.graph
     mismatches: list[Problem] = []
+    calls: dict[str, list[str]] = {}
+    for inst in graph.nodes.values():
+        calls.setdefault(inst.module_id, []).append(inst.id)
 
-    def checker(node_id: str):
-        inst = typed.graph.nodes[node_id]
-        expected = [concrete_shape(t, dims) for t in typed.output_types(inst)]
+    def checker(queue: list[str]):
+        pending = iter(queue)
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            inst = graph.nodes[next(pending)]
+            expected = [concrete_shape(t, dims) for t in typed.output_types(inst)]
             got = output if isinstance(output, tuple) else (output,)
             for port, want, tensor in zip(inst.out_ports, expected, got, strict=False):
                 if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != want:
@@ -124,16 +130,17 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
                         Problem(
                             f"block {inst.entry.name!r} (from {inst.entry.source}) produced {list(tensor.shape)} on "
                             f"port {port.name!r}, but its shape rule promised {format_shape(want)}",
-                            typed.graph.locate(inst.spec_path),
+                            graph.locate(inst.spec_path),
                             hint="the block's infer() and its forward() disagree; fix the block",
-                            node=node_id,
+                            node=inst.id,
                         )
                     )
 
         return hook
 
-    modules = dict(model.named_modules())
-    handles = [modules[node_id].register_forward_hook(checker(node_id)) for node_id in typed.graph.nodes]
+    handles = [
+        model.get_submodule(module_id).register_forward_hook(checker(queue)) for module_id, queue in calls.items()
+    ]
     try:
         with torch.no_grad():
             outputs = model(**inputs)

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from builder.graph import Endpoint, Graph
+from builder.errors import Problem, ProblemList, SpecError
+from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph
 
 
@@ -34,10 +35,52 @@ def compile_graph(
     model = cls()
     with torch.device(device or "cpu"):
         for inst in graph.nodes.values():
-            _install(model, inst.id, inst.entry.cls(inst.params), graph)
+            if inst.module_id == inst.id:
+                _install(model, inst.id, _instantiate(inst, graph))
+    _tie(model, graph)
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def _instantiate(inst: NodeInstance, graph: Graph) -> nn.Module:
+    """One block's module; a failure (a bad pretrained file, a plugin bug) is a located error."""
+    try:
+        return inst.entry.cls(inst.params)
+    except Exception as exc:
+        origin = "" if inst.entry.source == "built-in" else f" (from {inst.entry.source})"
+        raise SpecError(
+            Problem(
+                f"cannot build block {inst.entry.name!r}{origin}: {exc}",
+                graph.locate((*inst.spec_path, "params")),
+                node=inst.id,
+            )
+        ) from exc
+
+
+def _tie(model: nn.Module, graph: Graph) -> None:
+    """Make each `tie:` target parameter the very tensor of its source; shapes must agree."""
+    problems = ProblemList()
+    ties = graph.valid.spec.tie if graph.valid else {}
+    for target, source in ties.items():
+        where = graph.locate(("tie", target))
+        try:
+            shared = model.get_parameter(source)
+            owner_path, _, attr = target.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            current = model.get_parameter(target)
+        except AttributeError as exc:
+            problems.add(
+                Problem(f"tie {target} → {source}: {exc}", where, hint="names are state_dict keys; see inspect")
+            )
+            continue
+        if current.shape != shared.shape:
+            problems.add(
+                Problem(f"tie {target} {list(current.shape)} → {source} {list(shared.shape)}: shapes differ", where)
+            )
+            continue
+        setattr(owner, attr, shared)
+    problems.raise_if_errors()
 
 
 def model_class(typed: TypedGraph) -> type[GraphModel]:
@@ -55,7 +98,7 @@ def model_class(typed: TypedGraph) -> type[GraphModel]:
     )
 
 
-def _install(model: nn.Module, node_id: str, module: nn.Module, graph: Graph) -> None:
+def _install(model: nn.Module, node_id: str, module: nn.Module) -> None:
     """Place a block at its dotted path, creating ModuleList (repeats) / ModuleDict (sub-graphs) on the way."""
     parts = node_id.split(".")
     parent = model
@@ -109,7 +152,7 @@ def generate_forward(graph: Graph) -> str:
 
     last_use = _last_uses(graph)
     for index, inst in enumerate(graph.nodes.values()):
-        parent, _, last = inst.id.rpartition(".")
+        parent, _, last = inst.module_id.rpartition(".")
         call_args = _call_args(inst.entry.cls.in_ports, inst.bindings, var)
         ports = inst.out_ports
         for port in ports:

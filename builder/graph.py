@@ -37,6 +37,10 @@ class NodeInstance:
     params: BlockParams
     bindings: dict[str, Endpoint | None]
     spec_path: SpecPath
+    module_id: str = ""  # the module this node calls: its own (= id) or, with `share:`, another node's
+
+    def __post_init__(self) -> None:
+        self.module_id = self.module_id or self.id
 
     @property
     def out_ports(self) -> tuple[Port, ...]:
@@ -97,7 +101,7 @@ class _Assembler:
         self.valid = valid
         self.source = valid.source
         self.problems = ProblemList()
-        self.nodes: list[NodeInstance] = []
+        self.nodes: dict[str, NodeInstance] = {}
         self.groups: dict[str, Group] = {}
         self._params_cache: dict[tuple[str, str], BlockParams] = {}
 
@@ -129,6 +133,8 @@ class _Assembler:
         deps = nx.DiGraph()
         deps.add_nodes_from(nodes)
         for name, node in nodes.items():
+            if node.share in nodes:
+                deps.add_edge(node.share, name)
             for ref in _refs(node.inputs):
                 if (target := ref.split(".")[0]) in nodes:
                     deps.add_edge(target, name)
@@ -193,6 +199,9 @@ class _Assembler:
         repeat = self._repeat(node, scope, path)
         if subgraph and node.type in stack:
             self.error(f"sub-graph {node.type!r} uses itself: {' → '.join([*stack, node.type])}", (*path, "type"))
+            return {}
+        if node.share is not None and (subgraph or node.repeat is not None):
+            self.error("share: works on single block nodes, not on sub-graphs or repeats", (*path, "share"))
             return {}
         stacked = node.repeat is not None  # `repeat: 1` still names copies `node.0`, so keys don't move with N
         if stacked:
@@ -286,8 +295,17 @@ class _Assembler:
         wired: bool,
     ) -> dict[str, Endpoint | None]:
         params = self._params(entry, node, scope, path, node_id)
+        inputs = self.valid.spec.inputs
         for port in entry.cls.in_ports if wired else ():
-            if not port.optional and bindings.get(port.name) is None:
+            bound = bindings.get(port.name)
+            if not port.optional and bound is not None and not bound.port and inputs[bound.node].optional:
+                self.error(
+                    f"required input {port.name!r} of {entry.name!r} is fed by {bound.node!r}, an optional input",
+                    (*path, "in"),
+                    hint=f"make {bound.node!r} required, or feed this port from a node that is always there",
+                    node=node_id,
+                )
+            if not port.optional and bound is None:
                 self.error(
                     f"required input {port.name!r} of {entry.name!r} is not connected",
                     (*path, "in"),
@@ -297,12 +315,49 @@ class _Assembler:
         if params is None:
             return {port.name: Endpoint(node_id, port.name) for port in entry.cls.out_ports}
         instance = NodeInstance(node_id, entry, params, bindings, path)
-        self.nodes.append(instance)
+        if node.share is not None:
+            instance = self._shared(instance, node)
+            if instance is None:
+                return {}
+        self.nodes[node_id] = instance
         return {port.name: Endpoint(node_id, port.name) for port in instance.out_ports}
+
+    def _owner(self, node_id: str, share: str) -> NodeInstance | None:
+        """The node named by `share:`, at the same level as `node_id`."""
+        prefix = node_id.rpartition(".")[0]
+        return self.nodes.get(f"{prefix}.{share}" if prefix else share)
+
+    def _shared(self, instance: NodeInstance, node: NodeSpec) -> NodeInstance | None:
+        """Point a `share:` node at its owner's module; same block type and params, or an error."""
+        owner = self._owner(instance.id, node.share)
+        path = (*instance.spec_path, "share")
+        if owner is None:
+            self.error(f"share: {node.share!r} is not a block node at this level", path, node=instance.id)
+        elif owner.entry.name != instance.entry.name:
+            self.error(
+                f"share: {node.share!r} is a {owner.entry.name!r} block, this node a {instance.entry.name!r}",
+                path,
+                hint="only nodes of the same block type can share a module",
+                node=instance.id,
+            )
+        elif node.params and instance.params != owner.params:
+            self.error(
+                f"share: params differ from those of {node.share!r}",
+                (*instance.spec_path, "params"),
+                hint="omit params on a sharing node; it takes its owner's",
+                node=instance.id,
+            )
+        else:
+            return NodeInstance(
+                instance.id, owner.entry, owner.params, instance.bindings, instance.spec_path, owner.module_id
+            )
+        return None
 
     def _params(
         self, entry: BlockEntry, node: NodeSpec, scope: Scope, path: SpecPath, node_id: str
     ) -> BlockParams | None:
+        if node.share is not None and not node.params and (owner := self._owner(node_id, node.share)):
+            return owner.params
         raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
         key = (entry.name, json.dumps(raw, sort_keys=True, default=repr))
         cached = self._params_cache.get(key)
@@ -368,11 +423,11 @@ def _refs(spec_in: Any) -> list[str]:
     return [v for v in values if v is not None]
 
 
-def _build_dag(graph: Graph, instances: list[NodeInstance]) -> None:
+def _build_dag(graph: Graph, instances: dict[str, NodeInstance]) -> None:
     dag = graph.dag
     for name in graph.inputs:
         dag.add_node(name, kind="input")
-    for inst in instances:
+    for inst in instances.values():
         graph.nodes[inst.id] = inst
         dag.add_node(inst.id, kind="block")
         for port, endpoint in inst.bindings.items():

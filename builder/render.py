@@ -81,11 +81,10 @@ class _Row:
 def node_params(model: GraphModel) -> dict[str, int]:
     """Parameters per node, each tensor counted once (tied weights belong to the first node that has them)."""
     seen: set[int] = set()
-    modules = dict(model.named_modules())
     counts = {}
-    for node_id in model.typed_graph.graph.nodes:
+    for node_id, inst in model.typed_graph.graph.nodes.items():
         total = 0
-        for p in modules[node_id].parameters():
+        for p in model.get_submodule(inst.module_id).parameters():
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel()
@@ -193,4 +192,28 @@ def architecture_json(typed: TypedGraph, params: dict[str, int]) -> dict:
         ],
         "outputs": {n: str(ep) for n, ep in graph.outputs.items()},
         "total_parameters": sum(params.values()),
+    }
+
+
+def resolved_spec(graph: Graph) -> dict:
+    """The spec as the builder sees it: variables substituted, extends merged, sub-graphs and repeats expanded.
+
+    A flat, readable view (node ids are module paths such as `encoder.0.attn`), not a spec to load back.
+    """
+    nodes = {}
+    for inst in graph.nodes.values():
+        node: dict = {"type": inst.entry.name, "params": inst.params.model_dump(mode="json")}
+        node["in"] = {port: str(ep) for port, ep in inst.bindings.items() if ep is not None}
+        if inst.module_id != inst.id:
+            node["share"] = inst.module_id
+        nodes[inst.id] = node
+    spec = graph.valid.spec if graph.valid else None
+    return {
+        "name": graph.name,
+        "inputs": {n: s.model_dump(exclude_defaults=True) for n, s in graph.inputs.items()},
+        "nodes": nodes,
+        "outputs": str(graph.outputs["output"])
+        if graph.single_output
+        else {n: str(e) for n, e in graph.outputs.items()},
+        **({"tie": dict(spec.tie)} if spec and spec.tie else {}),
     }

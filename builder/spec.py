@@ -92,6 +92,11 @@ class NodeSpec(SpecModel):
     repeat: Annotated[int, Field(ge=1, le=10_000)] | Expr | None = Field(
         None, description="stack N independent copies, each one's first output feeding the next one's first input"
     )
+    share: Name | None = Field(
+        None,
+        description="reuse the module (and so the weights) of this node, a block node at the same level; "
+        "params may be omitted or must be identical",
+    )
     doc: str | None = Field(None, description="a note shown by inspect")
 
     @field_validator("inputs")
@@ -145,6 +150,9 @@ class GraphSpec(SpecModel):
     _check_outputs = field_validator("outputs")(check_outputs)
 
 
+ParamPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$")]
+
+
 class Spec(SpecModel):
     """A model architecture: inputs, nodes wired by reference, outputs."""
 
@@ -159,5 +167,10 @@ class Spec(SpecModel):
     blocks: dict[Name, GraphSpec] = Field(default_factory=dict, description="reusable sub-graphs")
     nodes: dict[Name, NodeSpec]
     outputs: Outputs
+    tie: dict[ParamPath, ParamPath] = Field(
+        default_factory=dict,
+        description="weight tying: parameter → the parameter whose tensor it shares, e.g. "
+        "generator.proj.weight: tgt_embed.lut.weight",
+    )
 
     _check_outputs = field_validator("outputs")(check_outputs)
