@@ -1,0 +1,433 @@
+"""Recurrent blocks: Elman RNN, LSTM and GRU, stacked, bidirectional and padding-aware.
+
+All three keep their weights under the names and shapes `torch.nn.RNN` / `nn.LSTM` / `nn.GRU` use
+(`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`, `…_reverse`), so a `state_dict` moves
+between them unchanged. Inputs are batch-first.
+
+Padding: give `lengths` (int [batch], the number of real steps of each sequence) or `mask`
+(bool [batch, seq], True = padding, as `key_padding_mask` in attention). Padding must come after the
+real steps (right padding, as `pad_sequence` makes it). Outputs at padded steps are zero and padded
+inputs are never read; the final state is the state after each sequence's last real step (for the
+reverse direction: after its first step), as with `nn.utils.rnn.pack_padded_sequence`. A sequence of
+length 0 gives zero outputs and returns its initial state. When both are given, a step is padding if
+either says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from blocks.registry import Block, BlockParams, Port, register
+from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
+
+State = tuple[torch.Tensor, ...]
+
+
+class RecurrentParams(BlockParams):
+    """What every recurrent block takes: sizes, depth, directions."""
+
+    input_size: int = Field(gt=0, description="features per step of the input x")
+    hidden_size: int = Field(gt=0, description="width of the hidden state h (per direction)")
+    layers: int = Field(1, gt=0, description="stacked layers; each one reads the previous one's outputs")
+    bidirectional: bool = Field(False, description="also run each layer right-to-left and concatenate the outputs")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="dropout on each layer's outputs except the last (training only)"
+    )
+    bias: bool = Field(True, description="learn the biases b_ih and b_hh")
+
+
+X_PORT = Port("x", rank=3, doc="[batch, seq, input_size]")
+LENGTHS_PORT = Port("lengths", rank=1, dtype="int", optional=True, doc="[batch]: real steps per sequence")
+MASK_PORT = Port("mask", rank=2, dtype="bool", optional=True, doc="[batch, seq], True = padding (after the real steps)")
+
+
+def state_port(name: str, what: str) -> Port:
+    return Port(
+        name, rank=3, optional=True, doc=f"[layers·directions, batch, hidden_size]: initial {what}; zeros if absent"
+    )
+
+
+Y_PORT = Port("y", doc="[batch, seq, hidden_size·directions]: the last layer's h_t; zero at padded steps")
+H_PORT = Port("h", doc="[layers·directions, batch, hidden_size]: final hidden state (at the last real step)")
+
+
+class Recurrent(Block):
+    """Shared machinery of the recurrent blocks (not registered): weights, layers, directions, padding.
+
+    A subclass sets `gates` (how many blocks of rows W_ih has), `states` (1 for h, 2 for h and c) and
+    writes `cell`, one time step from the pre-computed input projection.
+    """
+
+    Params = RecurrentParams
+    gates: ClassVar[int] = 1
+    states: ClassVar[tuple[str, ...]] = ("h",)
+    fold_hidden_bias: ClassVar[bool] = True  # b_hh may join b_ih outside the loop (not in a GRU: r ⊙ (W_hn h + b_hn))
+
+    def __init__(self, p: RecurrentParams):
+        super().__init__()
+        self.input_size, self.hidden_size, self.layers = p.input_size, p.hidden_size, p.layers
+        self.directions = 2 if p.bidirectional else 1
+        self.dropout, self.bias = p.dropout, p.bias
+        self._flat_weight_names: list[str] = []
+        rows = self.gates * p.hidden_size
+        for layer in range(p.layers):
+            width = p.input_size if layer == 0 else p.hidden_size * self.directions
+            for suffix in ("", "_reverse")[: self.directions]:
+                shapes = {"weight_ih": (rows, width), "weight_hh": (rows, p.hidden_size)}
+                if p.bias:
+                    shapes |= {"bias_ih": (rows,), "bias_hh": (rows,)}
+                for kind, shape in shapes.items():
+                    name = f"{kind}_l{layer}{suffix}"
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+                    self._flat_weight_names.append(name)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """U(−1/√hidden, 1/√hidden) for every weight and bias, as torch's recurrent modules."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, layers={self.layers}, "
+            f"bidirectional={self.directions == 2}, dropout={self.dropout}, bias={self.bias}"
+        )
+
+    @property
+    def flat_weights(self) -> list[torch.Tensor]:
+        """Weights in the order torch's fused kernels take them: per layer, per direction: W_ih, W_hh, b_ih, b_hh."""
+        return [getattr(self, name) for name in self._flat_weight_names]
+
+    def weights(self, layer: int, direction: int) -> tuple[torch.Tensor, ...]:
+        """(W_ih, W_hh, b_ih, b_hh) of one layer and direction; biases are None without `bias`."""
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
+        if not self.bias:
+            return w_ih, w_hh, None, None
+        return w_ih, w_hh, getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)
+
+    # --- shape rule -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def infer_recurrent(
+        cls,
+        p: RecurrentParams,
+        x: TensorType,
+        initial: dict[str, TensorType | None],
+        lengths: TensorType | None,
+        mask: TensorType | None,
+    ) -> tuple[TensorType, ...]:
+        expect_last(x, p.input_size, "input_size")
+        batch, seq = x.shape[0], x.shape[1]
+        directions = 2 if p.bidirectional else 1
+        state_shape = (p.layers * directions, batch, p.hidden_size)
+        for name, given in initial.items():
+            if given is not None and not all(dims_equal(a, b) for a, b in zip(given.shape, state_shape, strict=True)):
+                raise ShapeError(
+                    f"initial state {name!r} {given.described()} must be [layers·directions, batch, hidden_size] = "
+                    f"{format_shape(state_shape)} for input x {x.described()}",
+                    hint=f"layers={p.layers}, bidirectional={p.bidirectional}, hidden_size={p.hidden_size}",
+                )
+        if lengths is not None and not dims_equal(lengths.shape[0], batch):
+            raise ShapeError(
+                f"lengths {lengths.described()} must be [batch] = [{format_dim(batch)}] for input x {x.described()}"
+            )
+        if mask is not None and not (dims_equal(mask.shape[0], batch) and dims_equal(mask.shape[1], seq)):
+            raise ShapeError(
+                f"mask {mask.described()} must be [batch, seq] = [{format_dim(batch)}, {format_dim(seq)}] "
+                f"for input x {x.described()}"
+            )
+        y = x.with_shape(batch, seq, p.hidden_size * directions)
+        return (y, *(TensorType(state_shape, x.dtype) for _ in cls.states))
+
+    # --- forward ----------------------------------------------------------------------------------------------
+
+    def cell(
+        self, xw_t: torch.Tensor, state: State, w_hh: torch.Tensor, b_hh: torch.Tensor | None
+    ) -> State:  # pragma: no cover - every subclass writes its own
+        raise NotImplementedError
+
+    def initial_state(self, x: torch.Tensor, given: tuple[torch.Tensor | None, ...]) -> State:
+        shape = (self.layers * self.directions, x.size(0), self.hidden_size)
+        return tuple(x.new_zeros(shape) if s is None else s for s in given)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        given: tuple[torch.Tensor | None, ...],
+        lengths: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The explicit recurrence over layers and directions; returns (y, *final states)."""
+        state0 = self.initial_state(x, given)
+        lengths = real_lengths(lengths, mask, x.size(1))
+        steps = torch.arange(x.size(1), device=x.device)
+        valid = None if lengths is None else (steps[:, None] < lengths.to(x.device)).unsqueeze(-1)  # [seq, batch, 1]
+        finals: list[list[torch.Tensor]] = [[] for _ in self.states]
+        inp = x.transpose(0, 1)  # time-major: inp[t] is step t of every sequence
+        for layer in range(self.layers):
+            if layer:
+                inp = F.dropout(inp, self.dropout, self.training)
+            outputs = []
+            for direction in range(self.directions):
+                k = layer * self.directions + direction
+                w_ih, w_hh, b_ih, b_hh = self.weights(layer, direction)
+                if self.fold_hidden_bias and b_hh is not None:
+                    xw, b_hh = F.linear(inp, w_ih, b_ih + b_hh), None  # W_ih x_t + b_ih + b_hh, all steps at once
+                else:
+                    xw = F.linear(inp, w_ih, b_ih)  # W_ih x_t + b_ih, all steps at once
+                out, final = self.scan(xw, tuple(s[k] for s in state0), w_hh, b_hh, valid, reverse=direction == 1)
+                outputs.append(out)
+                for kept, s in zip(finals, final, strict=True):
+                    kept.append(s)
+            inp = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+        return (inp.transpose(0, 1), *(torch.stack(kept) for kept in finals))
+
+    def scan(
+        self,
+        xw: torch.Tensor,
+        state: State,
+        w_hh: torch.Tensor,
+        b_hh: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        reverse: bool,
+    ) -> tuple[torch.Tensor, State]:
+        """Run `cell` over the steps of one direction; at padded steps the state is kept and the output is 0."""
+        outputs: list[torch.Tensor | None] = [None] * xw.size(0)
+        for t in reversed(range(xw.size(0))) if reverse else range(xw.size(0)):
+            new = self.cell(xw[t], state, w_hh, b_hh)
+            if valid is None:
+                state, outputs[t] = new, new[0]
+            else:
+                state = tuple(torch.where(valid[t], n, s) for n, s in zip(new, state, strict=True))
+                outputs[t] = torch.where(valid[t], new[0], 0.0)
+        return torch.stack(outputs), state
+
+
+def real_lengths(lengths: torch.Tensor | None, mask: torch.Tensor | None, seq: int) -> torch.Tensor | None:
+    """Real steps per sequence, in [0, seq], from `lengths` and/or a right-padding `mask` (True = padding)."""
+    if mask is not None:
+        from_mask = (~mask).sum(dim=1)
+        if bool((mask != (torch.arange(seq, device=mask.device) >= from_mask[:, None])).any()):
+            raise ValueError(
+                "mask marks padding before a real step; padding must follow each sequence's real steps "
+                "(right padding, True = padding), or pass lengths instead"
+            )
+        lengths = from_mask if lengths is None else torch.minimum(lengths.to(from_mask.device), from_mask)
+    return None if lengths is None else lengths.long().clamp(0, seq)
+
+
+@register("rnn", family="recurrent")
+class RNN(Recurrent):
+    """Elman RNN: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t−1} + b_hh), stacked, optionally bidirectional.
+
+    Same weights and results as `torch.nn.RNN(batch_first=True)`. Zero initial state unless `h0` is given.
+    Padding-aware through `lengths` or `mask` (see the module notes: zero outputs at padding, final state
+    at each sequence's last real step).
+    """
+
+    class Params(RecurrentParams):
+        nonlinearity: Literal["tanh", "relu"] = Field("tanh", description="the squashing function (tanh or relu)")
+
+    in_ports = (X_PORT, state_port("h0", "hidden state"), LENGTHS_PORT, MASK_PORT)
+    out_ports = (Y_PORT, H_PORT)
+    example = {"input_size": 64, "hidden_size": 128, "layers": 2, "bidirectional": True}
+
+    def __init__(self, p: Params):
+        super().__init__(p)
+        self.nonlinearity = p.nonlinearity
+        self.act = torch.tanh if p.nonlinearity == "tanh" else torch.relu
+
+    @classmethod
+    def infer(
+        cls,
+        p: Params,
+        x: TensorType,
+        h0: TensorType | None = None,
+        lengths: TensorType | None = None,
+        mask: TensorType | None = None,
+    ) -> tuple[TensorType, TensorType]:
+        """[batch, seq, input_size] → y [batch, seq, D·hidden_size], h [layers·D, batch, hidden_size] (D directions)."""
+        return cls.infer_recurrent(p, x, {"h0": h0}, lengths, mask)
+
+    def cell(self, xw_t: torch.Tensor, state: State, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> State:
+        (h,) = state
+        h = self.act(xw_t + F.linear(h, w_hh, b_hh))  # xw_t = W_ih x_t + b_ih + b_hh
+        return (h,)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(x, (h0,), lengths, mask)
+
+
+@register("lstm", family="recurrent")
+class LSTM(Recurrent):
+    """Long short-term memory: forget, input and output gates over a cell c; h_t = o_t ⊙ tanh(c_t).
+
+        f_t = σ(W_if x_t + b_if + W_hf h_{t−1} + b_hf)    forget gate: how much of c_{t−1} to keep
+        i_t = σ(W_ii x_t + b_ii + W_hi h_{t−1} + b_hi)    input gate: how much of the candidate to write
+        g_t = tanh(W_ig x_t + b_ig + W_hg h_{t−1} + b_hg) candidate memory
+        o_t = σ(W_io x_t + b_io + W_ho h_{t−1} + b_ho)    output gate: how much of the cell to show
+        c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t
+        h_t = o_t ⊙ tanh(c_t)
+
+    Weights as `torch.nn.LSTM` (rows of W_ih, W_hh in gate order i, f, g, o), so a state_dict copies
+    either way. `implementation: gates` runs the equations above step by step; `fused` runs the very same
+    parameters through nn.LSTM's kernel (faster, same results; with dropout > 0 in training the two draw
+    different dropout masks). Zero initial (h, c) unless `h0`/`c0` are given. Padding-aware through
+    `lengths` or `mask` (zero outputs at padding, final state at each sequence's last real step).
+    """
+
+    class Params(RecurrentParams):
+        implementation: Literal["gates", "fused"] = Field(
+            "gates", description="gates: the explicit equations in Python; fused: torch's LSTM kernel, same weights"
+        )
+
+    gates = 4
+    states = ("h", "c")
+    in_ports = (
+        X_PORT,
+        state_port("h0", "hidden state"),
+        state_port("c0", "cell state"),
+        LENGTHS_PORT,
+        MASK_PORT,
+    )
+    out_ports = (
+        Y_PORT,
+        H_PORT,
+        Port("c", doc="[layers·directions, batch, hidden_size]: final cell state (at the last real step)"),
+    )
+    example = {"input_size": 64, "hidden_size": 128, "layers": 2, "bidirectional": True, "implementation": "fused"}
+
+    def __init__(self, p: Params):
+        super().__init__(p)
+        self.implementation = p.implementation
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", implementation={self.implementation!r}"
+
+    @classmethod
+    def infer(
+        cls,
+        p: Params,
+        x: TensorType,
+        h0: TensorType | None = None,
+        c0: TensorType | None = None,
+        lengths: TensorType | None = None,
+        mask: TensorType | None = None,
+    ) -> tuple[TensorType, TensorType, TensorType]:
+        """[batch, seq, input_size] → y [batch, seq, D·hidden], h and c [layers·D, batch, hidden] (D directions)."""
+        return cls.infer_recurrent(p, x, {"h0": h0, "c0": c0}, lengths, mask)
+
+    def cell(self, xw_t: torch.Tensor, state: State, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> State:
+        h, c = state
+        # all four gates in one matmul: xw_t = W_ih x_t + b_ih + b_hh was computed for every step up front
+        i, f, g, o = (xw_t + F.linear(h, w_hh, b_hh)).chunk(4, dim=-1)  # rows in nn.LSTM's order i, f, g, o
+        f = torch.sigmoid(f)  # forget gate
+        i = torch.sigmoid(i)  # input gate
+        g = torch.tanh(g)  # candidate memory
+        o = torch.sigmoid(o)  # output gate
+        c = f * c + i * g
+        h = o * torch.tanh(c)
+        return h, c
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        c0: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.implementation == "gates":
+            return self.run(x, (h0, c0), lengths, mask)
+        return self.fused(x, self.initial_state(x, (h0, c0)), real_lengths(lengths, mask, x.size(1)))
+
+    def fused(
+        self, x: torch.Tensor, hx: State, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same LSTM through torch's kernel (`torch._VF.lstm`, what nn.LSTM calls), packed when padded."""
+        config = (self.bias, self.layers, self.dropout, self.training, self.directions == 2)
+        if lengths is None:
+            y, h, c = _VF.lstm(x, hx, self.flat_weights, *config, True)
+            return y, h, c
+        # nn.LSTM's padded path: pack (longest first), run, unpack; length-0 rows run one step, then are reset
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        order, restore = packed.sorted_indices, packed.unsorted_indices
+        hx_sorted = [s.index_select(1, order) for s in hx]
+        data, h, c = _VF.lstm(packed.data, packed.batch_sizes, hx_sorted, self.flat_weights, *config)
+        out = PackedSequence(data, packed.batch_sizes, order, restore)
+        y, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+        h, c = h.index_select(1, restore), c.index_select(1, restore)
+        empty = lengths.to(x.device) == 0
+        if bool(empty.any()):
+            y = torch.where(empty[:, None, None], 0.0, y)
+            h = torch.where(empty[None, :, None], hx[0], h)
+            c = torch.where(empty[None, :, None], hx[1], c)
+        return y, h, c
+
+
+@register("gru", family="recurrent")
+class GRU(Recurrent):
+    """Gated recurrent unit: h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t−1}, with reset r and update z gates.
+
+        r_t = σ(W_ir x_t + b_ir + W_hr h_{t−1} + b_hr)          reset gate
+        z_t = σ(W_iz x_t + b_iz + W_hz h_{t−1} + b_hz)          update gate
+        n_t = tanh(W_in x_t + b_in + r_t ⊙ (W_hn h_{t−1} + b_hn)) candidate
+        h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t−1}
+
+    Same weights (rows in gate order r, z, n) and results as `torch.nn.GRU(batch_first=True)`. Zero initial
+    state unless `h0` is given. Padding-aware through `lengths` or `mask` (zero outputs at padding, final
+    state at each sequence's last real step).
+    """
+
+    Params = RecurrentParams
+    gates = 3
+    fold_hidden_bias = False
+    in_ports = (X_PORT, state_port("h0", "hidden state"), LENGTHS_PORT, MASK_PORT)
+    out_ports = (Y_PORT, H_PORT)
+    example = {"input_size": 64, "hidden_size": 128, "layers": 2, "bidirectional": True}
+
+    @classmethod
+    def infer(
+        cls,
+        p: RecurrentParams,
+        x: TensorType,
+        h0: TensorType | None = None,
+        lengths: TensorType | None = None,
+        mask: TensorType | None = None,
+    ) -> tuple[TensorType, TensorType]:
+        """[batch, seq, input_size] → y [batch, seq, D·hidden_size], h [layers·D, batch, hidden_size] (D directions)."""
+        return cls.infer_recurrent(p, x, {"h0": h0}, lengths, mask)
+
+    def cell(self, xw_t: torch.Tensor, state: State, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> State:
+        (h,) = state
+        x_r, x_z, x_n = xw_t.chunk(3, dim=-1)  # W_i· x_t + b_i·, computed for every step up front
+        h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)  # W_h· h_{t−1} + b_h·, one matmul
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        h = (1 - z) * n + z * h
+        return (h,)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(x, (h0,), lengths, mask)
