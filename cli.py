@@ -111,6 +111,20 @@ DimOpt = Annotated[
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="Treat warnings (unused nodes, inputs, variables) as errors.")
 ]
+PluginOpt = Annotated[
+    list[str],
+    typer.Option("--plugin", "-p", help="Load blocks from a .py file or an importable module (repeatable)."),
+]
+OverrideOpt = Annotated[
+    bool, typer.Option("--allow-override", help="Let plugins replace blocks whose names are already taken.")
+]
+
+
+def use_plugins(plugins: list[str], allow_override: bool) -> None:
+    """Installed plugin packages, $BLOCKGRAPH_PLUGINS and --plugin: named ones must load, packages only warn."""
+    from builder.plugins import activate
+
+    warn(activate(plugins, allow_override=allow_override), strict=False)
 
 
 class InspectFormat(str, Enum):
@@ -130,8 +144,11 @@ def build(
         str | None, typer.Option(help="Floating dtype of the weights: float32, bfloat16, float16, ...")
     ] = None,
     strict: StrictOpt = False,
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
 ) -> None:
     """Validate SPEC, compile it, run one forward pass on dummy inputs, and print a summary."""
+    use_plugins(plugin, allow_override)
     import torch
 
     from builder import api, render
@@ -182,8 +199,11 @@ def inspect(
     ] = None,
     format: Annotated[InspectFormat, typer.Option("--format", "-f", help="tree, table or json.")] = InspectFormat.tree,
     code: Annotated[bool, typer.Option("--code", help="Print the compiled forward as Python.")] = False,
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
 ) -> None:
     """Show the architecture (blocks, shapes, parameters) without allocating any weight."""
+    use_plugins(plugin, allow_override)
     from builder import api, render
 
     typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
@@ -217,8 +237,11 @@ def validate(
         ResolvedFormat | None,
         typer.Option(help="Print the resolved spec (variables substituted, extends merged, repeats expanded)."),
     ] = None,
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
 ) -> None:
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
+    use_plugins(plugin, allow_override)
     from builder import api, render
     from builder.load import dump_json, dump_yaml
 
@@ -244,10 +267,14 @@ def validate(
 
 
 @app.command()
+@user_errors
 def schema(
     output: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
 ) -> None:
     """Print the JSON Schema of spec files (every registered block's params included) for editors."""
+    use_plugins(plugin, allow_override)
     from builder.schema import spec_schema
 
     text = json.dumps(spec_schema(), indent=2, ensure_ascii=False)
@@ -259,11 +286,17 @@ def schema(
 
 
 @blocks_app.callback(invoke_without_command=True)
+@user_errors
 def blocks_default(
     ctx: typer.Context,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print the block reference as Markdown.")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the built-in block reference as Markdown.")
+    ] = False,
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
 ) -> None:
-    """With no subcommand, list every block."""
+    """With no subcommand, list every block (built-in and from plugins)."""
+    use_plugins(plugin, allow_override)
     if markdown:
         from builder import blockdoc
 
@@ -273,10 +306,14 @@ def blocks_default(
 
 
 @blocks_app.command("list")
+@user_errors
 def blocks_list(
     pattern: Annotated[str, typer.Argument(help="Wildcard on block names, e.g. '*attention*'.")] = "*",
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
 ) -> None:
     """Every registered block: name, family, source and summary."""
+    use_plugins(plugin, allow_override)
     from rich.table import Table
 
     from blocks import REGISTRY
@@ -291,8 +328,13 @@ def blocks_list(
 
 @blocks_app.command("show")
 @user_errors
-def blocks_show(name: Annotated[str, typer.Argument(help="Block name.")]) -> None:
+def blocks_show(
+    name: Annotated[str, typer.Argument(help="Block name.")],
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
+) -> None:
     """A block's parameters, ports, documentation and an example spec snippet."""
+    use_plugins(plugin, allow_override)
     from builder import blockdoc
 
     out.print(blockdoc.render_block(blockdoc.lookup(name)))

@@ -1,6 +1,16 @@
-"""Attention blocks."""
+"""Attention blocks: scaled dot-product and multi-head attention (Transformer), and the global (Luong /
+Bahdanau), hard and local attentions of RNN encoder–decoders.
+
+Mask conventions, everywhere in this module: a **boolean** mask is True where a position may NOT be attended
+(as in `nn.MultiheadAttention`); a **float** mask is added to the scores (0 keeps, -inf removes). A query row
+whose every key is masked gets all-zero weights and a zero context, as `F.scaled_dot_product_attention` does
+(`nn.MultiheadAttention` gives NaN there).
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +18,27 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from blocks.registry import Block, BlockParams, Port, register
-from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim
+from blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
+
+
+def masked_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension; a row that is -inf everywhere gets zeros instead of NaN (and no NaN grad)."""
+    empty = scores.isneginf().all(-1, keepdim=True)
+    return scores.masked_fill(empty, 0.0).softmax(-1).masked_fill(empty, 0.0)
+
+
+def attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None, dropout: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(QKᵀ/√d_k + M)·V computed explicitly; returns (output, weights after dropout).
+
+    `mask` follows `F.scaled_dot_product_attention`: bool True = MAY attend, or an additive float.
+    """
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = F.dropout(masked_softmax(scores), dropout) if dropout else masked_softmax(scores)
+    return weights @ value, weights
 
 
 def combine_masks(
@@ -21,7 +51,9 @@ def combine_masks(
 ) -> torch.Tensor | None:
     """One mask for `scaled_dot_product_attention`: bool (True = may attend) or additive float.
 
-    Inputs follow `nn.MultiheadAttention`: in boolean masks True means *masked out*.
+    Inputs follow `nn.MultiheadAttention`: in boolean masks True means *masked out*. `key_padding_mask` is
+    [batch, key_len]; `attn_mask` broadcasts against [batch, heads, query_len, key_len]. Causal is top-left
+    aligned (query i sees keys 0..i), as `is_causal` in `F.scaled_dot_product_attention`.
     """
     allowed: torch.Tensor | None = None
     if key_padding_mask is not None:
@@ -35,7 +67,84 @@ def combine_masks(
         return ~attn_mask if allowed is None else allowed & ~attn_mask
     if allowed is None:
         return attn_mask
-    return attn_mask.masked_fill(~allowed, float("-inf"))
+    return torch.where(allowed, attn_mask, float("-inf"))
+
+
+def _same_dims(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> bool:
+    return len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _check_mask(mask: TensorType, target: tuple[Dim, ...], name: str, wanted: str) -> None:
+    """A mask must be bool or float and broadcast against `target` (each trailing dim equal or 1)."""
+    if not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        raise ShapeError(f"{name} {mask.described()} must be bool (True = masked out) or an additive float")
+    trailing = target[len(target) - mask.rank :] if mask.rank <= len(target) else None
+    if trailing is None or not all(
+        dims_equal(m, 1) or dims_equal(m, t) for m, t in zip(mask.shape, trailing, strict=True)
+    ):
+        raise ShapeError(
+            f"{name} {mask.described()} does not broadcast to the scores {format_shape(target)}",
+            hint=f"give {name} as {wanted}",
+        )
+
+
+@register("scaled_dot_product_attention", family="attention")
+class ScaledDotProductAttention(Block):
+    """Scaled dot-product attention softmax(QKᵀ/√d_k)·V, returning the output and the attention weights.
+
+    query [batch, (heads,) q_len, d_k], key [..., k_len, d_k], value [..., k_len, d_v]. `mask` is bool
+    (True = masked out, like `nn.MultiheadAttention`) or additive float, broadcast against the scores
+    [batch, (heads,) q_len, k_len]. `causal` lets query i see keys 0..i (top-left aligned). `weights` are
+    the ones multiplied with V, i.e. after dropout.
+    """
+
+    class Params(BlockParams):
+        dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the attention weights (training only)")
+        causal: bool = Field(False, description="query i may only attend to keys 0..i")
+
+    in_ports = (
+        Port("query", rank=(3, 4), doc="[batch, (heads,) q_len, d_k]"),
+        Port("key", rank=(3, 4), doc="[batch, (heads,) k_len, d_k]"),
+        Port("value", rank=(3, 4), doc="[batch, (heads,) k_len, d_v]"),
+        Port("mask", rank=(2, 3, 4), dtype="any", optional=True, doc="broadcasts to the scores; bool True = masked"),
+    )
+    out_ports = (
+        Port("y", doc="[batch, (heads,) q_len, d_v]"),
+        Port("weights", doc="[batch, (heads,) q_len, k_len], rows sum to 1 (before dropout)"),
+    )
+    example = {"dropout": 0.0, "causal": True}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.dropout, self.causal = p.dropout, p.causal
+
+    @classmethod
+    def infer(
+        cls, p: Params, query: TensorType, key: TensorType, value: TensorType, mask: TensorType | None = None
+    ) -> tuple[TensorType, TensorType]:
+        """q [..., q, d_k], k [..., k, d_k], v [..., k, d_v] → y [..., q, d_v] and weights [..., q, k]."""
+        if not (query.rank == key.rank == value.rank):
+            raise ShapeError(
+                f"query {query.described()}, key {key.described()} and value {value.described()} "
+                "must have the same rank"
+            )
+        if not _same_dims(query.shape[:-2], key.shape[:-2]) or not dims_equal(query.shape[-1], key.shape[-1]):
+            raise ShapeError(
+                f"query {query.described()} and key {key.described()} must agree on batch (heads) and d_k",
+                hint="query is [batch, (heads,) q_len, d_k], key [batch, (heads,) k_len, d_k]",
+            )
+        if not _same_dims(key.shape[:-1], value.shape[:-1]):
+            raise ShapeError(f"key {key.described()} and value {value.described()} must agree on all but the last dim")
+        scores = (*query.shape[:-1], key.shape[-2])
+        if mask is not None:
+            _check_mask(mask, scores, "mask", f"[q_len, k_len] = [{format_dim(scores[-2])}, {format_dim(scores[-1])}]")
+        return query.with_shape(*query.shape[:-1], value.shape[-1]), query.with_shape(*scores)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = combine_masks(query.size(-2), key.size(-2), None, mask, self.causal, query.device)
+        return attention(query, key, value, mask, self.dropout if self.training else 0.0)
 
 
 @register("multi_head_attention", family="attention")
@@ -43,7 +152,12 @@ class MultiHeadAttention(Block):
     """Multi-head attention: h heads of softmax(QKᵀ/√d_k)V over W_Q, W_K, W_V projections, concatenated, then W_O.
 
     Self-attention when only `query` is given; cross-attention when `key`/`value` come from another
-    tensor (e.g. the encoder output). Boolean masks use True for positions that may NOT be attended.
+    tensor (e.g. the encoder output). Boolean masks use True for positions that may NOT be attended;
+    `attn_mask` is [q_len, k_len] or [batch·heads, q_len, k_len] (as in `nn.MultiheadAttention`), bool or
+    additive float. `causal` is top-left aligned. With `need_weights: true` a second output `weights` gives
+    the per-head weights [batch, heads, q_len, k_len] (NOT averaged over heads; after dropout, as in
+    `nn.MultiheadAttention(average_attn_weights=False)`), computed explicitly; otherwise the fused
+    `F.scaled_dot_product_attention` is used.
     """
 
     class Params(BlockParams):
@@ -52,6 +166,10 @@ class MultiHeadAttention(Block):
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the attention weights")
         bias: bool = Field(True, description="bias in the W_Q, W_K, W_V, W_O projections")
         causal: bool = Field(False, description="forbid attending to later positions (decoder self-attention)")
+        need_weights: bool = Field(
+            False,
+            description="add an output port `weights`: per-head weights batch × heads × q_len × k_len (slower path)",
+        )
 
         @model_validator(mode="after")
         def _heads_divide(self) -> MultiHeadAttention.Params:
@@ -64,13 +182,29 @@ class MultiHeadAttention(Block):
         Port("key", rank=3, optional=True, doc="[batch, key_len, d_model]; defaults to query"),
         Port("value", rank=3, optional=True, doc="[batch, key_len, d_model]; defaults to key"),
         Port("key_padding_mask", rank=2, dtype="bool", optional=True, doc="[batch, key_len], True = padding"),
-        Port("attn_mask", rank=(2, 3), dtype="any", optional=True, doc="[query_len, key_len], bool or additive"),
+        Port(
+            "attn_mask",
+            rank=(2, 3),
+            dtype="any",
+            optional=True,
+            doc="[query_len, key_len] or [batch·heads, query_len, key_len]; bool True = masked, or additive",
+        ),
+    )
+    out_ports = (
+        Port("y", doc="[batch, query_len, d_model]"),
+        Port("weights", doc="only with need_weights: [batch, heads, query_len, key_len], per head"),
     )
     example = {"d_model": 512, "heads": 8, "dropout": 0.1}
+
+    @classmethod
+    def outputs_for(cls, params: Params) -> tuple[Port, ...]:
+        """`y`, plus `weights` when need_weights is true."""
+        return cls.out_ports if params.need_weights else cls.out_ports[:1]
 
     def __init__(self, p: Params):
         super().__init__()
         self.heads, self.d_k, self.causal, self.dropout = p.heads, p.d_model // p.heads, p.causal, p.dropout
+        self.need_weights = p.need_weights
         self.w_q = nn.Linear(p.d_model, p.d_model, bias=p.bias)
         self.w_k = nn.Linear(p.d_model, p.d_model, bias=p.bias)
         self.w_v = nn.Linear(p.d_model, p.d_model, bias=p.bias)
@@ -85,21 +219,35 @@ class MultiHeadAttention(Block):
         value: TensorType | None = None,
         key_padding_mask: TensorType | None = None,
         attn_mask: TensorType | None = None,
-    ) -> TensorType:
-        """query [batch, q_len, d_model], key/value [batch, k_len, d_model] → [batch, q_len, d_model]."""
+    ) -> TensorType | tuple[TensorType, TensorType]:
+        """query [b, q, d_model], key/value [b, k, d_model] → y like query (+ weights [b, heads, q, k])."""
         key = key or query
         value = value or key
         for name, t in (("query", query), ("key", key), ("value", value)):
             expect_last(t, p.d_model, "d_model", port=name)
-        if not (dims_equal(key.shape[0], query.shape[0]) and dims_equal(key.shape[1], value.shape[1])):
-            raise ShapeError(f"key {key.described()} and value {value.described()} disagree on batch or length")
-        if key_padding_mask is not None and not (
-            dims_equal(key_padding_mask.shape[0], key.shape[0]) and dims_equal(key_padding_mask.shape[1], key.shape[1])
-        ):
+        if not (dims_equal(key.shape[0], query.shape[0]) and _same_dims(key.shape[:2], value.shape[:2])):
+            raise ShapeError(
+                f"query {query.described()}, key {key.described()} and value {value.described()} disagree on "
+                "batch, or key and value on length"
+            )
+        batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
+        if key_padding_mask is not None and not _same_dims(key_padding_mask.shape, (batch, k_len)):
             raise ShapeError(
                 f"key_padding_mask {key_padding_mask.described()} must be [batch, key_len] = "
-                f"[{format_dim(key.shape[0])}, {format_dim(key.shape[1])}]"
+                f"[{format_dim(batch)}, {format_dim(k_len)}] (key {key.described()})"
             )
+        if attn_mask is not None:
+            want = (q_len, k_len) if attn_mask.rank == 2 else (batch * p.heads, q_len, k_len)
+            if not _same_dims(attn_mask.shape, want) or not (
+                attn_mask.dtype == torch.bool or attn_mask.dtype.is_floating_point
+            ):
+                raise ShapeError(
+                    f"attn_mask {attn_mask.described()} must be bool or float {format_shape(want)} "
+                    f"for query {query.described()} and key {key.described()}",
+                    hint="attn_mask is [q_len, k_len] or [batch·heads, q_len, k_len]",
+                )
+        if p.need_weights:
+            return query, query.with_shape(batch, p.heads, q_len, k_len)
         return query
 
     def forward(
@@ -109,18 +257,234 @@ class MultiHeadAttention(Block):
         value: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         key = query if key is None else key
         value = key if value is None else value
         b, t_q, d = query.shape
         q = self.w_q(query).view(b, t_q, self.heads, self.d_k).transpose(1, 2)
         k = self.w_k(key).view(b, -1, self.heads, self.d_k).transpose(1, 2)
         v = self.w_v(value).view(b, -1, self.heads, self.d_k).transpose(1, 2)
-        only_causal = self.causal and key_padding_mask is None and attn_mask is None
+        if attn_mask is not None and attn_mask.dim() == 3:  # [batch·heads, q, k] → [batch, heads, q, k]
+            attn_mask = attn_mask.view(b, self.heads, t_q, -1)
+        dropout = self.dropout if self.training else 0.0
+        only_causal = self.causal and key_padding_mask is None and attn_mask is None and not self.need_weights
         mask = (
             None if only_causal else combine_masks(t_q, k.size(2), key_padding_mask, attn_mask, self.causal, q.device)
         )
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=only_causal
-        )
+        if self.need_weights:
+            y, weights = attention(q, k, v, mask, dropout)
+            return self.w_o(y.transpose(1, 2).reshape(b, t_q, d)), weights
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=only_causal)
         return self.w_o(y.transpose(1, 2).reshape(b, t_q, d))
+
+
+Score = Literal["dot", "general", "concat", "additive"]
+
+
+class SourceAttention(Block):
+    """Base of the RNN encoder–decoder attentions (global, hard, local): ports, shape rule, score functions.
+
+    Scores between decoder states h_t (`query`) and encoder states h̄_s (`memory`):
+    dot h_tᵀh̄_s · general h_tᵀW_a h̄_s · concat v_aᵀtanh(W_a[h_t; h̄_s]) (Luong et al. 2015) ·
+    additive v_aᵀtanh(W_a h_t + U_a h̄_s) (Bahdanau et al. 2015).
+    """
+
+    class Params(BlockParams):
+        d_query: int = Field(gt=0, description="decoder state width (h_t)")
+        d_memory: int = Field(gt=0, description="encoder state width (h̄_s)")
+        score: Score = Field(
+            "general",
+            description="dot | general | concat (Luong) | additive (Bahdanau; feed the previous decoder state s_{i-1})",
+        )
+        d_attn: int | None = Field(
+            None, gt=0, description="hidden width of W_a for concat/additive scores (default d_query)"
+        )
+
+        @model_validator(mode="after")
+        def _score_widths(self) -> SourceAttention.Params:
+            if self.score == "dot" and self.d_query != self.d_memory:
+                raise ValueError(
+                    f"score 'dot' needs d_query ({self.d_query}) == d_memory ({self.d_memory}); "
+                    "use score: general, or make the widths equal"
+                )
+            if self.d_attn is not None and self.score in ("dot", "general"):
+                raise ValueError(f"d_attn is only used by score concat or additive, not {self.score!r}; remove it")
+            return self
+
+    in_ports = (
+        Port("query", rank=3, doc="decoder states h_t, [batch, tgt_len, d_query]"),
+        Port("memory", rank=3, doc="encoder states h̄_s, [batch, src_len, d_memory]"),
+        Port("memory_padding_mask", rank=2, dtype="bool", optional=True, doc="[batch, src_len], True = padding"),
+    )
+    out_ports = (
+        Port("context", doc="c_t = Σ_s a_t(s) h̄_s, [batch, tgt_len, d_memory]"),
+        Port("weights", doc="a_t(s), [batch, tgt_len, src_len]"),
+    )
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.kind = p.score
+        d_attn = p.d_attn or p.d_query
+        if p.score == "general":
+            self.w_a = nn.Linear(p.d_memory, p.d_query, bias=False)
+        elif p.score == "concat":
+            self.w_a = nn.Linear(p.d_query + p.d_memory, d_attn, bias=False)
+            self.v_a = nn.Linear(d_attn, 1, bias=False)
+        elif p.score == "additive":
+            self.w_a = nn.Linear(p.d_query, d_attn, bias=False)
+            self.u_a = nn.Linear(p.d_memory, d_attn, bias=False)
+            self.v_a = nn.Linear(d_attn, 1, bias=False)
+
+    @classmethod
+    def infer(
+        cls, p: Params, query: TensorType, memory: TensorType, memory_padding_mask: TensorType | None = None
+    ) -> tuple[TensorType, TensorType]:
+        """query [b, tgt, d_query], memory [b, src, d_memory] → context [b, tgt, d_memory], weights [b, tgt, src]."""
+        expect_last(query, p.d_query, "d_query", port="query")
+        expect_last(memory, p.d_memory, "d_memory", port="memory")
+        batch, tgt_len, src_len = query.shape[0], query.shape[1], memory.shape[1]
+        if not dims_equal(memory.shape[0], batch):
+            raise ShapeError(f"query {query.described()} and memory {memory.described()} disagree on batch")
+        if memory_padding_mask is not None and not _same_dims(memory_padding_mask.shape, (batch, src_len)):
+            raise ShapeError(
+                f"memory_padding_mask {memory_padding_mask.described()} must be [batch, src_len] = "
+                f"[{format_dim(batch)}, {format_dim(src_len)}] (memory {memory.described()})"
+            )
+        return query.with_shape(batch, tgt_len, memory.shape[2]), query.with_shape(batch, tgt_len, src_len)
+
+    def score(self, h_t: torch.Tensor, h_s: torch.Tensor) -> torch.Tensor:
+        """score(h_t, h̄_s) for every pair: [b, tgt_len, d_query] × [b, src_len, d_memory] → [b, tgt_len, src_len]."""
+        if self.kind == "dot":
+            return h_t @ h_s.transpose(1, 2)
+        if self.kind == "general":
+            return h_t @ self.w_a(h_s).transpose(1, 2)
+        if self.kind == "concat":  # W_a[h_t; h̄_s] = W_a,h h_t + W_a,s h̄_s, without building every pair's concat
+            w_h, w_s = self.w_a.weight.split([h_t.size(-1), h_s.size(-1)], dim=1)
+            return self.v_a(torch.tanh((h_t @ w_h.T)[:, :, None] + (h_s @ w_s.T)[:, None])).squeeze(-1)
+        return self.v_a(torch.tanh(self.w_a(h_t)[:, :, None] + self.u_a(h_s)[:, None])).squeeze(-1)
+
+    @staticmethod
+    def mask_padding(scores: torch.Tensor, memory_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        if memory_padding_mask is None:
+            return scores
+        return scores.masked_fill(memory_padding_mask[:, None, :], float("-inf"))
+
+
+@register("global_attention", family="attention")
+class GlobalAttention(SourceAttention):
+    """Global (soft) attention over all source positions: a_t = softmax_s score(h_t, h̄_s), c_t = Σ_s a_t(s) h̄_s.
+
+    Luong et al. 2015 with score dot | general | concat; Bahdanau et al. 2015 is `score: additive`
+    (v_aᵀtanh(W_a s_{i-1} + U_a h_j)), where `query` holds the previous decoder states s_{i-1}. A whole
+    sequence of decoder states is attended at once. The attentional state tanh(W_c[c_t; h_t]) is not part
+    of the block: follow it with a linear layer over the concatenation.
+    """
+
+    example = {"d_query": 256, "d_memory": 512, "score": "general"}
+
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a_t = masked_softmax(self.mask_padding(self.score(query, memory), memory_padding_mask))
+        return a_t @ memory, a_t
+
+
+@register("hard_attention", family="attention")
+class HardAttention(SourceAttention):
+    """Hard attention: a one-hot choice of one source position, c_t = h̄_ŝ with ŝ = argmax_s score(h_t, h̄_s).
+
+    Eval: exact argmax one-hot. Training: straight-through Gumbel-softmax, ŝ = argmax_s (score + g_s) with
+    g_s ~ Gumbel(0, 1); the forward is exactly one-hot, the gradient is that of softmax((score + g)/temperature).
+    Scores as in `global_attention`; padded positions are never chosen.
+    """
+
+    class Params(SourceAttention.Params):
+        temperature: float = Field(1.0, gt=0.0, description="Gumbel-softmax temperature τ of the training gradient")
+
+    example = {"d_query": 256, "d_memory": 512, "score": "general", "temperature": 1.0}
+
+    def __init__(self, p: Params):
+        super().__init__(p)
+        self.temperature = p.temperature
+
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.mask_padding(self.score(query, memory), memory_padding_mask)
+        empty = scores.isneginf().all(-1, keepdim=True)  # every position padded: no choice, zero context
+        scores = scores.masked_fill(empty, 0.0)
+        if self.training:
+            gumbel = -torch.empty_like(scores).exponential_().log()
+            y_soft = ((scores + gumbel) / self.temperature).softmax(-1)
+            y_hard = F.one_hot(y_soft.argmax(-1), scores.size(-1)).to(scores.dtype)
+            a_t = y_hard + (y_soft - y_soft.detach())  # straight-through: value y_hard, gradient of y_soft
+        else:
+            a_t = F.one_hot(scores.argmax(-1), scores.size(-1)).to(scores.dtype)
+        a_t = a_t.masked_fill(empty, 0.0)
+        return a_t @ memory, a_t
+
+
+@register("local_attention", family="attention")
+class LocalAttention(SourceAttention):
+    """Local attention (Luong et al. 2015): soft attention restricted to the window [p_t − D, p_t + D].
+
+    predictive (local-p): p_t = S·sigmoid(v_pᵀ tanh(W_p h_t)), S = the source length (per example: the number
+    of non-padding positions, so pad on the right), and a_t(s) = align(h_t, h̄_s)·exp(−(s − p_t)²/(2σ²)),
+    σ = D/2, renormalised to sum to 1 unless `renormalize: false` (the paper's eq. 10 as written).
+    monotonic (local-m): p_t = t, clipped to S − 1, and a_t = align (no Gaussian). Positions s are 0-based;
+    align is the softmax of the scores over the window, which is clipped at the sequence edges; weights
+    are exactly zero outside it.
+    """
+
+    class Params(SourceAttention.Params):
+        window: int = Field(gt=0, description="half-width D: the window is p_t − D … p_t + D")
+        mode: Literal["predictive", "monotonic"] = Field(
+            "predictive", description="predictive: learned p_t (local-p); monotonic: p_t = t (local-m)"
+        )
+        d_p: int | None = Field(None, gt=0, description="hidden width of W_p in predictive mode (default d_query)")
+        renormalize: bool = Field(
+            True, description="predictive: divide by the sum so weights sum to 1 (false = paper's eq. 10)"
+        )
+
+        @model_validator(mode="after")
+        def _predictive_only(self) -> LocalAttention.Params:
+            if self.mode == "monotonic" and self.d_p is not None:
+                raise ValueError("d_p (the width of W_p) is only used by mode: predictive; remove it")
+            if self.mode == "monotonic" and not self.renormalize:
+                raise ValueError("renormalize applies to mode: predictive only (monotonic has no Gaussian); remove it")
+            return self
+
+    example = {"d_query": 256, "d_memory": 512, "score": "general", "window": 10, "mode": "predictive"}
+
+    def __init__(self, p: Params):
+        super().__init__(p)
+        self.window, self.mode, self.renormalize = p.window, p.mode, p.renormalize
+        self.sigma = p.window / 2
+        if p.mode == "predictive":
+            self.w_p = nn.Linear(p.d_query, p.d_p or p.d_query, bias=False)
+            self.v_p = nn.Linear(p.d_p or p.d_query, 1, bias=False)
+
+    def aligned_position(self, h_t: torch.Tensor, source_len: torch.Tensor) -> torch.Tensor:
+        """p_t, [batch, tgt_len]: S·sigmoid(v_pᵀ tanh(W_p h_t)) (predictive) or t clipped to S − 1 (monotonic)."""
+        if self.mode == "predictive":
+            return source_len[:, None] * torch.sigmoid(self.v_p(torch.tanh(self.w_p(h_t)))).squeeze(-1)
+        t = torch.arange(h_t.size(1), device=h_t.device, dtype=h_t.dtype)
+        return torch.minimum(t[None, :], source_len[:, None] - 1)
+
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, src_len = memory.shape[:2]
+        source_len = torch.full((b,), src_len, dtype=query.dtype, device=query.device)
+        if memory_padding_mask is not None:
+            source_len = (~memory_padding_mask).sum(-1).to(query.dtype)
+        p_t = self.aligned_position(query, source_len)
+        distance = torch.arange(src_len, device=query.device, dtype=query.dtype) - p_t[..., None]  # s − p_t
+        scores = self.mask_padding(self.score(query, memory), memory_padding_mask)
+        align = masked_softmax(scores.masked_fill(distance.abs() > self.window, float("-inf")))
+        if self.mode == "monotonic":
+            return align @ memory, align
+        a_t = align * torch.exp(-(distance**2) / (2 * self.sigma**2))
+        if self.renormalize:
+            a_t = a_t / a_t.sum(-1, keepdim=True).clamp_min(torch.finfo(a_t.dtype).tiny)
+        return a_t @ memory, a_t

@@ -120,6 +120,7 @@ class Registry:
         self._entries: dict[str, BlockEntry] = {}
         self._source = "built-in"
         self._override = False
+        self.plugins: dict[str, str] = {}  # loaded plugin key (file path, module, entry point) → its origin label
 
     def register(self, name: str, *, family: str = "misc") -> Callable[[B], B]:
         def decorate(cls: B) -> B:
@@ -143,11 +144,18 @@ class Registry:
 
     @contextmanager
     def source(self, origin: str, *, override: bool = False) -> Iterator[None]:
-        """Stamp blocks registered inside this context with `origin` (a plugin's name)."""
+        """Stamp blocks registered inside this context with `origin` (a plugin's name).
+
+        All or nothing: if the body raises, every block it registered (or overrode) is rolled back.
+        """
         saved = self._source, self._override
+        snapshot = dict(self._entries)
         self._source, self._override = origin, override
         try:
             yield
+        except BaseException:
+            self._entries = snapshot
+            raise
         finally:
             self._source, self._override = saved
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from builder.compile import GraphModel, compile_graph
 from builder.errors import Location, Problem, SpecError
 from builder.graph import Graph, assemble
 from builder.load import Document, SourceMap, load_file
+from builder.plugins import activate
 from builder.shapes import TypedGraph, infer_shapes
 from builder.spec import DTYPES
 from builder.validate import ValidSpec, validate_document
@@ -19,17 +22,26 @@ from builder.validate import ValidSpec, validate_document
 SpecSource = str | Path | dict[str, Any] | ValidSpec
 
 
-def load_spec(source: SpecSource, overrides: dict[str, Any] | None = None) -> ValidSpec:
+def use_plugins(plugins: Sequence[str] = (), *, allow_override: bool = False) -> None:
+    """Make installed plugin packages, `$BLOCKGRAPH_PLUGINS` and these plugins' blocks available."""
+    for problem in activate(plugins, allow_override=allow_override):
+        warnings.warn(str(problem), stacklevel=3)
+
+
+def load_spec(source: SpecSource, overrides: dict[str, Any] | None = None, *, plugins: Sequence[str] = ()) -> ValidSpec:
     """A spec file (or a mapping already in memory) validated, with `--set`-style variable overrides applied."""
+    use_plugins(plugins)
     if isinstance(source, ValidSpec):
         return source
     document = Document(source, SourceMap("<dict>")) if isinstance(source, dict) else load_file(source)
     return validate_document(document, overrides)
 
 
-def typed_graph(source: SpecSource, overrides: dict[str, Any] | None = None) -> TypedGraph:
+def typed_graph(
+    source: SpecSource, overrides: dict[str, Any] | None = None, *, plugins: Sequence[str] = ()
+) -> TypedGraph:
     """Everything short of allocating weights: validated, wired and shape-checked."""
-    return infer_shapes(assemble(load_spec(source, overrides)))
+    return infer_shapes(assemble(load_spec(source, overrides, plugins=plugins)))
 
 
 def build(
@@ -38,9 +50,14 @@ def build(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     overrides: dict[str, Any] | None = None,
+    plugins: Sequence[str] = (),
 ) -> GraphModel:
-    """Build a spec into an ordinary `nn.Module` (weights on `device`; `meta` allocates none)."""
-    return compile_graph(typed_graph(source, overrides), device=device, dtype=parse_dtype(dtype))
+    """Build a spec into an ordinary `nn.Module` (weights on `device`; `meta` allocates none).
+
+    `plugins` are files or modules whose blocks the spec may use (see docs/plugins.md).
+    """
+    typed = typed_graph(source, overrides, plugins=plugins)
+    return compile_graph(typed, device=device, dtype=parse_dtype(dtype))
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

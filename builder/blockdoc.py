@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
 import yaml
@@ -33,7 +34,12 @@ def param_rows(entry: BlockEntry) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, field in entry.cls.Params.model_fields.items():
         annotation = field.annotation
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+        type_name = (
+            " | ".join(map(str, choices))
+            if choices
+            else getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        )
         default = (
             "required" if field.default is PydanticUndefined and field.default_factory is None else repr(field.default)
         )
@@ -65,7 +71,7 @@ def render_block(entry: BlockEntry) -> RenderableType:
     for column in ("name", "type", "default", "description"):
         params.add_column(column)
     for row in param_rows(entry):
-        params.add_row(*row)
+        params.add_row(*map(escape, row))
     ports = Table(title="ports", header_style="bold", title_justify="left")
     for column in ("direction", "name", "accepts", "doc"):
         ports.add_column(column)

@@ -26,6 +26,8 @@ class Location:
     path: SpecPath = ()
 
     def __str__(self) -> str:
+        if self.file is None and not self.path:
+            return ""
         where = self.file or "<spec>"
         if self.line is not None:
             where += f":{self.line}"
@@ -45,7 +47,8 @@ class Problem:
     node: str | None = None
 
     def __str__(self) -> str:
-        text = f"{self.location}: {self.severity}: {self.message}"
+        text = f"{self.location}: " if str(self.location) else ""
+        text += f"{self.severity}: {self.message}"
         if self.node:
             text += f" [node {self.node}]"
         if self.hint:

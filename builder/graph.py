@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import networkx as nx
@@ -89,6 +90,16 @@ def assemble(valid: ValidSpec) -> Graph:
         endpoint = assembler.resolve(ref, local, path)
         if endpoint is not None:
             outputs[name] = endpoint
+    for name in spec.blocks:
+        if name in REGISTRY:
+            problems.add(
+                Problem(
+                    f"sub-graph {name!r} has the name of a registered block; nodes of type {name!r} use the sub-graph",
+                    valid.source.locate(("blocks", name), key=True),
+                    hint="rename the sub-graph to avoid the confusion",
+                    severity="warning",
+                )
+            )
     problems.raise_if_errors()
     graph = Graph(spec.name, dict(spec.inputs), {}, outputs, single, nx.DiGraph(), assembler.groups, valid=valid)
     _build_dag(graph, assembler.nodes)
@@ -227,7 +238,7 @@ class _Assembler:
             (*path, "type"),
             hint=f"did you mean {' or '.join(repr(c) for c in close)}?"
             if close
-            else "run `blockgraph blocks` to list them",
+            else "run `blockgraph blocks` to list them; a plugin's blocks need --plugin FILE_OR_MODULE",
             node=node_id,
         )
         return None
@@ -359,6 +370,7 @@ class _Assembler:
         if node.share is not None and not node.params and (owner := self._owner(node_id, node.share)):
             return owner.params
         raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
+        raw = self._resolve_paths(entry, raw)
         key = (entry.name, json.dumps(raw, sort_keys=True, default=repr))
         cached = self._params_cache.get(key)
         if cached is not None:
@@ -371,6 +383,19 @@ class _Assembler:
             return None
         self._params_cache[key] = params
         return params
+
+    def _resolve_paths(self, entry: BlockEntry, raw: Any) -> Any:
+        """File params (`json_schema_extra={"format": "path"}`) are relative to the spec file, not the shell."""
+        base = self.valid.file.parent if self.valid.file else None
+        if base is None or not isinstance(raw, dict):
+            return raw
+        resolved = dict(raw)
+        for name, info in entry.cls.Params.model_fields.items():
+            extra = info.json_schema_extra
+            value = resolved.get(name)
+            if isinstance(extra, dict) and extra.get("format") == "path" and isinstance(value, str):
+                resolved[name] = str(base / Path(value).expanduser())
+        return resolved
 
     def _expand_subgraph(
         self,

@@ -26,10 +26,10 @@ def problems(items: Iterable[Problem]) -> RenderableType:
     for p in items:
         colour = "red" if p.severity == "error" else "yellow"
         head = Text.assemble((f"{p.severity}: ", f"bold {colour}"), (p.message, "bold"))
-        where = Text(f"  at {p.location}", style="cyan")
+        where = Text(f"  at {p.location}" if str(p.location) else " ", style="cyan")
         if p.node:
             where.append(f"  node {p.node}", style="magenta")
-        parts += [head, where]
+        parts += [head, where] if where.plain.strip() else [head]
         if p.hint:
             parts.append(Text(f"  hint: {p.hint}", style="green"))
     return RichGroup(*parts)

@@ -171,7 +171,7 @@ def test_cli_inspect_tree_and_formats(run_cli):
     assert f"{total:,} parameters" in tree.stdout
     assert "multi_head_attention" in tree.stdout and "[batch, seq, 64]" in tree.stdout
     collapsed = run_cli("inspect", TINY, "--depth", "1")
-    assert "encoder_layer ×2" in collapsed.stdout and "norm1" not in collapsed.stdout
+    assert "encoder_block ×2" in collapsed.stdout and "norm1" not in collapsed.stdout
     code = run_cli("inspect", TINY, "--code")
     assert "def forward" in code.stdout
     table = run_cli("inspect", TINY, "--format", "table")
