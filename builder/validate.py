@@ -27,6 +27,7 @@ class ValidSpec:
     scope: Scope
     file: Path | None = None
     warnings: tuple[Problem, ...] = ()
+    standalone: dict[str, Any] | None = None  # extends merged, overrides written into vars: loadable on its own
 
 
 def validate_document(document: Document, overrides: dict[str, Any] | None = None) -> ValidSpec:
@@ -70,7 +71,10 @@ def validate_document(document: Document, overrides: dict[str, Any] | None = Non
         spec = Spec.model_validate(resolved)
     except ValidationError as exc:
         raise SpecError(pydantic_problems(exc, (), source, Spec)) from exc
-    return ValidSpec(spec, source, scope, document.path)
+    standalone = {k: v for k, v in data.items() if k != "extends"}
+    if raw_vars:
+        standalone["vars"] = raw_vars
+    return ValidSpec(spec, source, scope, document.path, standalone=standalone)
 
 
 def substitute_located(value: Any, path: SpecPath, scope: Scope, source: SourceMap, problems: ProblemList) -> Any:
