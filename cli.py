@@ -253,6 +253,8 @@ def validate(
             warn(typed.graph.warnings, strict)
             api.compile_graph(typed, device="meta")
         except BlockgraphError as exc:
+            if State.debug:
+                raise
             failed = True
             err.print(render.problems(exc.problems))
             err.print(f"[red]✗[/] {path}")
@@ -270,12 +272,19 @@ def validate(
 @user_errors
 def schema(
     output: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the spec keys as Markdown tables instead.")
+    ] = False,
     plugin: PluginOpt = [],  # noqa: B006
     allow_override: OverrideOpt = False,
 ) -> None:
     """Print the JSON Schema of spec files (every registered block's params included) for editors."""
     use_plugins(plugin, allow_override)
-    from builder.schema import spec_schema
+    from builder.schema import fields_markdown, spec_schema
+
+    if markdown:
+        print(fields_markdown(), end="")
+        return
 
     text = json.dumps(spec_schema(), indent=2, ensure_ascii=False)
     if output is None:

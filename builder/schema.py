@@ -61,3 +61,32 @@ def _admit_expressions(definition: dict[str, Any]) -> None:
 
 def _annotations(prop: dict[str, Any]) -> dict[str, Any]:
     return {k: prop[k] for k in ("title", "description", "default") if k in prop}
+
+
+def fields_markdown() -> str:
+    """The spec's keys as Markdown tables, generated from the pydantic models (docs/spec.md embeds them)."""
+    from builder.spec import GraphSpec, InputSpec, NodeSpec
+
+    sections = [
+        ("Top level", Spec),
+        ("`inputs.<name>`", InputSpec),
+        ("`nodes.<name>` (also inside sub-graphs)", NodeSpec),
+        ("`blocks.<name>` (sub-graphs)", GraphSpec),
+    ]
+    lines: list[str] = []
+    for title, model in sections:
+        lines += [f"### {title}", "", "| key | required | default | meaning |", "|---|---|---|---|"]
+        for name, info in model.model_fields.items():
+            default = "" if info.is_required() else _default_text(info)
+            meaning = (info.description or "").replace("|", "\\|")
+            lines.append(
+                f"| `{info.alias or name}` | {'yes' if info.is_required() else 'no'} | {default} | {meaning} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _default_text(info: Any) -> str:
+    if info.default_factory is not None:
+        return f"`{info.default_factory()!r}`"
+    return f"`{info.default!r}`"

@@ -204,3 +204,11 @@ def test_cli_set_override(run_cli):
     result = run_cli("build", TINY, "--set", "vocab=50")
     assert result.code == 0, result.stderr
     assert "[2, 16, 50]" in result.stdout
+
+
+def test_missing_file_and_debug_traceback(run_cli):
+    missing = run_cli("validate", "no/such/spec.yaml")
+    assert missing.code == 1 and "spec file not found: no/such/spec.yaml" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    debug = run_cli("--debug", "validate", "no/such/spec.yaml")
+    assert debug.code == 1 and isinstance(debug.exception, SpecError)

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT
 
 from builder import blockdoc
+from builder.schema import fields_markdown
 
 
 @pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
@@ -23,3 +24,9 @@ def test_ruff(args):
 def test_block_reference_is_generated_from_the_registry():
     on_disk = (ROOT / "docs" / "blocks.md").read_text(encoding="utf-8")
     assert on_disk == blockdoc.markdown_reference(), "run `blockgraph blocks --markdown > docs/blocks.md`"
+
+
+def test_spec_reference_is_generated_from_the_models():
+    text = (ROOT / "docs" / "spec.md").read_text(encoding="utf-8")
+    generated = text.split("<!-- generated: spec keys -->\n", 1)[1].split("<!-- end generated -->", 1)[0]
+    assert generated == fields_markdown(), "regenerate the section with `blockgraph schema --markdown`"
