@@ -15,7 +15,7 @@ from builder.errors import Location, Problem, SpecError
 from builder.graph import Graph, assemble
 from builder.load import Document, SourceMap, load_file
 from builder.plugins import activate
-from builder.shapes import TypedGraph, infer_shapes
+from builder.shapes import TypedGraph, block_bug, infer_shapes
 from builder.spec import DTYPES
 from builder.validate import ValidSpec, validate_document
 
@@ -143,15 +143,12 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
             got = output if isinstance(output, tuple) else (output,)
             for port, want, tensor in zip(inst.out_ports, expected, got, strict=False):
                 if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != want:
-                    mismatches.append(
-                        Problem(
-                            f"block {inst.entry.name!r} (from {inst.entry.source}) produced {list(tensor.shape)} on "
-                            f"port {port.name!r}, but its shape rule promised {format_shape(want)}",
-                            graph.locate(inst.spec_path),
-                            hint="the block's infer() and its forward() disagree; fix the block",
-                            node=inst.id,
-                        )
+                    message = (
+                        f"produced {list(tensor.shape)} on port {port.name!r}, "
+                        f"but its shape rule promised {format_shape(want)}"
                     )
+                    hint = "the block's infer() and its forward() disagree; fix the block"
+                    mismatches.append(block_bug(graph, inst, message, hint))
 
         return hook
 

@@ -41,34 +41,29 @@ def infer_shapes(graph: Graph) -> TypedGraph:
             problems.add(Problem(exc.message, graph.locate((*inst.spec_path, *exc.at)), hint=exc.hint, node=inst.id))
             continue
         except Exception as exc:  # a shape rule is user code when it comes from a plugin
-            problems.add(
-                Problem(
-                    f"the shape rule of block {inst.entry.name!r} (from {inst.entry.source}) crashed: "
-                    f"{type(exc).__name__}: {exc}",
-                    graph.locate(inst.spec_path),
-                    hint="this is a bug in the block, not in the spec",
-                    node=inst.id,
-                )
-            )
+            problems.add(block_bug(graph, inst, f"its shape rule crashed: {type(exc).__name__}: {exc}"))
             continue
         outs = result if isinstance(result, tuple) else (result,)
         ports = inst.out_ports
         if len(outs) != len(ports) or not all(isinstance(t, TensorType) for t in outs):
-            problems.add(
-                Problem(
-                    f"the shape rule of block {inst.entry.name!r} (from {inst.entry.source}) returned {len(outs)} "
-                    f"value(s) for {len(ports)} output port(s)",
-                    graph.locate(inst.spec_path),
-                    hint="infer() returns one TensorType per out_port",
-                    node=inst.id,
-                )
-            )
+            message = f"its shape rule returned {len(outs)} value(s) for {len(ports)} output port(s)"
+            problems.add(block_bug(graph, inst, message, hint="infer() returns one TensorType per out_port"))
             continue
         for port, out in zip(ports, outs, strict=True):
             label = inst.id if len(ports) == 1 else f"{inst.id}.{port.name}"
             types[Endpoint(inst.id, port.name)] = TensorType(out.shape, out.dtype, label)
     problems.raise_if_errors(SpecError)
     return TypedGraph(graph, types)
+
+
+def block_bug(graph: Graph, inst: NodeInstance, message: str, hint: str | None = None) -> Problem:
+    """A problem in a block's own code (often a plugin's), named with its source, located at the node using it."""
+    return Problem(
+        f"block {inst.entry.name!r} (from {inst.entry.source}): {message}",
+        graph.locate(inst.spec_path),
+        hint=hint or "this is a bug in the block, not in the spec",
+        node=inst.id,
+    )
 
 
 def _gather(

@@ -190,12 +190,12 @@ def test_a_shape_rule_that_lies_is_caught_at_build_naming_the_plugin(tmp_path, r
     result = run_cli("build", spec, "--plugin", liar)
     message = " ".join(result.stderr.split())
     assert result.code == 1
-    assert "block 'liar' (from plugin liar_plugin.py) produced [2, 4]" in message and "promised [2, 8]" in message
+    assert "block 'liar' (from plugin liar_plugin.py): produced [2, 4]" in message and "promised [2, 8]" in message
 
 
 def test_a_crashing_shape_rule_is_reported_as_the_blocks_bug(tmp_path):
     path = plugin_file(tmp_path, "crashy", infer="return x.shape.missing")
-    with pytest.raises(SpecError, match=r"shape rule of block 'crashy' \(from plugin crashy_plugin.py\) crashed"):
+    with pytest.raises(SpecError, match=r"block 'crashy' \(from plugin crashy_plugin.py\): its shape rule crashed"):
         builder.typed_graph(one_block_spec("crashy"), plugins=[str(path)])
 
 
