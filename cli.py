@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
 from builder.errors import BlockgraphError, Problem
@@ -146,6 +147,10 @@ def build(
     strict: StrictOpt = False,
     plugin: PluginOpt = [],  # noqa: B006
     allow_override: OverrideOpt = False,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Save the model (weights, resolved spec, manifest) to this directory."),
+    ] = None,
 ) -> None:
     """Validate SPEC, compile it, run one forward pass on dummy inputs, and print a summary."""
     use_plugins(plugin, allow_override)
@@ -170,6 +175,11 @@ def build(
     seconds = {"validate": checked - started, "compile": built - checked, "forward": ran - built}
     weights_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     out.print(render.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
+    if out_dir is not None:
+        from builder import persist
+
+        persist.save(model, out_dir, typed.graph.valid)
+        out.print(f"saved to {out_dir} (load with builder.load)")
 
 
 def _check_device(device: str) -> None:
@@ -294,6 +304,58 @@ def schema(
         err.print(f"wrote {output}")
 
 
+class ExportFormat(str, Enum):
+    exported_program = "exported-program"
+    onnx = "onnx"
+
+
+@app.command()
+@user_errors
+def export(
+    spec: Annotated[
+        Path,
+        typer.Argument(help="Spec file, or a model directory saved by build --out (its weights).", show_default=False),
+    ],
+    format: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="exported-program (torch.export, .pt2) or onnx.")
+    ],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="File to write (.pt2 or .onnx).", show_default=False)],
+    set_: SetOpt = [],  # noqa: B006
+    dim: DimOpt = [],  # noqa: B006
+    with_optional: Annotated[
+        bool, typer.Option("--with-optional", help="Make the optional inputs (masks) inputs of the exported model.")
+    ] = False,
+    strict: StrictOpt = False,
+    plugin: PluginOpt = [],  # noqa: B006
+    allow_override: OverrideOpt = False,
+) -> None:
+    """Export SPEC or a saved model for deployment, its named dimensions (batch, seq, ...) dynamic."""
+    use_plugins(plugin, allow_override)
+    import warnings
+
+    from builder import api, persist
+    from builder import export as exporting
+    from builder.errors import SpecError
+
+    if persist.is_saved_model(spec):
+        if set_:
+            raise SpecError(Problem("--set does not apply to a saved model", hint="its spec.yaml fixes the sizes"))
+        model = persist.load(spec)
+        typed = model.typed_graph
+    else:
+        typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
+        warn(typed.graph.warnings, strict)
+        model = api.compile_graph(typed, device="cpu")
+    dims = api.resolve_dims(typed.graph, parse_dims(dim))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = exporting.export(model, typed, dims, format.value, out_file, include_optional=with_optional)
+    notes = [w for w in caught if issubclass(w.category, exporting.ExportWarning)]
+    warn([Problem(str(w.message), severity="warning") for w in notes], strict=False)
+    for line in exporting.describe(result, typed):
+        out.print(line, markup=False)
+
+
 @blocks_app.callback(invoke_without_command=True)
 @user_errors
 def blocks_default(
@@ -331,7 +393,7 @@ def blocks_list(
     for column in ("block", "family", "source", "summary"):
         table.add_column(column)
     for entry in REGISTRY.list(pattern):
-        table.add_row(f"[cyan]{entry.name}[/]", entry.family, entry.source, entry.summary)
+        table.add_row(f"[cyan]{entry.name}[/]", entry.family, escape(entry.source), escape(entry.summary))
     out.print(table)
 
 

@@ -20,6 +20,7 @@ class Generator(Block):
     class Params(BlockParams):
         d_model: int = Field(gt=0, description="input width")
         vocab: int = Field(gt=0, description="output vocabulary size")
+        bias: bool = Field(True, description="learn a bias per vocabulary entry (GPT-2's tied head has none)")
         output: Literal["log_softmax", "softmax", "logits"] = Field(
             "log_softmax", description="log_softmax (for NLL loss), softmax (probabilities) or raw logits"
         )
@@ -28,7 +29,7 @@ class Generator(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.proj = nn.Linear(p.d_model, p.vocab)
+        self.proj = nn.Linear(p.d_model, p.vocab, bias=p.bias)
         self.output = p.output
 
     @classmethod

@@ -94,9 +94,14 @@ def markdown_reference() -> str:
     for entry in (e for e in REGISTRY.list() if e.source == "built-in"):
         lines += [f"## `{entry.name}`", "", entry.doc, "", f"Family: {entry.family}. Source: {entry.source}.", ""]
         lines += ["| parameter | type | default | description |", "|---|---|---|---|"]
-        lines += [f"| `{n}` | {t} | {d} | {desc} |" for n, t, d, desc in param_rows(entry)]
+        lines += [f"| `{n}` | {_cell(t)} | {_cell(d)} | {_cell(desc)} |" for n, t, d, desc in param_rows(entry)]
         lines += ["", "| port | direction | accepts | doc |", "|---|---|---|---|"]
-        lines += [f"| `{p.name}` | in | {p.describe()} | {p.doc} |" for p in entry.cls.in_ports]
-        lines += [f"| `{p.name}` | out | | {p.doc} |" for p in entry.cls.out_ports]
+        lines += [f"| `{p.name}` | in | {p.describe()} | {_cell(p.doc)} |" for p in entry.cls.in_ports]
+        lines += [f"| `{p.name}` | out | | {_cell(p.doc)} |" for p in entry.cls.out_ports]
         lines += ["", "```yaml", example_snippet(entry).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
