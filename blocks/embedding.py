@@ -11,7 +11,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from blocks.registry import Block, BlockParams, Port, register
+from blocks.registry import Block, BlockParams, Port, register, weights_follow
 from blocks.types import TensorType
 
 
@@ -183,7 +183,7 @@ class TokenEmbedding(Block):
         super().__init__()
         self.lut = nn.Embedding(p.vocab, p.dim, padding_idx=p.padding_idx)
         self.scale = math.sqrt(p.dim) if p.scale else 1.0
-        if p.pretrained is not None and not self.lut.weight.is_meta:
+        if p.pretrained is not None and not self.lut.weight.is_meta and not weights_follow():
             with torch.no_grad():
                 self.lut.weight.copy_(pretrained_table(p))
         if p.freeze:

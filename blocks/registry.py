@@ -8,6 +8,7 @@ import inspect
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -17,6 +18,24 @@ from torch import nn
 from blocks.types import DtypeKind, TensorType
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+_WEIGHTS_FOLLOW: ContextVar[bool] = ContextVar("weights_follow", default=False)
+
+
+def weights_follow() -> bool:
+    """True while a model is rebuilt only to receive saved weights: blocks may skip initialisation work
+    such as reading a pretrained-vectors file, whose values are about to be overwritten anyway."""
+    return _WEIGHTS_FOLLOW.get()
+
+
+@contextmanager
+def receiving_weights() -> Iterator[None]:
+    token = _WEIGHTS_FOLLOW.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FOLLOW.reset(token)
 
 
 class BlockParams(BaseModel):

@@ -4,6 +4,7 @@ from builder.api import build, dummy_inputs, load_spec, resolve_dims, trial_run,
 from builder.compile import GraphModel, compile_graph
 from builder.errors import BlockgraphError, Location, PluginError, Problem, SpecError
 from builder.graph import Graph, assemble
+from builder.persist import load, save
 from builder.shapes import TypedGraph, infer_shapes
 
 __all__ = [
@@ -20,8 +21,10 @@ __all__ = [
     "compile_graph",
     "dummy_inputs",
     "infer_shapes",
+    "load",
     "load_spec",
     "resolve_dims",
+    "save",
     "trial_run",
     "typed_graph",
 ]

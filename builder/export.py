@@ -1,0 +1,366 @@
+"""Export a built model: a `torch.export` program (.pt2) or ONNX, with the spec's named dimensions dynamic.
+
+Every symbolic dimension name of the spec's inputs (`batch`, `seq`, ...) becomes one `torch.export.Dim`, shared
+by every input that uses it. When tracing shows a block needs a narrower range (a positional table of 5000
+rows bounds `seq`) the range is narrowed; when a block needs an exact size, that dimension falls back to the
+trial size with an `ExportWarning`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from blocks.types import format_shape
+from builder.errors import BlockgraphError, Location, Problem
+from builder.shapes import TypedGraph
+
+Format = Literal["exported-program", "onnx"]
+FORMATS: tuple[str, ...] = ("exported-program", "onnx")
+ONNX_PACKAGES = ("onnx", "onnxscript")
+MAX_REFINEMENTS = 4
+
+
+class ExportError(BlockgraphError):
+    """The model could not be exported (a block torch.export cannot trace, a missing package)."""
+
+
+class ExportWarning(UserWarning):
+    """A dimension named in the spec could not stay dynamic in the export."""
+
+
+@dataclass
+class Exported:
+    """What `export` wrote: the file, and for each named dimension its range (dynamic) or fixed size (static)."""
+
+    path: Path
+    format: str
+    inputs: list[str]
+    outputs: list[str]
+    dynamic: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    static: dict[str, int] = field(default_factory=dict)
+
+
+def export(
+    model: torch.nn.Module,
+    typed: TypedGraph,
+    dims: dict[str, int],
+    fmt: Format | str,
+    path: str | Path,
+    *,
+    include_optional: bool | Sequence[str] = False,
+) -> Exported:
+    """Export `model` (in eval mode) to `path` as `fmt` ("exported-program" or "onnx").
+
+    `dims` are the trial sizes of the spec's named dimensions (see `resolve_dims`); each becomes dynamic where
+    the blocks allow. Optional inputs are left out of the exported signature unless `include_optional` is
+    True or names them (then they are required there; a boolean mask of all False means "none").
+    """
+    if fmt not in FORMATS:
+        raise ExportError(Problem(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}"))
+    if fmt == "onnx":
+        require_onnx()
+    path = Path(path)
+    graph = typed.graph
+    names = _input_names(typed, include_optional)
+    device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
+    if device.type == "meta":
+        raise ExportError(Problem("a model on the meta device cannot be exported", hint="build it on cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        program, dynamic, static = _trace(model, typed, dims, names, device)
+    finally:
+        model.train(was_training)
+    outputs = list(graph.outputs)
+    result = Exported(path, fmt, names, ["output"] if graph.single_output else outputs, dynamic, static)
+    if fmt == "exported-program":
+        _write_atomic(path, lambda tmp: torch.export.save(program, str(tmp)))
+    else:
+        _write_onnx(program, result, typed)
+    return result
+
+
+def require_onnx() -> None:
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            Problem(
+                f"ONNX export needs the package(s) {', '.join(missing)}, which are not installed",
+                hint="pip install 'blockgraph[onnx]'",
+            )
+        )
+
+
+def _input_names(typed: TypedGraph, include_optional: bool | Sequence[str]) -> list[str]:
+    inputs = typed.graph.inputs
+    if isinstance(include_optional, bool):
+        wanted = {n for n, s in inputs.items() if s.optional} if include_optional else set()
+    else:
+        wanted = set(include_optional)
+        unknown = sorted(wanted - {n for n, s in inputs.items() if s.optional})
+        if unknown:
+            optional = [n for n, s in inputs.items() if s.optional]
+            raise ExportError(
+                Problem(
+                    f"not optional inputs of the spec: {', '.join(unknown)}",
+                    hint=f"optional inputs: {', '.join(optional) or 'none'}",
+                )
+            )
+    return [n for n, s in inputs.items() if not s.optional or n in wanted]
+
+
+def sample_inputs(
+    typed: TypedGraph, dims: dict[str, int], names: Sequence[str], device: torch.device, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Inputs for tracing: required ones as `dummy_inputs` makes them; optional ones neutral (False / zeros)."""
+    from builder.api import dummy_inputs
+
+    graph = typed.graph
+    tensors = dummy_inputs(graph, dims, device=device, seed=seed)
+    for name in names:
+        if name not in tensors:
+            spec = graph.inputs[name]
+            shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+            tensors[name] = torch.zeros(shape, dtype=spec.torch_dtype, device=device)
+    return {name: tensors[name] for name in names}
+
+
+def _trace(
+    model: torch.nn.Module, typed: TypedGraph, dims: dict[str, int], names: list[str], device: torch.device
+) -> tuple[Any, dict[str, tuple[int | None, int | None]], dict[str, int]]:
+    """torch.export with one Dim per named dimension, narrowing ranges or fixing sizes where tracing demands."""
+    from torch.export import Dim
+
+    graph = typed.graph
+    symbolic = sorted({d for n in names for d in graph.inputs[n].shape if isinstance(d, str)})
+    # sizes 0 and 1 are specialised by torch.export; trace dynamic dimensions at 2 or more
+    trace_dims = {**dims, **{d: max(dims[d], 2) for d in symbolic}}
+    kwargs = sample_inputs(typed, trace_dims, names, device)
+    spec_dims = {d: Dim(d) for d in symbolic}
+    shapes: dict[str, Any] = {
+        n: {i: spec_dims[d] for i, d in enumerate(graph.inputs[n].shape) if isinstance(d, str)} or None for n in names
+    }
+    guards: list[str] = []
+    program = None
+    for _ in range(MAX_REFINEMENTS + 1):
+        try:
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes if symbolic else None)
+            break
+        except torch._dynamo.exc.UserError as exc:
+            guards.extend(line for line in str(exc).splitlines() if line.strip().startswith("- "))
+            fixes = _suggested_fixes(str(exc))
+            if not fixes:
+                break
+            try:
+                shapes = _refine(fixes, shapes)
+            except Exception:  # a fix torch cannot apply itself: fall back to static sizes
+                program = None
+                break
+        except Exception as exc:
+            if not symbolic:
+                raise _trace_error(exc, typed) from exc
+            program = None
+            guards.append(_first_line(exc))
+            break
+    if program is not None and _static_at_trace_size(shapes, graph, names, dims, trace_dims):
+        # a size fixed by tracing is the bumped trace size (2): trace again at the size asked for
+        kwargs = sample_inputs(typed, {**trace_dims, **_fixed(shapes, graph, names, dims)}, names, device)
+        shapes = _fixed_shapes(shapes, dims, graph, names)
+        try:
+            program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes)
+        except Exception:
+            program = None
+    if program is None:
+        if symbolic:
+            _warn_static(symbolic, dims, guards, typed)
+        kwargs = sample_inputs(typed, dims, names, device)
+        try:
+            program = torch.export.export(model, (), kwargs)
+        except Exception as exc:
+            raise _trace_error(exc, typed) from exc
+        return program, {}, {d: dims[d] for d in symbolic}
+    dynamic: dict[str, tuple[int | None, int | None]] = {}
+    static: dict[str, int] = {}
+    chosen = _dims_by_name(shapes, graph, names)
+    for name in symbolic:
+        value = chosen.get(name)
+        if isinstance(value, int):
+            static[name] = value
+        elif value is not None:
+            dynamic[name] = _range(value)
+    if static:
+        _warn_static(sorted(static), static, guards, typed)
+    return program, dynamic, static
+
+
+def _static_at_trace_size(
+    shapes: dict[str, Any], graph: Any, names: list[str], dims: dict[str, int], trace_dims: dict[str, int]
+) -> bool:
+    chosen = _dims_by_name(shapes, graph, names)
+    return any(isinstance(v, int) and dims[d] != trace_dims[d] for d, v in chosen.items())
+
+
+def _fixed(shapes: dict[str, Any], graph: Any, names: list[str], dims: dict[str, int]) -> dict[str, int]:
+    """The dimensions tracing made static, at the sizes asked for."""
+    return {d: dims[d] for d, v in _dims_by_name(shapes, graph, names).items() if isinstance(v, int)}
+
+
+def _fixed_shapes(shapes: dict[str, Any], dims: dict[str, int], graph: Any, names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in names:
+        if shapes.get(n) is None:
+            out[n] = None
+            continue
+        spec = graph.inputs[n].shape
+        out[n] = {i: dims[spec[i]] if isinstance(v, int) else v for i, v in shapes[n].items()}
+    return out
+
+
+def _suggested_fixes(message: str) -> str:
+    if "Suggested fixes:" not in message:
+        return ""
+    block = message.split("Suggested fixes:", 1)[1].strip().split("\n\n")[0]
+    return "\n".join(line.strip() for line in block.splitlines() if " = " in line)
+
+
+def _refine(fixes: str, shapes: dict[str, Any]) -> dict[str, Any]:
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+    return refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + fixes, shapes)
+
+
+def _dims_by_name(shapes: dict[str, Any], graph: Any, names: list[str]) -> dict[str, Any]:
+    """Spec dimension name → what the (refined) dynamic shapes hold for it: a Dim, a derived Dim or an int."""
+    out: dict[str, Any] = {}
+    for n in names:
+        for i, d in enumerate(graph.inputs[n].shape):
+            if isinstance(d, str) and shapes.get(n) is not None:
+                out.setdefault(d, shapes[n].get(i))
+    return out
+
+
+def _range(dim: Any) -> tuple[int | None, int | None]:
+    low, high = getattr(dim, "min", None), getattr(dim, "max", None)
+    big = 2**62
+    return (low if isinstance(low, int) else None, high if isinstance(high, int) and high < big else None)
+
+
+def _warn_static(names: Sequence[str], sizes: dict[str, int], guards: list[str], typed: TypedGraph) -> None:
+    fixed = ", ".join(f"{n}={sizes[n]}" for n in names)
+    reason = re.sub(r" \(\d+\)$", "", guards[0].strip().removeprefix("- ").split(". ")[0]) if guards else ""
+    warnings.warn(
+        f"dimension(s) {fixed} are static in the export of {typed.graph.name!r}: a block's forward depends on the "
+        f"exact size{f' (torch.export: {reason})' if reason else ''}; the exported model takes only these sizes",
+        ExportWarning,
+        stacklevel=4,
+    )
+
+
+def _trace_error(exc: Exception, typed: TypedGraph) -> ExportError:
+    return ExportError(
+        Problem(
+            f"torch.export cannot trace {typed.graph.name!r}: {_first_line(exc)}",
+            hint="a block's forward uses Python control flow on tensor values or an unsupported operation; "
+            "run with --debug for the full trace, or torch.export.draft_export for a report",
+        )
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Write via a temporary file in the same directory, renamed over `path` only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private to its owner; a plain open's is not
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_onnx(program: Any, result: Exported, typed: TypedGraph) -> None:
+    """The exported program through the dynamo ONNX exporter; dynamic axes keep the spec's names."""
+    path = result.path
+    big = sum(v.numel() * v.element_size() for v in program.state_dict.values()) > 1_800_000_000
+    try:
+        with warnings.catch_warnings(), _quiet("torch.onnx"):
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(
+                program, (), None, output_names=result.outputs, dynamo=True, verbose=False, external_data=big
+            )
+    except Exception as exc:
+        raise ExportError(
+            Problem(
+                f"the ONNX exporter failed: {_first_line(exc)}",
+                Location(str(path)),
+                hint="the exported-program format may still work: --format exported-program",
+            )
+        ) from exc
+    _name_axes(onnx_program, result, typed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        onnx_program.save(str(tmp / path.name), external_data=big)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == path.name):  # the .onnx file last
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _name_axes(onnx_program: Any, result: Exported, typed: TypedGraph) -> None:
+    """Call the ONNX graph's dynamic axes after the spec's dimensions (`batch`, not `s27`)."""
+    mapping: dict[Any, str] = {}
+    graph_inputs = list(onnx_program.model.graph.inputs)
+    for value, name in zip(graph_inputs, result.inputs, strict=False):
+        for axis, dim in zip(value.shape or (), typed.graph.inputs[name].shape, strict=False):
+            if isinstance(dim, str) and dim in result.dynamic and not isinstance(axis, int):
+                mapping.setdefault(str(axis), dim)
+    if mapping and hasattr(onnx_program, "rename_axes"):
+        onnx_program.rename_axes(mapping)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a logger's warnings (torch.onnx reports every optional torchvision op it skips)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def describe(result: Exported, typed: TypedGraph) -> list[str]:
+    """Lines for the CLI: the file, each input's shape with its dynamic dimensions, outputs."""
+    lines = [f"wrote {result.path} ({result.format})"]
+    for name in result.inputs:
+        spec = typed.graph.inputs[name]
+        lines.append(f"  input {name}: {spec.dtype} {format_shape(spec.shape)}")
+    for name, (_, high) in result.dynamic.items():
+        lines.append(f"  dynamic {name}" + (f" (at most {high})" if high is not None else ""))
+    for name, size in result.static.items():
+        lines.append(f"  static {name} = {size}")
+    return lines
