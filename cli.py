@@ -132,6 +132,8 @@ class InspectFormat(str, Enum):
     tree = "tree"
     table = "table"
     json = "json"
+    mermaid = "mermaid"
+    dot = "dot"
 
 
 @app.command()
@@ -204,32 +206,37 @@ def _check_device(device: str) -> None:
 def inspect(
     spec: SpecArg,
     set_: SetOpt = [],  # noqa: B006
+    dim: DimOpt = [],  # noqa: B006
     depth: Annotated[
-        int | None, typer.Option(min=1, help="Collapse the tree below this depth (repeats, sub-graphs).")
+        int | None, typer.Option(min=1, help="Collapse repeats and sub-graphs below this depth (tree, table, graphs).")
     ] = None,
-    format: Annotated[InspectFormat, typer.Option("--format", "-f", help="tree, table or json.")] = InspectFormat.tree,
+    format: Annotated[
+        InspectFormat, typer.Option("--format", "-f", help="tree, table, json, mermaid or dot.")
+    ] = InspectFormat.tree,
+    dtype: Annotated[
+        str | None, typer.Option(help="Floating dtype activation and training memory are counted in (default float32).")
+    ] = None,
     code: Annotated[bool, typer.Option("--code", help="Print the compiled forward as Python.")] = False,
     plugin: PluginOpt = [],  # noqa: B006
     allow_override: OverrideOpt = False,
 ) -> None:
-    """Show the architecture (blocks, shapes, parameters) without allocating any weight."""
+    """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
     use_plugins(plugin, allow_override)
     from builder import api, render
 
     typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
     warn(typed.graph.warnings, False)
     model = api.compile_graph(typed, device="meta")
-    params = render.node_params(model)
     if code:
         out.print(Syntax(model.code, "python", theme="ansi_dark"))
-    elif format is InspectFormat.json:
-        out.print_json(json.dumps(render.architecture_json(typed, params)))
-    elif format is InspectFormat.table:
-        out.print(render.architecture_table(typed, params))
+        return
+    report = render.inspect_report(
+        typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=api.parse_dtype(dtype)
+    )
+    if isinstance(report, str):  # json, mermaid, dot: as is, never wrapped or read as Rich markup
+        sys.stdout.write(report if report.endswith("\n") else report + "\n")
     else:
-        out.print(render.architecture_tree(typed, params, depth))
-        total = sum(p.numel() for p in model.parameters())
-        out.print(f"[bold]total[/] {total:,} parameters ({render.count(total)}), {len(typed.graph.nodes)} blocks")
+        out.print(report)
 
 
 class ResolvedFormat(str, Enum):
@@ -409,6 +416,17 @@ def blocks_show(
     from builder import blockdoc
 
     out.print(blockdoc.render_block(blockdoc.lookup(name)))
+
+
+def _register_training() -> None:
+    """`train` and `translate` live in the trainer package; their errors render here like every command's."""
+    from trainer import commands
+
+    app.command("train")(user_errors(commands.train))
+    app.command("translate")(user_errors(commands.translate))
+
+
+_register_training()
 
 
 def main() -> None:

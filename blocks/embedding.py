@@ -149,7 +149,9 @@ class TokenEmbedding(Block):
         vocab: int = Field(gt=0, description="number of token ids (ids run from 0 to vocab-1)")
         dim: int = Field(gt=0, description="embedding width (d_model)")
         padding_idx: int | None = Field(None, ge=0, description="id whose vector stays zero and gets no gradient")
-        scale: bool = Field(False, description="multiply by √dim (Vaswani et al., section 3.4)")
+        scale: bool = Field(
+            False, description="multiply by √dim (Vaswani et al., section 3.4); the table then starts as N(0, 1/dim)"
+        )
         pretrained: str | None = Field(
             None,
             description="Word2Vec/GloVe text file of initial vectors (relative to the current directory)",
@@ -183,6 +185,10 @@ class TokenEmbedding(Block):
         super().__init__()
         self.lut = nn.Embedding(p.vocab, p.dim, padding_idx=p.padding_idx)
         self.scale = math.sqrt(p.dim) if p.scale else 1.0
+        if p.scale:  # N(0, 1/dim), so that the √dim-scaled output has unit variance instead of dim
+            nn.init.normal_(self.lut.weight, std=p.dim**-0.5)
+            if p.padding_idx is not None:
+                nn.init.zeros_(self.lut.weight[p.padding_idx])
         if p.pretrained is not None and not self.lut.weight.is_meta and not weights_follow():
             with torch.no_grad():
                 self.lut.weight.copy_(pretrained_table(p))

@@ -216,7 +216,8 @@ def real_lengths(lengths: torch.Tensor | None, mask: torch.Tensor | None, seq: i
     """Real steps per sequence, in [0, seq], from `lengths` and/or a right-padding `mask` (True = padding)."""
     if mask is not None:
         from_mask = (~mask).sum(dim=1)
-        if bool((mask != (torch.arange(seq, device=mask.device) >= from_mask[:, None])).any()):
+        right_padded = mask == (torch.arange(seq, device=mask.device) >= from_mask[:, None])
+        if not mask.is_meta and not bool(right_padded.all()):  # a meta tensor (inspect) has no values to check
             raise ValueError(
                 "mask marks padding before a real step; padding must follow each sequence's real steps "
                 "(right padding, True = padding), or pass lengths instead"

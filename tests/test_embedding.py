@@ -268,3 +268,13 @@ def test_spec_with_pretrained_embedding_builds_and_meta_reads_nothing(tmp_path, 
         builder.build(spec)
     error = caught.value if isinstance(caught.value, PretrainedFileError) else caught.value.__cause__
     assert isinstance(error, PretrainedFileError) and error.path == "vocab.txt"
+
+
+def test_scaled_embedding_starts_with_unit_variance_output():
+    """With scale, the table is drawn N(0, 1/dim) so that √dim · E[token] has variance 1 (not dim)."""
+    scaled = embedding(vocab=4000, dim=64, scale=True, padding_idx=0)
+    weights = scaled.lut.weight.detach()[1:]
+    assert abs(weights.std().item() - 64**-0.5) < 0.05 * 64**-0.5
+    assert torch.count_nonzero(scaled.lut.weight[0]) == 0
+    out = scaled(torch.arange(1, 4000))
+    assert abs(out.var().item() - 1.0) < 0.05

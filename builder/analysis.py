@@ -1,0 +1,554 @@
+"""What a model costs, without allocating it: parameters, forward FLOPs and memory per node and in total.
+
+FLOPs are counted two ways, which the tests hold against each other:
+
+- **torch**: `torch.utils.flop_counter.FlopCounterMode` around each node's module, called on `meta` tensors of
+  the node's concrete input shapes (no weight or activation is ever allocated). Identical calls (the copies
+  of a `repeat:` stack, same block, params and input shapes) are measured once and reused, so a 96-layer
+  model costs a handful of meta calls, not 96 layers' worth.
+- **analytic**: a formula per block from its params and shapes (`ANALYTIC`), or the block's own `Block.flops`
+  hook when it defines one (a plugin can).
+
+Both follow torch's convention: matrix multiplications only, 2 FLOPs per multiply-accumulate (so a Linear is
+2·tokens·in·out, attention 4·batch·heads·q_len·k_len·d_k, the causal mask not halving it); element-wise
+work (norms, softmax, activations, residual adds, biases) is not counted.
+
+Memory: *activations* of a node are the bytes of its outputs (numel × element size). The training estimate
+uses what autograd actually saves for backward, measured on the same meta calls with
+`torch.autograd.graph.saved_tensors_hooks` (docs/inspect.md lists what it assumes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from blocks.registry import Block
+from blocks.types import TensorType, symbol
+from builder.errors import SpecError
+from builder.graph import Endpoint, Graph, NodeInstance
+from builder.shapes import TypedGraph
+
+Shape = tuple[Any, ...]  # ints, or sympy expressions when no sizes are given
+
+#: bytes per parameter for the weight-memory line
+WEIGHT_DTYPES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+# --- analytic FLOPs -------------------------------------------------------------------------------------------
+
+
+def _tokens(shape: Shape) -> Any:
+    """Rows of a position-wise op: every dimension but the last."""
+    return math.prod(shape[:-1])
+
+
+def _linear(tokens: Any, d_in: Any, d_out: Any) -> Any:
+    return 2 * tokens * d_in * d_out
+
+
+def _mha(d_model: int, query: Shape, key: Shape | None = None, value: Shape | None = None) -> Any:
+    """Projections W_Q, W_O on the queries, W_K, W_V on the keys/values, then QKᵀ and AV over all heads."""
+    key = key or query
+    value = value or key
+    batch, q_len, k_len = query[0], query[1], key[1]
+    projections = _linear(batch * q_len, d_model, d_model) * 2 + _linear(batch * k_len, d_model, d_model) * 2
+    return projections + 4 * batch * q_len * k_len * d_model
+
+
+def _ffn(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    return 2 * _linear(_tokens(ins["x"]), p.d_model, p.d_ff)
+
+
+def _swiglu(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    return 3 * _linear(_tokens(ins["x"]), p.d_model, p.d_ff)
+
+
+def _linear_block(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    return _linear(_tokens(ins["x"]), p.in_features, p.out_features)
+
+
+def _generator(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    return _linear(_tokens(ins["x"]), p.d_model, p.vocab)
+
+
+def _mha_block(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    return _mha(p.d_model, ins["query"], ins.get("key"), ins.get("value"))
+
+
+def _sdpa(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    query, key, value = ins["query"], ins["key"], ins["value"]
+    pairs = math.prod(query[:-1]) * key[-2]  # batch (· heads) · q_len · k_len
+    return 2 * pairs * query[-1] + 2 * pairs * value[-1]
+
+
+def _encoder_layer(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    x = ins["x"]
+    return _mha(p.d_model, x) + 2 * _linear(_tokens(x), p.d_model, p.d_ff)
+
+
+def _decoder_layer(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    x, memory = ins["x"], ins["memory"]
+    return _mha(p.d_model, x) + _mha(p.d_model, x, memory, memory) + 2 * _linear(_tokens(x), p.d_model, p.d_ff)
+
+
+def _source_attention(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+    """Scores for every (target, source) pair, then the context Σ_s a_t(s) h̄_s (global, hard and local)."""
+    query, memory = ins["query"], ins["memory"]
+    batch, tgt, src = query[0], query[1], memory[1]
+    d_attn = getattr(p, "d_attn", None) or p.d_query
+    pairs = batch * tgt * src
+    score = {
+        "dot": 2 * pairs * p.d_query,
+        "general": _linear(batch * src, p.d_memory, p.d_query) + 2 * pairs * p.d_query,
+        "concat": _linear(batch * tgt, p.d_query, d_attn)
+        + _linear(batch * src, p.d_memory, d_attn)
+        + _linear(pairs, d_attn, 1),
+        "additive": _linear(batch * tgt, p.d_query, d_attn)
+        + _linear(batch * src, p.d_memory, d_attn)
+        + _linear(pairs, d_attn, 1),
+    }[p.score]
+    position = 0
+    if getattr(p, "mode", None) == "predictive":  # local-p: p_t = S·sigmoid(v_pᵀ tanh(W_p h_t))
+        d_p = p.d_p or p.d_query
+        position = _linear(batch * tgt, p.d_query, d_p) + _linear(batch * tgt, d_p, 1)
+    return score + position + 2 * pairs * p.d_memory
+
+
+def _recurrent(gates: int) -> Callable[[Any, dict[str, Shape | None], Sequence[Shape]], Any]:
+    """Per layer and direction: W_ih over all steps at once, then W_hh once per step."""
+
+    def flops(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
+        x = ins["x"]
+        steps = x[0] * x[1]
+        directions = 2 if p.bidirectional else 1
+        rows = gates * p.hidden_size
+        total = 0
+        for layer in range(p.layers):
+            width = p.input_size if layer == 0 else p.hidden_size * directions
+            total += directions * (_linear(steps, width, rows) + _linear(steps, p.hidden_size, rows))
+        return total
+
+    return flops
+
+
+def _zero(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> int:
+    return 0
+
+
+#: block name → forward FLOPs from (params, input shapes by port, output shapes)
+ANALYTIC: dict[str, Callable[[Any, dict[str, Shape | None], Sequence[Shape]], Any]] = {
+    "linear": _linear_block,
+    "feed_forward": _ffn,
+    "swiglu": _swiglu,
+    "generator": _generator,
+    "multi_head_attention": _mha_block,
+    "scaled_dot_product_attention": _sdpa,
+    "encoder_layer": _encoder_layer,
+    "decoder_layer": _decoder_layer,
+    "global_attention": _source_attention,
+    "hard_attention": _source_attention,
+    "local_attention": _source_attention,
+    "rnn": _recurrent(1),
+    "lstm": _recurrent(4),
+    "gru": _recurrent(3),
+    # no matrix multiplication: nothing counted, as torch's counter does
+    **dict.fromkeys(
+        (
+            "token_embedding",
+            "sinusoidal_position",
+            "learned_position",
+            "layer_norm",
+            "add_norm",
+            "batch_norm",
+            "rms_norm",
+            "dropout",
+            "add",
+        ),
+        _zero,
+    ),
+}
+
+
+def analytic_flops(
+    inst: NodeInstance, inputs: dict[str, Shape | None], outputs: Sequence[Shape]
+) -> int | sympy.Expr | None:
+    """Forward FLOPs of one node from `ANALYTIC`: an int with concrete shapes, an expression without; None for a
+    block without a formula. (`analyse` asks the block's own `flops` hook first.)"""
+    formula = ANALYTIC.get(inst.entry.name)
+    if formula is None:
+        return None
+    value = formula(inst.params, inputs, outputs)
+    return int(value) if isinstance(value, int) or getattr(value, "is_number", False) else value
+
+
+def hook_flops(inst: NodeInstance, typed: TypedGraph, dims: dict[str, int] | None) -> int | sympy.Expr | None:
+    """The block's `Block.flops` hook, if it defines one: an expression of the dimensions, sizes substituted."""
+    cls = inst.entry.cls
+    if cls.flops.__func__ is Block.flops.__func__:  # not overridden
+        return None
+    value = cls.flops(inst.params, typed.input_types(inst), typed.output_types(inst))
+    if value is None:
+        return None
+    if dims is not None and not isinstance(value, int):
+        value = sympy.sympify(value).subs({symbol(n): s for n, s in dims.items()})
+    return int(value) if isinstance(value, int) or getattr(value, "is_number", False) else value
+
+
+# --- measurements on meta -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One meta call of a block module: torch's FLOPs and what autograd saved for backward."""
+
+    flops: int
+    by_op: dict[str, int]
+    internal: tuple[tuple[int, torch.dtype], ...]  # (numel, dtype) of saved tensors that are not inputs/outputs
+    saved_inputs: frozenset[str]  # input ports whose tensor autograd kept
+    saved_outputs: frozenset[str]  # output ports whose tensor autograd kept
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def measure_call(
+    module: nn.Module, args: Sequence[torch.Tensor | None], in_ports: Sequence[str], out_ports: Sequence[str]
+) -> Measured:
+    """Call `module(*args)` (meta tensors) under the FLOP counter and a saved-tensors hook."""
+    excluded = {_storage_key(t) for t in (*module.parameters(), *module.buffers())}
+    inputs = {_storage_key(a): port for a, port in zip(args, in_ports, strict=False) if a is not None}
+    saved: dict[int, tuple[int, torch.dtype]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in excluded and key not in saved:
+            saved[key] = (t.untyped_storage().nbytes() // max(t.element_size(), 1), t.dtype)
+        return t
+
+    with (
+        torch.enable_grad(),
+        FlopCounterMode(display=False) as counter,
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        result = module(*args)
+    outs = result if isinstance(result, tuple) else (result,)
+    outputs = {_storage_key(t): port for t, port in zip(outs, out_ports, strict=False) if isinstance(t, torch.Tensor)}
+    by_op = {str(op).removeprefix("aten."): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return Measured(
+        flops=int(counter.get_total_flops()),
+        by_op=by_op,
+        internal=tuple(v for k, v in saved.items() if k not in inputs and k not in outputs),
+        saved_inputs=frozenset(inputs[k] for k in saved if k in inputs),
+        saved_outputs=frozenset(outputs[k] for k in saved if k in outputs),
+    )
+
+
+# --- the analysis -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeCost:
+    """Everything `inspect` shows for one node; sizes are None without concrete dimensions."""
+
+    id: str
+    block: str
+    params: int
+    trainable: int
+    input_shapes: dict[str, Shape | None]
+    output_shapes: tuple[Shape, ...]
+    flops: int | None = None  # torch's count
+    flops_by_op: dict[str, int] = field(default_factory=dict)
+    flops_analytic: int | sympy.Expr | None = None
+    activation_bytes: int | None = None  # bytes of the outputs
+    saved_bytes: int | None = None  # kept for backward inside the node (not its inputs or outputs)
+    saved_endpoints: tuple[Endpoint, ...] = ()  # inputs and outputs autograd keeps
+    error: str | None = None  # why torch could not measure it
+
+
+@dataclass
+class Costs:
+    """A model's costs: per node (graph order) and in total, at `dims` and `dtype`."""
+
+    name: str
+    nodes: dict[str, NodeCost]
+    dims: dict[str, int] | None
+    dtype: torch.dtype
+    parameters: int
+    trainable: int
+    buffer_bytes: int
+    missing_dims: tuple[str, ...] = ()
+    endpoint_bytes: dict[Endpoint, int] = field(default_factory=dict)
+
+    @property
+    def concrete(self) -> bool:
+        return self.dims is not None
+
+    @property
+    def flops(self) -> int | None:
+        """torch's forward FLOPs, all nodes; None without dims or when a node could not be measured."""
+        values = [n.flops for n in self.nodes.values()]
+        return None if not self.concrete or any(v is None for v in values) else sum(values)
+
+    @property
+    def flops_analytic(self) -> int | sympy.Expr | None:
+        values = [n.flops_analytic for n in self.nodes.values()]
+        if any(v is None for v in values):
+            return None
+        return sum(values) if self.concrete else sympy.Add(*values)
+
+    @property
+    def activation_bytes(self) -> int | None:
+        """All node outputs at once (every intermediate kept)."""
+        return sum(n.activation_bytes for n in self.nodes.values()) if self.concrete else None
+
+    @property
+    def saved_activation_bytes(self) -> int | None:
+        """What autograd keeps for backward over one forward pass: node internals plus the tensors between nodes.
+
+        A node torch could not run on meta (`unmeasured`) counts its outputs instead."""
+        if not self.concrete:
+            return None
+        endpoints = {e for n in self.nodes.values() for e in n.saved_endpoints}
+        internal = sum(n.activation_bytes if n.saved_bytes is None else n.saved_bytes for n in self.nodes.values())
+        return internal + sum(self.endpoint_bytes[e] for e in endpoints)
+
+    @property
+    def unmeasured(self) -> list[NodeCost]:
+        """Nodes torch could not run on meta (data-dependent control flow, a plugin without meta support)."""
+        return [n for n in self.nodes.values() if n.error is not None]
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Parameter memory if every weight were stored in each dtype."""
+        return {name: self.parameters * size for name, size in WEIGHT_DTYPES.items()}
+
+    def training_bytes(self) -> dict[str, int] | None:
+        """One training step with Adam at `dtype`: weights, gradients, optimizer state, activations (see docs)."""
+        activations = self.saved_activation_bytes
+        if activations is None:
+            return None
+        size = _itemsize(self.dtype)
+        parts = {
+            "weights": self.parameters * size + self.buffer_bytes,
+            "gradients": self.trainable * size,
+            "optimizer": self.trainable * 8,  # Adam's two moments, float32
+            "master_weights": self.trainable * 4 if self.dtype != torch.float32 else 0,
+            "activations": activations,
+        }
+        parts["total"] = sum(parts.values())
+        return parts
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def parameter_counts(model: nn.Module, graph: Graph) -> dict[str, tuple[int, int]]:
+    """(parameters, trainable) per node, each tensor counted once (tied weights belong to the first node)."""
+    seen: set[int] = set()
+    counts = {}
+    for node_id, inst in graph.nodes.items():
+        total = trainable = 0
+        for p in model.get_submodule(inst.module_id).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+        counts[node_id] = (total, trainable)
+    return counts
+
+
+def concrete_dims(graph: Graph, given: dict[str, int] | None = None) -> tuple[dict[str, int] | None, tuple[str, ...]]:
+    """Sizes from `--dim` and the spec's `dims:`; (None, the missing names) when some input dimension has none."""
+    from builder.api import resolve_dims
+
+    try:
+        return resolve_dims(graph, given), ()
+    except SpecError:
+        declared = graph.valid.spec.dims if graph.valid else {}
+        sizes = {**declared, **(given or {})}
+        missing = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str) and d not in sizes})
+        return None, tuple(missing)
+
+
+class _Concretizer:
+    """Symbolic shape → ints, cached per distinct shape (a deep stack repeats the same few shapes)."""
+
+    def __init__(self, dims: dict[str, int]):
+        self.subs = {symbol(name): size for name, size in dims.items()}
+        self.cache: dict[Shape, Shape] = {}
+
+    def __call__(self, shape: Shape) -> Shape:
+        found = self.cache.get(shape)
+        if found is None:
+            found = tuple(d if isinstance(d, int) else int(sympy.sympify(d).subs(self.subs)) for d in shape)
+            self.cache[shape] = found
+        return found
+
+
+def analyse(
+    typed: TypedGraph,
+    model: nn.Module,
+    dims: dict[str, int] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    measure: bool = True,
+) -> Costs:
+    """Costs of every node of a (meta) model built from `typed`.
+
+    `dims` override the spec's `dims:`; without a size for every input dimension only symbolic shapes,
+    parameters and analytic FLOP expressions are given. `dtype` is the floating dtype activations and
+    training are counted in (default: the inferred types', float32). `measure=False` skips torch's count.
+    """
+    graph = typed.graph
+    sizes, missing = concrete_dims(graph, dims)
+    first = next(iter(model.parameters()), None)
+    dtype = dtype or (first.dtype if first is not None and first.is_floating_point() else torch.float32)
+    counts = parameter_counts(model, graph)
+    float_size = _itemsize(dtype)
+    buffer_bytes = sum(  # floating buffers (positional tables, norm statistics) move to `dtype` with the model
+        b.numel() * (float_size if b.is_floating_point() else b.element_size()) for b in model.buffers()
+    )
+    costs = Costs(
+        graph.name,
+        {},
+        sizes,
+        dtype,
+        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        buffer_bytes,
+        missing,
+    )
+    shape_of = _Concretizer(sizes) if sizes is not None else (lambda s: s)
+    itemsizes: dict[torch.dtype, int] = {}
+
+    def nbytes(numel: int, kind: torch.dtype) -> int:
+        if kind.is_floating_point:
+            return numel * float_size
+        if kind not in itemsizes:
+            itemsizes[kind] = _itemsize(kind)
+        return numel * itemsizes[kind]
+
+    def endpoint_bytes(ep: Endpoint) -> int:
+        found = costs.endpoint_bytes.get(ep)
+        if found is None:
+            t = typed.types[ep]
+            found = costs.endpoint_bytes[ep] = nbytes(math.prod(shape_of(t.shape)), t.dtype)
+        return found
+
+    memo: dict[Any, Measured | str] = {}
+    for inst in graph.nodes.values():
+        in_types = typed.input_types(inst)
+        out_types = typed.output_types(inst)
+        ins = {port: None if t is None else shape_of(t.shape) for port, t in in_types.items()}
+        outs = tuple(shape_of(t.shape) for t in out_types)
+        cost = NodeCost(inst.id, inst.entry.name, *counts[inst.id], ins, outs)
+        cost.flops_analytic = hook_flops(inst, typed, sizes)
+        if cost.flops_analytic is None:
+            cost.flops_analytic = analytic_flops(inst, ins, outs)
+        if sizes is not None:
+            cost.activation_bytes = sum(endpoint_bytes(Endpoint(inst.id, p.name)) for p in inst.out_ports)
+            if measure:
+                _measure_node(inst, model, in_types, ins, dtype, memo, cost, nbytes)
+                for ep in cost.saved_endpoints:
+                    endpoint_bytes(ep)
+        costs.nodes[inst.id] = cost
+    return costs
+
+
+def _params_key(params: Any) -> Any:
+    try:
+        hash(params)
+        return params
+    except TypeError:
+        return params.model_dump_json()
+
+
+def _measure_node(
+    inst: NodeInstance,
+    model: nn.Module,
+    in_types: dict[str, TensorType | None],
+    ins: dict[str, Shape | None],
+    dtype: torch.dtype,
+    memo: dict[Any, Measured | str],
+    cost: NodeCost,
+    nbytes: Callable[[int, torch.dtype], int],
+) -> None:
+    module = model.get_submodule(inst.module_id)
+    ports = [p.name for p in inst.entry.cls.in_ports]
+    bound = {p: ep for p, ep in inst.bindings.items() if ep is not None}
+    last = max((i for i, p in enumerate(ports) if p in bound), default=-1)
+    call_ports = ports[: last + 1]
+    signature = tuple(
+        (p, ins[p], in_types[p].dtype, bool(bound[p].port)) if p in bound else (p, None) for p in call_ports
+    )
+    key = (inst.entry.name, _params_key(inst.params), signature, tuple(p.requires_grad for p in module.parameters()))
+    found = memo.get(key)
+    if found is None:
+        first = next(iter(module.parameters()), None)
+        device = first.device if first is not None else torch.device("meta")
+        args = []
+        for p in call_ports:
+            if p not in bound:
+                args.append(None)
+                continue
+            kind = in_types[p].dtype
+            from_node = bool(bound[p].port)  # a node's output carries gradient; a spec input does not
+            if kind.is_floating_point:
+                kind = next((q.dtype for q in module.parameters() if q.is_floating_point()), dtype)
+            args.append(
+                torch.empty(ins[p], dtype=kind, device=device, requires_grad=from_node and kind.is_floating_point)
+            )
+        was = {m: m.training for m in module.modules()}
+        module.train()
+        try:
+            found = measure_call(module, args, call_ports, [p.name for p in inst.out_ports])
+        except Exception as exc:  # a block without meta support (data-dependent control flow, a plugin)
+            found = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        finally:
+            for m, mode in was.items():
+                m.training = mode
+        memo[key] = found
+    if isinstance(found, str):
+        cost.error = found
+        return
+    cost.flops, cost.flops_by_op = found.flops, found.by_op
+    cost.saved_bytes = sum(nbytes(numel, kind) for numel, kind in found.internal)
+    cost.saved_endpoints = (
+        *(inst.bindings[p] for p in sorted(found.saved_inputs)),
+        *(Endpoint(inst.id, p) for p in sorted(found.saved_outputs)),
+    )
+
+
+def whole_model_flops(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
+    """torch's count for one forward of the whole model (meta inputs), total and per module name.
+
+    The per-module breakdown is `FlopCounterMode`'s own, keyed `ClassName.path.to.module`. Slower than
+    `analyse` on deep stacks (every layer runs); the tests use it to check `analyse`'s per-node sum.
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    per_module = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_module
+
+
+def meta_inputs(graph: Graph, dims: dict[str, int], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Meta tensors for the required inputs at these sizes (floating inputs in `dtype` when given)."""
+    tensors = {}
+    for name, spec in graph.inputs.items():
+        if spec.optional:
+            continue
+        shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+        kind = spec.torch_dtype
+        if dtype is not None and kind.is_floating_point:
+            kind = dtype
+        tensors[name] = torch.empty(shape, dtype=kind, device="meta")
+    return tensors

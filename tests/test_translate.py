@@ -1,0 +1,120 @@
+"""Decoding: greedy reproduces a trained copy model's input; beam search K=1 is greedy; beam K>1 returns the best
+hypothesis it kept, and with a beam wide enough for every hypothesis, the best of all (checked by brute force)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import SPECS
+from typer.testing import CliRunner
+
+from builder import build
+from trainer import checkpoint, decode
+from trainer.app import app
+from trainer.roles import ModelIO, find_roles
+from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
+
+torch.set_num_threads(1)
+
+TRANSFORMER = SPECS / "transformer.yaml"
+
+
+def _cli(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def copy_run(tmp_path_factory):
+    """A 2+2-layer Transformer trained on the copy task through the command line (about 25 s on one core)."""
+    out = tmp_path_factory.mktemp("copy")
+    code, _, stderr = _cli(
+        "train", TRANSFORMER, "--task", "copy", "--task-options", "symbols=10,min_len=3,max_len=8,train=2000,valid=50",
+        "--set", "d_model=32", "--set", "heads=2", "--set", "enc_layers=2", "--set", "dec_layers=2",
+        "--set", "d_ff=64", "--set", "dropout=0.0", "--label-smoothing", "0", "--batch-size", "32",
+        "--lr", "5e-3", "--warmup", "50", "--max-steps", "600", "--epochs", "100", "--bleu-sentences", "50",
+        "--out", out,
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "BLEU" in stderr and "checkpoint:" in stderr
+    return out
+
+
+SENTENCES = ["3 1 4 1 5", "9 2 6 5 3 5", "2 7 1 8 2 8 1 8", "0 0 7"]
+
+
+def test_greedy_translation_copies(copy_run):
+    code, stdout, stderr = _cli("translate", copy_run, *SENTENCES)
+    assert code == 0, stderr
+    assert stdout.splitlines() == SENTENCES
+
+
+def test_beam_translation_copies_and_lists_hypotheses(copy_run):
+    code, stdout, stderr = _cli("translate", copy_run, SENTENCES[0], "--beam", "3", "--n-best", "3")
+    assert code == 0, stderr
+    lines = [line.split("\t") for line in stdout.splitlines()]
+    assert len(lines) == 3 and lines[0][1] == SENTENCES[0]
+    scores = [float(score) for score, _ in lines]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_beam_of_one_is_greedy(copy_run):
+    saved = checkpoint.load(copy_run)
+    model, io = saved.model.eval(), ModelIO(find_roles(saved.model.typed_graph.graph))
+    for sentence in [*SENTENCES, "5 5 5 5 5 5 5 5", "1 2"]:
+        src = torch.tensor([[*saved.src_vocab.encode_text(sentence), EOS_ID]])
+        (greedy,) = decode.greedy(model, io, src, max_len=12)
+        best = decode.beam_search(model, io, src, beam=1, max_len=12)[0]
+        assert best.tokens == greedy.tokens
+        assert best.score == pytest.approx(greedy.score, abs=1e-9)
+
+
+def test_unknown_checkpoint_is_a_clear_error(tmp_path):
+    code, _, stderr = _cli("translate", tmp_path, "hello")
+    assert code == 1 and "not a training checkpoint" in stderr
+
+
+def _tiny_model(seed: int):
+    """An untrained 1+1-layer Transformer over 3 tokens (+ pad, bos, eos, unk): peaked enough to make search matter."""
+    torch.manual_seed(seed)
+    overrides = {"src_vocab": 7, "tgt_vocab": 7, "d_model": 8, "heads": 2, "enc_layers": 1, "dec_layers": 1}
+    model = build(TRANSFORMER, overrides={**overrides, "d_ff": 16, "dropout": 0.0}).eval()
+    with torch.no_grad():
+        model.generator.proj.weight.mul_(3.0)  # sharper distributions: greedy and the optimum differ more often
+    return model, ModelIO(find_roles(model.typed_graph.graph))
+
+
+def _all_hypotheses(vocab: int, max_len: int):
+    """Every hypothesis the decoders can produce: ends with eos, or stops at max_len."""
+    tokens = [t for t in range(vocab) if t not in (PAD_ID, BOS_ID)]
+    for length in range(1, max_len + 1):
+        for body in itertools.product([t for t in tokens if t != EOS_ID], repeat=length - 1):
+            yield (*body, EOS_ID)
+            if length == max_len:
+                for last in tokens:
+                    if last != EOS_ID:
+                        yield (*body, last)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_returns_the_best_hypothesis_it_kept(seed):
+    model, io = _tiny_model(seed)
+    src = torch.tensor([[4, 5, 6, 4, EOS_ID]])
+    max_len = 3
+    brute = {h: decode.score(model, io, src, h) for h in _all_hypotheses(7, max_len)}
+    best_possible = max(brute.values())
+    for beam in (2, 3):
+        kept = decode.beam_search(model, io, src, beam=beam, max_len=max_len)
+        for hyp in kept:
+            assert hyp.score == pytest.approx(brute[hyp.tokens], abs=1e-6)  # the beam's score is the model's
+        assert kept[0].score == max(h.score for h in kept)
+        assert kept[0].score <= best_possible + 1e-9
+    # a beam as wide as the search space keeps everything: it finds the very best hypothesis
+    exact = decode.beam_search(model, io, src, beam=4**max_len, max_len=max_len)
+    assert exact[0].tokens == max(brute, key=brute.get)
+    assert exact[0].score == pytest.approx(best_possible, abs=1e-6)
+    (greedy,) = decode.greedy(model, io, src, max_len=max_len)
+    assert greedy.score == pytest.approx(brute[greedy.tokens], abs=1e-6)
+    assert greedy.score <= best_possible + 1e-9

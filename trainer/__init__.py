@@ -1,0 +1,16 @@
+"""Training and decoding for blockgraph models: `blockgraph train` and `blockgraph translate`.
+
+One job per module:
+
+- `vocab`: tokenizers (Chinese characters, English words, whitespace) and vocabularies with special tokens;
+- `data`: reading tab-separated pairs or a text file (located errors, `--skip-bad-lines`) and splitting them;
+- `tasks`: synthetic copy/reverse tasks that need no data;
+- `roles`: which spec input is the source, the target, their padding masks, and which output the log-probs;
+- `batching`: length-bucketed, padded batches, sharded over distributed ranks;
+- `schedule`: the Transformer learning-rate schedule, Adam, label-smoothed loss;
+- `loop`: the training loop with progress, evaluation and checkpoints;
+- `checkpoint`: atomic checkpoint directories (weights, spec, vocabularies, optimizer and RNG state);
+- `decode`: greedy and beam search; `bleu`: corpus BLEU;
+- `distributed`: DistributedDataParallel set-up and the torchrun launcher;
+- `commands`: the Typer command functions `train` and `translate`.
+"""

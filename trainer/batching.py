@@ -1,0 +1,112 @@
+"""Length-bucketed batches of padded id tensors, planned deterministically and sharded over ranks.
+
+Each epoch's plan depends only on (seed, epoch): the examples are shuffled, cut into pools of `pool` batches,
+each pool sorted by length (so a batch pads little) and cut into batches of `batch_size` examples, and the
+batches are shuffled. A batch is *global*: with N distributed ranks, rank r takes examples r, r+N, r+2N, ...
+of every batch, as DistributedSampler does for examples, so N processes see exactly the batches one process
+sees. A last batch smaller than N is merged into the one before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids without bos/eos: the source (None for a language model) and the target."""
+
+    tgt: list[int]
+    src: list[int] | None = None
+
+
+@dataclass
+class Batch:
+    """Padded tensors (right padding; masks True at padding) and the number of target tokens to predict.
+
+    `tgt_in` is the target shifted right (bos first), `tgt_out` the tokens to predict (eos last); the
+    source ends with eos.
+    """
+
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+    tgt_pad: torch.Tensor
+    src: torch.Tensor | None = None
+    src_pad: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.tgt_in.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return int((~self.tgt_pad).sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(move(self.tgt_in), move(self.tgt_out), move(self.tgt_pad), move(self.src), move(self.src_pad))
+
+
+def pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, longest] ids padded with PAD_ID on the right, and the mask (True = padding)."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in sequences])
+    return ids, torch.arange(longest)[None, :] >= lengths[:, None]
+
+
+def collate(examples: Sequence[Example]) -> Batch:
+    tgt_in, tgt_pad = pad([[BOS_ID, *e.tgt] for e in examples])
+    tgt_out, _ = pad([[*e.tgt, EOS_ID] for e in examples])
+    if examples[0].src is None:
+        return Batch(tgt_in, tgt_out, tgt_pad)
+    src, src_pad = pad([[*e.src, EOS_ID] for e in examples])  # type: ignore[misc]
+    return Batch(tgt_in, tgt_out, tgt_pad, src, src_pad)
+
+
+def length(example: Example) -> tuple[int, int]:
+    return (len(example.src) if example.src is not None else 0, len(example.tgt))
+
+
+def plan(
+    examples: Sequence[Example],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    pool: int = 50,
+    world: int = 1,
+) -> list[list[int]]:
+    """The epoch's global batches as lists of example indices (see the module notes)."""
+    count = len(examples)
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(count, generator=generator).tolist()
+    else:
+        order = list(range(count))
+    batches: list[list[int]] = []
+    step = batch_size * pool
+    for start in range(0, count, step):
+        chunk = sorted(order[start : start + step], key=lambda i: length(examples[i]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < world:
+        batches[-2] += batches.pop()
+    if shuffle:
+        permutation = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in permutation]
+    return batches
+
+
+def shard(batch: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's examples of a global batch."""
+    return list(batch[rank::world])

@@ -1,0 +1,112 @@
+"""Reading training text: tab-separated source/target pairs or one sentence per line, with located errors.
+
+A pairs file is UTF-8 text, one pair per line: `source<TAB>target`. Blank lines are ignored; columns after
+the second are ignored (attribution columns, as some corpora have). A line that cannot be read (bytes that
+are not UTF-8, no tab, an empty side) is an error naming the file and the line number; with `skip_bad=True`
+such lines are left out and counted instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from builder.errors import Location, Problem, SpecError
+
+MAX_SHOWN = 10  # bad lines listed in one error
+
+
+@dataclass
+class TextData:
+    """The readable records of a file (pairs, or single sentences) and the bad lines met on the way."""
+
+    records: list[tuple[str, ...]]
+    bad: list[Problem] = field(default_factory=list)
+    path: Path | None = None
+
+    def summary(self) -> str:
+        if not self.bad:
+            return ""
+        first = self.bad[0]
+        return (
+            f"skipped {len(self.bad)} bad line(s) of {self.path} (first: line {first.location.line}: {first.message})"
+        )
+
+
+def read_pairs(path: str | Path, *, skip_bad: bool = False) -> TextData:
+    """Source/target pairs of a tab-separated file."""
+    return _read(Path(path), fields=2, skip_bad=skip_bad)
+
+
+def read_lines(path: str | Path, *, skip_bad: bool = False) -> TextData:
+    """The non-blank lines of a text file (a language model's sentences)."""
+    return _read(Path(path), fields=1, skip_bad=skip_bad)
+
+
+def _read(path: Path, *, fields: int, skip_bad: bool) -> TextData:
+    where = Location(str(path))
+    if path.is_dir():
+        raise SpecError(Problem(f"{path} is a directory, not a data file", where))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError(
+            Problem(f"data file {path} does not exist", where, hint="check the path given to --data")
+        ) from None
+    except OSError as exc:
+        raise SpecError(Problem(f"cannot read data file {path}: {exc.strerror or exc}", where)) from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    records: list[tuple[str, ...]] = []
+    bad: list[Problem] = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        line = line.removesuffix(b"\r")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            column = len(line[: exc.start].decode("utf-8", errors="replace")) + 1
+            bad.append(_bad(path, number, f"not UTF-8 text (byte 0x{line[exc.start]:02x})", column))
+            continue
+        if not text.strip():
+            continue
+        if fields == 1:
+            records.append((text.strip(),))
+            continue
+        parts = text.split("\t")
+        if len(parts) < 2:
+            bad.append(_bad(path, number, "no tab between the source and the target"))
+            continue
+        source, target = parts[0].strip(), parts[1].strip()
+        if not source or not target:
+            bad.append(_bad(path, number, f"empty {'source' if not source else 'target'}", 1 if not source else None))
+            continue
+        records.append((source, target))
+    if bad and not skip_bad:
+        shown = bad[:MAX_SHOWN]
+        hint = "fix these lines, or pass --skip-bad-lines to leave them out"
+        if len(bad) > MAX_SHOWN:
+            hint = f"{len(bad) - MAX_SHOWN} more bad line(s) not shown; " + hint
+        last = shown[-1]
+        shown[-1] = Problem(last.message, last.location, hint)
+        raise SpecError(shown)
+    if not records:
+        raise SpecError(Problem(f"{path} holds no usable {'pairs' if fields == 2 else 'lines'}", where))
+    return TextData(records, bad, path)
+
+
+def _bad(path: Path, line: int, message: str, column: int | None = None) -> Problem:
+    return Problem(f"line {line}: {message}", Location(str(path), line, column))
+
+
+def split(records: list, valid_fraction: float, seed: int, *, minimum: int = 1) -> tuple[list, list]:
+    """A deterministic held-out split: `valid_fraction` of the records (at least `minimum` when there are 2+)."""
+    if valid_fraction <= 0 or len(records) < 2:
+        return list(records), []
+    count = min(len(records) - 1, max(minimum, round(len(records) * valid_fraction)))
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    train = [r for i, r in enumerate(records) if i not in held]
+    valid = [r for i, r in enumerate(records) if i in held]
+    return train, valid

@@ -1,0 +1,133 @@
+"""Data-parallel training over processes: DistributedDataParallel with gloo (CPU) or nccl (CUDA).
+
+`torchrun --nproc-per-node N -m trainer train ...` (or `blockgraph train ... --nproc N`, which runs exactly
+that on the loopback interface) starts N processes; each reads RANK, WORLD_SIZE and LOCAL_RANK from its
+environment, joins the process group, trains on its shard of every global batch (see trainer.batching) and
+all-reduces gradients. The loss of a rank is its summed token loss divided by the *global* token count and
+multiplied by N, so DDP's gradient average equals the single-process gradient of the same global batch.
+Only rank 0 evaluates, prints and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from builder.errors import Problem, SpecError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # this process initialised the process group (and tears it down)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str = "cpu") -> Context:
+    """This process's rank, world size and device; joins the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise SpecError(Problem(f"--device {device!r} is not a device", hint="use cpu, cuda or cuda:N")) from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError(Problem("--device cuda: no CUDA device is available here", hint="use --device cpu"))
+        if world > 1:
+            where = torch.device("cuda", local)
+        torch.cuda.set_device(where)
+    elif where.type != "cpu":
+        raise SpecError(Problem(f"--device {device}: training runs on cpu or cuda"))
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if where.type == "cuda" else "gloo", rank=rank, world_size=world)
+        owns = True
+    return Context(rank, world, where, owns)
+
+
+def teardown(context: Context) -> None:
+    if context.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_sum(context: Context, *values: float) -> list[float]:
+    """Element-wise sums over the ranks (the values themselves in a single process)."""
+    if not context.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=context.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier(context: Context) -> None:
+    if context.distributed:
+        dist.barrier()
+
+
+def gather_rng(context: Context) -> dict[str, torch.Tensor]:
+    """Every rank's random-number generator states, for rank 0 to save (`rng.cpu.R`, `rng.cuda.R`)."""
+    states = {"cpu": torch.get_rng_state()}
+    if context.device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(context.device)
+    gathered: list[dict[str, torch.Tensor]] = [states]
+    if context.distributed:
+        gathered = [{} for _ in range(context.world)]
+        dist.all_gather_object(gathered, states)
+    return {f"rng.{kind}.{rank}": state for rank, per in enumerate(gathered) for kind, state in per.items()}
+
+
+def restore_rng(context: Context, tensors: dict[str, torch.Tensor]) -> bool:
+    """Put this rank's saved generator states back; False when the checkpoint has none for this rank."""
+    cpu = tensors.get(f"rng.cpu.{context.rank}")
+    if cpu is None:
+        return False
+    torch.set_rng_state(cpu)
+    cuda = tensors.get(f"rng.cuda.{context.rank}")
+    if cuda is not None and context.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, context.device)
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(nproc: int, args: list[str], *, port: int | None = None) -> int:
+    """Run `python -m trainer ARGS` in `nproc` processes under torchrun on 127.0.0.1; its exit status."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port or free_port()),
+        "-m",
+        "trainer",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(command, env=env).returncode

@@ -1,0 +1,431 @@
+"""The training loop: set up (or resume) a run, train with progress, evaluate each epoch, checkpoint.
+
+`train(config, out)` is what `blockgraph train` runs; it returns the trained model and the metrics history.
+A run is reproducible from its seed: the weights are initialised after `torch.manual_seed(seed)`, the batch
+plan depends on (seed, epoch) only, and the random-number generators are saved with each checkpoint, so
+training 2 epochs and training 1, resuming and training 1 more give identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from builder.api import compile_graph, load_spec, typed_graph
+from builder.errors import Problem, SpecError
+from trainer import batching, bleu, checkpoint, corpus, decode, distributed, schedule, tasks
+from trainer.roles import ModelIO, Roles, check_sizes, find_roles, sizes, vocab_variables
+from trainer.vocab import Vocab
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; saved in each checkpoint and reused by `--resume`."""
+
+    spec: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    input_roles: dict[str, str] = field(default_factory=dict)
+    data: str | None = None
+    valid_data: str | None = None
+    task: str | None = None
+    task_options: dict[str, int] = field(default_factory=dict)
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float | None = None  # peak learning rate; None: the paper's d_model^-0.5 schedule
+    warmup: int = 4000
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0
+    seed: int = 0
+    valid_fraction: float = 0.05
+    max_len: int = 100
+    min_freq: int = 1
+    max_vocab: int | None = None
+    src_tokenizer: str = "auto"
+    tgt_tokenizer: str = "auto"
+    skip_bad_lines: bool = False
+    save_every: int = 0
+    bleu_sentences: int = 200
+    device: str = "cpu"
+    init: str = "xavier"  # xavier: Xavier-uniform for every weight matrix; spec: the blocks' own initialisation
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    roles: Roles
+    corpus: corpus.Corpus
+    history: list[dict[str, Any]]
+    step: int
+    checkpoint: Path | None = None
+
+
+@dataclass
+class _Run:
+    """The state a run carries between steps."""
+
+    config: TrainConfig
+    model: nn.Module
+    valid_spec: Any
+    roles: Roles
+    data: corpus.Corpus
+    optimizer: torch.optim.Optimizer
+    d_model: int
+    epoch: int = 0  # current epoch (0-based)
+    batch: int = 0  # batches of the current epoch already trained
+    step: int = 0  # optimizer steps taken
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train (or, with `resume`, continue training) and write checkpoints to `out`/checkpoint."""
+    context = distributed.setup(config.device)
+    console = console or Console(stderr=True, highlight=False)
+    say = (lambda *a: console.print(*a, soft_wrap=True)) if context.main and not quiet else (lambda *a: None)
+    try:
+        out_dir = Path(out) if out is not None else (checkpoint.locate(resume).parent if resume else None)
+        if resume is None and out_dir is not None and (out_dir / checkpoint.NAME).exists():
+            raise SpecError(
+                Problem(
+                    f"{out_dir} already holds a training run",
+                    hint=f"continue it with --resume {out_dir}, or choose another --out",
+                )
+            )
+        run = _resume(config, resume, context) if resume is not None else _start(config, context)
+        config = run.config
+        if resume is None and out_dir is not None and context.main:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        say(f"[bold]{run.valid_spec.spec.name}[/]: {corpus.describe(run.data)}")
+        for note in run.data.notes:
+            say(f"[yellow]note:[/] {note}")
+        parameters = sum(p.numel() for p in run.model.parameters())
+        say(
+            f"{parameters:,} parameters on {context.device}"
+            + (f", {context.world} processes" if context.distributed else "")
+        )
+        saved = _loop(run, config, context, out_dir, quiet, console, say)
+        return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved)
+    finally:
+        distributed.teardown(context)
+
+
+def _start(config: TrainConfig, context: distributed.Context) -> _Run:
+    if config.spec is None:
+        raise SpecError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
+    base = typed_graph(config.spec, config.overrides).graph
+    roles = find_roles(base, config.input_roles)
+    variables = base.valid.spec.vars if base.valid else {}
+    found_vars = vocab_variables(variables, roles)
+    data = corpus.load(_corpus_options(config, roles, shared="shared" in found_vars))
+    overrides = dict(config.overrides)
+    for role, var in found_vars.items():
+        if var not in overrides:
+            vocab = data.src_vocab if role == "src" else data.tgt_vocab
+            overrides[var] = len(vocab)  # type: ignore[arg-type]
+    valid = load_spec(config.spec, overrides)
+    typed = typed_graph(valid)
+    found = sizes(typed.graph, roles)
+    problems = check_sizes(
+        found,
+        len(data.src_vocab) if data.src_vocab is not None else None,
+        len(data.tgt_vocab),
+        typed.graph.locate(("vars",)),
+    )
+    if problems:
+        raise SpecError(problems)
+    torch.manual_seed(config.seed)
+    model = compile_graph(typed, device=context.device)
+    if config.init == "xavier":
+        initialise(model)
+    torch.manual_seed(config.seed * 7919 + 1 + context.rank)  # dropout streams, one per rank
+    return _Run(config, model, valid, roles, data, schedule.adam(model), found.d_model or _fallback_width(model))
+
+
+def _resume(config: TrainConfig, resume: str | Path, context: distributed.Context) -> _Run:
+    saved = checkpoint.load(resume, device=context.device)
+    info = saved.info
+    stored = TrainConfig.from_json(info["config"])
+    stored.epochs, stored.max_steps, stored.device = config.epochs, config.max_steps, config.device
+    if config.data is not None:
+        stored.data = config.data
+    roles = Roles(**info["roles"])
+    data = corpus.load(_corpus_options(stored, roles, shared=False), vocabs=(saved.src_vocab, saved.tgt_vocab))
+    model = saved.model
+    optimizer = schedule.adam(model)
+    checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors)
+    if not distributed.restore_rng(context, saved.tensors):
+        torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
+    run = _Run(stored, model, saved.valid_spec, roles, data, optimizer, info["d_model"])
+    run.epoch, run.batch, run.step, run.history = info["epoch"], info["batch"], info["step"], info["history"]
+    return run
+
+
+def initialise(model: nn.Module) -> None:
+    """Xavier-uniform initialisation of every weight with two or more dimensions (as the Annotated Transformer).
+
+    Blocks' defaults differ (nn.Embedding draws N(0, 1), which `scale: true` multiplies by √d_model, drowning
+    the position signal in small models); embeddings loaded from `pretrained` files and frozen tensors are kept.
+    """
+    keep = set()
+    for inst in model.typed_graph.graph.nodes.values():  # type: ignore[union-attr]
+        if getattr(inst.params, "pretrained", None):
+            keep |= {id(p) for p in model.get_submodule(inst.module_id).parameters()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1 and parameter.requires_grad and id(parameter) not in keep:
+                nn.init.xavier_uniform_(parameter)
+
+
+def _corpus_options(config: TrainConfig, roles: Roles, *, shared: bool) -> corpus.CorpusOptions:
+    return corpus.CorpusOptions(
+        kind=roles.kind,
+        data=config.data,
+        valid_data=config.valid_data,
+        task=config.task,
+        task_options=tasks.TaskOptions(**config.task_options),
+        seed=config.seed,
+        valid_fraction=config.valid_fraction,
+        max_len=config.max_len,
+        min_freq=config.min_freq,
+        max_vocab=config.max_vocab,
+        src_tokenizer=config.src_tokenizer,
+        tgt_tokenizer=config.tgt_tokenizer,
+        skip_bad_lines=config.skip_bad_lines,
+        shared_vocab=shared,
+    )
+
+
+def _fallback_width(model: nn.Module) -> int:
+    """The schedule's d_model when the spec names none: the widest embedding."""
+    widths = [m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(widths) if widths else 512
+
+
+def _loop(
+    run: _Run,
+    config: TrainConfig,
+    context: distributed.Context,
+    out: Path | None,
+    quiet: bool,
+    console: Console,
+    say,
+) -> Path | None:
+    io = ModelIO(run.roles)
+    model = run.model
+    wrapped: nn.Module = model
+    if context.distributed:
+        device_ids = [context.device] if context.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    factor = schedule.noam_factor(run.d_model, config.warmup, config.lr)
+    train_set = run.data.train
+    per_epoch = len(batching.plan(train_set, config.batch_size, seed=config.seed, epoch=0))
+    remaining = per_epoch * max(0, config.epochs - run.epoch) - run.batch
+    if config.max_steps is not None:
+        remaining = min(remaining, max(0, config.max_steps - run.step))
+    saved: Path | None = None
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TextColumn("{task.fields[speed]:,.0f} tok/s"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet or not context.main or not console.is_terminal,
+        transient=True,
+    )
+    task = progress.add_task("training", total=remaining, loss=float("nan"), speed=0.0)
+    model.train()
+    with progress:
+        while run.epoch < config.epochs and not _done(run, config):
+            batches = batching.plan(train_set, config.batch_size, seed=config.seed, epoch=run.epoch)
+            totals = {"loss": 0.0, "tokens": 0.0, "correct": 0.0}
+            started, seen = time.perf_counter(), 0.0
+            progress.update(task, description=f"epoch {run.epoch + 1}/{config.epochs}")
+            while run.batch < len(batches) and not _done(run, config):
+                global_batch = batches[run.batch]
+                loss, tokens, correct, global_tokens = _step(run, config, context, wrapped, io, factor, global_batch)
+                run.batch += 1
+                totals["loss"] += loss
+                totals["tokens"] += tokens
+                totals["correct"] += correct
+                seen += global_tokens
+                speed = seen / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, advance=1, loss=loss / max(tokens, 1), speed=speed)
+                if config.save_every and run.step % config.save_every == 0 and run.batch < len(batches):
+                    saved = _save(run, config, context, out) or saved
+            finished = run.batch >= len(batches)
+            train_loss, train_tokens, train_correct = distributed.all_sum(
+                context, totals["loss"], totals["tokens"], totals["correct"]
+            )
+            record = {
+                "epoch": run.epoch + 1,
+                "step": run.step,
+                "train_loss": train_loss / max(train_tokens, 1),
+                "train_acc": train_correct / max(train_tokens, 1),
+                "tokens_per_s": seen / max(time.perf_counter() - started, 1e-9),
+            }
+            if finished:
+                run.epoch, run.batch = run.epoch + 1, 0
+            if context.main:
+                record.update(evaluate(model, io, run.data, config, context.device))
+                model.train()
+            run.history.append(record)
+            say(_epoch_line(record, config, finished))
+            saved = _save(run, config, context, out) or saved
+            if out is not None and context.main:
+                out.mkdir(parents=True, exist_ok=True)
+                with (out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+    if saved is not None:
+        say(f"checkpoint: {saved}")
+    return saved
+
+
+def _done(run: _Run, config: TrainConfig) -> bool:
+    return config.max_steps is not None and run.step >= config.max_steps
+
+
+def _step(
+    run: _Run,
+    config: TrainConfig,
+    context: distributed.Context,
+    wrapped: nn.Module,
+    io: ModelIO,
+    factor: float,
+    global_batch: list[int],
+) -> tuple[float, float, float, float]:
+    """One optimizer step on this rank's shard of a global batch: (loss sum, tokens, correct, global tokens)."""
+    local = batching.shard(global_batch, context.rank, context.world)
+    weight = 1.0
+    if not local:  # fewer examples than ranks: take part in the gradient all-reduce with a zero-weight example
+        local, weight = global_batch[:1], 0.0
+    batch = batching.collate([run.data.train[i] for i in local]).to(context.device)
+    tokens = batch.tokens * weight
+    (global_tokens,) = distributed.all_sum(context, tokens)
+    run.step += 1
+    schedule.set_lr(run.optimizer, schedule.noam_lr(run.step, run.d_model, config.warmup, factor))
+    log_probs = io(wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
+    loss_sum = schedule.smoothed_nll(log_probs, batch.tgt_out, config.label_smoothing)
+    (loss_sum * (weight * context.world / max(global_tokens, 1.0))).backward()
+    if config.clip_norm > 0:
+        nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    correct = schedule.correct_tokens(log_probs.detach(), batch.tgt_out) * weight
+    return float(loss_sum.detach()) * weight, tokens, correct, global_tokens
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, io: ModelIO, data: corpus.Corpus, config: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    """Held-out loss (plain cross-entropy per token), perplexity, token accuracy and BLEU of greedy translations."""
+    if not data.valid:
+        return {}
+    model.eval()
+    loss = tokens = correct = 0.0
+    for indices in batching.plan(data.valid, config.batch_size, seed=0, epoch=0, shuffle=False):
+        batch = batching.collate([data.valid[i] for i in indices]).to(device)
+        log_probs = io(model, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
+        loss += float(schedule.smoothed_nll(log_probs, batch.tgt_out, 0.0))
+        tokens += batch.tokens
+        correct += schedule.correct_tokens(log_probs, batch.tgt_out)
+    result = {
+        "valid_loss": loss / tokens,
+        "valid_ppl": math.exp(min(loss / tokens, 50.0)),
+        "valid_acc": correct / tokens,
+    }
+    if data.src_vocab is not None and config.bleu_sentences > 0:
+        result["bleu"] = corpus_bleu_of(model, io, data, config.bleu_sentences, config.max_len, device)
+    return result
+
+
+def corpus_bleu_of(
+    model: nn.Module, io: ModelIO, data: corpus.Corpus, limit: int, max_len: int, device: torch.device
+) -> float:
+    """BLEU of greedy translations of the first `limit` held-out sources against their references."""
+    examples = data.valid[:limit]
+    hypotheses: list[list[str]] = []
+    for start in range(0, len(examples), 64):
+        chunk = examples[start : start + 64]
+        batch = batching.collate(chunk).to(device)
+        assert batch.src is not None
+        length = min(max_len + 1, 2 * batch.src.shape[1] + 10)
+        for hyp in decode.greedy(model, io, batch.src, batch.src_pad, max_len=length):
+            hypotheses.append(data.tgt_vocab.decode(hyp.tokens))
+    return bleu.corpus_bleu(hypotheses, data.valid_refs[: len(examples)])
+
+
+def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Path | None) -> Path | None:
+    """Checkpoint on rank 0 (all ranks contribute their random-number states); the others wait."""
+    if out is None:
+        return None
+    rng = distributed.gather_rng(context)
+    path = None
+    if context.main:
+        tensors, optimizer_meta = checkpoint.optimizer_state(run.optimizer)
+        info = {
+            "config": config.to_json(),
+            "roles": run.roles.to_json(),
+            "epoch": run.epoch,
+            "batch": run.batch,
+            "step": run.step,
+            "world": context.world,
+            "d_model": run.d_model,
+            "history": run.history,
+            "optimizer": optimizer_meta,
+        }
+        path = checkpoint.save(
+            out / checkpoint.NAME,
+            model=run.model,
+            valid_spec=run.valid_spec,
+            src_vocab=run.data.src_vocab,
+            tgt_vocab=run.data.tgt_vocab,
+            info=info,
+            tensors={**tensors, **rng},
+        )
+    distributed.barrier(context)
+    return path
+
+
+def _epoch_line(record: dict[str, Any], config: TrainConfig, finished: bool) -> str:
+    where = f"epoch {record['epoch']}/{config.epochs}" + ("" if finished else f" (stopped at step {record['step']})")
+    parts = [f"train loss {record['train_loss']:.3f}", f"acc {100 * record['train_acc']:.1f}%"]
+    if "valid_loss" in record:
+        parts.append(f"valid loss {record['valid_loss']:.3f}")
+        parts.append(f"ppl {record['valid_ppl']:.2f}")
+        parts.append(f"acc {100 * record['valid_acc']:.1f}%")
+    if "bleu" in record:
+        parts.append(f"BLEU {record['bleu']:.1f}")
+    parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    return f"[bold]{where}[/]: " + ", ".join(parts)
+
+
+def vocab_of(result: TrainResult) -> tuple[Vocab | None, Vocab]:
+    return result.corpus.src_vocab, result.corpus.tgt_vocab

@@ -1,0 +1,280 @@
+"""What each spec input and output means to the trainer, found by convention or given with `--input-roles`.
+
+An encoder–decoder spec has two int64 inputs, the source and the (shifted-right) target, and optionally a
+bool padding mask for each (True = padding). A language model has one int64 input (the tokens) and an
+optional mask. By convention:
+
+- source: the int input named `src` or `source`; target: `tgt` or `target`; with two int inputs and other
+  names, the first declared is the source. A language model's single int input is its target.
+- masks: a bool input whose name starts with the source's (`src_pad`, `src_mask`) or the target's name, or,
+  failing that, has exactly the source's or the target's shape (same dimension names).
+- output: the single output, or in a mapping the one named `log_probs`, `logits` or `output`, or the one
+  that a `generator` block produces.
+- vocabulary sizes: the variables `src_vocab`/`source_vocab` and `tgt_vocab`/`target_vocab`, or one `vocab`
+  (a vocabulary shared by both sides, and a language model's).
+
+`--input-roles src=a,tgt=b,src_pad=c,tgt_pad=d,output=e` names them explicitly (a language model:
+`tokens=a,pad=b`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from builder.errors import Location, Problem, SpecError
+from builder.graph import Endpoint, Graph
+
+ROLE_NAMES = ("src", "tgt", "src_pad", "tgt_pad", "output")
+ALIASES = {"source": "src", "target": "tgt", "tokens": "tgt", "pad": "tgt_pad", "out": "output"}
+SRC_VOCAB_VARS = ("src_vocab", "source_vocab")
+TGT_VOCAB_VARS = ("tgt_vocab", "target_vocab")
+SHARED_VOCAB_VARS = ("vocab",)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Input names for each role (None when the spec has no such input) and the output to train."""
+
+    kind: str  # "seq2seq" or "lm"
+    tgt: str
+    src: str | None = None
+    src_pad: str | None = None
+    tgt_pad: str | None = None
+    output: str | None = None  # key in the output mapping; None for a single output
+    output_mode: str = "log_softmax"  # log_softmax, logits, softmax or unknown (log_softmax applied)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("kind", "src", "tgt", "src_pad", "tgt_pad", "output", "output_mode")}
+
+
+def parse_roles(text: str | None) -> dict[str, str]:
+    """`src=a,tgt=b` → {"src": "a", "tgt": "b"} (aliases resolved)."""
+    roles: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        role, sep, name = (s.strip() for s in item.partition("="))
+        role = ALIASES.get(role, role)
+        if not sep or role not in ROLE_NAMES or not name:
+            raise SpecError(
+                Problem(
+                    f"--input-roles: cannot use {item!r}",
+                    hint=f"ROLE=INPUT with ROLE one of {', '.join(ROLE_NAMES)} (or tokens, pad for a language model)",
+                )
+            )
+        roles[role] = name
+    return roles
+
+
+def find_roles(graph: Graph, given: dict[str, str] | None = None) -> Roles:
+    given = dict(given or {})
+    where = graph.locate(("inputs",))
+    inputs = graph.inputs
+    for role, name in given.items():
+        if role != "output" and name not in inputs:
+            raise SpecError(
+                Problem(
+                    f"--input-roles {role}={name}: the spec has no input {name!r}",
+                    where,
+                    hint=f"inputs: {', '.join(inputs)}",
+                )
+            )
+    ints = [n for n, s in inputs.items() if not s.torch_dtype.is_floating_point and s.torch_dtype != torch.bool]
+    bools = [n for n, s in inputs.items() if s.torch_dtype == torch.bool]
+    src, tgt = given.get("src"), given.get("tgt")
+    if src is None and tgt is None:
+        src = next((n for n in ints if n in ("src", "source")), None)
+        tgt = next((n for n in ints if n in ("tgt", "target")), None)
+        if len(ints) == 1:
+            src, tgt = None, ints[0]
+        elif len(ints) == 2 and (src is None or tgt is None):
+            src, tgt = ints
+    elif tgt is None:
+        tgt = next((n for n in ints if n != src), None) if len(ints) == 2 else None
+    elif src is None and len(ints) == 2:
+        src = next(n for n in ints if n != tgt)
+    if tgt is None:
+        raise SpecError(
+            Problem(
+                f"cannot tell which inputs are the source and the target (integer inputs: {', '.join(ints) or 'none'})",
+                where,
+                hint="an encoder–decoder spec has two int64 inputs; name them with --input-roles src=NAME,tgt=NAME",
+            )
+        )
+    for role, name in (("src", src), ("tgt", tgt)):
+        if name is not None and name not in ints:
+            raise SpecError(Problem(f"the {role} input {name!r} is not an integer input", where))
+    masks = {}
+    for role, owner in (("src_pad", src), ("tgt_pad", tgt)):
+        if role in given:
+            masks[role] = given[role]
+        elif owner is not None:
+            masks[role] = _find_mask(owner, bools, inputs, (src, tgt))
+    for role, name in masks.items():
+        if name is not None and name not in bools:
+            raise SpecError(Problem(f"the {role} input {name!r} is not a bool mask", where))
+    used = {src, tgt, *masks.values()}
+    missing = [n for n, s in inputs.items() if not s.optional and n not in used]
+    if missing:
+        raise SpecError(
+            Problem(
+                f"required input(s) {', '.join(missing)} have no role in training",
+                where,
+                hint="the trainer feeds source, target and padding masks; map them with --input-roles",
+            )
+        )
+    output, mode = _find_output(graph, given.get("output"))
+    return Roles(
+        kind="seq2seq" if src is not None else "lm",
+        src=src,
+        tgt=tgt,
+        src_pad=masks.get("src_pad"),
+        tgt_pad=masks.get("tgt_pad"),
+        output=output,
+        output_mode=mode,
+    )
+
+
+def _find_mask(owner: str, bools: list[str], inputs: dict, tokens: tuple[str | None, str | None]) -> str | None:
+    by_name = [b for b in bools if b.startswith(owner)]
+    if len(by_name) == 1:
+        return by_name[0]
+    shape = list(inputs[owner].shape)
+    others = [list(inputs[t].shape) for t in tokens if t is not None and t != owner]
+    by_shape = [b for b in bools if list(inputs[b].shape) == shape and shape not in others]
+    return by_shape[0] if len(by_shape) == 1 else None
+
+
+def _find_output(graph: Graph, given: str | None) -> tuple[str | None, str]:
+    outputs = graph.outputs
+    where = graph.locate(("outputs",))
+    if given is not None:
+        if graph.single_output or given not in outputs:
+            names = "a single output" if graph.single_output else ", ".join(outputs)
+            raise SpecError(Problem(f"--input-roles output={given}: the spec's outputs are {names}", where))
+        name = given
+    elif graph.single_output:
+        name = next(iter(outputs))
+    else:
+        name = next((n for n in ("log_probs", "logits", "output") if n in outputs), None)
+        if name is None:
+            made = [
+                n for n, e in outputs.items() if e.node in graph.nodes and graph.nodes[e.node].entry.name == "generator"
+            ]
+            name = made[0] if len(made) == 1 else None
+        if name is None:
+            raise SpecError(
+                Problem(
+                    f"cannot tell which output holds the token scores (outputs: {', '.join(outputs)})",
+                    where,
+                    hint="name it with --input-roles output=NAME",
+                )
+            )
+    endpoint = outputs[name]
+    node = graph.nodes.get(endpoint.node)
+    mode = "unknown"
+    if node is not None and node.entry.name == "generator":
+        mode = str(getattr(node.params, "output", "log_softmax"))
+    return (None if graph.single_output else name), mode
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Sizes read off the built graph: embedding rows of each side, the output vocabulary, the model width."""
+
+    src_vocab: int | None
+    tgt_vocab: int | None
+    out_vocab: int | None
+    d_model: int | None
+
+
+def sizes(graph: Graph, roles: Roles) -> Sizes:
+    def embedding(name: str | None) -> tuple[int | None, int | None]:
+        if name is None:
+            return None, None
+        for inst in graph.nodes.values():
+            if inst.bindings.get("tokens") == Endpoint(name) and hasattr(inst.params, "vocab"):
+                return int(inst.params.vocab), int(getattr(inst.params, "dim", 0)) or None
+        return None, None
+
+    src_rows, _ = embedding(roles.src)
+    tgt_rows, tgt_dim = embedding(roles.tgt)
+    key = roles.output or next(iter(graph.outputs))
+    out_node = graph.nodes.get(graph.outputs[key].node)
+    out_vocab = int(out_node.params.vocab) if out_node is not None and hasattr(out_node.params, "vocab") else None
+    variables = graph.valid.spec.vars if graph.valid else {}
+    d_model = variables.get("d_model")
+    if not isinstance(d_model, int) or isinstance(d_model, bool):
+        d_model = tgt_dim
+    return Sizes(src_rows, tgt_rows, out_vocab, d_model)
+
+
+def vocab_variables(variables: dict[str, Any], roles: Roles) -> dict[str, str]:
+    """Role (src, tgt, shared) → the spec variable that sizes its vocabulary."""
+    found = {}
+    if roles.kind == "seq2seq":
+        src = next((v for v in SRC_VOCAB_VARS if v in variables), None)
+        tgt = next((v for v in TGT_VOCAB_VARS if v in variables), None)
+        if src:
+            found["src"] = src
+        if tgt:
+            found["tgt"] = tgt
+        if (src is None or tgt is None) and "vocab" in variables:
+            found = {"shared": "vocab"}
+    elif "vocab" in variables:
+        found["shared"] = "vocab"
+    else:
+        tgt = next((v for v in TGT_VOCAB_VARS if v in variables), None)
+        if tgt:
+            found["tgt"] = tgt
+    return found
+
+
+def check_sizes(found: Sizes, src_size: int | None, tgt_size: int, where: Location) -> list[Problem]:
+    """Problems where the spec's embeddings or output are too small for the vocabularies built from the data."""
+    problems = []
+    hint = "give the spec a src_vocab/tgt_vocab (or vocab) variable, or --set the variable that sizes it"
+    for what, have, need in (
+        ("source embedding", found.src_vocab, src_size),
+        ("target embedding", found.tgt_vocab, tgt_size),
+        ("output layer", found.out_vocab, tgt_size),
+    ):
+        if have is not None and need is not None and have < need:
+            problems.append(
+                Problem(f"the spec's {what} has {have} rows, the data's vocabulary {need} tokens", where, hint)
+            )
+    return problems
+
+
+class ModelIO:
+    """Calls a built model with a batch by role and returns log-probabilities [batch, tgt_len, vocab]."""
+
+    def __init__(self, roles: Roles):
+        self.roles = roles
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        tgt: torch.Tensor,
+        src: torch.Tensor | None = None,
+        src_pad: torch.Tensor | None = None,
+        tgt_pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r = self.roles
+        kwargs = {r.tgt: tgt}
+        if r.src is not None:
+            kwargs[r.src] = src
+        if r.src_pad is not None and src_pad is not None:
+            kwargs[r.src_pad] = src_pad
+        if r.tgt_pad is not None and tgt_pad is not None:
+            kwargs[r.tgt_pad] = tgt_pad
+        out = model(**kwargs)
+        if r.output is not None:
+            out = out[r.output]
+        out = out.float()
+        if r.output_mode == "log_softmax":
+            return out
+        if r.output_mode == "softmax":
+            return out.clamp_min(1e-30).log()
+        return torch.log_softmax(out, dim=-1)

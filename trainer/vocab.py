@@ -1,0 +1,135 @@
+"""Tokenizers and vocabularies: text ↔ tokens ↔ ids, with the special tokens pad, bos, eos and unk.
+
+Three tokenizers, chosen per side of the data:
+
+- `chars`: one token per CJK character (Chinese, Japanese kana, Korean), runs of Latin letters or digits as one
+  token, every other non-space character on its own; spaces are dropped. For Chinese.
+- `words`: words (letters, digits, inner apostrophes and hyphens: `don't`, `well-known`) and single
+  punctuation marks. For English and other space-separated languages.
+- `space`: split on whitespace only (the synthetic tasks, pre-tokenized text).
+
+`auto` picks `chars` when more than a third of the lines contain a CJK character, `words` otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+TOKENIZERS = ("chars", "words", "space")
+
+_CJK = (
+    "\u2e80-\u2fff\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f"
+)
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_CHARS = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+|\\S")
+_WORDS = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*|\S")
+_NO_SPACE_BEFORE = re.compile(r" ([.,!?;:%)\]}”’])")
+_NO_SPACE_AFTER = re.compile(r"([(\[{“$]) ")
+
+
+def tokenize(text: str, kind: str) -> list[str]:
+    """`text` split into tokens by the tokenizer `kind` (chars, words or space)."""
+    if kind == "chars":
+        return _CHARS.findall(text)
+    if kind == "words":
+        return _WORDS.findall(text)
+    if kind == "space":
+        return text.split()
+    raise ValueError(f"unknown tokenizer {kind!r}; use one of {', '.join(TOKENIZERS)}")
+
+
+def detokenize(tokens: Sequence[str], kind: str) -> str:
+    """Tokens joined back into text: no spaces between characters (`chars`), spaces mended around punctuation."""
+    if kind == "chars":
+        out = ""
+        for token in tokens:
+            if (
+                out
+                and _is_word(out[-1])
+                and _is_word(token[0])
+                and not (_CJK_CHAR.match(token) or _CJK_CHAR.match(out[-1]))
+            ):
+                out += " "
+            out += token
+        return out
+    text = " ".join(tokens)
+    if kind == "words":
+        text = _NO_SPACE_AFTER.sub(r"\1", _NO_SPACE_BEFORE.sub(r"\1", text))
+    return text
+
+
+def _is_word(char: str) -> bool:
+    return char.isalnum()
+
+
+def guess_tokenizer(lines: Iterable[str]) -> str:
+    """`chars` when more than a third of the (first 1000) lines hold a CJK character, else `words`."""
+    sample = [line for _, line in zip(range(1000), lines, strict=False)]
+    cjk = sum(1 for line in sample if _CJK_CHAR.search(line))
+    return "chars" if sample and cjk * 3 > len(sample) else "words"
+
+
+@dataclass
+class Vocab:
+    """Tokens ↔ ids. Ids 0-3 are always pad, bos, eos, unk; then tokens by decreasing frequency (ties by text)."""
+
+    tokens: list[str]
+    tokenizer: str = "space"
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if tuple(self.tokens[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"a vocabulary starts with {', '.join(SPECIALS)}")
+        self.index = {token: i for i, token in enumerate(self.tokens)}
+
+    @classmethod
+    def build(
+        cls, sentences: Iterable[Sequence[str]], tokenizer: str, *, min_freq: int = 1, max_size: int | None = None
+    ) -> Vocab:
+        """A vocabulary of the tokens seen at least `min_freq` times, the `max_size` most frequent at most."""
+        counts = Counter(token for sentence in sentences for token in sentence)
+        ranked = sorted(
+            (t for t, c in counts.items() if c >= min_freq and t not in SPECIALS), key=lambda t: (-counts[t], t)
+        )
+        if max_size is not None:
+            ranked = ranked[: max(0, max_size - len(SPECIALS))]
+        return cls([*SPECIALS, *ranked], tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, tokens: Sequence[str]) -> list[int]:
+        return [self.index.get(token, UNK_ID) for token in tokens]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Ids → tokens, stopping at the first eos and leaving out pad and bos; unknown ids read as unk."""
+        out = []
+        for i in ids:
+            if i == EOS_ID:
+                break
+            if i in (PAD_ID, BOS_ID):
+                continue
+            out.append(self.tokens[i] if 0 <= i < len(self.tokens) else UNK)
+        return out
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.encode(tokenize(text, self.tokenizer))
+
+    def decode_text(self, ids: Iterable[int]) -> str:
+        return detokenize(self.decode(ids), self.tokenizer)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "tokens": self.tokens}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Vocab:
+        return cls(list(data["tokens"]), data.get("tokenizer", "space"))
