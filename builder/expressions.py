@@ -12,6 +12,10 @@ from typing import Any
 
 PLACEHOLDER = re.compile(r"\$\{([^{}]*)\}")
 MAX_MAGNITUDE = 10**18
+MAX_EXPRESSION = 500  # characters in one `${...}`: keeps the parser and the evaluator's recursion shallow
+MAX_STRING = 10_000  # characters in a string result: `${'a' * 10**9}` must not allocate a gigabyte
+MAX_VAR_DEPTH = 64  # variables referring to variables referring to ...
+MAX_VALUES = 200_000  # items in one substituted value: as many as a spec file may hold (see load.MAX_VALUES)
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -47,20 +51,38 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
 
 
 class ExpressionError(Exception):
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, path: tuple[str | int, ...] | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.path = path  # the spec path of the variable whose definition failed, if it was a variable's
+
+
+class ReportedError(ExpressionError):
+    """A use of a variable whose own definition failed: that failure is reported once, at the definition."""
 
 
 class Scope:
-    """Variables visible to `${...}`; a variable may refer to others, resolved lazily with cycle detection."""
+    """Variables visible to `${...}`; a variable may refer to others, resolved lazily with cycle detection.
 
-    def __init__(self, raw: Mapping[str, Any], parent: Scope | None = None):
-        self.raw = dict(raw)
+    `origin` is where the variables are defined in the spec (`("vars",)`, or a sub-graph's params), so that
+    a failing variable is reported at its own line, not at the line that happened to use it first.
+    """
+
+    def __init__(
+        self,
+        raw: Mapping[str, Any],
+        parent: Scope | None = None,
+        *,
+        origin: tuple[str | int, ...] = ("vars",),
+        resolved: Mapping[str, Any] | None = None,
+    ):
+        self.raw = {**raw, **(resolved or {})}
         self.parent = parent
-        self._resolved: dict[str, Any] = {}
+        self.origin = origin
+        self._resolved: dict[str, Any] = dict(resolved or {})
         self._resolving: list[str] = []
+        self._failed: set[str] = set()
         self.used: set[str] = set()
 
     def names(self) -> set[str]:
@@ -70,10 +92,15 @@ class Scope:
         return name in self.raw or (self.parent is not None and name in self.parent)
 
     def get(self, name: str) -> Any:
+        """The value of a variable used by an expression (which marks it used)."""
         self.used.add(name)
+        if name not in self.raw and self.parent is not None and name in self.parent:
+            return self.parent.get(name)
+        return self.value(name)
+
+    def value(self, name: str) -> Any:
+        """The value of a variable of this scope, without marking it used."""
         if name not in self.raw:
-            if self.parent is not None and name in self.parent:
-                return self.parent.get(name)
             close = difflib.get_close_matches(name, sorted(self.names()), n=1)
             raise ExpressionError(
                 f"unknown variable {name!r}",
@@ -81,12 +108,22 @@ class Scope:
             )
         if name in self._resolved:
             return self._resolved[name]
+        if name in self._failed:
+            raise ReportedError(f"variable {name!r} is invalid")
         if name in self._resolving:
             cycle = " → ".join([*self._resolving[self._resolving.index(name) :], name])
-            raise ExpressionError(f"variables refer to each other in a cycle: {cycle}")
+            raise ExpressionError(f"variables refer to each other in a cycle: {cycle}", path=(*self.origin, name))
+        if len(self._resolving) >= MAX_VAR_DEPTH:
+            raise ExpressionError(f"variables refer to variables more than {MAX_VAR_DEPTH} levels deep: {name!r}")
         self._resolving.append(name)
         try:
             value = substitute(self.raw[name], self)
+            check_size(value)
+        except ExpressionError as exc:
+            self._failed.add(name)
+            if exc.path is None:
+                exc.path = (*self.origin, name)
+            raise
         finally:
             self._resolving.pop()
         self._resolved[name] = value
@@ -100,7 +137,7 @@ def substitute(value: Any, scope: Scope) -> Any:
         if whole:
             return evaluate(whole.group(1), scope)
         if "${" in value:
-            return PLACEHOLDER.sub(lambda m: str(evaluate(m.group(1), scope)), value)
+            return _interpolate(value, scope)
         return value
     if isinstance(value, list):
         return [substitute(v, scope) for v in value]
@@ -109,12 +146,54 @@ def substitute(value: Any, scope: Scope) -> Any:
     return value
 
 
+def _interpolate(template: str, scope: Scope) -> str:
+    """`"a ${x} b"` → a string; bounded as it grows, since each `${x}` may itself be a long string."""
+    parts, size, end = [], 0, 0
+    for match in PLACEHOLDER.finditer(template):
+        piece = str(evaluate(match.group(1), scope))
+        size += match.start() - end + len(piece)
+        if size > MAX_STRING:
+            raise ExpressionError(f"substituting into {template[:40]!r} makes a string over {MAX_STRING:,} characters")
+        parts += [template[end : match.start()], piece]
+        end = match.end()
+    return "".join([*parts, template[end:]])
+
+
+def check_size(value: Any) -> None:
+    """Refuse a substituted value that expands to too many items: lists of `${list}` of `${list}`... share
+    structure, so a few lines can stand for billions of values (the billion laughs, made of variables)."""
+    budget = MAX_VALUES
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ExpressionError(
+                f"the value expands to more than {MAX_VALUES:,} items",
+                hint="variables holding lists of variables holding lists multiply",
+            )
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def evaluate(expression: str, scope: Scope) -> Any:
+    if len(expression) > MAX_EXPRESSION:
+        raise ExpressionError(
+            f"${{{expression[:40]}...}} is {len(expression):,} characters long; the limit is {MAX_EXPRESSION}",
+            hint="split it over several variables",
+        )
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as exc:
         raise ExpressionError(f"cannot parse ${{{expression}}}: {exc.msg}") from exc
-    return _Evaluator(scope, expression).visit(tree.body)
+    except (RecursionError, MemoryError) as exc:  # the parser's own limits on nesting
+        raise ExpressionError(f"${{{expression[:40]}...}} is nested too deeply") from exc
+    try:
+        return _Evaluator(scope, expression).visit(tree.body)
+    except RecursionError as exc:
+        raise ExpressionError(f"${{{expression[:40]}...}} is nested too deeply") from exc
 
 
 class _Evaluator:
@@ -133,6 +212,8 @@ class _Evaluator:
         result = method(node)
         if isinstance(result, int | float) and not isinstance(result, bool) and abs(result) > MAX_MAGNITUDE:
             raise ExpressionError(f"${{{self.text}}} is too large ({result:.3g})")
+        if isinstance(result, str) and len(result) > MAX_STRING:
+            raise ExpressionError(f"${{{self.text}}} makes a string longer than {MAX_STRING:,} characters")
         return result
 
     def _Constant(self, node: ast.Constant) -> Any:
@@ -147,6 +228,10 @@ class _Evaluator:
         left, right = self.visit(node.left), self.visit(node.right)
         if isinstance(node.op, ast.Pow) and (not isinstance(right, int | float) or abs(right) > 64):
             raise ExpressionError(f"${{{self.text}}}: exponents are limited to 64")
+        if isinstance(left, str) and isinstance(node.op, ast.Mod):  # `'%09999999d' % 1` formats a huge string
+            raise ExpressionError(f"${{{self.text}}}: % formatting of strings is not allowed")
+        if isinstance(node.op, ast.Mult) and _repeats_string(left, right):
+            raise ExpressionError(f"${{{self.text}}} makes a string longer than {MAX_STRING:,} characters")
         op = _BINARY.get(type(node.op))
         if op is None:
             raise ExpressionError(f"${{{self.text}}}: operator {type(node.op).__name__} is not allowed")
@@ -195,7 +280,18 @@ class _Evaluator:
         if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS or node.keywords:
             raise ExpressionError(f"${{{self.text}}}: only these functions may be called: {', '.join(FUNCTIONS)}")
         args = [self.visit(a) for a in node.args]
+        if node.func.id == "round" and len(args) > 1 and not (isinstance(args[1], int) and abs(args[1]) <= 64):
+            # round(5, -10**8) computes 10**(10**8): seconds to hours of CPU for one expression
+            raise ExpressionError(f"${{{self.text}}}: round() takes at most 64 digits")
         try:
             return FUNCTIONS[node.func.id](*args)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ExpressionError(f"${{{self.text}}}: {exc}") from exc
+
+
+def _repeats_string(left: Any, right: Any) -> bool:
+    """Whether `left * right` would build a string over the limit; checked before Python allocates it."""
+    text, count = (left, right) if isinstance(left, str) else (right, left)
+    if not isinstance(text, str) or not isinstance(count, int):
+        return False
+    return len(text) * count > MAX_STRING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,12 +11,15 @@ from typing import Any, Literal
 
 import networkx as nx
 from pydantic import ValidationError
+from torch import nn
 
 from blocks import REGISTRY, BlockEntry, BlockParams, Port
 from builder.errors import Location, Problem, ProblemList, SpecError, SpecPath
 from builder.expressions import Scope
 from builder.spec import GraphSpec, InputSpec, NodeSpec
-from builder.validate import ValidSpec, pydantic_problems, substitute_located
+from builder.validate import ValidSpec, pydantic_problems, resolve_variable, substitute_located
+
+MAX_EXPANDED = 100_000  # block instances and sub-graph instances in one expanded graph
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.node}.{self.port}" if self.port else self.node
+
+
+UNBOUND = Endpoint("<unconnected>")  # a sub-graph input or list entry given nothing (None when called: optional only)
 
 
 @dataclass
@@ -88,8 +95,23 @@ def assemble(valid: ValidSpec) -> Graph:
     for name, ref in ({"output": spec.outputs} if single else spec.outputs).items():
         path = ("outputs",) if single else ("outputs", name)
         endpoint = assembler.resolve(ref, local, path)
-        if endpoint is not None:
+        if endpoint is UNBOUND:  # a sub-graph passing through one of its inputs, left unconnected
+            assembler.error(f"output {name!r} ({ref}) has no value: it comes from an input that is not connected", path)
+        elif endpoint is not None and not endpoint.port and spec.inputs[endpoint.node].optional:
+            assembler.error(
+                f"output {name!r} is {endpoint.node!r}, an optional input: the model would return None for it",
+                path,
+                hint=f"make {endpoint.node!r} required, or output a node",
+            )
+        elif endpoint is not None:
             outputs[name] = endpoint
+    for target, source in spec.tie.items():
+        if source in spec.tie:  # compile ties one at a time: a chain would leave `target` on a stale tensor
+            assembler.error(
+                f"tie {target} → {source}, but {source} is itself tied to {spec.tie[source]}",
+                ("tie", target),
+                hint=f"tie {target} to {spec.tie[source]} directly",
+            )
     for name in spec.blocks:
         if name in REGISTRY:
             problems.add(
@@ -115,6 +137,7 @@ class _Assembler:
         self.nodes: dict[str, NodeInstance] = {}
         self.groups: dict[str, Group] = {}
         self._params_cache: dict[tuple[str, str], BlockParams] = {}
+        self.expanded = 0
 
     def error(
         self, message: str, path: SpecPath, hint: str | None = None, node: str | None = None, key: bool = False
@@ -134,30 +157,39 @@ class _Assembler:
         clashes = set(nodes) & set(env)
         for name in clashes:
             self.error(f"node {name!r} has the same name as an input", (*base, name), key=True, hint="rename the node")
-        order = self._local_order(nodes, base)
+        for name in sorted(set(nodes) & _reserved_names()):
+            self.error(
+                f"node name {name!r} is taken: torch.nn modules have an attribute {name!r}",
+                (*base, name),
+                key=True,
+                hint="nodes become submodules, which cannot hide a Module attribute; rename the node",
+            )
+        order = self._local_order(nodes, base, clashes)
         local: dict[str, dict[str, Endpoint | None]] = {name: {"": ep} for name, ep in env.items()}
         for name in order:
             local[name] = self._expand_node(name, nodes[name], prefix, local, scope, (*base, name), stack)
         return local
 
-    def _local_order(self, nodes: dict[str, NodeSpec], base: SpecPath) -> list[str]:
+    def _local_order(self, nodes: dict[str, NodeSpec], base: SpecPath, clashes: set[str]) -> list[str]:
         deps = nx.DiGraph()
         deps.add_nodes_from(nodes)
         for name, node in nodes.items():
-            if node.share in nodes:
-                deps.add_edge(node.share, name)
             for ref in _refs(node.inputs):
-                if (target := ref.split(".")[0]) in nodes:
-                    deps.add_edge(target, name)
+                # a ref to a name clash is already an error; as an edge it would only add a bogus cycle
+                if (target := ref.split(".")[0]) in nodes and target not in clashes:
+                    deps.add_edge(target, name, via="in")
+            if node.share in nodes:
+                deps.add_edge(node.share, name, via="share")
         try:
             cycle = nx.find_cycle(deps)
         except nx.NetworkXNoCycle:
             position = {name: i for i, name in enumerate(nodes)}
             return list(nx.lexicographical_topological_sort(deps, key=position.__getitem__))
         names = [edge[0] for edge in cycle] + [cycle[0][0]]
+        via = deps.edges[cycle[-1][:2]]["via"]  # point at the `in:` or `share:` that closes the loop
         self.error(
-            f"the nodes form a cycle: {' → '.join(names)}",
-            (*base, cycle[-1][1], "in"),
+            f"the nodes form a cycle: {' → '.join(names)}" + (" (through share:)" if via == "share" else ""),
+            (*base, cycle[-1][1], via),
             hint="a model is a directed acyclic graph; break the loop (use a recurrent block for recurrence)",
             node=cycle[-1][1],
         )
@@ -220,13 +252,28 @@ class _Assembler:
         outs: dict[str, Endpoint | None] = {}
         for copy in range(repeat):
             copy_id = f"{node_id}.{copy}" if stacked else node_id
+            self._count(node, path, copy_id)
             if subgraph:
                 outs = self._expand_subgraph(node, subgraph, copy_id, bindings, scope, path, stack)
             else:
                 outs = self._add_block(entry, node, copy_id, bindings, scope, path, wired)
-            if copy + 1 < repeat and ports and outs:
+            if not outs:  # this copy failed (already reported): the next ones would only fail the same way
+                break
+            if copy + 1 < repeat and ports:
                 bindings = {**bindings, ports[0]: next(iter(outs.values()))}
         return outs
+
+    def _count(self, node: NodeSpec, path: SpecPath, node_id: str) -> None:
+        """Stop an expansion that multiplies out of reach: repeats of sub-graphs of repeats of ..."""
+        self.expanded += 1
+        if self.expanded > MAX_EXPANDED:
+            self.error(
+                f"the graph expands to more than {MAX_EXPANDED:,} blocks and sub-graphs",
+                (*path, "repeat" if node.repeat is not None else "type"),
+                hint="repeat: counts multiply when sub-graphs are nested",
+                node=node_id,
+            )
+            raise SpecError(self.problems.errors)
 
     def _entry(self, type_name: str, path: SpecPath, node_id: str) -> BlockEntry | None:
         if type_name in REGISTRY:
@@ -265,6 +312,7 @@ class _Assembler:
         """Port → endpoint, and whether every given ref resolved (if not, that is already reported)."""
         spec_in = node.inputs
         in_path = (*path, "in")
+        unknown_port = False
         if spec_in is None:
             return {}, True
         if isinstance(spec_in, str):
@@ -281,6 +329,7 @@ class _Assembler:
             pairs = []
             for port, ref in spec_in.items():
                 if port not in ports:
+                    unknown_port = True
                     close = difflib.get_close_matches(port, ports, n=1)
                     self.error(
                         f"{node.type!r} has no input port {port!r}",
@@ -291,8 +340,11 @@ class _Assembler:
                     )
                     continue
                 pairs.append((port, ref, (*in_path, port)))
-        bindings = {port: None if ref is None else self.resolve(ref, local, ref_path) for port, ref, ref_path in pairs}
-        wired = all(bindings[port] is not None for port, ref, _ in pairs if ref is not None)
+        bindings = {
+            port: UNBOUND if ref is None else self.resolve(ref, local, ref_path) for port, ref, ref_path in pairs
+        }
+        # a misspelt port or a ref that failed is already reported: "required input not connected" would repeat it
+        wired = not unknown_port and all(bindings[port] is not None for port, ref, _ in pairs if ref is not None)
         return bindings, wired
 
     def _add_block(
@@ -307,6 +359,7 @@ class _Assembler:
     ) -> dict[str, Endpoint | None]:
         params = self._params(entry, node, scope, path, node_id)
         inputs = self.valid.spec.inputs
+        bindings = {port: None if bound is UNBOUND else bound for port, bound in bindings.items()}
         for port in entry.cls.in_ports if wired else ():
             bound = bindings.get(port.name)
             if not port.optional and bound is not None and not bound.port and inputs[bound.node].optional:
@@ -338,12 +391,23 @@ class _Assembler:
         prefix = node_id.rpartition(".")[0]
         return self.nodes.get(f"{prefix}.{share}" if prefix else share)
 
+    def _no_owner(self, node: NodeSpec, node_id: str, path: SpecPath) -> None:
+        prefix = node_id.rpartition(".")[0]
+        level = [n.rpartition(".")[2] for n in self.nodes if n.rpartition(".")[0] == prefix]
+        close = difflib.get_close_matches(str(node.share), level, n=1)
+        self.error(
+            f"share: {node.share!r} is not a block node at this level",
+            (*path, "share"),
+            hint=f"did you mean {close[0]!r}?" if close else "share names another block node of the same nodes:",
+            node=node_id,
+        )
+
     def _shared(self, instance: NodeInstance, node: NodeSpec) -> NodeInstance | None:
         """Point a `share:` node at its owner's module; same block type and params, or an error."""
         owner = self._owner(instance.id, node.share)
         path = (*instance.spec_path, "share")
         if owner is None:
-            self.error(f"share: {node.share!r} is not a block node at this level", path, node=instance.id)
+            self._no_owner(node, instance.id, instance.spec_path)
         elif owner.entry.name != instance.entry.name:
             self.error(
                 f"share: {node.share!r} is a {owner.entry.name!r} block, this node a {instance.entry.name!r}",
@@ -367,9 +431,16 @@ class _Assembler:
     def _params(
         self, entry: BlockEntry, node: NodeSpec, scope: Scope, path: SpecPath, node_id: str
     ) -> BlockParams | None:
-        if node.share is not None and not node.params and (owner := self._owner(node_id, node.share)):
+        if node.share is not None and not node.params:
+            owner = self._owner(node_id, node.share)
+            if owner is None:
+                self._no_owner(node, node_id, path)
+                return None
             return owner.params
+        reported = len(self.problems.errors)
         raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
+        if len(self.problems.errors) > reported:  # a `${...}` failed: its raw text would only fail again here
+            return None
         raw = self._resolve_paths(entry, raw)
         key = (entry.name, json.dumps(raw, sort_keys=True, default=repr))
         cached = self._params_cache.get(key)
@@ -378,7 +449,7 @@ class _Assembler:
         try:
             params = entry.cls.Params.model_validate(raw)
         except ValidationError as exc:
-            for problem in pydantic_problems(exc, (*path, "params"), self.source, entry.cls.Params):
+            for problem in pydantic_problems(exc, (*path, "params"), self.source, entry.cls.Params, raw):
                 self.problems.add(Problem(problem.message, problem.location, problem.hint, node=node_id))
             return None
         self._params_cache[key] = params
@@ -418,12 +489,15 @@ class _Assembler:
                 node=instance_id,
                 key=True,
             )
-        defaults = substitute_located(
-            subgraph.params, ("blocks", node.type, "params"), scope, self.source, self.problems
-        )
-        given = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
-        inner_scope = Scope({**defaults, **given}, parent=scope)
-        env = {name: bindings.get(name) for name in subgraph.inputs}
+        known = {name: value for name, value in node.params.items() if name in subgraph.params}
+        given = substitute_located(known, (*path, "params"), scope, self.source, self.problems)
+        # lexical scope: defaults and nodes see the sub-graph's own params (use-site values first) and the
+        # spec's vars, never the caller's params, so a sub-graph means the same wherever it is used
+        origin = ("blocks", node.type, "params")
+        inner_scope = Scope(subgraph.params, parent=self.valid.scope, origin=origin, resolved=given)
+        for name in subgraph.params:
+            resolve_variable(inner_scope, name, self.source, self.problems)
+        env = {name: bindings.get(name, UNBOUND) for name in subgraph.inputs}
         base = ("blocks", node.type, "nodes")
         inner = self.expand_level(subgraph.nodes, instance_id + ".", env, inner_scope, base, [*stack, node.type])
         outputs = {"output": subgraph.outputs} if isinstance(subgraph.outputs, str) else subgraph.outputs
@@ -437,6 +511,14 @@ class _Assembler:
             )
             for port, ref in outputs.items()
         }
+
+
+@functools.cache
+def _reserved_names() -> frozenset[str]:
+    """Attributes of the model and of the module containers that nodes are installed in (`training`, `items`)."""
+    from builder.compile import GraphModel  # compile imports this module
+
+    return frozenset(dir(GraphModel())) | frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ModuleList()))
 
 
 def _refs(spec_in: Any) -> list[str]:

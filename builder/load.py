@@ -18,6 +18,8 @@ MAX_VALUES = 200_000
 Position = tuple[str | None, int, int]
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+_SCALAR_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null")}
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"  # `2024-01-01` stays the text it is: specs have no dates
 
 
 @dataclass
@@ -58,9 +60,13 @@ def load_file(path: str | Path) -> Document:
     """Load a `.yaml`/`.yml`/`.json` spec; every failure is a located `SpecError`."""
     path = Path(path)
     where = Location(str(path))
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
+        raise SpecError(Problem(f"cannot use this path: {exc}", where)) from exc
+    if not exists:
         raise SpecError(Problem(f"spec file not found: {path}", where, hint="check the path and its spelling"))
-    if path.is_dir():
+    if is_dir:
         raise SpecError(Problem(f"{path} is a directory, not a spec file", where))
     size = path.stat().st_size
     if size > MAX_BYTES:
@@ -85,15 +91,17 @@ def load_file(path: str | Path) -> Document:
 
 def load_text(text: str, filename: str | None = None, *, json_syntax: bool = False) -> Document:
     """Parse spec text. JSON is checked by the JSON parser first, then mapped to lines like YAML."""
-    if len(text.encode("utf-8")) > MAX_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise SpecError(Problem(f"spec text is larger than {MAX_BYTES:,} bytes", Location(filename)))
     if json_syntax:
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecError(
-                Problem(f"JSON syntax error: {exc.msg}", Location(filename, exc.lineno, exc.colno))
-            ) from exc
+            raise SpecError(_json_problem(exc, text, filename)) from exc
+        except RecursionError as exc:
+            raise SpecError(Problem(f"the spec is nested deeper than {MAX_DEPTH} levels", Location(filename))) from exc
+        except ValueError as exc:  # an integer literal beyond Python's digit limit
+            raise SpecError(Problem(f"JSON value error: {exc}", Location(filename))) from exc
     data, source = _YamlWalker(text, filename).run()
     if data is None:
         raise SpecError(
@@ -104,32 +112,77 @@ def load_text(text: str, filename: str | None = None, *, json_syntax: bool = Fal
     return Document(data, source)
 
 
+def _json_problem(exc: json.JSONDecodeError, text: str, filename: str | None) -> Problem:
+    """A JSON syntax error; a comma after the last item is pointed at the comma, not at the bracket after it."""
+    before = text[: exc.pos].rstrip()
+    if exc.msg.startswith(("Expecting property name", "Expecting value")) and before.endswith(","):
+        comma = len(before) - 1
+        line = text.count("\n", 0, comma) + 1
+        column = comma - (text.rfind("\n", 0, comma) + 1) + 1
+        return Problem(
+            f"JSON syntax error: {exc.msg}",
+            Location(filename, line, column),
+            hint="JSON does not allow a comma after the last item; remove it",
+        )
+    return Problem(f"JSON syntax error: {exc.msg}", Location(filename, exc.lineno, exc.colno))
+
+
 class _YamlWalker:
     """Compose the YAML node tree (no object construction), then convert it while recording positions."""
 
     def __init__(self, text: str, filename: str | None):
-        self.loader = yaml.SafeLoader(text)
+        self.text = text
         self.source = SourceMap(filename)
         self.count = 0
 
     def run(self) -> tuple[Any, SourceMap]:
         try:
+            self.loader = yaml.SafeLoader(self.text)
+        except yaml.reader.ReaderError as exc:
+            raise self._reader_error(exc) from exc
+        try:
             node = self.loader.get_single_node()
             data = None if node is None else self._convert(node, (), 0)
         except yaml.MarkedYAMLError as exc:
             raise self._syntax_error(exc) from exc
+        except yaml.reader.ReaderError as exc:
+            raise self._reader_error(exc) from exc
         except yaml.YAMLError as exc:
             raise SpecError(Problem(f"YAML error: {exc}", Location(self.source.file))) from exc
+        except RecursionError as exc:  # the YAML parser recurses once per nesting level, before we can count
+            raise SpecError(
+                Problem(f"the spec is nested deeper than {MAX_DEPTH} levels", Location(self.source.file))
+            ) from exc
         finally:
-            self.loader.dispose()
+            if hasattr(self, "loader"):
+                self.loader.dispose()
         return data, self.source
+
+    def _reader_error(self, exc: yaml.reader.ReaderError) -> SpecError:
+        """A character YAML does not allow (a control character, a lone surrogate), with its line."""
+        position = max(0, min(exc.position, len(self.text)))
+        line = self.text.count("\n", 0, position) + 1
+        column = position - (self.text.rfind("\n", 0, position) + 1) + 1
+        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        return SpecError(
+            Problem(
+                f"the spec contains the character {character}, which YAML does not allow",
+                Location(self.source.file, line, column),
+                hint="remove it; control characters are not allowed even inside quotes",
+            )
+        )
 
     def _syntax_error(self, exc: yaml.MarkedYAMLError) -> SpecError:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         message = f"YAML syntax error: {exc.problem or exc.context}"
         hint = None
-        if exc.context and exc.problem:
+        if "'\\t'" in message:
+            hint = "indent with spaces: YAML does not allow tabs for indentation"
+        elif "another document" in message:
+            message = "a spec file holds one YAML document, but a second one starts here"
+            hint = "remove the `---` line and what follows, or merge the two"
+        elif exc.context and exc.problem:
             started = f" that starts on line {exc.context_mark.line + 1}" if exc.context_mark else ""
             hint = f"{exc.context}{started}: look for a missing bracket, quote or comma"
         return SpecError(Problem(message, Location(self.source.file, line, col), hint=hint))
@@ -151,12 +204,14 @@ class _YamlWalker:
             raise self._fail(f"the spec is nested deeper than {MAX_DEPTH} levels", node, path)
         self.source.values[path] = self.source.mark(node)
         if isinstance(node, yaml.ScalarNode):
+            if node.tag == _TIMESTAMP:
+                return node.value
+            if node.tag not in _SCALAR_TAGS:
+                raise self._fail(f"YAML tag {node.tag!r} is not allowed", node, path, hint="specs hold plain data only")
             try:
                 return self.loader.construct_object(node)
-            except yaml.constructor.ConstructorError as exc:
-                raise self._fail(
-                    f"YAML tag {node.tag!r} is not allowed", node, path, hint="specs hold plain data only"
-                ) from exc
+            except ValueError as exc:  # an integer beyond Python's digit limit
+                raise self._fail(f"cannot read this number: {exc}", node, path) from exc
         if node.tag not in _PLAIN_TAGS:
             raise self._fail(f"YAML tag {node.tag!r} is not allowed", node, path, hint="specs hold plain data only")
         if isinstance(node, yaml.SequenceNode):
@@ -165,7 +220,7 @@ class _YamlWalker:
         result: dict[str, Any] = {}
         first_seen: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in (*_SCALAR_TAGS, _TIMESTAMP):
                 raise self._fail("mapping keys must be plain names", key_node, path)
             key = key_node.value  # the name as written: `on:` and `yes:` stay strings, not YAML 1.1 booleans
             if key in first_seen:

@@ -38,7 +38,8 @@ def infer_shapes(graph: Graph) -> TypedGraph:
         try:
             result = inst.entry.cls.infer(inst.params, **inputs)
         except ShapeError as exc:
-            problems.add(Problem(exc.message, graph.locate((*inst.spec_path, *exc.at)), hint=exc.hint, node=inst.id))
+            at = exc.at or ("in",)  # a rule that names no param is about how the inputs fit: point at `in:`
+            problems.add(Problem(exc.message, graph.locate((*inst.spec_path, *at)), hint=exc.hint, node=inst.id))
             continue
         except Exception as exc:  # a shape rule is user code when it comes from a plugin
             problems.add(block_bug(graph, inst, f"its shape rule crashed: {type(exc).__name__}: {exc}"))
@@ -94,5 +95,6 @@ def _port_mismatch(port: Port, tensor: TensorType) -> str | None:
         wanted = " or ".join(str(r) for r in ranks)
         return f"input {port.name!r} expects a rank-{wanted} tensor, but {tensor.described()} has rank {tensor.rank}"
     if port.dtype != "any" and dtype_kind(tensor.dtype) != port.dtype:
-        return f"input {port.name!r} expects a {port.dtype} tensor, but {tensor.described()} is {tensor.dtype}"
+        article = "an" if port.dtype == "int" else "a"
+        return f"input {port.name!r} expects {article} {port.dtype} tensor, not {tensor.described()}"
     return None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import keyword
 import re
 from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -14,6 +15,19 @@ EXPR_RE = r"^\s*\$\{[^{}]*\}\s*$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_RE)]
 Expr = Annotated[str, StringConstraints(pattern=EXPR_RE)]
+
+
+def _argument_name(name: str) -> str:
+    """Spec inputs become the parameters of the generated `forward(self, ...)`, so they must be usable there."""
+    if keyword.iskeyword(name) or name == "self" or name.startswith("_"):
+        raise ValueError(
+            f"input name {name!r} cannot be a parameter of forward(): "
+            "Python keywords, self and names starting with _ are not allowed"
+        )
+    return name
+
+
+InputName = Annotated[str, StringConstraints(pattern=NAME_RE), AfterValidator(_argument_name)]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -48,11 +62,13 @@ class InputSpec(SpecModel):
     """A tensor the model takes when called."""
 
     dtype: str = Field("float32", description="torch dtype name: " + ", ".join(DTYPES))
-    shape: list[Annotated[int, Field(gt=0)] | Name] = Field(
-        description="sizes: integers or dimension names such as batch, seq"
+    shape: list[Annotated[int, Field(gt=0, strict=True)] | Name] = Field(
+        min_length=1, description="sizes: integers or dimension names such as batch, seq"
     )
     optional: bool = Field(False, description="may be omitted (None) when the model is called, e.g. a padding mask")
-    high: int | None = Field(None, gt=0, description="exclusive upper bound of dummy integer values (e.g. the vocab)")
+    high: int | None = Field(
+        None, gt=0, strict=True, description="exclusive upper bound of dummy integer values (e.g. the vocab)"
+    )
     doc: str | None = Field(None, description="what the input holds")
 
     @field_validator("dtype")
@@ -89,7 +105,7 @@ class NodeSpec(SpecModel):
     type: Name = Field(description="registered block name or a sub-graph defined under blocks:")
     params: dict[str, Any] = Field(default_factory=dict, description="the block's parameters")
     inputs: Inputs = Field(None, alias="in")
-    repeat: Annotated[int, Field(ge=1, le=10_000)] | Expr | None = Field(
+    repeat: Annotated[int, Field(ge=1, le=10_000, strict=True)] | Expr | None = Field(
         None, description="stack N independent copies, each one's first output feeding the next one's first input"
     )
     share: Name | None = Field(
@@ -143,14 +159,15 @@ class GraphSpec(SpecModel):
 
     inputs: list[Name] = Field(description="input names, in the order a list `in:` binds them")
     params: dict[Name, Any] = Field(default_factory=dict, description="parameters and their defaults")
-    nodes: dict[Name, NodeSpec]
+    nodes: dict[Name, NodeSpec] = Field(description="the sub-graph's nodes; refs see its inputs and its nodes")
     outputs: Outputs
-    doc: str | None = None
+    doc: str | None = Field(None, description="what the sub-graph is")
 
     _check_outputs = field_validator("outputs")(check_outputs)
 
 
-ParamPath = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$")]
+PARAM_PATH_RE = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$"
+ParamPath = Annotated[str, StringConstraints(pattern=PARAM_PATH_RE)]
 
 
 class Spec(SpecModel):
@@ -160,12 +177,12 @@ class Spec(SpecModel):
     description: str | None = Field(None, description="what the model is")
     extends: str | None = Field(None, description="a base spec file (relative to this one) to inherit and override")
     vars: dict[Name, Any] = Field(default_factory=dict, description="values substituted for ${name} anywhere below")
-    dims: dict[Name, Annotated[int, Field(gt=0)]] = Field(
+    dims: dict[Name, Annotated[int, Field(gt=0, strict=True)]] = Field(
         default_factory=dict, description="default sizes of named dimensions for dummy runs (e.g. batch: 2)"
     )
-    inputs: dict[Name, InputSpec]
+    inputs: dict[InputName, InputSpec] = Field(description="the tensors the model is called with")
     blocks: dict[Name, GraphSpec] = Field(default_factory=dict, description="reusable sub-graphs")
-    nodes: dict[Name, NodeSpec]
+    nodes: dict[Name, NodeSpec] = Field(description="block uses, wired by `in`")
     outputs: Outputs
     tie: dict[ParamPath, ParamPath] = Field(
         default_factory=dict,
