@@ -260,7 +260,7 @@ def validate(
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
     use_plugins(plugin, allow_override)
     from builder import api, render
-    from builder.load import dump_json, dump_yaml
+    from builder.source import dump_json, dump_yaml
 
     overrides = parse_pairs(set_, "--set", typed=True)
     failed = False

@@ -13,9 +13,9 @@ from blocks.types import TensorType, format_shape, symbol
 from builder.compile import GraphModel, compile_graph
 from builder.errors import Location, Problem, SpecError
 from builder.graph import Graph, assemble
-from builder.load import Document, SourceMap, load_file
 from builder.plugins import activate
 from builder.shapes import TypedGraph, block_bug, infer_shapes
+from builder.source import Document, SourceMap, load_file
 from builder.spec import DTYPES
 from builder.validate import ValidSpec, validate_document
 
@@ -134,11 +134,16 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
     for inst in graph.nodes.values():
         calls.setdefault(inst.module_id, []).append(inst.id)
 
+    running: list[str] = []  # nodes whose forward has started and not finished: the last one raised
+
     def checker(queue: list[str]):
         pending = iter(queue)
 
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            inst = graph.nodes[next(pending)]
+        def before(module: torch.nn.Module, args: Any) -> None:
+            running.append(next(pending))
+
+        def after(module: torch.nn.Module, args: Any, output: Any) -> None:
+            inst = graph.nodes[running.pop()]
             expected = [concrete_shape(t, dims) for t in typed.output_types(inst)]
             got = output if isinstance(output, tuple) else (output,)
             for port, want, tensor in zip(inst.out_ports, expected, got, strict=False):
@@ -150,14 +155,26 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
                     hint = "the block's infer() and its forward() disagree; fix the block"
                     mismatches.append(block_bug(graph, inst, message, hint))
 
-        return hook
+        return before, after
 
-    handles = [
-        model.get_submodule(module_id).register_forward_hook(checker(queue)) for module_id, queue in calls.items()
-    ]
+    handles = []
+    for module_id, queue in calls.items():
+        module = model.get_submodule(module_id)
+        before, after = checker(queue)
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
         with torch.no_grad():
             outputs = model(**inputs)
+    except Exception as exc:
+        if not running:
+            raise
+        inst = graph.nodes[running[-1]]
+        sizes = ", ".join(f"{name}={size}" for name, size in dims.items())
+        message = f"failed on the trial inputs ({sizes}): {type(exc).__name__}: {exc}"
+        hint = "check the sizes and value ranges the inputs declare (shape, high) against the block's params"
+        raise SpecError(
+            Problem(f"block {inst.entry.name!r}: {message}", graph.locate(inst.spec_path), hint, node=inst.id)
+        ) from exc
     finally:
         for handle in handles:
             handle.remove()

@@ -26,7 +26,7 @@ class Location:
     path: SpecPath = ()
 
     def __str__(self) -> str:
-        if self.file is None and not self.path:
+        if self.file is None and self.line is None and not self.path:
             return ""
         where = self.file or "<spec>"
         if self.line is not None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from blocks.registry import receiving_weights
 from builder.errors import Location, Problem, SpecError
-from builder.load import dump_yaml
+from builder.source import dump_yaml
 from builder.validate import ValidSpec
 
 FORMAT = "blockgraph-model"

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from builder.errors import Problem, ProblemList, SpecError, SpecPath
 from builder.expressions import ExpressionError, ReportedError, Scope, check_size, substitute
-from builder.load import Document, SourceMap, load_file
+from builder.source import Document, SourceMap, load_file
 from builder.spec import EXPR_RE, NAME_RE, PARAM_PATH_RE, Spec
 
 MAX_EXTENDS = 16

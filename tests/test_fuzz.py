@@ -24,7 +24,7 @@ import builder
 import cli
 from builder import BlockgraphError
 from builder.compile import compile_graph
-from builder.load import load_text
+from builder.source import load_text
 from builder.validate import validate_document
 
 CHAIN = """

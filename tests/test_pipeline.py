@@ -212,3 +212,18 @@ def test_missing_file_and_debug_traceback(run_cli):
     assert "Traceback" not in missing.stderr
     debug = run_cli("--debug", "validate", "no/such/spec.yaml")
     assert debug.code == 1 and isinstance(debug.exception, SpecError)
+
+
+def test_a_block_failing_on_the_trial_inputs_is_named(run_cli, write_spec):
+    spec = {
+        "name": "oob",
+        "dims": {"batch": 2, "seq": 3},
+        "inputs": {"ids": {"dtype": "int64", "shape": ["batch", "seq"], "high": 100}},
+        "nodes": {"emb": {"type": "token_embedding", "params": {"vocab": 10, "dim": 4}, "in": "ids"}},
+        "outputs": "emb",
+    }
+    result = run_cli("build", write_spec(spec))
+    message = " ".join(result.stderr.split())
+    assert result.code == 1 and result.exception is None
+    assert "block 'token_embedding': failed on the trial inputs (batch=2, seq=3): IndexError" in message
+    assert "node emb" in message and "spec.yaml:" in message

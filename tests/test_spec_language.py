@@ -15,8 +15,8 @@ from conftest import SPECS
 
 import builder
 from builder import SpecError
-from builder.load import MAX_BYTES, MAX_DEPTH, load_text
 from builder.schema import spec_schema
+from builder.source import MAX_BYTES, MAX_DEPTH, load_text
 
 TINY = SPECS / "tiny_encoder.yaml"
 

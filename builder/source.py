@@ -1,4 +1,4 @@
-"""Read a spec file (YAML or JSON) safely into plain data plus a map from spec paths to lines."""
+"""Spec source: read a YAML or JSON file safely into plain data plus a map from spec paths to lines."""
 
 from __future__ import annotations
 
