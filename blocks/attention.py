@@ -264,17 +264,18 @@ class MultiHeadAttention(Block):
         q = self.w_q(query).view(b, t_q, self.heads, self.d_k).transpose(1, 2)
         k = self.w_k(key).view(b, -1, self.heads, self.d_k).transpose(1, 2)
         v = self.w_v(value).view(b, -1, self.heads, self.d_k).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        if key_padding_mask is None and attn_mask is None and not self.need_weights:
+            # the common case: no mask tensor at all; causality is SDPA's own flag (top-left aligned)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+            return self.w_o(y.transpose(1, 2).reshape(b, t_q, d))
         if attn_mask is not None and attn_mask.dim() == 3:  # [batch·heads, q, k] → [batch, heads, q, k]
             attn_mask = attn_mask.view(b, self.heads, t_q, -1)
-        dropout = self.dropout if self.training else 0.0
-        only_causal = self.causal and key_padding_mask is None and attn_mask is None and not self.need_weights
-        mask = (
-            None if only_causal else combine_masks(t_q, k.size(2), key_padding_mask, attn_mask, self.causal, q.device)
-        )
+        mask = combine_masks(t_q, k.size(2), key_padding_mask, attn_mask, self.causal, q.device)
         if self.need_weights:
             y, weights = attention(q, k, v, mask, dropout)
             return self.w_o(y.transpose(1, 2).reshape(b, t_q, d)), weights
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=only_causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.w_o(y.transpose(1, 2).reshape(b, t_q, d))
 
 

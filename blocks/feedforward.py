@@ -46,7 +46,10 @@ class FeedForward(Block):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_2(self.dropout(self.activation(self.w_1(x))))
+        h = self.activation(self.w_1(x))
+        if self.dropout.training and self.dropout.p > 0:  # an inactive dropout is skipped: no module call per forward
+            h = self.dropout(h)
+        return self.w_2(h)
 
 
 @register("swiglu", family="feedforward")
@@ -81,4 +84,7 @@ class SwiGLU(Block):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_2(self.dropout(F.silu(self.w_1(x)) * self.w_3(x)))
+        h = F.silu(self.w_1(x)) * self.w_3(x)
+        if self.dropout.training and self.dropout.p > 0:
+            h = self.dropout(h)
+        return self.w_2(h)

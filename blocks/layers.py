@@ -47,6 +47,11 @@ class LayerParams(BlockParams):
         )
 
 
+def _dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """`dropout(x)`, or x itself without a module call where dropout is the identity (eval mode or p = 0)."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
 def _check_mask(mask: TensorType | None, seq: TensorType, mask_name: str, seq_name: str) -> None:
     """A key padding mask must be [batch, len] of the sequence it masks."""
     if mask is None:
@@ -96,14 +101,11 @@ class EncoderLayer(Block):
         return x
 
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        def attend(h: torch.Tensor) -> torch.Tensor:
-            return self.dropout1(self.self_attn(h, key_padding_mask=src_key_padding_mask))
-
         if self.norm_first:
-            x = x + attend(self.norm1(x))
-            return x + self.dropout2(self.ffn(self.norm2(x)))
-        x = self.norm1(x + attend(x))
-        return self.norm2(x + self.dropout2(self.ffn(x)))
+            x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), None, None, src_key_padding_mask))
+            return x + _dropout(self.dropout2, self.ffn(self.norm2(x)))
+        x = self.norm1(x + _dropout(self.dropout1, self.self_attn(x, None, None, src_key_padding_mask)))
+        return self.norm2(x + _dropout(self.dropout2, self.ffn(x)))
 
 
 @register("decoder_layer", family="layer")
@@ -169,16 +171,10 @@ class DecoderLayer(Block):
         tgt_key_padding_mask: torch.Tensor | None = None,
         memory_key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        def self_attend(h: torch.Tensor) -> torch.Tensor:
-            return self.dropout1(self.self_attn(h, key_padding_mask=tgt_key_padding_mask))
-
-        def cross_attend(h: torch.Tensor) -> torch.Tensor:
-            return self.dropout2(self.cross_attn(h, memory, memory, key_padding_mask=memory_key_padding_mask))
-
         if self.norm_first:
-            x = x + self_attend(self.norm1(x))
-            x = x + cross_attend(self.norm2(x))
-            return x + self.dropout3(self.ffn(self.norm3(x)))
-        x = self.norm1(x + self_attend(x))
-        x = self.norm2(x + cross_attend(x))
-        return self.norm3(x + self.dropout3(self.ffn(x)))
+            x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), None, None, tgt_key_padding_mask))
+            x = x + _dropout(self.dropout2, self.cross_attn(self.norm2(x), memory, memory, memory_key_padding_mask))
+            return x + _dropout(self.dropout3, self.ffn(self.norm3(x)))
+        x = self.norm1(x + _dropout(self.dropout1, self.self_attn(x, None, None, tgt_key_padding_mask)))
+        x = self.norm2(x + _dropout(self.dropout2, self.cross_attn(x, memory, memory, memory_key_padding_mask)))
+        return self.norm3(x + _dropout(self.dropout3, self.ffn(x)))

@@ -201,9 +201,10 @@ class Recurrent(Block):
         reverse: bool,
     ) -> tuple[torch.Tensor, State]:
         """Run `cell` over the steps of one direction; at padded steps the state is kept and the output is 0."""
-        outputs: list[torch.Tensor | None] = [None] * xw.size(0)
-        for t in reversed(range(xw.size(0))) if reverse else range(xw.size(0)):
-            new = self.cell(xw[t], state, w_hh, b_hh)
+        steps = xw.unbind(0)  # views whose backward is one stack, not a zero-filled full-size tensor per step
+        outputs: list[torch.Tensor | None] = [None] * len(steps)
+        for t in reversed(range(len(steps))) if reverse else range(len(steps)):
+            new = self.cell(steps[t], state, w_hh, b_hh)
             if valid is None:
                 state, outputs[t] = new, new[0]
             else:
@@ -294,7 +295,9 @@ class LSTM(Recurrent):
 
     class Params(RecurrentParams):
         implementation: Literal["gates", "fused"] = Field(
-            "gates", description="gates: the explicit equations in Python; fused: torch's LSTM kernel, same weights"
+            "fused",
+            description="fused (default): torch's LSTM kernel; gates: the same weights through the explicit "
+            "equations in Python (slower, for reading and modifying)",
         )
 
     gates = 4
