@@ -180,7 +180,10 @@ def generate_forward(graph: Graph) -> str:
             lines.append(f"    {containers[path]} = {container(parent)}[{last!r}]._modules")
         return containers[path]
 
-    last_use = _last_uses(graph)
+    dies_at: dict[int, list[Endpoint]] = {}
+    for endpoint, index in _last_uses(graph).items():
+        if endpoint.port:
+            dies_at.setdefault(index, []).append(endpoint)
     for index, inst in enumerate(graph.nodes.values()):
         parent, _, last = inst.module_id.rpartition(".")
         call_args = _call_args(inst.entry.cls.in_ports, inst.bindings, var)
@@ -189,7 +192,7 @@ def generate_forward(graph: Graph) -> str:
             var[Endpoint(inst.id, port.name)] = names.new(inst.id if len(ports) == 1 else f"{inst.id}_{port.name}")
         targets = ", ".join(var[Endpoint(inst.id, p.name)] for p in ports)
         lines.append(f"    {targets} = {container(parent)}[{last!r}]({call_args})")
-        dead = sorted(var[e] for e, i in last_use.items() if i == index and e.port)
+        dead = sorted(var[e] for e in dies_at.get(index, ()))
         if dead:
             lines.append(f"    del {', '.join(dead)}")
     if graph.single_output:
