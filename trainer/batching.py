@@ -19,10 +19,14 @@ from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 
 @dataclass(frozen=True)
 class Example:
-    """Token ids without bos/eos: the source (None for a language model) and the target."""
+    """Token ids without bos/eos: the source (None for a language model) and the target (a classifier's text).
+
+    A classifier's example has the index of its label in `label`.
+    """
 
     tgt: list[int]
     src: list[int] | None = None
+    label: int | None = None
 
 
 @dataclass
@@ -30,7 +34,8 @@ class Batch:
     """Padded tensors (right padding; masks True at padding) and the number of target tokens to predict.
 
     `tgt_in` is the target shifted right (bos first), `tgt_out` the tokens to predict (eos last); the
-    source ends with eos.
+    source ends with eos. A classifier's batch has the text as it is in `tgt_in` (no bos or eos), the label
+    indices [batch] in `labels`, and `tgt_out` is the same tensor as `labels`.
     """
 
     tgt_in: torch.Tensor
@@ -38,6 +43,7 @@ class Batch:
     tgt_pad: torch.Tensor
     src: torch.Tensor | None = None
     src_pad: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -45,13 +51,23 @@ class Batch:
 
     @property
     def tokens(self) -> int:
+        """The predictions the loss is averaged over: target tokens, or a classifier's examples."""
+        if self.labels is not None:
+            return int(self.labels.shape[0])
         return int((~self.tgt_pad).sum())
 
     def to(self, device: torch.device | str) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(move(self.tgt_in), move(self.tgt_out), move(self.tgt_pad), move(self.src), move(self.src_pad))
+        return Batch(
+            move(self.tgt_in),
+            move(self.tgt_out),
+            move(self.tgt_pad),
+            move(self.src),
+            move(self.src_pad),
+            move(self.labels),
+        )
 
 
 def pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +81,10 @@ def pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def collate(examples: Sequence[Example]) -> Batch:
+    if examples[0].label is not None:
+        tokens, mask = pad([e.tgt for e in examples])
+        labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return Batch(tokens, labels, mask, labels=labels)
     tgt_in, tgt_pad = pad([[BOS_ID, *e.tgt] for e in examples])
     tgt_out, _ = pad([[*e.tgt, EOS_ID] for e in examples])
     if examples[0].src is None:

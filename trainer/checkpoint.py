@@ -2,7 +2,8 @@
 
     RUN/checkpoint/
       model/              the model as builder.persist saves it (model.safetensors, spec.yaml, blockgraph.json)
-      vocab.json          the source and target vocabularies (tokens in id order, tokenizer)
+      vocab.json          the source and target vocabularies (tokens in id order, tokenizer); a classifier's
+                          labels in class order
       trainer.json        training options, input roles, epoch, batch within the epoch, optimizer step,
                           metrics history, the optimizer's hyper-parameters
       state.safetensors   Adam's moment estimates and step counts, each rank's random-number generator states
@@ -47,6 +48,7 @@ class Checkpoint:
     tgt_vocab: Vocab
     info: dict[str, Any]  # trainer.json
     tensors: dict[str, torch.Tensor]  # state.safetensors
+    labels: list[str] | None = None  # a classifier's classes in index order
 
     @property
     def valid_spec(self) -> ValidSpec:
@@ -93,6 +95,7 @@ def save(
     tgt_vocab: Vocab,
     info: dict[str, Any],
     tensors: dict[str, torch.Tensor],
+    labels: list[str] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (replacing an older checkpoint there only once the new one is whole)."""
     from builder import persist
@@ -109,7 +112,10 @@ def save(
     rng = torch.get_rng_state()  # building the structure check must not disturb training's random numbers
     try:
         persist.save(model, tmp / MODEL, valid_spec)
-        _write_json(tmp / VOCAB, {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()})
+        vocabs = {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()}
+        if labels is not None:
+            vocabs["labels"] = list(labels)
+        _write_json(tmp / VOCAB, vocabs)
         _write_json(tmp / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **info})
         from safetensors.torch import save_file
 
@@ -168,7 +174,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
         torch.set_rng_state(rng)  # rebuilding initialises weights it then overwrites; keep the caller's stream
     tensors = load_file(str(directory / STATE)) if (directory / STATE).is_file() else {}
     src = Vocab.from_json(vocabs["src"]) if vocabs.get("src") else None
-    return Checkpoint(directory, model, src, Vocab.from_json(vocabs["tgt"]), info, tensors)
+    labels = vocabs.get("labels")
+    return Checkpoint(directory, model, src, Vocab.from_json(vocabs["tgt"]), info, tensors, labels)
 
 
 def _write_json(path: Path, data: Any) -> None:

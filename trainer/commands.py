@@ -28,13 +28,6 @@ class Init(str, Enum):
     spec = "spec"
 
 
-class Tokenizer(str, Enum):
-    auto = "auto"
-    chars = "chars"
-    words = "words"
-    space = "space"
-
-
 def train(
     spec: Annotated[
         Path | None,
@@ -42,7 +35,10 @@ def train(
     ] = None,
     data: Annotated[
         Path | None,
-        typer.Option(help="Training data: source<TAB>target lines (a text file for a language model)."),
+        typer.Option(
+            help="Training data: source<TAB>target lines (a text file for a language model, label<TAB>text lines "
+            "for a classifier)."
+        ),
     ] = None,
     task: Annotated[
         Task | None, typer.Option(help="Train on a synthetic task instead of --data: copy or reverse.")
@@ -87,10 +83,17 @@ def train(
     max_len: Annotated[int, typer.Option(min=1, help="Leave out sentences longer than this (tokens).")] = 100,
     min_freq: Annotated[int, typer.Option(min=1, help="Rarer tokens become <unk>.")] = 1,
     max_vocab: Annotated[int | None, typer.Option(min=5, help="At most this many tokens per vocabulary.")] = None,
-    src_tokenizer: Annotated[
-        Tokenizer, typer.Option(help="chars (Chinese), words, space, or auto (guess from the data).")
-    ] = Tokenizer.auto,
-    tgt_tokenizer: Annotated[Tokenizer, typer.Option(help="As --src-tokenizer, for the target side.")] = Tokenizer.auto,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="Tokenizer of both sides: chars (Chinese), words, space, auto (guess from the data), or "
+            "MODULE:FUNCTION, a Python callable str -> list[str] (default: auto)."
+        ),
+    ] = None,
+    src_tokenizer: Annotated[str | None, typer.Option(help="As --tokenizer, for the source side only.")] = None,
+    tgt_tokenizer: Annotated[
+        str | None, typer.Option(help="As --tokenizer, for the target side only (a classifier's text).")
+    ] = None,
     save_every: Annotated[
         int, typer.Option(min=0, help="Also checkpoint every N steps within an epoch (0: per epoch).")
     ] = 0,
@@ -112,11 +115,14 @@ def train(
     from trainer.loop import TrainConfig
     from trainer.loop import train as run_training
     from trainer.roles import parse_roles
+    from trainer.vocab import check_tokenizer
 
     if spec is None and resume is None:
         raise SpecError(Problem("nothing to train", hint="blockgraph train SPEC --data PAIRS.tsv, or --resume RUN"))
     if task is not None and data is not None:
         raise SpecError(Problem("--task and --data both given", hint="train on one of them"))
+    src_tok = check_tokenizer(src_tokenizer or tokenizer or "auto")
+    tgt_tok = check_tokenizer(tgt_tokenizer or tokenizer or "auto")
     if out_dir is None:
         out_dir = checkpoint.locate(resume).parent if resume is not None else Path("runs") / spec.stem  # type: ignore[union-attr]
     if nproc > 1:
@@ -146,8 +152,8 @@ def train(
         max_len=max_len,
         min_freq=min_freq,
         max_vocab=max_vocab,
-        src_tokenizer=src_tokenizer.value,
-        tgt_tokenizer=tgt_tokenizer.value,
+        src_tokenizer=src_tok,
+        tgt_tokenizer=tgt_tok,
         skip_bad_lines=skip_bad_lines,
         save_every=save_every,
         bleu_sentences=bleu_sentences,
@@ -181,6 +187,7 @@ _VALUE_OPTIONS = {
     "max_len": "--max-len",
     "min_freq": "--min-freq",
     "max_vocab": "--max-vocab",
+    "tokenizer": "--tokenizer",
     "src_tokenizer": "--src-tokenizer",
     "tgt_tokenizer": "--tgt-tokenizer",
     "save_every": "--save-every",
@@ -225,7 +232,10 @@ def translate(
     n_best: Annotated[int, typer.Option(min=1, help="Print this many beam hypotheses with their scores.")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Translate sentences with a trained checkpoint (greedy or beam search); a language model continues them."""
+    """Translate sentences with a trained checkpoint (greedy or beam search); a language model continues them.
+
+    A classifier's checkpoint prints each text's most likely label and its probability.
+    """
     import sys
 
     import torch
@@ -239,6 +249,11 @@ def translate(
     io = ModelIO(roles)
     model = saved.model.eval()
     sentences = [line.rstrip("\n") for line in sys.stdin] if text == ["-"] else text
+    if roles.kind == "classify":
+        for sentence in sentences:
+            label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
+            print(f"{label}\t{probability:.3f}")
+        return
     for sentence in sentences:
         src = prefix = None
         if saved.src_vocab is not None:
@@ -268,3 +283,22 @@ def _tokens(vocab, sentence: str) -> list[str]:
     from trainer.vocab import tokenize
 
     return tokenize(sentence, vocab.tokenizer)
+
+
+def classify(model, io, vocab, labels: list[str], sentence: str, device: str = "cpu") -> tuple[str, float]:
+    """A classifier's most likely label for `sentence` and its probability."""
+    import torch
+
+    from trainer.vocab import UNK_ID
+
+    ids = vocab.encode_text(sentence)
+    if not ids:
+        raise SpecError(Problem(f"nothing to classify in {sentence!r}"))
+    unknown = [t for t, i in zip(_tokens(vocab, sentence), ids, strict=True) if i == UNK_ID]
+    if unknown:
+        err.print(f"[yellow]note:[/] not in the vocabulary: {' '.join(unknown)}")
+    with torch.no_grad():
+        probs = io(model, torch.tensor([ids], device=device))[0].float().exp()
+    best = int(probs.argmax())
+    label = labels[best] if best < len(labels) else str(best)
+    return label, float(probs[best])

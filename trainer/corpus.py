@@ -2,6 +2,10 @@
 
 Vocabularies are built from the training split only (held-out tokens never seen in training read as unk).
 Examples longer than `max_len` tokens on either side are left out of both splits and counted.
+
+A classifier's data is `label<TAB>text` lines: the text is tokenized with the target-side tokenizer into
+`tgt_vocab`, and the label set is the training split's labels, sorted; held-out lines whose label never
+occurs in training are left out and counted.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ class Corpus:
     tgt_vocab: Vocab
     valid_refs: list[list[str]]  # held-out targets as tokens (for BLEU)
     notes: list[str] = field(default_factory=list)
+    labels: list[str] | None = None  # a classifier's classes, in index order
 
 
 @dataclass(frozen=True)
 class CorpusOptions:
-    kind: str  # seq2seq or lm
+    kind: str  # seq2seq, lm or classify
     data: str | None = None
     valid_data: str | None = None
     task: str | None = None
@@ -43,9 +48,13 @@ class CorpusOptions:
     shared_vocab: bool = False
 
 
-def load(options: CorpusOptions, vocabs: tuple[Vocab | None, Vocab] | None = None) -> Corpus:
+def load(
+    options: CorpusOptions, vocabs: tuple[Vocab | None, Vocab] | None = None, labels: list[str] | None = None
+) -> Corpus:
     """Read or generate the text, tokenize, build (or reuse) the vocabularies, encode and split."""
     notes: list[str] = []
+    if options.kind == "classify":
+        return _load_labelled(options, vocabs[1] if vocabs is not None else None, labels, notes)
     seq2seq = options.kind == "seq2seq"
     if options.task is not None:
         if not seq2seq:
@@ -83,6 +92,67 @@ def load(options: CorpusOptions, vocabs: tuple[Vocab | None, Vocab] | None = Non
         raise SpecError(Problem("no training examples left", hint="check the data and --max-len"))
     refs = [tgt for src, tgt in valid_tokens if _fits(src, tgt, options.max_len)]
     return Corpus(train, valid, src_vocab, tgt_vocab, refs, notes)
+
+
+def _load_labelled(options: CorpusOptions, vocab: Vocab | None, labels: list[str] | None, notes: list[str]) -> Corpus:
+    if options.task is not None:
+        raise SpecError(Problem(f"--task {options.task} needs an encoder–decoder spec, not a classifier"))
+    if options.data is None:
+        raise SpecError(Problem("no training data", hint="pass --data FILE of label<TAB>text lines"))
+
+    def read(path: str) -> list[tuple[str, ...]]:
+        text = data.read_labelled(path, skip_bad=options.skip_bad_lines)
+        if text.bad:
+            notes.append(text.summary())
+        return text.records
+
+    records = read(options.data)
+    if options.valid_data is not None:
+        train_text, valid_text = records, read(options.valid_data)
+    else:
+        train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
+    if vocab is None:
+        tokenizer = _tokenizer(options.tgt_tokenizer, [r[1] for r in train_text])
+        vocab = Vocab.build(
+            [tokenize(r[1], tokenizer) for r in train_text],
+            tokenizer,
+            min_freq=options.min_freq,
+            max_size=options.max_vocab,
+        )
+    if labels is None:
+        labels = sorted({r[0] for r in train_text})
+    index = {label: i for i, label in enumerate(labels)}
+
+    def encode(records: list[tuple[str, ...]]) -> tuple[list[Example], int, int]:
+        examples, too_long, unknown = [], 0, 0
+        for label, text in records:
+            tokens = tokenize(text, vocab.tokenizer)
+            if label not in index:
+                unknown += 1
+            elif not 0 < len(tokens) <= options.max_len:
+                too_long += 1
+            else:
+                examples.append(Example(vocab.encode(tokens), label=index[label]))
+        return examples, too_long, unknown
+
+    train, too_long, unknown = encode(train_text)
+    valid, too_long_valid, unknown_valid = encode(valid_text)
+    if too_long or too_long_valid:
+        notes.append(
+            f"left out {too_long + too_long_valid} example(s) empty or longer than --max-len {options.max_len}"
+        )
+    if unknown or unknown_valid:
+        notes.append(f"left out {unknown + unknown_valid} example(s) whose label is not among the training labels")
+    if len(labels) < 2:
+        raise SpecError(
+            Problem(
+                f"the training data has {len(labels)} label(s) ({', '.join(labels) or 'none'}); a classifier needs 2+",
+                hint="check the label<TAB>text lines of --data",
+            )
+        )
+    if not train:
+        raise SpecError(Problem("no training examples left", hint="check the data and --max-len"))
+    return Corpus(train, valid, None, vocab, [], notes, labels)
 
 
 def _read(path: str, seq2seq: bool, skip_bad: bool, notes: list[str]) -> list[tuple[str, ...]]:
@@ -134,6 +204,12 @@ def describe(corpus: Corpus) -> str:
     parts = [f"{len(corpus.train)} training / {len(corpus.valid)} held-out examples"]
     if corpus.src_vocab is not None:
         parts.append(f"source vocabulary {len(corpus.src_vocab)} ({corpus.src_vocab.tokenizer})")
+    if corpus.labels is not None:
+        parts.append(f"vocabulary {len(corpus.tgt_vocab)} ({corpus.tgt_vocab.tokenizer})")
+        parts.append(
+            f"{len(corpus.labels)} labels ({', '.join(corpus.labels[:8])}{', …' if len(corpus.labels) > 8 else ''})"
+        )
+        return ", ".join(parts)
     parts.append(f"target vocabulary {len(corpus.tgt_vocab)} ({corpus.tgt_vocab.tokenizer})")
     return ", ".join(parts)
 

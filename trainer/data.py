@@ -1,6 +1,7 @@
-"""Reading training text: tab-separated source/target pairs or one sentence per line, with located errors.
+"""Reading training text: tab-separated pairs, labelled lines or one sentence per line, with located errors.
 
-A pairs file is UTF-8 text, one pair per line: `source<TAB>target`. Blank lines are ignored; columns after
+A pairs file is UTF-8 text, one pair per line: `source<TAB>target`; a labelled file (a classifier's data)
+has `label<TAB>text` lines, read the same way. Blank lines are ignored; columns after
 the second are ignored (attribution columns, as some corpora have). A line that cannot be read (bytes that
 are not UTF-8, no tab, an empty side) is an error naming the file and the line number; with `skip_bad=True`
 such lines are left out and counted instead.
@@ -40,12 +41,17 @@ def read_pairs(path: str | Path, *, skip_bad: bool = False) -> TextData:
     return _read(Path(path), fields=2, skip_bad=skip_bad)
 
 
+def read_labelled(path: str | Path, *, skip_bad: bool = False) -> TextData:
+    """(label, text) records of a tab-separated `label<TAB>text` file (a classifier's data)."""
+    return _read(Path(path), fields=2, skip_bad=skip_bad, names=("label", "text"))
+
+
 def read_lines(path: str | Path, *, skip_bad: bool = False) -> TextData:
     """The non-blank lines of a text file (a language model's sentences)."""
     return _read(Path(path), fields=1, skip_bad=skip_bad)
 
 
-def _read(path: Path, *, fields: int, skip_bad: bool) -> TextData:
+def _read(path: Path, *, fields: int, skip_bad: bool, names: tuple[str, str] = ("source", "target")) -> TextData:
     where = Location(str(path))
     if path.is_dir():
         raise SpecError(Problem(f"{path} is a directory, not a data file", where))
@@ -76,11 +82,11 @@ def _read(path: Path, *, fields: int, skip_bad: bool) -> TextData:
             continue
         parts = text.split("\t")
         if len(parts) < 2:
-            bad.append(_bad(path, number, "no tab between the source and the target"))
+            bad.append(_bad(path, number, f"no tab between the {names[0]} and the {names[1]}"))
             continue
         source, target = parts[0].strip(), parts[1].strip()
         if not source or not target:
-            bad.append(_bad(path, number, f"empty {'source' if not source else 'target'}", 1 if not source else None))
+            bad.append(_bad(path, number, f"empty {names[0] if not source else names[1]}", 1 if not source else None))
             continue
         records.append((source, target))
     if bad and not skip_bad:
@@ -92,7 +98,8 @@ def _read(path: Path, *, fields: int, skip_bad: bool) -> TextData:
         shown[-1] = Problem(last.message, last.location, hint)
         raise SpecError(shown)
     if not records:
-        raise SpecError(Problem(f"{path} holds no usable {'pairs' if fields == 2 else 'lines'}", where))
+        what = "lines" if fields == 1 else "pairs" if names[0] == "source" else "labelled lines"
+        raise SpecError(Problem(f"{path} holds no usable {what}", where))
     return TextData(records, bad, path)
 
 

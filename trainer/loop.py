@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from torch import nn
 from builder.api import compile_graph, load_spec, typed_graph
 from builder.errors import Problem, SpecError
 from trainer import batching, bleu, checkpoint, corpus, decode, distributed, schedule, tasks
-from trainer.roles import ModelIO, Roles, check_sizes, find_roles, sizes, vocab_variables
-from trainer.vocab import Vocab
+from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
+from trainer.vocab import Vocab, check_tokenizer
 
 
 @dataclass
@@ -136,8 +136,11 @@ def train(
 def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     if config.spec is None:
         raise SpecError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
-    base = typed_graph(config.spec, config.overrides).graph
-    roles = find_roles(base, config.input_roles)
+    check_tokenizer(config.src_tokenizer)
+    check_tokenizer(config.tgt_tokenizer)
+    typed_base = typed_graph(config.spec, config.overrides)
+    base = typed_base.graph
+    roles = find_roles(base, config.input_roles, typed_base.types)
     variables = base.valid.spec.vars if base.valid else {}
     found_vars = vocab_variables(variables, roles)
     data = corpus.load(_corpus_options(config, roles, shared="shared" in found_vars))
@@ -146,15 +149,29 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
         if var not in overrides:
             vocab = data.src_vocab if role == "src" else data.tgt_vocab
             overrides[var] = len(vocab)  # type: ignore[arg-type]
+    classes_var = class_variable(variables) if data.labels is not None else None
+    if classes_var is not None and classes_var not in overrides:
+        overrides[classes_var] = len(data.labels)  # type: ignore[arg-type]
     valid = load_spec(config.spec, overrides)
     typed = typed_graph(valid)
     found = sizes(typed.graph, roles)
+    where = typed.graph.locate(("vars",))
     problems = check_sizes(
-        found,
+        replace(found, out_vocab=None) if data.labels is not None else found,
         len(data.src_vocab) if data.src_vocab is not None else None,
         len(data.tgt_vocab),
-        typed.graph.locate(("vars",)),
+        where,
     )
+    if data.labels is not None:
+        classes = _output_classes(typed, roles)
+        if classes is not None and classes != len(data.labels):
+            problems.append(
+                Problem(
+                    f"the spec's output has {classes} classes, the training data {len(data.labels)} labels",
+                    where,
+                    hint=f"--set {classes_var or 'classes'}={len(data.labels)} (or give the spec a `classes` variable)",
+                )
+            )
     if problems:
         raise SpecError(problems)
     torch.manual_seed(config.seed)
@@ -165,6 +182,14 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     return _Run(config, model, valid, roles, data, schedule.adam(model), found.d_model or _fallback_width(model))
 
 
+def _output_classes(typed: Any, roles: Roles) -> int | None:
+    """The size of a classifier output's last dimension, when it is a number."""
+    graph = typed.graph
+    out_type = typed.types.get(graph.outputs[roles.output or next(iter(graph.outputs))])
+    last = str(out_type.shape[-1]) if out_type is not None and out_type.shape else ""
+    return int(last) if last.isdigit() else None
+
+
 def _resume(config: TrainConfig, resume: str | Path, context: distributed.Context) -> _Run:
     saved = checkpoint.load(resume, device=context.device)
     info = saved.info
@@ -173,7 +198,9 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
     if config.data is not None:
         stored.data = config.data
     roles = Roles(**info["roles"])
-    data = corpus.load(_corpus_options(stored, roles, shared=False), vocabs=(saved.src_vocab, saved.tgt_vocab))
+    data = corpus.load(
+        _corpus_options(stored, roles, shared=False), vocabs=(saved.src_vocab, saved.tgt_vocab), labels=saved.labels
+    )
     model = saved.model
     optimizer = schedule.adam(model)
     checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors)
@@ -331,21 +358,37 @@ def _step(
     run.step += 1
     schedule.set_lr(run.optimizer, schedule.noam_lr(run.step, run.d_model, config.warmup, factor))
     log_probs = io(wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
-    loss_sum = schedule.smoothed_nll(log_probs, batch.tgt_out, config.label_smoothing)
+    loss_sum = _loss(log_probs, batch, config.label_smoothing)
     (loss_sum * (weight * context.world / max(global_tokens, 1.0))).backward()
     if config.clip_norm > 0:
         nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    correct = schedule.correct_tokens(log_probs.detach(), batch.tgt_out) * weight
+    correct = _correct(log_probs.detach(), batch) * weight
     return float(loss_sum.detach()) * weight, tokens, correct, global_tokens
+
+
+def _loss(log_probs: torch.Tensor, batch: batching.Batch, smoothing: float) -> torch.Tensor:
+    """Summed (label-smoothed) NLL of the target tokens, or of a classifier's labels."""
+    if batch.labels is not None:
+        return schedule.class_nll(log_probs, batch.labels, smoothing)
+    return schedule.smoothed_nll(log_probs, batch.tgt_out, smoothing)
+
+
+def _correct(log_probs: torch.Tensor, batch: batching.Batch) -> int:
+    if batch.labels is not None:
+        return schedule.correct_labels(log_probs, batch.labels)
+    return schedule.correct_tokens(log_probs, batch.tgt_out)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, io: ModelIO, data: corpus.Corpus, config: TrainConfig, device: torch.device
 ) -> dict[str, float]:
-    """Held-out loss (plain cross-entropy per token), perplexity, token accuracy and BLEU of greedy translations."""
+    """Held-out loss (plain cross-entropy per token), perplexity, token accuracy and BLEU of greedy translations.
+
+    A classifier's: loss per example and accuracy (no perplexity, no BLEU).
+    """
     if not data.valid:
         return {}
     model.eval()
@@ -353,14 +396,16 @@ def evaluate(
     for indices in batching.plan(data.valid, config.batch_size, seed=0, epoch=0, shuffle=False):
         batch = batching.collate([data.valid[i] for i in indices]).to(device)
         log_probs = io(model, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
-        loss += float(schedule.smoothed_nll(log_probs, batch.tgt_out, 0.0))
+        loss += float(_loss(log_probs, batch, 0.0))
         tokens += batch.tokens
-        correct += schedule.correct_tokens(log_probs, batch.tgt_out)
+        correct += _correct(log_probs, batch)
     result = {
         "valid_loss": loss / tokens,
         "valid_ppl": math.exp(min(loss / tokens, 50.0)),
         "valid_acc": correct / tokens,
     }
+    if data.labels is not None:
+        del result["valid_ppl"]
     if data.src_vocab is not None and config.bleu_sentences > 0:
         result["bleu"] = corpus_bleu_of(model, io, data, config.bleu_sentences, config.max_len, device)
     return result
@@ -409,6 +454,7 @@ def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Pat
             tgt_vocab=run.data.tgt_vocab,
             info=info,
             tensors={**tensors, **rng},
+            labels=run.data.labels,
         )
     distributed.barrier(context)
     return path
@@ -419,7 +465,8 @@ def _epoch_line(record: dict[str, Any], config: TrainConfig, finished: bool) -> 
     parts = [f"train loss {record['train_loss']:.3f}", f"acc {100 * record['train_acc']:.1f}%"]
     if "valid_loss" in record:
         parts.append(f"valid loss {record['valid_loss']:.3f}")
-        parts.append(f"ppl {record['valid_ppl']:.2f}")
+        if "valid_ppl" in record:
+            parts.append(f"ppl {record['valid_ppl']:.2f}")
         parts.append(f"acc {100 * record['valid_acc']:.1f}%")
     if "bleu" in record:
         parts.append(f"BLEU {record['bleu']:.1f}")

@@ -10,6 +10,9 @@ optional mask. By convention:
   failing that, has exactly the source's or the target's shape (same dimension names).
 - output: the single output, or in a mapping the one named `log_probs`, `logits` or `output`, or the one
   that a `generator` block produces.
+- a classifier: a spec with one int input whose output has shape [batch, classes] (two dimensions, the first
+  the token input's first) trains on labelled text; its text vocabulary sizes `vocab`, and the number of
+  labels sets the variable `classes` (or `num_classes`, `n_classes`, `labels`).
 - vocabulary sizes: the variables `src_vocab`/`source_vocab` and `tgt_vocab`/`target_vocab`, or one `vocab`
   (a vocabulary shared by both sides, and a language model's).
 
@@ -32,13 +35,14 @@ ALIASES = {"source": "src", "target": "tgt", "tokens": "tgt", "pad": "tgt_pad", 
 SRC_VOCAB_VARS = ("src_vocab", "source_vocab")
 TGT_VOCAB_VARS = ("tgt_vocab", "target_vocab")
 SHARED_VOCAB_VARS = ("vocab",)
+CLASS_VARS = ("classes", "num_classes", "n_classes", "labels")
 
 
 @dataclass(frozen=True)
 class Roles:
     """Input names for each role (None when the spec has no such input) and the output to train."""
 
-    kind: str  # "seq2seq" or "lm"
+    kind: str  # "seq2seq", "lm" or "classify"
     tgt: str
     src: str | None = None
     src_pad: str | None = None
@@ -67,7 +71,8 @@ def parse_roles(text: str | None) -> dict[str, str]:
     return roles
 
 
-def find_roles(graph: Graph, given: dict[str, str] | None = None) -> Roles:
+def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | None = None) -> Roles:
+    """The roles of the spec's inputs and output; `types` (a TypedGraph's) lets a classifier be recognised."""
     given = dict(given or {})
     where = graph.locate(("inputs",))
     inputs = graph.inputs
@@ -125,8 +130,15 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None) -> Roles:
             )
         )
     output, mode = _find_output(graph, given.get("output"))
+    kind = "seq2seq" if src is not None else "lm"
+    if src is None and types is not None:
+        out_type = types.get(graph.outputs[output or next(iter(graph.outputs))])
+        tokens_type = types.get(Endpoint(tgt))
+        two_dims = out_type is not None and tokens_type is not None and len(out_type.shape) == 2
+        if two_dims and str(out_type.shape[0]) == str(tokens_type.shape[0]):
+            kind = "classify"
     return Roles(
-        kind="seq2seq" if src is not None else "lm",
+        kind=kind,
         src=src,
         tgt=tgt,
         src_pad=masks.get("src_pad"),
@@ -247,8 +259,16 @@ def check_sizes(found: Sizes, src_size: int | None, tgt_size: int, where: Locati
     return problems
 
 
+def class_variable(variables: dict[str, Any]) -> str | None:
+    """The spec variable that sets a classifier's number of classes."""
+    return next((v for v in CLASS_VARS if v in variables), None)
+
+
 class ModelIO:
-    """Calls a built model with a batch by role and returns log-probabilities [batch, tgt_len, vocab]."""
+    """Calls a built model with a batch by role and returns log-probabilities [batch, tgt_len, vocab].
+
+    (A classifier's: [batch, classes].)
+    """
 
     def __init__(self, roles: Roles):
         self.roles = roles

@@ -62,3 +62,21 @@ def correct_tokens(log_probs: torch.Tensor, target: torch.Tensor) -> int:
     """How many non-pad target tokens are the model's most likely token."""
     keep = target != PAD_ID
     return int(((log_probs.argmax(dim=-1) == target) & keep).sum())
+
+
+def class_nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Summed label-smoothed negative log-likelihood of a classifier's [batch, classes] log-probabilities.
+
+    1 - ε on the gold class and ε spread evenly over the others (every index is a class: none is padding).
+    """
+    classes = log_probs.shape[-1]
+    gold = log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    loss = -gold
+    if smoothing > 0 and classes > 1:
+        loss = (1 - smoothing) * loss - smoothing / (classes - 1) * (log_probs.sum(dim=1) - gold)
+    return loss.sum()
+
+
+def correct_labels(log_probs: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many examples' most likely class is their label."""
+    return int((log_probs.argmax(dim=-1) == labels).sum())

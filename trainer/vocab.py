@@ -7,17 +7,23 @@ Three tokenizers, chosen per side of the data:
 - `words`: words (letters, digits, inner apostrophes and hyphens: `don't`, `well-known`) and single
   punctuation marks. For English and other space-separated languages.
 - `space`: split on whitespace only (the synthetic tasks, pre-tokenized text).
+- `MODULE:FUNCTION`: a Python callable `str -> list[str]` the user names (`--tokenizer mytok:split`). It is
+  imported only because the user named it (on the command line, or in a checkpoint trained with it), never
+  from a spec; tokens are joined back with spaces.
 
 `auto` picks `chars` when more than a third of the lines contain a CJK character, `words` otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from builder.errors import Problem, SpecError
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -36,14 +42,65 @@ _NO_SPACE_BEFORE = re.compile(r" ([.,!?;:%)\]}”’])")
 _NO_SPACE_AFTER = re.compile(r"([(\[{“$]) ")
 
 
+def is_custom(kind: str) -> bool:
+    """Whether `kind` names a user tokenizer (`MODULE:FUNCTION`) rather than a built-in one."""
+    return ":" in kind
+
+
+def user_tokenizer(name: str) -> Callable[[str], list[str]]:
+    """The callable `name` (`MODULE:FUNCTION`, dotted names allowed on both sides), imported on demand.
+
+    A name that is malformed, a module that cannot be imported and a missing or non-callable function are
+    user errors.
+    """
+    module_name, _, attr = name.partition(":")
+    hint = "name a Python callable str -> list[str] as MODULE:FUNCTION, with MODULE importable (on sys.path)"
+    if not module_name.strip() or not attr.strip() or ":" in attr:
+        raise SpecError(Problem(f"tokenizer {name!r} is not MODULE:FUNCTION", hint=hint))
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SpecError(
+            Problem(f"tokenizer {name!r}: no module named {exc.name or module_name!r}", hint=hint)
+        ) from None
+    except Exception as exc:  # the user's module is user code: report its crash, not ours
+        raise SpecError(
+            Problem(f"tokenizer {name!r}: importing {module_name} failed: {type(exc).__name__}: {exc}", hint=hint)
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise SpecError(Problem(f"tokenizer {name!r}: module {module_name} has no {attr!r}", hint=hint))
+        target = getattr(target, part)
+    if not callable(target):
+        raise SpecError(Problem(f"tokenizer {name!r}: {attr} is not callable", hint=hint))
+    return target
+
+
+def check_tokenizer(kind: str, *, auto: bool = True) -> str:
+    """`kind` if it names a tokenizer (built-in, `auto` when allowed, or an importable MODULE:FUNCTION)."""
+    if is_custom(kind):
+        user_tokenizer(kind)
+    elif kind not in TOKENIZERS and not (auto and kind == "auto"):
+        choices = ", ".join([*TOKENIZERS, *(["auto"] if auto else [])])
+        raise SpecError(Problem(f"unknown tokenizer {kind!r}", hint=f"use one of {choices}, or MODULE:FUNCTION"))
+    return kind
+
+
 def tokenize(text: str, kind: str) -> list[str]:
-    """`text` split into tokens by the tokenizer `kind` (chars, words or space)."""
+    """`text` split into tokens by the tokenizer `kind` (chars, words, space or MODULE:FUNCTION)."""
     if kind == "chars":
         return _CHARS.findall(text)
     if kind == "words":
         return _WORDS.findall(text)
     if kind == "space":
         return text.split()
+    if is_custom(kind):
+        tokens = user_tokenizer(kind)(text)
+        if not isinstance(tokens, list | tuple) or not all(isinstance(t, str) for t in tokens):
+            raise SpecError(
+                Problem(f"tokenizer {kind!r} returned {type(tokens).__name__} for {text[:40]!r}, not a list of strings")
+            )
+        return [t for t in tokens if t]
     raise ValueError(f"unknown tokenizer {kind!r}; use one of {', '.join(TOKENIZERS)}")
 
 
