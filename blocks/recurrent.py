@@ -227,8 +227,37 @@ def real_lengths(lengths: torch.Tensor | None, mask: torch.Tensor | None, seq: i
     return None if lengths is None else lengths.long().clamp(0, seq)
 
 
+class HiddenStateRecurrent(Recurrent):
+    """Base of the recurrences whose only state is h (RNN, GRU): their ports, shape rule and forward."""
+
+    in_ports = (X_PORT, state_port("h0", "hidden state"), LENGTHS_PORT, MASK_PORT)
+    out_ports = (Y_PORT, H_PORT)
+    example = {"input_size": 64, "hidden_size": 128, "layers": 2, "bidirectional": True}
+
+    @classmethod
+    def infer(
+        cls,
+        p: RecurrentParams,
+        x: TensorType,
+        h0: TensorType | None = None,
+        lengths: TensorType | None = None,
+        mask: TensorType | None = None,
+    ) -> tuple[TensorType, TensorType]:
+        """[batch, seq, input_size] → y [batch, seq, D·hidden_size], h [layers·D, batch, hidden_size] (D directions)."""
+        return cls.infer_recurrent(p, x, {"h0": h0}, lengths, mask)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run(x, (h0,), lengths, mask)
+
+
 @register("rnn", family="recurrent")
-class RNN(Recurrent):
+class RNN(HiddenStateRecurrent):
     """Elman RNN: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t−1} + b_hh), stacked, optionally bidirectional.
 
     Same weights and results as `torch.nn.RNN(batch_first=True)`. Zero initial state unless `h0` is given.
@@ -239,40 +268,15 @@ class RNN(Recurrent):
     class Params(RecurrentParams):
         nonlinearity: Literal["tanh", "relu"] = Field("tanh", description="the squashing function (tanh or relu)")
 
-    in_ports = (X_PORT, state_port("h0", "hidden state"), LENGTHS_PORT, MASK_PORT)
-    out_ports = (Y_PORT, H_PORT)
-    example = {"input_size": 64, "hidden_size": 128, "layers": 2, "bidirectional": True}
-
     def __init__(self, p: Params):
         super().__init__(p)
         self.nonlinearity = p.nonlinearity
         self.act = torch.tanh if p.nonlinearity == "tanh" else torch.relu
 
-    @classmethod
-    def infer(
-        cls,
-        p: Params,
-        x: TensorType,
-        h0: TensorType | None = None,
-        lengths: TensorType | None = None,
-        mask: TensorType | None = None,
-    ) -> tuple[TensorType, TensorType]:
-        """[batch, seq, input_size] → y [batch, seq, D·hidden_size], h [layers·D, batch, hidden_size] (D directions)."""
-        return cls.infer_recurrent(p, x, {"h0": h0}, lengths, mask)
-
     def cell(self, xw_t: torch.Tensor, state: State, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> State:
         (h,) = state
         h = self.act(xw_t + F.linear(h, w_hh, b_hh))  # xw_t = W_ih x_t + b_ih + b_hh
         return (h,)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        h0: torch.Tensor | None = None,
-        lengths: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run(x, (h0,), lengths, mask)
 
 
 @register("lstm", family="recurrent")
@@ -385,7 +389,7 @@ class LSTM(Recurrent):
 
 
 @register("gru", family="recurrent")
-class GRU(Recurrent):
+class GRU(HiddenStateRecurrent):
     """Gated recurrent unit: h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t−1}, with reset r and update z gates.
 
         r_t = σ(W_ir x_t + b_ir + W_hr h_{t−1} + b_hr)          reset gate
@@ -401,21 +405,6 @@ class GRU(Recurrent):
     Params = RecurrentParams
     gates = 3
     fold_hidden_bias = False
-    in_ports = (X_PORT, state_port("h0", "hidden state"), LENGTHS_PORT, MASK_PORT)
-    out_ports = (Y_PORT, H_PORT)
-    example = {"input_size": 64, "hidden_size": 128, "layers": 2, "bidirectional": True}
-
-    @classmethod
-    def infer(
-        cls,
-        p: RecurrentParams,
-        x: TensorType,
-        h0: TensorType | None = None,
-        lengths: TensorType | None = None,
-        mask: TensorType | None = None,
-    ) -> tuple[TensorType, TensorType]:
-        """[batch, seq, input_size] → y [batch, seq, D·hidden_size], h [layers·D, batch, hidden_size] (D directions)."""
-        return cls.infer_recurrent(p, x, {"h0": h0}, lengths, mask)
 
     def cell(self, xw_t: torch.Tensor, state: State, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> State:
         (h,) = state
@@ -426,12 +415,3 @@ class GRU(Recurrent):
         n = torch.tanh(x_n + r * h_n)
         h = (1 - z) * n + z * h
         return (h,)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        h0: torch.Tensor | None = None,
-        lengths: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run(x, (h0,), lengths, mask)
