@@ -217,7 +217,9 @@ class _Assembler:
                 path,
                 hint=f"did you mean {name}.{close[0]}?"
                 if close
-                else f"its outputs: {', '.join(p for p in outs if p) or '(one, unnamed)'}",
+                else f"its outputs: {', '.join(p for p in outs if p)}"
+                if any(outs)
+                else f"{name!r} is an input with no ports: refer to it as {name!r}",
             )
             return None
         return outs[port]
