@@ -139,7 +139,8 @@ class Registry:
         self._entries: dict[str, BlockEntry] = {}
         self._source = "built-in"
         self._override = False
-        self.plugins: dict[str, str] = {}  # loaded plugin key (file path, module, entry point) → its origin label
+        self.plugins: dict[str, str] = {}  # loaded plugin key (file path or module) → its origin label
+        self.entry_points_loaded = False  # installed packages' blocks are loaded once per process
 
     def register(self, name: str, *, family: str = "misc") -> Callable[[B], B]:
         def decorate(cls: B) -> B:

@@ -125,7 +125,7 @@ def assemble(valid: ValidSpec) -> Graph:
     problems.raise_if_errors()
     graph = Graph(spec.name, dict(spec.inputs), {}, outputs, single, nx.DiGraph(), assembler.groups, valid=valid)
     _build_dag(graph, assembler.nodes)
-    graph.warnings = [*valid.warnings, *_unused(graph, valid), *problems.warnings]
+    graph.warnings = [*_unused(graph, valid), *problems.warnings]
     return graph
 
 

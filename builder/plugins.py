@@ -29,8 +29,8 @@ def activate(explicit: Iterable[str] = (), *, allow_override: bool = False) -> l
     Named plugins (env var, explicit) that fail raise `PluginError`; a broken installed package only warns,
     so that one bad install cannot take the built-in blocks down with it.
     """
-    warnings = [] if "entry-points" in REGISTRY.plugins else _load_entry_points(allow_override)
-    REGISTRY.plugins.setdefault("entry-points", "installed packages")
+    warnings = [] if REGISTRY.entry_points_loaded else _load_entry_points(allow_override)
+    REGISTRY.entry_points_loaded = True
     from_env = [p.strip() for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
     problems = []
     for name, via in [(n, f"${ENV_VAR}") for n in from_env] + [(n, "--plugin") for n in explicit]:

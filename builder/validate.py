@@ -27,7 +27,6 @@ class ValidSpec:
     source: SourceMap
     scope: Scope
     file: Path | None = None
-    warnings: tuple[Problem, ...] = ()
     standalone: dict[str, Any] | None = None  # extends merged, overrides written into vars: loadable on its own
 
 
