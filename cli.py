@@ -13,11 +13,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from builder.errors import BlockgraphError, Problem
+from common.console import err, out, write_plain
+from common.errors import BlockgraphError, Problem
+from common.text import clean_json
 
 app = typer.Typer(
     name="blockgraph",
@@ -29,9 +30,6 @@ app = typer.Typer(
 )
 blocks_app = typer.Typer(help="List the registered blocks or show one in detail.", no_args_is_help=False)
 app.add_typer(blocks_app, name="blocks")
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,7 +91,7 @@ def parse_dims(values: list[str]) -> dict[str, int]:
 
 def warn(items: list[Problem], strict: bool) -> None:
     from builder import render
-    from builder.errors import SpecError
+    from common.errors import SpecError
 
     if not items:
         return
@@ -187,7 +185,7 @@ def build(
 def _check_device(device: str) -> None:
     import torch
 
-    from builder.errors import SpecError
+    from common.errors import SpecError
 
     try:
         parsed = torch.device(device)
@@ -234,7 +232,7 @@ def inspect(
         typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=api.parse_dtype(dtype)
     )
     if isinstance(report, str):  # json, mermaid, dot: as is, never wrapped or read as Rich markup
-        sys.stdout.write(report if report.endswith("\n") else report + "\n")
+        write_plain(report, json=format is InspectFormat.json)
     else:
         out.print(report)
 
@@ -280,7 +278,8 @@ def validate(
             out.print(f"[green]✓[/] {path}: {len(typed.graph.nodes)} blocks")
         else:
             data = render.resolved_spec(typed.graph)
-            print(dump_yaml(data) if resolved is ResolvedFormat.yaml else dump_json(data))
+            is_json = resolved is ResolvedFormat.json
+            write_plain(dump_json(data) if is_json else dump_yaml(data), json=is_json)
     if failed:
         raise typer.Exit(1)
 
@@ -300,15 +299,17 @@ def schema(
     from builder.schema import fields_markdown, spec_schema
 
     if markdown:
-        print(fields_markdown(), end="")
+        write_plain(fields_markdown())
         return
 
-    text = json.dumps(spec_schema(), indent=2, ensure_ascii=False)
+    text = clean_json(json.dumps(spec_schema(), indent=2, ensure_ascii=False))
     if output is None:
-        print(text)
+        write_plain(text)
     else:
-        output.write_text(text + "\n", encoding="utf-8")
-        err.print(f"wrote {output}")
+        from common.atomic import write_text
+
+        write_text(output, text + "\n", what="schema file")
+        err.print(f"wrote {output}", markup=False)
 
 
 class ExportFormat(str, Enum):
@@ -342,7 +343,7 @@ def export(
 
     from builder import api, persist
     from builder import export as exporting
-    from builder.errors import SpecError
+    from common.errors import SpecError
 
     if persist.is_saved_model(spec):
         if set_:
@@ -378,7 +379,7 @@ def blocks_default(
     if markdown:
         from builder import blockdoc
 
-        print(blockdoc.markdown_reference(), end="")
+        write_plain(blockdoc.markdown_reference())
     elif ctx.invoked_subcommand is None:
         blocks_list()
 

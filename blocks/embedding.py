@@ -13,10 +13,19 @@ from torch import nn
 
 from blocks.registry import Block, BlockParams, Port, register, weights_follow
 from blocks.types import TensorType
+from common.errors import BlockgraphError, SpecError
+from common.files import FileKind, GiB, KiB, MiB, read_lines
+
+VECTORS_FILE = FileKind("pretrained vectors file", SpecError, limit=64 * GiB, max_line=1 * MiB)
+VOCAB_FILE = FileKind("vocabulary file", SpecError, limit=1 * GiB, max_line=64 * KiB)
 
 
 class PretrainedFileError(ValueError):
-    """A pretrained-vector or vocabulary file is unreadable or malformed; the message names the file and line."""
+    """A pretrained-vector or vocabulary file is unreadable or malformed; the message names the file and line.
+
+    A spec names these files, which may hold anything: messages say where and what was expected, never what the
+    file holds.
+    """
 
     def __init__(self, path: str | Path, line: int | None, problem: str):
         where = f"{path} line {line}" if line is not None else str(path)
@@ -28,15 +37,8 @@ class PretrainedFileError(ValueError):
 
 def read_vocab(path: str | Path) -> list[str]:
     """Tokens of a vocabulary file, one per line; line n (from 1) is id n-1. A final newline ends the last line."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as error:
-        raise PretrainedFileError(path, None, _os_problem(error)) from error
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
     tokens = []
-    for number, line in enumerate(lines, 1):
+    for number, line in _numbered_lines(path, VOCAB_FILE):
         token = _decode(line, path, number).removesuffix("\r")
         if token == "":
             raise PretrainedFileError(path, number, f"empty line; every line holds one token (it is id {number - 1})")
@@ -56,7 +58,7 @@ def read_vectors(path: str | Path, dim: int, wanted: set[str] | None = None) -> 
     vectors: dict[str, list[float]] = {}
     header: tuple[int, int] | None = None
     count = 0
-    for number, raw in _numbered_lines(path):
+    for number, raw in _numbered_lines(path, VECTORS_FILE):
         line = _decode(raw, path, number).rstrip()
         if not line:
             continue
@@ -70,7 +72,7 @@ def read_vectors(path: str | Path, dim: int, wanted: set[str] | None = None) -> 
         word, values = _split_line(parts, dim, path, number)
         if word in vectors or (wanted is not None and word not in wanted):
             continue
-        vectors[word] = [_parse_value(v, i, word, path, number) for i, v in enumerate(values, 1)]
+        vectors[word] = [_parse_value(v, i, path, number) for i, v in enumerate(values, 1)]
     if header is not None and header[0] != count:
         raise PretrainedFileError(path, 1, f"header says {header[0]} words, but the file has {count} vector lines")
     if count == 0:
@@ -78,31 +80,30 @@ def read_vectors(path: str | Path, dim: int, wanted: set[str] | None = None) -> 
     return vectors
 
 
-def _numbered_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """(line number from 1, raw bytes) of a file, streamed; an unreadable file is a `PretrainedFileError`."""
+def _numbered_lines(path: str | Path, kind: FileKind) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, the line's bytes) of a file, streamed and bounded (see common.files)."""
     try:
-        handle = Path(path).open("rb")  # noqa: SIM115 - closed by the with below; open errors are reported apart
-    except OSError as error:
-        raise PretrainedFileError(path, None, _os_problem(error)) from error
-    with handle:
-        yield from enumerate(handle, 1)
+        yield from read_lines(path, kind)
+    except BlockgraphError as error:
+        problem = error.problems[0]
+        raise PretrainedFileError(path, problem.location.line, problem.message) from None
 
 
 def _split_line(parts: list[str], dim: int, path: str | Path, number: int) -> tuple[str, list[str]]:
     n_word = len(parts) - dim
     if n_word < 1 or any(_is_number(piece) for piece in parts[1:n_word]):
         found = len(parts) - 1
-        raise PretrainedFileError(path, number, f"{found} values after the word {parts[0]!r}, expected dim={dim}")
+        raise PretrainedFileError(path, number, f"{found} values after the word, expected dim={dim}")
     return " ".join(parts[:n_word]), parts[n_word:]
 
 
-def _parse_value(text: str, index: int, word: str, path: str | Path, number: int) -> float:
+def _parse_value(text: str, index: int, path: str | Path, number: int) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise PretrainedFileError(path, number, f"value {index} of {word!r} is {text!r}, not a number") from None
+        raise PretrainedFileError(path, number, f"value {index} after the word is not a number") from None
     if not math.isfinite(value):
-        raise PretrainedFileError(path, number, f"value {index} of {word!r} is {text!r}; vectors must be finite")
+        raise PretrainedFileError(path, number, f"value {index} after the word is not finite; vectors must be finite")
     return value
 
 
@@ -113,11 +114,6 @@ def _decode(raw: bytes, path: str | Path, number: int) -> str:
         raise PretrainedFileError(
             path, number, "not UTF-8 text (binary word2vec files are not supported; save them as text)"
         ) from None
-
-
-def _os_problem(error: OSError) -> str:
-    reason = error.strerror or type(error).__name__
-    return f"cannot read ({reason}); relative paths are resolved from the current directory {Path.cwd()}"
 
 
 def _is_int(text: str) -> bool:
@@ -141,8 +137,9 @@ class TokenEmbedding(Block):
     n-1) maps words to ids; without it the file's n-th vector is id n-1. Ids whose token is not in the file
     get `missing`: `normal` draws N(0, σ²) with σ the standard deviation of all values loaded, so new rows
     match the pretrained scale; `zeros` leaves them zero. The `padding_idx` row is zero either way. Paths are
-    relative to the current directory. Files are read when the block is built, not on the `meta` device;
-    a malformed file raises `PretrainedFileError` (a `ValueError`) naming the file, the line and the problem.
+    relative to the spec's folder and must stay in it unless external files are allowed (docs/security.md).
+    Files are read when the block is built, not on the `meta` device; a malformed file raises
+    `PretrainedFileError` (a `ValueError`) naming the file, the line and what was expected.
     """
 
     class Params(BlockParams):
@@ -154,7 +151,7 @@ class TokenEmbedding(Block):
         )
         pretrained: str | None = Field(
             None,
-            description="Word2Vec/GloVe text file of initial vectors (relative to the current directory)",
+            description="Word2Vec/GloVe text file of initial vectors (relative to the spec's folder)",
             json_schema_extra={"format": "path"},
         )
         vocab_file: str | None = Field(

@@ -2,10 +2,10 @@
 
 from builder.api import build, dummy_inputs, load_spec, resolve_dims, trial_run, typed_graph
 from builder.compile import GraphModel, compile_graph
-from builder.errors import BlockgraphError, Location, PluginError, Problem, SpecError
 from builder.graph import Graph, assemble
 from builder.persist import load, save
 from builder.shapes import TypedGraph, infer_shapes
+from common.errors import BlockgraphError, Location, PluginError, Problem, SpecError
 
 __all__ = [
     "BlockgraphError",

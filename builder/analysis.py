@@ -32,9 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blocks.registry import Block
 from blocks.types import TensorType, symbol
-from builder.errors import SpecError
 from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph
+from common.errors import SpecError
 
 Shape = tuple[Any, ...]  # ints, or sympy expressions when no sizes are given
 

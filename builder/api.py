@@ -11,13 +11,13 @@ import torch
 
 from blocks.types import TensorType, format_shape, symbol
 from builder.compile import GraphModel, compile_graph
-from builder.errors import Location, Problem, SpecError
 from builder.graph import Graph, assemble
 from builder.plugins import activate
 from builder.shapes import TypedGraph, block_bug, infer_shapes
 from builder.source import Document, SourceMap, load_file
 from builder.spec import DTYPES
 from builder.validate import ValidSpec, validate_document
+from common.errors import Location, Problem, SpecError
 
 SpecSource = str | Path | dict[str, Any] | ValidSpec
 
@@ -28,20 +28,34 @@ def use_plugins(plugins: Sequence[str] = (), *, allow_override: bool = False) ->
         warnings.warn(str(problem), stacklevel=3)
 
 
-def load_spec(source: SpecSource, overrides: dict[str, Any] | None = None, *, plugins: Sequence[str] = ()) -> ValidSpec:
-    """A spec file (or a mapping already in memory) validated, with `--set`-style variable overrides applied."""
+def load_spec(
+    source: SpecSource,
+    overrides: dict[str, Any] | None = None,
+    *,
+    plugins: Sequence[str] = (),
+    allow_external_files: bool = False,
+) -> ValidSpec:
+    """A spec file (or a mapping already in memory) validated, with `--set`-style variable overrides applied.
+
+    `allow_external_files` lets the spec name files outside its folder (docs/security.md).
+    """
     use_plugins(plugins)
     if isinstance(source, ValidSpec):
         return source
     document = Document(source, SourceMap("<dict>")) if isinstance(source, dict) else load_file(source)
-    return validate_document(document, overrides)
+    return validate_document(document, overrides, allow_external_files=allow_external_files)
 
 
 def typed_graph(
-    source: SpecSource, overrides: dict[str, Any] | None = None, *, plugins: Sequence[str] = ()
+    source: SpecSource,
+    overrides: dict[str, Any] | None = None,
+    *,
+    plugins: Sequence[str] = (),
+    allow_external_files: bool = False,
 ) -> TypedGraph:
     """Everything short of allocating weights: validated, wired and shape-checked."""
-    return infer_shapes(assemble(load_spec(source, overrides, plugins=plugins)))
+    valid = load_spec(source, overrides, plugins=plugins, allow_external_files=allow_external_files)
+    return infer_shapes(assemble(valid))
 
 
 def build(
@@ -51,12 +65,14 @@ def build(
     dtype: str | torch.dtype | None = None,
     overrides: dict[str, Any] | None = None,
     plugins: Sequence[str] = (),
+    allow_external_files: bool = False,
 ) -> GraphModel:
     """Build a spec into an ordinary `nn.Module` (weights on `device`; `meta` allocates none).
 
-    `plugins` are files or modules whose blocks the spec may use (see docs/plugins.md).
+    `plugins` are files or modules whose blocks the spec may use (see docs/plugins.md); `allow_external_files`
+    lets the spec name files outside its own folder (docs/security.md).
     """
-    typed = typed_graph(source, overrides, plugins=plugins)
+    typed = typed_graph(source, overrides, plugins=plugins, allow_external_files=allow_external_files)
     return compile_graph(typed, device=device, dtype=parse_dtype(dtype))
 
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from blocks import REGISTRY, BlockEntry
 from blocks.registry import UnknownBlockError
-from builder.errors import Problem, SpecError
+from common.errors import Problem, SpecError
 
 
 def lookup(name: str) -> BlockEntry:

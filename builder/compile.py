@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from builder.errors import Problem, ProblemList, SpecError
 from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph
+from common.errors import Problem, ProblemList, SpecError
 
 
 class GraphModel(nn.Module):

@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 
 from blocks.types import format_shape
-from builder.errors import BlockgraphError, Location, Problem
 from builder.shapes import TypedGraph
+from common.errors import BlockgraphError, Location, Problem
 
 Format = Literal["exported-program", "onnx"]
 FORMATS: tuple[str, ...] = ("exported-program", "onnx")

@@ -14,10 +14,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from blocks import REGISTRY, BlockEntry, BlockParams, Port
-from builder.errors import Location, Problem, ProblemList, SpecError, SpecPath
+from blocks.registry import weights_follow
 from builder.expressions import Scope
 from builder.spec import GraphSpec, InputSpec, NodeSpec
 from builder.validate import ValidSpec, pydantic_problems, resolve_variable, substitute_located
+from common.errors import Location, Problem, ProblemList, SpecError, SpecPath
 
 MAX_EXPANDED = 100_000  # block instances and sub-graph instances in one expanded graph
 
@@ -443,7 +444,9 @@ class _Assembler:
         raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
         if len(self.problems.errors) > reported:  # a `${...}` failed: its raw text would only fail again here
             return None
-        raw = self._resolve_paths(entry, raw)
+        raw = self._resolve_paths(entry, raw, path, node_id)
+        if raw is None:
+            return None
         key = (entry.name, json.dumps(raw, sort_keys=True, default=repr))
         cached = self._params_cache.get(key)
         if cached is not None:
@@ -457,17 +460,25 @@ class _Assembler:
         self._params_cache[key] = params
         return params
 
-    def _resolve_paths(self, entry: BlockEntry, raw: Any) -> Any:
-        """File params (`json_schema_extra={"format": "path"}`) are relative to the spec file, not the shell."""
-        base = self.valid.file.parent if self.valid.file else None
-        if base is None or not isinstance(raw, dict):
+    def _resolve_paths(self, entry: BlockEntry, raw: Any, path: SpecPath, node_id: str) -> Any:
+        """File params (`json_schema_extra={"format": "path"}`) are relative to the spec's folder and must stay in
+        it (see builder.spec_files); None when one is refused. A model rebuilt to receive saved weights never
+        reads them, so their paths are left as written."""
+        if weights_follow() or not isinstance(raw, dict):
             return raw
+        base = self.valid.file.parent if self.valid.file else Path()
         resolved = dict(raw)
         for name, info in entry.cls.Params.model_fields.items():
             extra = info.json_schema_extra
             value = resolved.get(name)
             if isinstance(extra, dict) and extra.get("format") == "path" and isinstance(value, str):
-                resolved[name] = str(base / Path(value).expanduser())
+                where = self.source.locate((*path, "params", name))
+                try:
+                    resolved[name] = str(self.valid.files.resolve(value, base, where, f"{name}:"))
+                except SpecError as exc:
+                    for problem in exc.problems:
+                        self.problems.add(Problem(problem.message, problem.location, problem.hint, node=node_id))
+                    return None
         return resolved
 
     def _expand_subgraph(

@@ -14,73 +14,74 @@ Loading reads only YAML, JSON and safetensors: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from blocks.registry import receiving_weights
-from builder.errors import Location, Problem, SpecError
 from builder.source import dump_yaml
 from builder.validate import ValidSpec
+from common.atomic import write_directory
+from common.errors import CheckpointError, Location, Problem, SpecError
+from common.files import FileKind, MiB
+from common.records import read_record
+from common.tensorfile import Header, read_header, write_safetensors
 
 FORMAT = "blockgraph-model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 SPEC = "spec.yaml"
 MANIFEST = "blockgraph.json"
+MANIFEST_FILE = FileKind("model manifest", CheckpointError, limit=16 * MiB)
+
+
+class Manifest(BaseModel):
+    """What `blockgraph.json` must hold for a saved model to be read; other keys are informative."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    format_version: int = Field(strict=True, ge=1)
+    dtype: str | None = None
+    plugins: list[str] = Field(default_factory=list)
 
 
 def save(model: nn.Module, directory: str | Path, valid_spec: ValidSpec | None = None) -> Path:
-    """Write `model` to `directory` atomically: a temporary sibling directory, renamed into place when complete.
+    """Write `model` to `directory` atomically (see common.atomic): complete, or not at all.
 
     `valid_spec` defaults to the spec the model was built from. An existing saved model at `directory` is
-    replaced; any other non-empty directory is refused.
+    replaced; any other non-empty directory, a file, a link or a device is refused.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
+    write = model_files(model, valid_spec, Location(str(directory)))
+    return write_directory(directory, write, owned=is_saved_model, what="saved blockgraph model")
+
+
+def model_files(model: nn.Module, valid_spec: ValidSpec | None, where: Location) -> Callable[[Path], None]:
+    """Check that `model` can be saved, and return the function that writes its three files into a folder."""
     valid = valid_spec if valid_spec is not None else _model_spec(model)
-    where = Location(str(directory))
     if valid.standalone is None:
         raise SpecError(Problem("this spec has no standalone form to save", where, hint="load it with load_spec"))
-    if directory.exists() and not _replaceable(directory):
-        raise SpecError(
-            Problem(
-                f"{directory} exists and is not a saved blockgraph model",
-                where,
-                hint="choose a new directory, or an empty one",
-            )
-        )
     tensors, aliases = unique_tensors(model)
     if any(t.is_meta for t in tensors.values()):
         raise SpecError(Problem("a model on the meta device has no weights to save", where, hint="build it on cpu"))
     _check_structure(valid, model, where)
     manifest = _manifest(model, valid, tensors, aliases)
     spec_text = dump_yaml(valid.standalone)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        save_file(
-            _storable(tensors),
-            str(tmp / WEIGHTS),
-            metadata={"format": "pt", "blockgraph.aliases": json.dumps(aliases)},
-        )
-        _write_text(tmp / SPEC, spec_text)
-        _write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _fsync(tmp / WEIGHTS)
-        _default_permissions(tmp)
-        _move_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+
+    def write(folder: Path) -> None:
+        folder.mkdir(exist_ok=True)
+        metadata = {"format": "pt", "blockgraph.aliases": json.dumps(aliases)}
+        write_safetensors(folder / WEIGHTS, _storable(tensors), metadata)
+        (folder / SPEC).write_text(spec_text, encoding="utf-8")
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    return write
 
 
 def load(
@@ -91,8 +92,8 @@ def load(
 ) -> nn.Module:
     """Rebuild a saved model from its `spec.yaml` on `device` and fill in its weights bit-exactly.
 
-    The weights file must hold exactly the spec's tensors (names and shapes); anything else is a `SpecError`
-    naming the missing, unexpected and mis-shaped tensors. `plugins` provide blocks the spec needs.
+    The weights file must hold exactly the spec's tensors (names, shapes, and dtypes of their kind); anything
+    else is a `CheckpointError` naming the file and the tensors. `plugins` provide blocks the spec needs.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -101,55 +102,47 @@ def load(
     directory = Path(directory)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise SpecError(Problem(f"no weights file {WEIGHTS} in {directory}", Location(str(weights))))
+    header = read_header(str(weights), "weights file")
     try:
         valid = load_spec(directory / SPEC, plugins=plugins)
-        dtype = manifest.get("dtype")
+        dtype = manifest.dtype
         with receiving_weights():
             model = build(valid, device=device, dtype=dtype if dtype in _FLOAT_NAMES else None)
     except SpecError as exc:
-        sources = manifest.get("plugins") or []
-        if not sources:
-            raise
-        hint = f"this model was saved with blocks from {', '.join(sources)}: pass them as plugins"
-        problem = Problem("cannot rebuild the saved spec", Location(str(directory)), hint)
-        raise SpecError([*exc.problems, problem]) from exc
+        hint = "the saved model's spec.yaml does not build"
+        if manifest.plugins:
+            hint = f"this model was saved with blocks from {', '.join(manifest.plugins)}: pass them as plugins"
+        problem = Problem("cannot rebuild the saved spec", Location(str(directory / SPEC)), hint)
+        raise CheckpointError([*exc.problems, problem]) from None
     where = Location(str(weights))
     targets, aliases = unique_tensors(model)
+    names = _match_names(header, targets, aliases, where)
     try:
-        with safe_open(str(weights), framework="pt", device="cpu") as handle:
-            saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
-            names = _match_names(saved, targets, aliases, where)
-            with torch.no_grad():
-                for target_name, file_name in names.items():
-                    _assign(targets[target_name], handle.get_tensor(file_name))
-    except SafetensorError as exc:
-        raise SpecError(Problem(f"cannot read the weights file: {exc}", where)) from exc
+        with safe_open(str(weights), framework="pt", device="cpu") as handle, torch.no_grad():
+            for target_name, file_name in names.items():
+                _assign(targets[target_name], handle.get_tensor(file_name))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(Problem(f"cannot read the weights file: {type(exc).__name__}", where)) from None
     return model
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> Manifest:
     """The manifest of a saved model directory, checked for format and version."""
     path = directory / MANIFEST
     where = Location(str(path))
     if not directory.is_dir():
-        raise SpecError(Problem(f"{directory} is not a directory", Location(str(directory))))
-    if not path.is_file():
-        raise SpecError(
+        raise CheckpointError(Problem(f"{directory} is not a directory", Location(str(directory))))
+    if not path.exists():
+        raise CheckpointError(
             Problem(f"{directory} is not a saved blockgraph model (no {MANIFEST})", where, hint="save it with save()")
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(Problem(f"cannot read the manifest: {exc}", where)) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SpecError(Problem(f"{MANIFEST} is not a blockgraph model manifest", where))
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SpecError(
+    manifest = read_record(path, Manifest, MANIFEST_FILE)
+    if manifest.format != FORMAT:
+        raise CheckpointError(Problem(f"{MANIFEST} is not a blockgraph model manifest (field format)", where))
+    if manifest.format_version > FORMAT_VERSION:
+        raise CheckpointError(
             Problem(
-                f"saved with format version {version}; this blockgraph reads up to {FORMAT_VERSION}",
+                f"saved with format version {manifest.format_version}; this blockgraph reads up to {FORMAT_VERSION}",
                 where,
                 hint="upgrade blockgraph",
             )
@@ -158,7 +151,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def is_saved_model(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return (Path(path) / MANIFEST).is_file() and not (Path(path) / MANIFEST).is_symlink()
 
 
 def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -176,6 +169,18 @@ def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 _FLOAT_NAMES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 def _model_spec(model: nn.Module) -> ValidSpec:
@@ -186,15 +191,12 @@ def _model_spec(model: nn.Module) -> ValidSpec:
     return valid
 
 
-def _replaceable(directory: Path) -> bool:
-    return directory.is_dir() and (is_saved_model(directory) or not any(directory.iterdir()))
-
-
 def _check_structure(valid: ValidSpec, model: nn.Module, where: Location) -> None:
     """The standalone spec must rebuild this very structure, or the saved directory would not load."""
     from builder.api import build
 
-    rebuilt = build(valid.standalone or {}, device="meta")
+    with receiving_weights():  # only the structure matters: the files the spec names are not looked at
+        rebuilt = build(valid.standalone or {}, device="meta")
     expected, _ = unique_tensors(rebuilt)
     have, aliases = unique_tensors(model)
     problems = _mismatches({n: tuple(t.shape) for n, t in have.items()}, expected, aliases, where, "the model")
@@ -203,13 +205,29 @@ def _check_structure(valid: ValidSpec, model: nn.Module, where: Location) -> Non
 
 
 def _match_names(
-    saved: dict[str, tuple[int, ...]], targets: dict[str, torch.Tensor], aliases: dict[str, str], where: Location
+    header: Header, targets: dict[str, torch.Tensor], aliases: dict[str, str], where: Location
 ) -> dict[str, str]:
-    """Target name → name in the file; refuses missing, unexpected and mis-shaped tensors."""
+    """Target name → name in the file; refuses missing, unexpected, mis-shaped and mis-typed tensors.
+
+    A floating tensor may be stored in another floating dtype (it is converted, as `--dtype` would); an
+    integer or boolean tensor of a floating parameter, or any other dtype change, is refused.
+    """
+    saved = {name: info.shape for name, info in header.tensors.items()}
     problems = _mismatches(saved, targets, aliases, where, "the weights file")
     if problems:
-        raise SpecError(problems)
-    return {aliases.get(name, name): name for name in saved}
+        raise CheckpointError(problems)
+    names = {aliases.get(name, name): name for name in saved}
+    kinds = []
+    for target_name, file_name in names.items():
+        target, info = targets[target_name], header.tensors[file_name]
+        expected = str(target.dtype).removeprefix("torch.")
+        if (target.is_floating_point() and not info.floating) or (
+            not target.is_floating_point() and _SAFETENSORS_DTYPES.get(info.dtype) != target.dtype
+        ):
+            kinds.append(f"{file_name}: {info.dtype} in the file, {expected} in the model")
+    if kinds:
+        raise CheckpointError(Problem(f"{len(kinds)} tensor(s) have the wrong dtype: {_names(kinds)}", where))
+    return names
 
 
 def _mismatches(
@@ -318,40 +336,3 @@ def _version() -> str:
         return metadata.version("blockgraph")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _write_text(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _default_permissions(directory: Path) -> None:
-    """What a plain mkdir and open would give (mkdtemp makes the directory private to its owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for item in directory.iterdir():
-        os.chmod(item, 0o666 & ~umask)
-
-
-def _move_into_place(tmp: Path, directory: Path) -> None:
-    """Rename the finished temporary directory to `directory`, replacing an old save only once the new one is whole."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-    os.replace(directory, old / "model")
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old / "model", directory)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from blocks import REGISTRY
 from blocks.registry import RegistrationError
-from builder.errors import Location, PluginError, Problem
+from common.errors import Location, PluginError, Problem
 
 ENTRY_POINT_GROUP = "blockgraph.blocks"
 ENV_VAR = "BLOCKGRAPH_PLUGINS"

@@ -19,9 +19,9 @@ from rich.tree import Tree
 from blocks.types import format_shape
 from builder.analysis import Costs, analyse
 from builder.compile import GraphModel
-from builder.errors import Problem
 from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph
+from common.errors import Problem
 
 
 def problems(items: Iterable[Problem]) -> RenderableType:

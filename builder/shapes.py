@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from blocks.registry import Port
 from blocks.types import ShapeError, TensorType, as_dim, dtype_kind
-from builder.errors import Problem, ProblemList, SpecError
 from builder.graph import Endpoint, Graph, NodeInstance
+from common.errors import Problem, ProblemList, SpecError
 
 
 @dataclass

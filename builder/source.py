@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from builder.errors import Location, Problem, SpecError, SpecPath
+from common.errors import Location, Problem, SpecError, SpecPath
+from common.files import FileKind, MiB, read_text
 
-MAX_BYTES = 2 * 1024 * 1024
+MAX_BYTES = 2 * MiB
 MAX_DEPTH = 64
 MAX_VALUES = 200_000
 
@@ -20,6 +22,7 @@ Position = tuple[str | None, int, int]
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 _SCALAR_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null")}
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"  # `2024-01-01` stays the text it is: specs have no dates
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")  # what PyYAML quotes of the text in its messages
 
 
 @dataclass
@@ -56,41 +59,27 @@ class Document:
     path: Path | None = None
 
 
-def load_file(path: str | Path) -> Document:
-    """Load a `.yaml`/`.yml`/`.json` spec; every failure is a located `SpecError`."""
+SPEC_FILE = FileKind("spec file", SpecError, limit=MAX_BYTES)
+
+
+def load_file(path: str | Path, *, named_by_spec: bool = False) -> Document:
+    """Load a `.yaml`/`.yml`/`.json` spec; every failure is a located `SpecError`.
+
+    A file reached through another spec (`extends:`) is `named_by_spec`: its syntax errors say where, never what
+    the file holds there, since it may not be a spec at all.
+    """
     path = Path(path)
-    where = Location(str(path))
-    try:
-        exists, is_dir = path.exists(), path.is_dir()
-    except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
-        raise SpecError(Problem(f"cannot use this path: {exc}", where)) from exc
-    if not exists:
-        raise SpecError(Problem(f"spec file not found: {path}", where, hint="check the path and its spelling"))
-    if is_dir:
-        raise SpecError(Problem(f"{path} is a directory, not a spec file", where))
-    size = path.stat().st_size
-    if size > MAX_BYTES:
-        raise SpecError(Problem(f"spec file is {size:,} bytes; the limit is {MAX_BYTES:,}", where))
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SpecError(Problem(f"cannot read spec file: {exc.strerror}", where)) from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise SpecError(
-            Problem(
-                f"spec file is not UTF-8 text (byte {exc.start})", Location(str(path), line), hint="save it as UTF-8"
-            )
-        ) from exc
-    document = load_text(text, str(path), json_syntax=path.suffix.lower() == ".json")
+    text = read_text(path, SPEC_FILE)
+    document = load_text(text, str(path), json_syntax=path.suffix.lower() == ".json", quote=not named_by_spec)
     document.path = path
     return document
 
 
-def load_text(text: str, filename: str | None = None, *, json_syntax: bool = False) -> Document:
-    """Parse spec text. JSON is checked by the JSON parser first, then mapped to lines like YAML."""
+def load_text(text: str, filename: str | None = None, *, json_syntax: bool = False, quote: bool = True) -> Document:
+    """Parse spec text. JSON is checked by the JSON parser first, then mapped to lines like YAML.
+
+    `quote`: syntax errors may show the character or name they stumbled on (cleaned, a few characters).
+    """
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise SpecError(Problem(f"spec text is larger than {MAX_BYTES:,} bytes", Location(filename)))
     if json_syntax:
@@ -102,7 +91,7 @@ def load_text(text: str, filename: str | None = None, *, json_syntax: bool = Fal
             raise SpecError(Problem(f"the spec is nested deeper than {MAX_DEPTH} levels", Location(filename))) from exc
         except ValueError as exc:  # an integer literal beyond Python's digit limit
             raise SpecError(Problem(f"JSON value error: {exc}", Location(filename))) from exc
-    data, source = _YamlWalker(text, filename).run()
+    data, source = _YamlWalker(text, filename, quote).run()
     if data is None:
         raise SpecError(
             Problem(
@@ -130,8 +119,9 @@ def _json_problem(exc: json.JSONDecodeError, text: str, filename: str | None) ->
 class _YamlWalker:
     """Compose the YAML node tree (no object construction), then convert it while recording positions."""
 
-    def __init__(self, text: str, filename: str | None):
+    def __init__(self, text: str, filename: str | None, quote: bool = True):
         self.text = text
+        self.quote = quote
         self.source = SourceMap(filename)
         self.count = 0
 
@@ -163,7 +153,7 @@ class _YamlWalker:
         position = max(0, min(exc.position, len(self.text)))
         line = self.text.count("\n", 0, position) + 1
         column = position - (self.text.rfind("\n", 0, position) + 1) + 1
-        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else "a byte"
         return SpecError(
             Problem(
                 f"the spec contains the character {character}, which YAML does not allow",
@@ -175,7 +165,8 @@ class _YamlWalker:
     def _syntax_error(self, exc: yaml.MarkedYAMLError) -> SpecError:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        message = f"YAML syntax error: {exc.problem or exc.context}"
+        problem = exc.problem or exc.context or ""
+        message = f"YAML syntax error: {problem if self.quote else _QUOTED.sub('…', problem)}"
         hint = None
         if "'\\t'" in message:
             hint = "indent with spaces: YAML does not allow tabs for indentation"

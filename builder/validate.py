@@ -5,16 +5,18 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from builder.errors import Problem, ProblemList, SpecError, SpecPath
 from builder.expressions import ExpressionError, ReportedError, Scope, check_size, substitute
 from builder.source import Document, SourceMap, load_file
 from builder.spec import EXPR_RE, NAME_RE, PARAM_PATH_RE, Spec
+from builder.spec_files import FileAccess
+from common.errors import Problem, ProblemList, SpecError, SpecPath
+from common.text import excerpt
 
 MAX_EXTENDS = 16
 
@@ -28,10 +30,15 @@ class ValidSpec:
     scope: Scope
     file: Path | None = None
     standalone: dict[str, Any] | None = None  # extends merged, overrides written into vars: loadable on its own
+    files: FileAccess = field(default_factory=lambda: FileAccess(Path.cwd()))  # where its files may be
 
 
-def validate_document(document: Document, overrides: dict[str, Any] | None = None) -> ValidSpec:
+def validate_document(
+    document: Document, overrides: dict[str, Any] | None = None, *, allow_external_files: bool = False
+) -> ValidSpec:
     problems = ProblemList()
+    root = document.path.parent if document.path is not None else Path.cwd()
+    files = FileAccess(root.resolve(), allow_external_files)
     data, source = document.data, document.source
     if not isinstance(data, dict):
         raise SpecError(
@@ -42,7 +49,7 @@ def validate_document(document: Document, overrides: dict[str, Any] | None = Non
             )
         )
     if "extends" in data:  # a spec given as a mapping has no file: its base is relative to the working directory
-        data, source = _merge_extends(document.path or Path.cwd() / "<spec>", data, source, [])
+        data, source = _merge_extends(document.path or Path.cwd() / "<spec>", data, source, [], files)
     raw_vars = data.get("vars") or {}
     if not isinstance(raw_vars, dict):
         raise SpecError(Problem("vars must be a mapping name → value", source.locate(("vars",))))
@@ -74,7 +81,7 @@ def validate_document(document: Document, overrides: dict[str, Any] | None = Non
     standalone = {k: v for k, v in data.items() if k != "extends"}
     if raw_vars:
         standalone["vars"] = raw_vars
-    return ValidSpec(spec, source, scope, document.path, standalone=standalone)
+    return ValidSpec(spec, source, scope, document.path, standalone=standalone, files=files)
 
 
 def resolve_variable(scope: Scope, name: str, source: SourceMap, problems: ProblemList) -> Any:
@@ -268,7 +275,7 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _merge_extends(
-    path: Path, data: dict[str, Any], source: SourceMap, chain: list[Path]
+    path: Path, data: dict[str, Any], source: SourceMap, chain: list[Path], files: FileAccess
 ) -> tuple[dict[str, Any], SourceMap]:
     """Deep-merge this spec over the one it `extends:` (recursively); mappings merge, other values replace."""
     here = path.resolve()
@@ -280,24 +287,26 @@ def _merge_extends(
         raise SpecError(Problem("extends must be a file path", where))
     if len(chain) >= MAX_EXTENDS:
         raise SpecError(Problem(f"more than {MAX_EXTENDS} levels of extends", where))
+    base_path = files.resolve(base_ref, path.parent, where, "extends:")
     try:
-        base_path = (path.parent / base_ref).resolve()
-        is_file, is_dir = base_path.is_file(), base_path.is_dir()
-    except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
-        raise SpecError(Problem(f"extends: {base_ref[:80]!r} is not a usable path: {exc}", where)) from exc
+        base_path = base_path.resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, a loop of links
+        raise SpecError(Problem(f"extends: {excerpt(base_ref, 80)} is not a usable path", where)) from exc
     if base_path in chain or base_path == here:
         cycle = " → ".join(str(p.name) for p in [*chain, here, base_path])
         raise SpecError(Problem(f"extends forms a cycle: {cycle}", where, hint="a spec cannot extend itself"))
-    if not is_file:
-        what = "is a directory, not a spec file" if is_dir else "not found"
-        hint = "paths are relative to this file"
-        raise SpecError(Problem(f"extends: base spec {what}: {base_path}", where, hint=hint))
-    base_doc = load_file(base_path)
-    if not isinstance(base_doc.data, dict):
+    if not base_path.exists():
+        raise SpecError(Problem(f"extends: base spec not found: {base_path}", where, "paths are relative to this file"))
+    try:
+        base_doc = load_file(base_path, named_by_spec=True)
+    except SpecError as exc:  # a problem without a line in the base file is shown at the `extends:` naming it
         raise SpecError(
-            Problem(f"extends: the base spec {base_ref!r} is a {type(base_doc.data).__name__}, not a mapping", where)
-        )
-    base_data, base_source = _merge_extends(base_path, base_doc.data, base_doc.source, [*chain, here])
+            [Problem(f"extends: {p.message}", p.location if p.location.line else where, p.hint) for p in exc.problems]
+        ) from None
+    if not isinstance(base_doc.data, dict):
+        kind = type(base_doc.data).__name__
+        raise SpecError(Problem(f"extends: the base spec {excerpt(base_ref, 80)} is a {kind}, not a mapping", where))
+    base_data, base_source = _merge_extends(base_path, base_doc.data, base_doc.source, [*chain, here], files)
     merged = _deep_merge(base_data, {k: v for k, v in data.items() if k != "extends"})
     merged_source = SourceMap(source.file, {**base_source.values, **source.values}, {**base_source.keys, **source.keys})
     return merged, merged_source

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SPECS
 
-from builder.errors import SpecError
+from common.errors import CheckpointError, DataError, SpecError
 from trainer import checkpoint
 from trainer.commands import classify
 from trainer.loop import TrainConfig, train
@@ -85,7 +85,7 @@ def test_bad_labelled_lines_are_reported_or_skipped(tmp_path):
     path = tmp_path / "bad.tsv"
     good = "\n".join(f"{'pos' if i % 2 else 'neg'}\tline {i}" for i in range(8))
     path.write_text(f"{good}\nno tab here\n\tno label\npos\t\n", encoding="utf-8")
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(DataError) as caught:
         train(_config(str(path), epochs=1), quiet=True)
     messages = [(p.message, p.location.line) for p in caught.value.problems]
     assert messages == [
@@ -117,7 +117,12 @@ def test_user_tokenizer_is_used_and_recorded(tmp_path, monkeypatch):
     assert "up" in result.corpus.tgt_vocab.index and "down" in result.corpus.tgt_vocab.index
     stored = json.loads((tmp_path / "run" / "checkpoint" / "vocab.json").read_text(encoding="utf-8"))
     assert stored["tgt"]["tokenizer"] == "mytok:split_dashes"
-    saved = checkpoint.load(tmp_path / "run")
+    del sys.modules["mytok"]
+    with pytest.raises(CheckpointError) as refused:  # a checkpoint never imports the code it names
+        checkpoint.load(tmp_path / "run")
+    assert "mytok" not in sys.modules
+    assert "--tokenizer mytok:split_dashes" in (refused.value.problems[0].hint or "")
+    saved = checkpoint.load(tmp_path / "run", tokenizers=(None, "mytok:split_dashes"))
     assert saved.tgt_vocab.encode_text("w3-up")[-1] == saved.tgt_vocab.index["up"]
 
 
@@ -132,5 +137,5 @@ def test_user_tokenizer_is_used_and_recorded(tmp_path, monkeypatch):
 )
 def test_bad_tokenizer_name_is_a_clean_error(tmp_path, name, message):
     data = _labelled(tmp_path / "train.tsv", count=16)
-    with pytest.raises(SpecError, match=message):
+    with pytest.raises(DataError, match=message):
         train(_config(data, epochs=1, tgt_tokenizer=name), quiet=True)

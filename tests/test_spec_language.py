@@ -389,7 +389,9 @@ def test_extends_merges_mappings_replaces_values_and_null_deletes(tmp_path):
     grandchild = tmp_path / "sub" / "grand.yaml"
     grandchild.parent.mkdir()
     grandchild.write_text("extends: ../child.yaml\nname: grand\nnodes: {b: null}\noutputs: a\n")
-    model = builder.build(grandchild)
+    with pytest.raises(SpecError, match="leads outside the spec's folder"):  # the safe default (docs/security.md)
+        builder.build(grandchild)
+    model = builder.build(grandchild, allow_external_files=True)
     assert list(model.state_dict()) == ["a.proj.weight", "a.proj.bias"] and model.a.proj.in_features == 8
 
 

@@ -11,7 +11,7 @@ from conftest import SPECS
 from typer.testing import CliRunner
 
 from builder import persist
-from builder.errors import SpecError
+from common.errors import DataError, SpecError
 from trainer import checkpoint, data
 from trainer.app import app
 from trainer.loop import TrainConfig, train
@@ -139,7 +139,7 @@ BAD = "你好\tHello\nno tab here\n再见\t\n".encode() + b"\xff\xfe\tbad bytes\
 def test_bad_lines_are_located(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_bytes(BAD)
-    with pytest.raises(SpecError) as caught:
+    with pytest.raises(DataError) as caught:
         data.read_pairs(path)
     problems = caught.value.problems
     assert [(p.location.file, p.location.line) for p in problems] == [(str(path), 2), (str(path), 3), (str(path), 4)]

@@ -8,26 +8,32 @@
                           metrics history, the optimizer's hyper-parameters
       state.safetensors   Adam's moment estimates and step counts, each rank's random-number generator states
 
-Everything is written to a temporary sibling directory that is renamed into place once complete, so an
-interrupted write (Ctrl-C, a crash) leaves the previous checkpoint as it was. Nothing is unpickled on load.
+Everything is written to a temporary sibling directory that is swapped into place once complete (common.atomic),
+so an interrupted write (Ctrl-C, a crash, a full disk) leaves the previous checkpoint as it was. Loading
+unpickles nothing and runs nothing: every JSON file is checked field by field, and a user tokenizer
+(MODULE:FUNCTION) the run was trained with is imported only when `--tokenizer` names it again.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from builder.errors import Location, Problem, SpecError
+from builder import persist
 from builder.validate import ValidSpec
-from trainer.vocab import Vocab
+from common.atomic import write_directory
+from common.errors import CheckpointError, Location, Problem
+from common.files import FileKind, MiB
+from common.records import read_record
+from common.tensorfile import read_header, write_safetensors
+from trainer.roles import Roles
+from trainer.vocab import Vocab, resolve_tokenizer
 
 FORMAT = "blockgraph-checkpoint"
 FORMAT_VERSION = 1
@@ -36,6 +42,44 @@ TRAINER = "trainer.json"
 STATE = "state.safetensors"
 VOCAB = "vocab.json"
 MODEL = "model"
+TRAINER_FILE = FileKind("checkpoint's trainer.json", CheckpointError, limit=256 * MiB)
+VOCAB_FILE = FileKind("checkpoint's vocab.json", CheckpointError, limit=1024 * MiB)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class OptimizerRecord(_Record):
+    param_groups: list[dict[str, Any]] = Field(min_length=1)
+    scalars: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class TrainerRecord(_Record):
+    """What `trainer.json` must hold (see the module docstring)."""
+
+    format: Literal["blockgraph-checkpoint"]
+    format_version: int = Field(strict=True, ge=1)
+    config: dict[str, Any]
+    roles: Roles
+    epoch: int = Field(strict=True, ge=0)
+    batch: int = Field(strict=True, ge=0)
+    step: int = Field(strict=True, ge=0)
+    world: int = Field(1, strict=True, ge=1)
+    d_model: int = Field(strict=True, gt=0)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    optimizer: OptimizerRecord
+
+
+class VocabRecord(BaseModel):
+    tokenizer: str
+    tokens: list[str] = Field(min_length=4)
+
+
+class VocabsRecord(_Record):
+    src: VocabRecord | None = None
+    tgt: VocabRecord
+    labels: list[str] | None = None
 
 
 @dataclass
@@ -46,7 +90,7 @@ class Checkpoint:
     model: nn.Module
     src_vocab: Vocab | None
     tgt_vocab: Vocab
-    info: dict[str, Any]  # trainer.json
+    info: dict[str, Any]  # trainer.json, checked
     tensors: dict[str, torch.Tensor]  # state.safetensors
     labels: list[str] | None = None  # a classifier's classes in index order
 
@@ -69,21 +113,62 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Load the saved state into `optimizer`, after checking it belongs to this model's parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = meta["param_groups"]
+    where = Location(str(path / TRAINER))
+    listed = [pid for group in groups for pid in (group.get("params") or [])]
+    if len(groups) != len(optimizer.param_groups) or listed != list(range(len(params))):
+        raise CheckpointError(
+            Problem(
+                "field optimizer.param_groups does not list this model's parameters once each, in order",
+                where,
+                hint="the checkpoint is corrupt, or from another spec",
+            )
+        )
     state: dict[int, dict[str, Any]] = {}
+    wrong = []
     for name, value in tensors.items():
         if name.startswith("optimizer."):
             _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
+            index = int(pid) if pid.isdigit() else -1
+            if (
+                not 0 <= index < len(params)
+                or not value.is_floating_point()
+                or (key != "step" and value.shape != params[index].shape)
+            ):
+                wrong.append(name)
+            else:
+                state.setdefault(index, {})[key] = value
+    if wrong:
+        raise CheckpointError(
+            Problem(
+                f"{len(wrong)} optimizer tensor(s) do not fit the model's parameters: {', '.join(wrong[:5])}",
+                Location(str(path / STATE)),
+                hint="the checkpoint is corrupt, or from another spec",
+            )
+        )
     for pid, entries in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(entries)
-    groups = []
-    for group in meta["param_groups"]:
+        if pid.isdigit():
+            state.setdefault(int(pid), {}).update(entries)
+    restored = []
+    for group in groups:
         group = dict(group)
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+        restored.append(group)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": restored})
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        message = f"field optimizer: cannot restore the optimizer ({type(exc).__name__})"
+        raise CheckpointError(Problem(message, where)) from None
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / TRAINER).is_file()
 
 
 def save(
@@ -98,51 +183,36 @@ def save(
     labels: list[str] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically (replacing an older checkpoint there only once the new one is whole)."""
-    from builder import persist
-
     directory = Path(directory)
-    if directory.exists() and not (directory / TRAINER).is_file():
-        raise SpecError(
-            Problem(
-                f"{directory} exists and is not a checkpoint", Location(str(directory)), hint="choose another --out"
-            )
-        )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     rng = torch.get_rng_state()  # building the structure check must not disturb training's random numbers
     try:
-        persist.save(model, tmp / MODEL, valid_spec)
-        vocabs = {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()}
-        if labels is not None:
-            vocabs["labels"] = list(labels)
-        _write_json(tmp / VOCAB, vocabs)
-        _write_json(tmp / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **info})
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE))
-        with (tmp / STATE).open("rb") as handle:
-            os.fsync(handle.fileno())
-        _replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_model = persist.model_files(model, valid_spec, Location(str(directory)))
     finally:
         torch.set_rng_state(rng)
-    return directory
+    vocabs: dict[str, Any] = {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()}
+    if labels is not None:
+        vocabs["labels"] = list(labels)
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def write(folder: Path) -> None:
+        write_model(folder / MODEL)
+        _write_json(folder / VOCAB, vocabs)
+        _write_json(folder / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **info})
+        write_safetensors(folder / STATE, state)
+
+    return write_directory(directory, write, owned=is_checkpoint, what="training checkpoint")
 
 
 def locate(path: str | Path) -> Path:
     """A checkpoint directory from itself or from the run directory holding it (`--out` of train)."""
     path = Path(path)
-    if (path / TRAINER).is_file():
+    if is_checkpoint(path):
         return path
-    if (path / NAME / TRAINER).is_file():
+    if is_checkpoint(path / NAME):
         return path / NAME
-    if (path / f".{NAME}.old" / TRAINER).is_file():  # interrupted between the two renames of _replace
-        return path / f".{NAME}.old"
     if not path.exists():
-        raise SpecError(Problem(f"checkpoint {path} does not exist", Location(str(path))))
-    raise SpecError(
+        raise CheckpointError(Problem(f"checkpoint {path} does not exist", Location(str(path))))
+    raise CheckpointError(
         Problem(
             f"{path} is not a training checkpoint (no {TRAINER})",
             Location(str(path)),
@@ -151,53 +221,56 @@ def locate(path: str | Path) -> Path:
     )
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    from safetensors.torch import load_file
-
-    from builder import persist
-
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    tokenizers: tuple[str | None, str | None] = (None, None),
+    plugins: tuple[str, ...] = (),
+) -> Checkpoint:
+    """Read a checkpoint; nothing in it is run. A user tokenizer it was trained with (MODULE:FUNCTION) is used
+    only when this call names it again in `tokenizers` (source, target), as `--tokenizer` does."""
     directory = locate(path)
+    record = read_record(directory / TRAINER, TrainerRecord, TRAINER_FILE)
     where = Location(str(directory / TRAINER))
-    try:
-        info = json.loads((directory / TRAINER).read_text(encoding="utf-8"))
-        vocabs = json.loads((directory / VOCAB).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(Problem(f"cannot read the checkpoint: {exc}", where)) from exc
-    if info.get("format") != FORMAT or not isinstance(info.get("format_version"), int):
-        raise SpecError(Problem(f"{TRAINER} is not a blockgraph training checkpoint", where))
-    if info["format_version"] > FORMAT_VERSION:
-        raise SpecError(Problem(f"checkpoint format {info['format_version']} is newer than this blockgraph", where))
+    if record.format_version > FORMAT_VERSION:
+        raise CheckpointError(
+            Problem(f"checkpoint format {record.format_version} is newer than this blockgraph", where)
+        )
+    vocabs = read_record(directory / VOCAB, VocabsRecord, VOCAB_FILE)
+    vocab_where = Location(str(directory / VOCAB))
+    src = _vocab(vocabs.src, tokenizers[0], vocab_where, "src") if vocabs.src is not None else None
+    tgt = _vocab(vocabs.tgt, tokenizers[1], vocab_where, "tgt")
     rng = torch.get_rng_state()
     try:
-        model = persist.load(directory / MODEL, device=device)
+        model = persist.load(directory / MODEL, device=device, plugins=plugins)
     finally:
         torch.set_rng_state(rng)  # rebuilding initialises weights it then overwrites; keep the caller's stream
-    tensors = load_file(str(directory / STATE)) if (directory / STATE).is_file() else {}
-    src = Vocab.from_json(vocabs["src"]) if vocabs.get("src") else None
-    labels = vocabs.get("labels")
-    return Checkpoint(directory, model, src, Vocab.from_json(vocabs["tgt"]), info, tensors, labels)
+    tensors = _state_tensors(directory / STATE) if (directory / STATE).exists() else {}
+    info = record.model_dump()
+    return Checkpoint(directory, model, src, tgt, info, tensors, vocabs.labels)
+
+
+def _vocab(record: VocabRecord, given: str | None, where: Location, side: str) -> Vocab:
+    tokenizer = resolve_tokenizer(record.tokenizer, given, where, f"{side}.tokenizer")
+    try:
+        return Vocab(record.tokens, tokenizer)
+    except ValueError as exc:
+        raise CheckpointError(Problem(f"checkpoint's vocab.json: field {side}.tokens: {exc}", where)) from None
+
+
+def _state_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    read_header(str(path), "checkpoint's state.safetensors")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(Problem(f"cannot read {path}: {type(exc).__name__}", Location(str(path)))) from None
 
 
 def _write_json(path: Path, data: Any) -> None:
     with path.open("w", encoding="utf-8") as handle:
         json.dump(data, handle, ensure_ascii=False, indent=1)
         handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _replace(tmp: Path, directory: Path) -> None:
-    """Rename `tmp` to `directory`; an old checkpoint there is moved aside first and removed only afterwards."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    old = directory.with_name(f".{directory.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    os.replace(directory, old)
-    try:
-        os.replace(tmp, directory)
-    except BaseException:
-        os.replace(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

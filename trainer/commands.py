@@ -1,6 +1,6 @@
 """The `train` and `translate` commands as plain functions with Typer-annotated parameters.
 
-They raise `builder.errors.SpecError` for anything the user can fix; the command line (cli.py, or
+They raise `common.errors.SpecError` for anything the user can fix; the command line (cli.py, or
 `python -m trainer`) renders those as located messages and exits 1.
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from builder.errors import Problem, SpecError
+from common.errors import Problem, SpecError
 
 err = Console(stderr=True, highlight=False)
 
@@ -163,7 +163,8 @@ def train(
     if resume is not None and (set_ or spec is not None or task is not None):
         err.print("[yellow]note:[/] --resume continues with the checkpoint's spec, --set values and data options")
     try:
-        run_training(config, out_dir, resume=resume, quiet=quiet, console=err)
+        named = (src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
+        run_training(config, out_dir, resume=resume, tokenizers=named, quiet=quiet, console=err)
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/]: the last complete checkpoint is in {out_dir / checkpoint.NAME}")
         raise typer.Exit(130) from None
@@ -231,6 +232,15 @@ def translate(
     alpha: Annotated[float, typer.Option(min=0.0, help="GNMT length penalty α of beam search (0: none).")] = 0.0,
     n_best: Annotated[int, typer.Option(min=1, help="Print this many beam hypotheses with their scores.")] = 1,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="Tokenizer of both sides instead of the checkpoint's: chars, words, space or MODULE:FUNCTION; "
+            "a checkpoint trained with a user tokenizer needs it named here again."
+        ),
+    ] = None,
+    src_tokenizer: Annotated[str | None, typer.Option(help="As --tokenizer, for the source side only.")] = None,
+    tgt_tokenizer: Annotated[str | None, typer.Option(help="As --tokenizer, for the target side only.")] = None,
 ) -> None:
     """Translate sentences with a trained checkpoint (greedy or beam search); a language model continues them.
 
@@ -244,7 +254,9 @@ def translate(
     from trainer.roles import ModelIO, Roles
     from trainer.vocab import EOS_ID, UNK_ID
 
-    saved = checkpoint.load(checkpoint_dir, device=device)
+    saved = checkpoint.load(
+        checkpoint_dir, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
+    )
     roles = Roles(**saved.info["roles"])
     io = ModelIO(roles)
     model = saved.model.eval()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.errors import Problem, SpecError
+from common.errors import DataError, Problem
 from trainer import data, tasks
 from trainer.batching import Example
 from trainer.vocab import SPECIALS, Vocab, guess_tokenizer, tokenize
@@ -58,14 +58,14 @@ def load(
     seq2seq = options.kind == "seq2seq"
     if options.task is not None:
         if not seq2seq:
-            raise SpecError(
+            raise DataError(
                 Problem(f"--task {options.task} needs an encoder–decoder spec (a source and a target input)")
             )
         train_text, valid_text = tasks.make_pairs(options.task, options.task_options, options.seed)
         tokenizers = ("space", "space")
     else:
         if options.data is None:
-            raise SpecError(Problem("no training data", hint="pass --data FILE, or --task copy / --task reverse"))
+            raise DataError(Problem("no training data", hint="pass --data FILE, or --task copy / --task reverse"))
         records = _read(options.data, seq2seq, options.skip_bad_lines, notes)
         if options.valid_data is not None:
             train_text, valid_text = records, _read(options.valid_data, seq2seq, options.skip_bad_lines, notes)
@@ -89,16 +89,16 @@ def load(
     if dropped or dropped_valid:
         notes.append(f"left out {dropped + dropped_valid} example(s) longer than --max-len {options.max_len}")
     if not train:
-        raise SpecError(Problem("no training examples left", hint="check the data and --max-len"))
+        raise DataError(Problem("no training examples left", hint="check the data and --max-len"))
     refs = [tgt for src, tgt in valid_tokens if _fits(src, tgt, options.max_len)]
     return Corpus(train, valid, src_vocab, tgt_vocab, refs, notes)
 
 
 def _load_labelled(options: CorpusOptions, vocab: Vocab | None, labels: list[str] | None, notes: list[str]) -> Corpus:
     if options.task is not None:
-        raise SpecError(Problem(f"--task {options.task} needs an encoder–decoder spec, not a classifier"))
+        raise DataError(Problem(f"--task {options.task} needs an encoder–decoder spec, not a classifier"))
     if options.data is None:
-        raise SpecError(Problem("no training data", hint="pass --data FILE of label<TAB>text lines"))
+        raise DataError(Problem("no training data", hint="pass --data FILE of label<TAB>text lines"))
 
     def read(path: str) -> list[tuple[str, ...]]:
         text = data.read_labelled(path, skip_bad=options.skip_bad_lines)
@@ -144,14 +144,14 @@ def _load_labelled(options: CorpusOptions, vocab: Vocab | None, labels: list[str
     if unknown or unknown_valid:
         notes.append(f"left out {unknown + unknown_valid} example(s) whose label is not among the training labels")
     if len(labels) < 2:
-        raise SpecError(
+        raise DataError(
             Problem(
                 f"the training data has {len(labels)} label(s) ({', '.join(labels) or 'none'}); a classifier needs 2+",
                 hint="check the label<TAB>text lines of --data",
             )
         )
     if not train:
-        raise SpecError(Problem("no training examples left", hint="check the data and --max-len"))
+        raise DataError(Problem("no training examples left", hint="check the data and --max-len"))
     return Corpus(train, valid, None, vocab, [], notes, labels)
 
 

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
-from builder.errors import Location, Problem, SpecError
+from common import files
+from common.errors import DataError, Location, Problem
+from common.files import FileKind, GiB
 
 MAX_SHOWN = 10  # bad lines listed in one error
+DATA_FILE = FileKind("data file", DataError, limit=4 * GiB)
 
 
 @dataclass
@@ -52,23 +55,12 @@ def read_lines(path: str | Path, *, skip_bad: bool = False) -> TextData:
 
 
 def _read(path: Path, *, fields: int, skip_bad: bool, names: tuple[str, str] = ("source", "target")) -> TextData:
-    where = Location(str(path))
-    if path.is_dir():
-        raise SpecError(Problem(f"{path} is a directory, not a data file", where))
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(
-            Problem(f"data file {path} does not exist", where, hint="check the path given to --data")
-        ) from None
-    except OSError as exc:
-        raise SpecError(Problem(f"cannot read data file {path}: {exc.strerror or exc}", where)) from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
     records: list[tuple[str, ...]] = []
     bad: list[Problem] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    for number, line in files.read_lines(path, DATA_FILE):
         line = line.removesuffix(b"\r")
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -96,10 +88,10 @@ def _read(path: Path, *, fields: int, skip_bad: bool, names: tuple[str, str] = (
             hint = f"{len(bad) - MAX_SHOWN} more bad line(s) not shown; " + hint
         last = shown[-1]
         shown[-1] = Problem(last.message, last.location, hint)
-        raise SpecError(shown)
+        raise DataError(shown)
     if not records:
         what = "lines" if fields == 1 else "pairs" if names[0] == "source" else "labelled lines"
-        raise SpecError(Problem(f"{path} holds no usable {what}", where))
+        raise DataError(Problem(f"{path} holds no usable {what}", Location(str(path))))
     return TextData(records, bad, path)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from builder.errors import Problem, SpecError
+from common.errors import Problem, SpecError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from builder.api import compile_graph, load_spec, typed_graph
-from builder.errors import Problem, SpecError
+from common.errors import Problem, SpecError
+from common.records import check_record
 from trainer import batching, bleu, checkpoint, corpus, decode, distributed, schedule, tasks
 from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
 from trainer.vocab import Vocab, check_tokenizer
@@ -61,11 +62,6 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 @dataclass
 class TrainResult:
@@ -99,10 +95,15 @@ def train(
     out: str | Path | None = None,
     *,
     resume: str | Path | None = None,
+    tokenizers: tuple[str | None, str | None] = (None, None),
     quiet: bool = False,
     console: Console | None = None,
 ) -> TrainResult:
-    """Train (or, with `resume`, continue training) and write checkpoints to `out`/checkpoint."""
+    """Train (or, with `resume`, continue training) and write checkpoints to `out`/checkpoint.
+
+    `tokenizers` (source, target) are the tokenizers named in this invocation: on resume, they replace the
+    checkpoint's, and a user tokenizer the checkpoint records is used only when named here again.
+    """
     context = distributed.setup(config.device)
     console = console or Console(stderr=True, highlight=False)
     say = (lambda *a: console.print(*a, soft_wrap=True)) if context.main and not quiet else (lambda *a: None)
@@ -115,7 +116,7 @@ def train(
                     hint=f"continue it with --resume {out_dir}, or choose another --out",
                 )
             )
-        run = _resume(config, resume, context) if resume is not None else _start(config, context)
+        run = _resume(config, resume, context, tokenizers) if resume is not None else _start(config, context)
         config = run.config
         if resume is None and out_dir is not None and context.main:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -190,11 +191,18 @@ def _output_classes(typed: Any, roles: Roles) -> int | None:
     return int(last) if last.isdigit() else None
 
 
-def _resume(config: TrainConfig, resume: str | Path, context: distributed.Context) -> _Run:
-    saved = checkpoint.load(resume, device=context.device)
+def _resume(
+    config: TrainConfig, resume: str | Path, context: distributed.Context, tokenizers: tuple[str | None, str | None]
+) -> _Run:
+    saved = checkpoint.load(resume, device=context.device, tokenizers=tokenizers)
     info = saved.info
-    stored = TrainConfig.from_json(info["config"])
+    stored = check_record(
+        info["config"], TrainConfig, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "config"
+    )
     stored.epochs, stored.max_steps, stored.device = config.epochs, config.max_steps, config.device
+    # the data is read with the vocabularies' tokenizers, resolved by checkpoint.load: never a saved name as is
+    stored.src_tokenizer = saved.src_vocab.tokenizer if saved.src_vocab is not None else "space"
+    stored.tgt_tokenizer = saved.tgt_vocab.tokenizer
     if config.data is not None:
         stored.data = config.data
     roles = Roles(**info["roles"])
@@ -203,7 +211,7 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
     )
     model = saved.model
     optimizer = schedule.adam(model)
-    checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors)
+    checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
     if not distributed.restore_rng(context, saved.tensors):
         torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
     run = _Run(stored, model, saved.valid_spec, roles, data, optimizer, info["d_model"])

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from builder.errors import Location, Problem, SpecError
 from builder.graph import Endpoint, Graph
+from common.errors import Location, Problem, SpecError
 
 ROLE_NAMES = ("src", "tgt", "src_pad", "tgt_pad", "output")
 ALIASES = {"source": "src", "target": "tgt", "tokens": "tgt", "pad": "tgt_pad", "out": "output"}

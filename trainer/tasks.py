@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from builder.errors import Problem, SpecError
+from common.errors import DataError, Problem
 
 TASKS = ("copy", "reverse")
 
@@ -36,16 +36,16 @@ def parse_options(text: str | None) -> TaskOptions:
         name, sep, raw = item.partition("=")
         name = name.strip()
         if not sep or name not in known:
-            raise SpecError(
+            raise DataError(
                 Problem(f"--task-options: cannot use {item!r}", hint=f"NAME=VALUE with NAME one of {', '.join(known)}")
             )
         try:
             values[name] = int(raw)
         except ValueError:
-            raise SpecError(Problem(f"--task-options {name}: {raw!r} is not an integer")) from None
+            raise DataError(Problem(f"--task-options {name}: {raw!r} is not an integer")) from None
     options = TaskOptions(**values)
     if options.symbols < 2 or not 1 <= options.min_len <= options.max_len or options.train < 1 or options.valid < 0:
-        raise SpecError(
+        raise DataError(
             Problem(
                 f"--task-options: inconsistent values {options.to_json()}",
                 hint="symbols ≥ 2, 1 ≤ min_len ≤ max_len, train ≥ 1, valid ≥ 0",
@@ -57,7 +57,7 @@ def parse_options(text: str | None) -> TaskOptions:
 def make_pairs(task: str, options: TaskOptions, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Training and held-out (source, target) text pairs of the task."""
     if task not in TASKS:
-        raise SpecError(Problem(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}"))
+        raise DataError(Problem(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}"))
     generator = torch.Generator().manual_seed(seed)
 
     def draw(count: int) -> list[tuple[str, str]]:

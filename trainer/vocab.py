@@ -8,8 +8,9 @@ Three tokenizers, chosen per side of the data:
   punctuation marks. For English and other space-separated languages.
 - `space`: split on whitespace only (the synthetic tasks, pre-tokenized text).
 - `MODULE:FUNCTION`: a Python callable `str -> list[str]` the user names (`--tokenizer mytok:split`). It is
-  imported only because the user named it (on the command line, or in a checkpoint trained with it), never
-  from a spec; tokens are joined back with spaces.
+  imported only because the user named it on the command line (or in the API) in this invocation: never
+  from a spec, and never from a checkpoint, which only records the name (`resolve_tokenizer`); tokens are
+  joined back with spaces.
 
 `auto` picks `chars` when more than a third of the lines contain a CJK character, `words` otherwise.
 """
@@ -23,7 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from builder.errors import Problem, SpecError
+from common.errors import CheckpointError, DataError, Location, Problem
+from common.text import excerpt
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -56,23 +58,23 @@ def user_tokenizer(name: str) -> Callable[[str], list[str]]:
     module_name, _, attr = name.partition(":")
     hint = "name a Python callable str -> list[str] as MODULE:FUNCTION, with MODULE importable (on sys.path)"
     if not module_name.strip() or not attr.strip() or ":" in attr:
-        raise SpecError(Problem(f"tokenizer {name!r} is not MODULE:FUNCTION", hint=hint))
+        raise DataError(Problem(f"tokenizer {name!r} is not MODULE:FUNCTION", hint=hint))
     try:
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise SpecError(
+        raise DataError(
             Problem(f"tokenizer {name!r}: no module named {exc.name or module_name!r}", hint=hint)
         ) from None
     except Exception as exc:  # the user's module is user code: report its crash, not ours
-        raise SpecError(
+        raise DataError(
             Problem(f"tokenizer {name!r}: importing {module_name} failed: {type(exc).__name__}: {exc}", hint=hint)
         ) from None
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise SpecError(Problem(f"tokenizer {name!r}: module {module_name} has no {attr!r}", hint=hint))
+            raise DataError(Problem(f"tokenizer {name!r}: module {module_name} has no {attr!r}", hint=hint))
         target = getattr(target, part)
     if not callable(target):
-        raise SpecError(Problem(f"tokenizer {name!r}: {attr} is not callable", hint=hint))
+        raise DataError(Problem(f"tokenizer {name!r}: {attr} is not callable", hint=hint))
     return target
 
 
@@ -82,8 +84,34 @@ def check_tokenizer(kind: str, *, auto: bool = True) -> str:
         user_tokenizer(kind)
     elif kind not in TOKENIZERS and not (auto and kind == "auto"):
         choices = ", ".join([*TOKENIZERS, *(["auto"] if auto else [])])
-        raise SpecError(Problem(f"unknown tokenizer {kind!r}", hint=f"use one of {choices}, or MODULE:FUNCTION"))
+        raise DataError(Problem(f"unknown tokenizer {kind!r}", hint=f"use one of {choices}, or MODULE:FUNCTION"))
     return kind
+
+
+def resolve_tokenizer(saved: str, given: str | None, where: Location, field: str) -> str:
+    """The tokenizer for data saved with the tokenizer `saved`: `given` if the user names one now, else `saved`.
+
+    A checkpoint is data: a user tokenizer (MODULE:FUNCTION) recorded in it is imported only when the user
+    names it again, so that opening a downloaded checkpoint never runs code it names.
+    """
+    if given is not None:
+        return check_tokenizer(given, auto=False)
+    if is_custom(saved):
+        raise CheckpointError(
+            Problem(
+                f"this checkpoint was trained with the user tokenizer {excerpt(saved, 80)}, which is Python code "
+                "that blockgraph imports only when you name it",
+                where,
+                hint=f"pass --tokenizer {saved} to use it again (if you trust that module), or another tokenizer",
+            )
+        )
+    if saved not in TOKENIZERS:
+        raise CheckpointError(
+            Problem(
+                f"field {field}: unknown tokenizer {excerpt(saved, 40)}", where, hint=f"one of {', '.join(TOKENIZERS)}"
+            )
+        )
+    return saved
 
 
 def tokenize(text: str, kind: str) -> list[str]:
@@ -97,7 +125,7 @@ def tokenize(text: str, kind: str) -> list[str]:
     if is_custom(kind):
         tokens = user_tokenizer(kind)(text)
         if not isinstance(tokens, list | tuple) or not all(isinstance(t, str) for t in tokens):
-            raise SpecError(
+            raise DataError(
                 Problem(f"tokenizer {kind!r} returned {type(tokens).__name__} for {text[:40]!r}, not a list of strings")
             )
         return [t for t in tokens if t]
@@ -186,7 +214,3 @@ class Vocab:
 
     def to_json(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer, "tokens": self.tokens}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Vocab:
-        return cls(list(data["tokens"]), data.get("tokenizer", "space"))

@@ -1,4 +1,9 @@
-"""The one error type of blockgraph: a list of located problems, rendered once at the CLI edge."""
+"""blockgraph's errors: located problems, grouped by what went wrong, rendered once at the CLI edge.
+
+Every error the user can fix is a `BlockgraphError` carrying a list of `Problem`s (all the independent mistakes
+found in one pass). Its subclass says which input was wrong, so that a caller can tell a bad spec from a corrupt
+checkpoint or a full disk without reading messages.
+"""
 
 from __future__ import annotations
 
@@ -67,11 +72,31 @@ class BlockgraphError(Exception):
 
 
 class SpecError(BlockgraphError):
-    """The spec (or its file) is invalid."""
+    """The spec (or a file it names: `extends:`, pretrained vectors, a vocabulary) is invalid."""
+
+
+class UsageError(BlockgraphError):
+    """A command-line option or API argument is unusable: a device, a dtype, a dimension size, a flag."""
+
+
+class DataError(BlockgraphError):
+    """Training or translation data (a data file, a sentence, a tokenizer) cannot be used."""
+
+
+class CheckpointError(BlockgraphError):
+    """A saved model or a training checkpoint is missing, corrupt, foreign or from another spec."""
 
 
 class PluginError(BlockgraphError):
     """A plugin could not be loaded or registered."""
+
+
+class ExportError(BlockgraphError):
+    """The model could not be exported (a block torch.export cannot trace, a missing package)."""
+
+
+class WriteError(BlockgraphError):
+    """An output could not be written (a full disk, a read-only directory, a target that is not ours)."""
 
 
 class ProblemList:

@@ -1,0 +1,183 @@
+"""Reading files that may be hostile: regular files only, bounded in bytes, never blocking.
+
+Every file blockgraph reads goes through here: a spec and its `extends:`, pretrained vectors and vocabularies,
+data files, saved specs, manifests and checkpoint JSON, and the headers of safetensors files. What makes a read
+safe, whatever the file is:
+
+- only a regular file is read. A FIFO (opening one blocks until a writer comes), a device (`/dev/zero` never
+  ends), a socket or a directory is refused before any byte is read, from `stat`, and again from `fstat` on
+  the opened descriptor, so that a file swapped in between is caught too;
+- at most `limit` bytes are read, and at most `max_line` bytes per line when reading lines; the size the file
+  system reports is never trusted (it is 0 for files in /proc);
+- every failure is a located error of the file's own kind (`FileKind.error`) that names the file and what was
+  expected, and never quotes the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from common.errors import BlockgraphError, Location, Problem
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """What a file is for: its name in messages, the error it raises, and how much of it may be read."""
+
+    what: str  # "spec file", "data file", ...
+    error: type[BlockgraphError]
+    limit: int  # bytes
+    max_line: int = 1 * MiB  # bytes in one line, for files read line by line
+
+    def fail(self, path: str | Path, message: str, hint: str | None = None, line: int | None = None) -> BlockgraphError:
+        return self.error(Problem(message, Location(str(path), line), hint=hint))
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_file(path: str | Path, kind: FileKind) -> BinaryIO:
+    """Open a regular file for reading in binary, or raise `kind.error` saying what the path is instead."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise kind.fail(
+            path, f"{kind.what} not found: {path}", "it does not exist: check the path and its spelling"
+        ) from None
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a loop of links, no permission
+        raise kind.fail(path, f"cannot use {path} as a {kind.what}: {_reason(exc)}") from None
+    _require_regular(path, info.st_mode, kind)
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise kind.fail(path, f"cannot open the {kind.what} {path}: {_reason(exc)}") from None
+    try:
+        _require_regular(path, os.fstat(fd).st_mode, kind)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _require_regular(path: Path, mode: int, kind: FileKind) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise kind.fail(path, f"{path} is a directory, not a {kind.what}")
+    raise kind.fail(path, f"{path} is {_kind_of(mode)}, not a {kind.what}", "blockgraph reads only regular files")
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or type(exc).__name__
+
+
+def read_bytes(path: str | Path, kind: FileKind) -> bytes:
+    """The whole file, refused if it holds more than `kind.limit` bytes."""
+    with open_file(path, kind) as handle:
+        try:
+            data = handle.read(kind.limit + 1)
+        except OSError as exc:
+            raise kind.fail(path, f"cannot read the {kind.what} {path}: {_reason(exc)}") from None
+    if len(data) > kind.limit:
+        raise kind.fail(
+            path, f"the {kind.what} {path} is too large: the limit is {size_text(kind.limit)}", _limit_hint(kind)
+        )
+    return data
+
+
+def read_text(path: str | Path, kind: FileKind) -> str:
+    """The file as UTF-8 text (a byte-order mark dropped); bytes that are not UTF-8 are an error with their line."""
+    raw = read_bytes(path, kind)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise kind.fail(
+            path, f"the {kind.what} is not UTF-8 text (byte {exc.start})", "save it as UTF-8", line
+        ) from None
+
+
+def read_lines(path: str | Path, kind: FileKind) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, the line's bytes without its newline), streamed; bounded per line and in all."""
+    total = 0
+    with open_file(path, kind) as handle:
+        for number in range(1, 1 << 62):
+            try:
+                line = handle.readline(kind.max_line + 1)
+            except OSError as exc:
+                raise kind.fail(path, f"cannot read the {kind.what} {path}: {_reason(exc)}", line=number) from None
+            if not line:
+                return
+            total += len(line)
+            if total > kind.limit:
+                raise kind.fail(
+                    path,
+                    f"the {kind.what} {path} is too large: the limit is {size_text(kind.limit)}",
+                    _limit_hint(kind),
+                )
+            if len(line) > kind.max_line:
+                raise kind.fail(
+                    path,
+                    f"line {number} of the {kind.what} is longer than {size_text(kind.max_line)}",
+                    "is this the right file? lines of text are far shorter",
+                    number,
+                )
+            yield number, line.removesuffix(b"\n")
+
+
+def read_json(path: str | Path, kind: FileKind) -> Any:
+    """The file parsed as JSON; a syntax error is reported with its line and column, not with the text."""
+    text = read_text(path, kind)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise kind.fail(
+            path, f"the {kind.what} is not valid JSON ({exc.msg}, column {exc.colno})", line=exc.lineno
+        ) from None
+    except RecursionError:
+        raise kind.fail(path, f"the {kind.what} is nested too deeply to be read") from None
+    except ValueError as exc:  # an integer literal beyond Python's digit limit
+        raise kind.fail(path, f"the {kind.what} holds a value that cannot be read: {type(exc).__name__}") from None
+
+
+def size_text(n: int) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size:
+            return f"{n / size:g} {unit}"
+    return f"{n} bytes"
+
+
+def _limit_hint(kind: FileKind) -> str:
+    return f"a {kind.what} is at most {size_text(kind.limit)}; is this the right file?"
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path`, with links and `..` resolved, lies in the folder `root` (also resolved)."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except (ValueError, OSError, RuntimeError):  # outside; a NUL byte; a loop of links
+        return False
+    return True
