@@ -81,11 +81,14 @@ def parse_pairs(values: list[str], option: str, *, typed: bool) -> dict[str, Any
 
 
 def parse_dims(values: list[str]) -> dict[str, int]:
+    from builder.spec import MAX_DIM
+
     dims = {}
     for name, raw in parse_pairs(values, "--dim", typed=False).items():
-        if not raw.strip().isdigit() or int(raw) <= 0:
-            raise typer.BadParameter(f"{name}={raw}: sizes are positive integers", param_hint="--dim")
-        dims[name] = int(raw)
+        text = raw.strip()
+        if not (text.isascii() and text.isdigit()) or len(text) > 12 or not 0 < int(text) <= MAX_DIM:
+            raise typer.BadParameter(f"{name}={raw[:20]}: sizes are integers from 1 to {MAX_DIM:,}", param_hint="--dim")
+        dims[name] = int(text)
     return dims
 
 
@@ -117,6 +120,14 @@ PluginOpt = Annotated[
 OverrideOpt = Annotated[
     bool, typer.Option("--allow-override", help="Let plugins replace blocks whose names are already taken.")
 ]
+ExternalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-external-files",
+        help="Let the spec name files outside its own folder (absolute paths, ..) in extends: and block params "
+        "such as pretrained: (docs/security.md).",
+    ),
+]
 
 
 def use_plugins(plugins: list[str], allow_override: bool) -> None:
@@ -147,6 +158,7 @@ def build(
     strict: StrictOpt = False,
     plugin: PluginOpt = [],  # noqa: B006
     allow_override: OverrideOpt = False,
+    allow_external_files: ExternalOpt = False,
     out_dir: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Save the model (weights, resolved spec, manifest) to this directory."),
@@ -156,10 +168,12 @@ def build(
     use_plugins(plugin, allow_override)
     import torch
 
-    from builder import api, render
+    from builder import api, persist, render
 
+    if out_dir is not None:
+        persist.check_destination(out_dir)
     started = time.perf_counter()
-    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
+    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files)
     warn(typed.graph.warnings, strict)
     checked = time.perf_counter()
     _check_device(device)
@@ -176,8 +190,6 @@ def build(
     weights_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     out.print(render.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
     if out_dir is not None:
-        from builder import persist
-
         persist.save(model, out_dir, typed.graph.valid)
         out.print(f"saved to {out_dir} (load with builder.load)")
 
@@ -217,12 +229,13 @@ def inspect(
     code: Annotated[bool, typer.Option("--code", help="Print the compiled forward as Python.")] = False,
     plugin: PluginOpt = [],  # noqa: B006
     allow_override: OverrideOpt = False,
+    allow_external_files: ExternalOpt = False,
 ) -> None:
     """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
     use_plugins(plugin, allow_override)
     from builder import api, render
 
-    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
+    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files)
     warn(typed.graph.warnings, False)
     model = api.compile_graph(typed, device="meta")
     if code:
@@ -254,6 +267,7 @@ def validate(
     ] = None,
     plugin: PluginOpt = [],  # noqa: B006
     allow_override: OverrideOpt = False,
+    allow_external_files: ExternalOpt = False,
 ) -> None:
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
     use_plugins(plugin, allow_override)
@@ -264,7 +278,7 @@ def validate(
     failed = False
     for path in specs:
         try:
-            typed = api.typed_graph(path, overrides)
+            typed = api.typed_graph(path, overrides, allow_external_files=allow_external_files)
             warn(typed.graph.warnings, strict)
             api.compile_graph(typed, device="meta")
         except BlockgraphError as exc:
@@ -336,6 +350,7 @@ def export(
     strict: StrictOpt = False,
     plugin: PluginOpt = [],  # noqa: B006
     allow_override: OverrideOpt = False,
+    allow_external_files: ExternalOpt = False,
 ) -> None:
     """Export SPEC or a saved model for deployment, its named dimensions (batch, seq, ...) dynamic."""
     use_plugins(plugin, allow_override)
@@ -351,10 +366,12 @@ def export(
         model = persist.load(spec)
         typed = model.typed_graph
     else:
-        typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True))
+        typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files)
         warn(typed.graph.warnings, strict)
         model = api.compile_graph(typed, device="cpu")
     dims = api.resolve_dims(typed.graph, parse_dims(dim))
+    model.eval()
+    api.trial_run(model, api.dummy_inputs(typed.graph, dims), dims)  # what `build` refuses is not exported
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = exporting.export(model, typed, dims, format.value, out_file, include_optional=with_optional)

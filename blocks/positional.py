@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from blocks.registry import Block, BlockParams, Port, register
-from blocks.types import ShapeError, TensorType, expect_last
+from blocks.types import Limit, TensorType, expect_last
 
 
 def sinusoid_table(max_len: int, dim: int) -> torch.Tensor:
@@ -24,14 +24,6 @@ def sinusoid_table(max_len: int, dim: int) -> torch.Tensor:
     pe[:, 0::2] = torch.sin(position * div_term)
     pe[:, 1::2] = torch.cos(position * div_term[: dim // 2])
     return pe.float()
-
-
-def _check_length(x: TensorType, max_len: int) -> None:
-    seq = x.shape[1]
-    if isinstance(seq, int) and seq > max_len:
-        raise ShapeError(
-            f"sequence length {seq} of {x.described()} exceeds max_len {max_len}", hint=f"raise max_len to {seq}"
-        )
 
 
 @register("sinusoidal_position", family="positional")
@@ -61,8 +53,11 @@ class SinusoidalPosition(Block):
     def infer(cls, p: Params, x: TensorType) -> TensorType:
         """[batch, seq, dim] → [batch, seq, dim], with seq ≤ max_len."""
         expect_last(x, p.dim, "dim")
-        _check_length(x, p.max_len)
         return x
+
+    @classmethod
+    def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
+        return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe[:, : x.size(1)])
@@ -96,8 +91,11 @@ class LearnedPosition(Block):
     def infer(cls, p: Params, x: TensorType) -> TensorType:
         """[batch, seq, dim] → [batch, seq, dim], with seq ≤ max_len."""
         expect_last(x, p.dim, "dim")
-        _check_length(x, p.max_len)
         return x
+
+    @classmethod
+    def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
+        return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe.weight[: x.size(1)])

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from blocks.types import DtypeKind, TensorType
+from blocks.types import DtypeKind, Limit, TensorType
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -92,6 +92,11 @@ class Block(nn.Module):
         if first is None:
             raise NotImplementedError(f"{cls.__name__} must define infer()")
         return first
+
+    @classmethod
+    def limits(cls, params: Any, **inputs: TensorType | None) -> tuple[Limit, ...]:
+        """Upper bounds these params put on the inputs' dimensions (a position table's rows); none by default."""
+        return ()
 
     @classmethod
     def flops(cls, params: Any, inputs: dict[str, TensorType | None], outputs: tuple[TensorType, ...]) -> Any:

@@ -74,6 +74,20 @@ class TensorType:
         return f"{self} from {self.source!r}" if self.source else str(self)
 
 
+@dataclass(frozen=True)
+class Limit:
+    """An upper bound a block's params put on a dimension of its input, e.g. the rows of a position table.
+
+    `size` is the dimension as inferred: a number is checked at once, an expression of named dimensions
+    (`seq`) whenever their sizes are known (`--dim`, a trial run, decoding).
+    """
+
+    size: Dim
+    most: int
+    what: str  # "the sequence length of x"
+    param: str  # the param that sets the bound, e.g. "max_len"
+
+
 class ShapeError(Exception):
     """Raised by a shape rule; the builder adds file, line and node."""
 

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from blocks.registry import Block
 from blocks.types import TensorType, symbol
 from builder.graph import Endpoint, Graph, NodeInstance
-from builder.shapes import TypedGraph
+from builder.shapes import TypedGraph, check_bounds
 from common.errors import SpecError
 
 Shape = tuple[Any, ...]  # ints, or sympy expressions when no sizes are given
@@ -410,6 +410,8 @@ def analyse(
     """
     graph = typed.graph
     sizes, missing = concrete_dims(graph, dims)
+    if sizes is not None:
+        check_bounds(typed, sizes)
     first = next(iter(model.parameters()), None)
     dtype = dtype or (first.dtype if first is not None and first.is_floating_point() else torch.float32)
     counts = parameter_counts(model, graph)

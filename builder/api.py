@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,13 +14,15 @@ from blocks.types import TensorType, format_shape, symbol
 from builder.compile import GraphModel, compile_graph
 from builder.graph import Graph, assemble
 from builder.plugins import activate
-from builder.shapes import TypedGraph, block_bug, infer_shapes
+from builder.shapes import TypedGraph, block_bug, check_bounds, infer_shapes
 from builder.source import Document, SourceMap, load_file
 from builder.spec import DTYPES
 from builder.validate import ValidSpec, validate_document
-from common.errors import Location, Problem, SpecError
+from common.errors import Location, Problem, SpecError, UsageError
+from common.files import GiB, size_text
 
 SpecSource = str | Path | dict[str, Any] | ValidSpec
+MAX_TRIAL_BYTES = 2 * GiB
 
 
 def use_plugins(plugins: Sequence[str] = (), *, allow_override: bool = False) -> None:
@@ -109,13 +112,28 @@ def dummy_inputs(
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Random inputs for a trial run: integers below `high` (default 2), masks all False; optional inputs left out."""
+    """Random inputs for a trial run: integers below `high` (default 2), masks all False; optional inputs left out.
+
+    Inputs of more than `MAX_TRIAL_BYTES` in all are refused before anything is allocated.
+    """
     generator = torch.Generator().manual_seed(seed)
+    shapes = {
+        name: tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+        for name, spec in graph.inputs.items()
+        if not spec.optional
+    }
+    total = sum(math.prod(shape) * (dtype or graph.inputs[n].torch_dtype).itemsize for n, shape in shapes.items())
+    if total > MAX_TRIAL_BYTES:
+        sizes = ", ".join(f"{name}={size}" for name, size in dims.items())
+        raise UsageError(
+            Problem(
+                f"the trial inputs would take {size_text(total)} at {sizes}",
+                hint=f"trial runs take at most {size_text(MAX_TRIAL_BYTES)} of inputs; give smaller sizes with --dim",
+            )
+        )
     tensors = {}
-    for name, spec in graph.inputs.items():
-        if spec.optional:
-            continue
-        shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+    for name, shape in shapes.items():
+        spec = graph.inputs[name]
         kind = spec.torch_dtype
         if kind == torch.bool:
             value = torch.zeros(shape, dtype=torch.bool)
@@ -145,6 +163,7 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
     """
     typed = model.typed_graph
     graph = typed.graph
+    check_bounds(typed, dims)
     mismatches: list[Problem] = []
     calls: dict[str, list[str]] = {}
     for inst in graph.nodes.values():

@@ -9,12 +9,10 @@ trial size with an `ExportWarning`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import logging
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,16 +23,13 @@ import torch
 
 from blocks.types import format_shape
 from builder.shapes import TypedGraph
-from common.errors import BlockgraphError, Location, Problem
+from common.atomic import check_file_target, write_file
+from common.errors import ExportError, Location, Problem
 
 Format = Literal["exported-program", "onnx"]
 FORMATS: tuple[str, ...] = ("exported-program", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript")
 MAX_REFINEMENTS = 4
-
-
-class ExportError(BlockgraphError):
-    """The model could not be exported (a block torch.export cannot trace, a missing package)."""
 
 
 class ExportWarning(UserWarning):
@@ -73,6 +68,7 @@ def export(
     if fmt == "onnx":
         require_onnx()
     path = Path(path)
+    check_file_target(path, what="exported model")
     graph = typed.graph
     names = _input_names(typed, include_optional)
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
@@ -87,10 +83,18 @@ def export(
     outputs = list(graph.outputs)
     result = Exported(path, fmt, names, ["output"] if graph.single_output else outputs, dynamic, static)
     if fmt == "exported-program":
-        _write_atomic(path, lambda tmp: torch.export.save(program, str(tmp)))
+        write_file(path, lambda tmp: _save_program(program, tmp), what="exported model")
     else:
         _write_onnx(program, result, typed)
     return result
+
+
+def _save_program(program: Any, tmp: Path) -> None:
+    """torch.export.save, its failures to write (a full disk) reported as the OSError they are."""
+    try:
+        torch.export.save(program, str(tmp))
+    except RuntimeError as exc:
+        raise OSError(errno.EIO, _first_line(exc)) from None
 
 
 def require_onnx() -> None:
@@ -284,22 +288,6 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same directory, renamed over `path` only when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private to its owner; a plain open's is not
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_onnx(program: Any, result: Exported, typed: TypedGraph) -> None:
     """The exported program through the dynamo ONNX exporter; dynamic axes keep the spec's names."""
     path = result.path
@@ -319,14 +307,7 @@ def _write_onnx(program: Any, result: Exported, typed: TypedGraph) -> None:
             )
         ) from exc
     _name_axes(onnx_program, result, typed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        onnx_program.save(str(tmp / path.name), external_data=big)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == path.name):  # the .onnx file last
-            os.replace(item, path.parent / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_file(path, lambda tmp: onnx_program.save(str(tmp), external_data=big), what="exported model")
 
 
 def _name_axes(onnx_program: Any, result: Exported, typed: TypedGraph) -> None:

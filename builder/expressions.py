@@ -211,7 +211,7 @@ class _Evaluator:
             )
         result = method(node)
         if isinstance(result, int | float) and not isinstance(result, bool) and abs(result) > MAX_MAGNITUDE:
-            raise ExpressionError(f"${{{self.text}}} is too large ({result:.3g})")
+            raise ExpressionError(f"${{{self.text}}} is too large ({_magnitude(result)})")
         if isinstance(result, str) and len(result) > MAX_STRING:
             raise ExpressionError(f"${{{self.text}}} makes a string longer than {MAX_STRING:,} characters")
         return result
@@ -295,3 +295,11 @@ def _repeats_string(left: Any, right: Any) -> bool:
     if not isinstance(text, str) or not isinstance(count, int):
         return False
     return len(text) * count > MAX_STRING
+
+
+def _magnitude(value: int | float) -> str:
+    """A too-large number in words: `1e+72`, or the digits of an integer too large even for a float."""
+    try:
+        return f"{value:.3g}"
+    except OverflowError:
+        return f"an integer of {len(str(abs(int(value))))} digits"

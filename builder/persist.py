@@ -26,7 +26,7 @@ from torch import nn
 from blocks.registry import receiving_weights
 from builder.source import dump_yaml
 from builder.validate import ValidSpec
-from common.atomic import write_directory
+from common.atomic import check_directory_target, write_directory
 from common.errors import CheckpointError, Location, Problem, SpecError
 from common.files import FileKind, MiB
 from common.records import read_record
@@ -51,6 +51,14 @@ class Manifest(BaseModel):
     plugins: list[str] = Field(default_factory=list)
 
 
+WHAT = "saved blockgraph model"
+
+
+def check_destination(directory: str | Path) -> None:
+    """Refuse `directory` as the place to save a model now, before the work that produces it."""
+    check_directory_target(directory, owned=is_saved_model, what=WHAT)
+
+
 def save(model: nn.Module, directory: str | Path, valid_spec: ValidSpec | None = None) -> Path:
     """Write `model` to `directory` atomically (see common.atomic): complete, or not at all.
 
@@ -59,7 +67,7 @@ def save(model: nn.Module, directory: str | Path, valid_spec: ValidSpec | None =
     """
     directory = Path(directory)
     write = model_files(model, valid_spec, Location(str(directory)))
-    return write_directory(directory, write, owned=is_saved_model, what="saved blockgraph model")
+    return write_directory(directory, write, owned=is_saved_model, what=WHAT)
 
 
 def model_files(model: nn.Module, valid_spec: ValidSpec | None, where: Location) -> Callable[[Path], None]:

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blocks.registry import Port
-from blocks.types import ShapeError, TensorType, as_dim, dtype_kind
+from blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, symbol
 from builder.graph import Endpoint, Graph, NodeInstance
-from common.errors import Problem, ProblemList, SpecError
+from common.errors import Location, Problem, ProblemList, SpecError
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A block's limit on a dimension that depends on named sizes, checked once they are known."""
+
+    limit: Limit
+    node: str
+    location: Location
 
 
 @dataclass
 class TypedGraph:
-    """The graph plus the inferred type of every spec input and node output."""
+    """The graph plus the inferred type of every spec input and node output, and the bounds on named sizes."""
 
     graph: Graph
     types: dict[Endpoint, TensorType]
+    bounds: list[Bound] = field(default_factory=list)
 
     def input_types(self, inst: NodeInstance) -> dict[str, TensorType | None]:
         return {port: None if ep is None else self.types[ep] for port, ep in inst.bindings.items()}
@@ -31,10 +41,18 @@ def infer_shapes(graph: Graph) -> TypedGraph:
         Endpoint(name): TensorType(tuple(as_dim(d) for d in spec.shape), spec.torch_dtype, source=name)
         for name, spec in graph.inputs.items()
     }
+    bounds: list[Bound] = []
     for inst in graph.nodes.values():
         inputs = _gather(inst, types, graph, problems)
         if inputs is None:
             continue
+        for limit in inst.entry.cls.limits(inst.params, **inputs):
+            bound = Bound(limit, inst.id, graph.locate((*inst.spec_path, "params", limit.param)))
+            if isinstance(limit.size, int):
+                if limit.size > limit.most:
+                    problems.add(_exceeded(bound, limit.size))
+            elif bound not in bounds:
+                bounds.append(bound)
         try:
             result = inst.entry.cls.infer(inst.params, **inputs)
         except ShapeError as exc:
@@ -54,7 +72,39 @@ def infer_shapes(graph: Graph) -> TypedGraph:
             label = inst.id if len(ports) == 1 else f"{inst.id}.{port.name}"
             types[Endpoint(inst.id, port.name)] = TensorType(out.shape, out.dtype, label)
     problems.raise_if_errors(SpecError)
-    return TypedGraph(graph, types)
+    return TypedGraph(graph, types, bounds)
+
+
+def check_bounds(typed: TypedGraph, sizes: dict[str, int]) -> None:
+    """Raise a located `SpecError` for every block limit these sizes of the named dimensions exceed."""
+    subs = {symbol(name): size for name, size in sizes.items()}
+    problems = ProblemList()
+    for bound in typed.bounds:
+        value = bound.limit.size.subs(subs)
+        if value.is_number and int(value) > bound.limit.most:
+            problems.add(_exceeded(bound, int(value), f" ({bound.limit.size} at {_sizes(sizes)})"))
+    problems.raise_if_errors(SpecError)
+
+
+def largest(typed: TypedGraph, name: str) -> int | None:
+    """The largest size of the named dimension `name` that every bound on it (alone) allows, if any bounds it."""
+    dim = symbol(name)
+    allowed = [b.limit.most for b in typed.bounds if b.limit.size == dim]
+    return min(allowed) if allowed else None
+
+
+def _exceeded(bound: Bound, value: int, where: str = "") -> Problem:
+    limit = bound.limit
+    return Problem(
+        f"{limit.what} {value}{where} exceeds {limit.param} {limit.most}",
+        bound.location,
+        hint=f"raise {limit.param} to at least {value}, or use shorter inputs",
+        node=bound.node,
+    )
+
+
+def _sizes(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{name}={size}" for name, size in sizes.items())
 
 
 def block_bug(graph: Graph, inst: NodeInstance, message: str, hint: str | None = None) -> Problem:

@@ -10,6 +10,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+MAX_DIM = 2**31 - 1  # the largest size of one dimension (torch indexes with int64, and products of sizes must fit)
 REF_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 EXPR_RE = r"^\s*\$\{[^{}]*\}\s*$"
 
@@ -62,7 +63,7 @@ class InputSpec(SpecModel):
     """A tensor the model takes when called."""
 
     dtype: str = Field("float32", description="torch dtype name: " + ", ".join(DTYPES))
-    shape: list[Annotated[int, Field(gt=0, strict=True)] | Name] = Field(
+    shape: list[Annotated[int, Field(gt=0, le=MAX_DIM, strict=True)] | Name] = Field(
         min_length=1, description="sizes: integers or dimension names such as batch, seq"
     )
     optional: bool = Field(False, description="may be omitted (None) when the model is called, e.g. a padding mask")
@@ -177,7 +178,7 @@ class Spec(SpecModel):
     description: str | None = Field(None, description="what the model is")
     extends: str | None = Field(None, description="a base spec file (relative to this one) to inherit and override")
     vars: dict[Name, Any] = Field(default_factory=dict, description="values substituted for ${name} anywhere below")
-    dims: dict[Name, Annotated[int, Field(gt=0, strict=True)]] = Field(
+    dims: dict[Name, Annotated[int, Field(gt=0, le=MAX_DIM, strict=True)]] = Field(
         default_factory=dict, description="default sizes of named dimensions for dummy runs (e.g. batch: 2)"
     )
     inputs: dict[InputName, InputSpec] = Field(description="the tensors the model is called with")

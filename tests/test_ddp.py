@@ -103,4 +103,4 @@ def test_nproc_runs_torchrun(tmp_path):
     for name, tensor in weights_one.items():
         if not name.endswith("w_k.bias"):
             torch.testing.assert_close(weights_two[name], tensor, atol=1e-5, rtol=0, msg=name)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".lock", "checkpoint", "metrics.jsonl"]

@@ -13,6 +13,8 @@ import builder
 from blocks.embedding import PretrainedFileError, TokenEmbedding
 from blocks.positional import LearnedPosition, SinusoidalPosition, sinusoid_table
 from blocks.types import ShapeError, TensorType, symbol
+from builder.shapes import check_bounds, largest
+from common.errors import SpecError
 
 # --- pretrained vectors ------------------------------------------------------------------------------------------
 
@@ -217,11 +219,26 @@ def test_sinusoidal_position_adds_the_table():
     assert "pe" not in block.state_dict()
 
 
-def test_positions_longer_than_max_len_are_a_shape_error():
-    for cls in (SinusoidalPosition, LearnedPosition):
-        p = cls.Params(dim=4, max_len=8)
-        with pytest.raises(ShapeError, match=r"sequence length 9 .* exceeds max_len 8"):
-            cls.infer(p, TensorType((2, 9, 4)))
+def _positions(kind: str, seq: int | str) -> dict:
+    return {
+        "name": "positions",
+        "dims": {"batch": 2, "seq": 6},
+        "inputs": {"x": {"shape": ["batch", seq, 4]}},
+        "nodes": {"pos": {"type": kind, "params": {"dim": 4, "max_len": 8}, "in": "x"}},
+        "outputs": "pos",
+    }
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal_position", "learned_position"])
+def test_positions_longer_than_max_len_are_a_located_error(kind):
+    with pytest.raises(SpecError, match=r"sequence length 9 exceeds max_len 8") as caught:
+        builder.typed_graph(_positions(kind, 9))
+    assert caught.value.problems[0].location.path == ("nodes", "pos", "params", "max_len")
+    typed = builder.typed_graph(_positions(kind, "seq"))  # a named length is checked once its size is known
+    check_bounds(typed, {"batch": 2, "seq": 8})
+    with pytest.raises(SpecError, match=r"sequence length 9 \(seq at batch=2, seq=9\) exceeds max_len 8"):
+        check_bounds(typed, {"batch": 2, "seq": 9})
+    assert largest(typed, "seq") == 8
 
 
 def test_learned_position_shape_values_and_gradient():

@@ -130,7 +130,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     after = checkpoint.load(tmp_path / "run")
     assert after.info["step"] == before.info["step"]
     assert _same_weights(before.model, after.model)
-    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == [".lock"]  # no temporaries
 
 
 BAD = "你好\tHello\nno tab here\n再见\t\n".encode() + b"\xff\xfe\tbad bytes\n" + "谢谢\tThanks\n\n".encode()

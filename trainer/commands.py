@@ -1,6 +1,6 @@
 """The `train` and `translate` commands as plain functions with Typer-annotated parameters.
 
-They raise `common.errors.SpecError` for anything the user can fix; the command line (cli.py, or
+They raise `common.errors.BlockgraphError`s for anything the user can fix; the command line (cli.py, or
 `python -m trainer`) renders those as located messages and exits 1.
 """
 
@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
-from common.errors import Problem, SpecError
-
-err = Console(stderr=True, highlight=False)
+from common.console import err, write_plain
+from common.errors import DataError, Problem, UsageError
+from common.text import excerpt
 
 
 class Task(str, Enum):
@@ -108,24 +108,32 @@ def train(
         int, typer.Option(min=1, help="Train data-parallel in N processes (runs torchrun on 127.0.0.1).")
     ] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or epoch lines.")] = False,
+    allow_external_files: Annotated[
+        bool,
+        typer.Option(
+            "--allow-external-files", help="Let the spec name files outside its own folder (docs/security.md)."
+        ),
+    ] = False,
 ) -> None:
     """Train SPEC on tab-separated source/target pairs (or a synthetic task) and write checkpoints."""
     from cli import parse_pairs
-    from trainer import checkpoint, distributed, tasks
+    from trainer import checkpoint, distributed, rundir, tasks
     from trainer.loop import TrainConfig
     from trainer.loop import train as run_training
     from trainer.roles import parse_roles
     from trainer.vocab import check_tokenizer
 
     if spec is None and resume is None:
-        raise SpecError(Problem("nothing to train", hint="blockgraph train SPEC --data PAIRS.tsv, or --resume RUN"))
+        raise UsageError(Problem("nothing to train", hint="blockgraph train SPEC --data PAIRS.tsv, or --resume RUN"))
     if task is not None and data is not None:
-        raise SpecError(Problem("--task and --data both given", hint="train on one of them"))
+        raise UsageError(Problem("--task and --data both given", hint="train on one of them"))
     src_tok = check_tokenizer(src_tokenizer or tokenizer or "auto")
     tgt_tok = check_tokenizer(tgt_tokenizer or tokenizer or "auto")
     if out_dir is None:
         out_dir = checkpoint.locate(resume).parent if resume is not None else Path("runs") / spec.stem  # type: ignore[union-attr]
     if nproc > 1:
+        with rundir.exclusive(out_dir):  # fail now, not in a worker, when another run holds the directory
+            pass
         args = _forward_args(locals(), out_dir)
         err.print(f"launching {nproc} processes with torchrun (127.0.0.1)")
         code = distributed.launch(nproc, args)
@@ -159,6 +167,7 @@ def train(
         bleu_sentences=bleu_sentences,
         device=device,
         init=init.value,
+        allow_external_files=allow_external_files,
     )
     if resume is not None and (set_ or spec is not None or task is not None):
         err.print("[yellow]note:[/] --resume continues with the checkpoint's spec, --set values and data options")
@@ -215,6 +224,8 @@ def _forward_args(values: dict, out_dir: Path) -> list[str]:
         args.append("--skip-bad-lines")
     if values["quiet"]:
         args.append("--quiet")
+    if values["allow_external_files"]:
+        args.append("--allow-external-files")
     return args
 
 
@@ -264,22 +275,39 @@ def translate(
     if roles.kind == "classify":
         for sentence in sentences:
             label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
-            print(f"{label}\t{probability:.3f}")
+            write_plain(f"{label}\t{probability:.3f}")
         return
+    src_most, tgt_most = decode.length_limits(model.typed_graph, roles)
+    capped = False
     for sentence in sentences:
         src = prefix = None
         if saved.src_vocab is not None:
             ids = saved.src_vocab.encode_text(sentence)
             if not ids:
-                raise SpecError(Problem(f"nothing to translate in {sentence!r}"))
+                raise DataError(Problem(f"nothing to translate in {excerpt(sentence)}"))
+            if src_most is not None and len(ids) + 1 > src_most:
+                raise DataError(
+                    Problem(
+                        f"{excerpt(sentence)} has {len(ids)} tokens; the model reads at most {src_most - 1}",
+                        hint="split the sentence",
+                    )
+                )
             unknown = [t for t, i in zip(_tokens(saved.src_vocab, sentence), ids, strict=True) if i == UNK_ID]
             if unknown:
-                err.print(f"[yellow]note:[/] not in the source vocabulary: {' '.join(unknown)}")
+                err.print(f"[yellow]note:[/] not in the source vocabulary: {escape(' '.join(unknown))}")
             src = torch.tensor([[*ids, EOS_ID]], device=device)
             length = max_len or 2 * len(ids) + 10
         else:
             prefix = saved.tgt_vocab.encode_text(sentence)
             length = max_len or 50
+        most = None if tgt_most is None else tgt_most - len(prefix or [])
+        if most is not None and length > most:
+            if most < 1:
+                raise DataError(Problem(f"the prompt fills all {tgt_most} positions of the model", hint="shorten it"))
+            if not capped:
+                err.print(f"[yellow]note:[/] outputs are capped at {most} tokens: the model has {tgt_most} positions")
+                capped = True
+            length = most
         if beam == 1:
             hypotheses = decode.greedy(model, io, src, max_len=length, prefix=prefix)
         else:
@@ -288,7 +316,7 @@ def translate(
             )
         for hyp in hypotheses[:n_best]:
             words = saved.tgt_vocab.decode_text([*(prefix or []), *hyp.tokens])
-            print(f"{hyp.normalized:.3f}\t{words}" if n_best > 1 else words)
+            write_plain(f"{hyp.normalized:.3f}\t{words}" if n_best > 1 else words)
 
 
 def _tokens(vocab, sentence: str) -> list[str]:
@@ -305,10 +333,10 @@ def classify(model, io, vocab, labels: list[str], sentence: str, device: str = "
 
     ids = vocab.encode_text(sentence)
     if not ids:
-        raise SpecError(Problem(f"nothing to classify in {sentence!r}"))
+        raise DataError(Problem(f"nothing to classify in {excerpt(sentence)}"))
     unknown = [t for t, i in zip(_tokens(vocab, sentence), ids, strict=True) if i == UNK_ID]
     if unknown:
-        err.print(f"[yellow]note:[/] not in the vocabulary: {' '.join(unknown)}")
+        err.print(f"[yellow]note:[/] not in the vocabulary: {escape(' '.join(unknown))}")
     with torch.no_grad():
         probs = io(model, torch.tensor([ids], device=device))[0].float().exp()
     best = int(probs.argmax())

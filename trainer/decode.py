@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.roles import ModelIO
+from builder.shapes import TypedGraph, largest
+from trainer.roles import ModelIO, Roles
 from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -54,6 +55,16 @@ def _step(
 
 def _start(prefix: list[int] | None, rows: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([[BOS_ID, *(prefix or [])]] * rows, dtype=torch.long, device=device)
+
+
+def length_limits(typed: TypedGraph, roles: Roles) -> tuple[int | None, int | None]:
+    """The longest source and target (in tokens, bos/eos included) the model's blocks allow, where bounded."""
+
+    def most(name: str | None) -> int | None:
+        shape = typed.graph.inputs[name].shape if name is not None else []
+        return largest(typed, shape[-1]) if shape and isinstance(shape[-1], str) else None
+
+    return most(roles.src), most(roles.tgt)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from common.errors import Problem, SpecError
+from common.errors import Problem, UsageError
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,15 @@ def setup(device: str = "cpu") -> Context:
     try:
         where = torch.device(device)
     except RuntimeError:
-        raise SpecError(Problem(f"--device {device!r} is not a device", hint="use cpu, cuda or cuda:N")) from None
+        raise UsageError(Problem(f"--device {device!r} is not a device", hint="use cpu, cuda or cuda:N")) from None
     if where.type == "cuda":
         if not torch.cuda.is_available():
-            raise SpecError(Problem("--device cuda: no CUDA device is available here", hint="use --device cpu"))
+            raise UsageError(Problem("--device cuda: no CUDA device is available here", hint="use --device cpu"))
         if world > 1:
             where = torch.device("cuda", local)
         torch.cuda.set_device(where)
     elif where.type != "cpu":
-        raise SpecError(Problem(f"--device {device}: training runs on cpu or cuda"))
+        raise UsageError(Problem(f"--device {device}: training runs on cpu or cuda"))
     owns = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if where.type == "cuda" else "gloo", rank=rank, world_size=world)
@@ -94,14 +94,20 @@ def gather_rng(context: Context) -> dict[str, torch.Tensor]:
 
 
 def restore_rng(context: Context, tensors: dict[str, torch.Tensor]) -> bool:
-    """Put this rank's saved generator states back; False when the checkpoint has none for this rank."""
+    """Put this rank's saved generator states back; False when the checkpoint has none for this rank.
+
+    A state of the wrong size or dtype (a corrupt or foreign checkpoint) counts as none.
+    """
     cpu = tensors.get(f"rng.cpu.{context.rank}")
-    if cpu is None:
+    current = torch.get_rng_state()
+    if cpu is None or cpu.dtype != current.dtype or cpu.shape != current.shape:
         return False
     torch.set_rng_state(cpu)
     cuda = tensors.get(f"rng.cuda.{context.rank}")
     if cuda is not None and context.device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, context.device)
+        now = torch.cuda.get_rng_state(context.device)
+        if cuda.dtype == now.dtype and cuda.shape == now.shape:
+            torch.cuda.set_rng_state(cuda, context.device)
     return True
 
 

@@ -8,6 +8,7 @@ training 2 epochs and training 1, resuming and training 1 more give identical we
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,9 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from builder.api import compile_graph, load_spec, typed_graph
-from common.errors import Problem, SpecError
+from common.console import safe_console
+from common.errors import Problem, SpecError, UsageError
 from common.records import check_record
-from trainer import batching, bleu, checkpoint, corpus, decode, distributed, schedule, tasks
+from trainer import batching, bleu, checkpoint, corpus, decode, distributed, rundir, schedule, tasks
 from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
 from trainer.vocab import Vocab, check_tokenizer
 
@@ -58,6 +60,7 @@ class TrainConfig:
     bleu_sentences: int = 200
     device: str = "cpu"
     init: str = "xavier"  # xavier: Xavier-uniform for every weight matrix; spec: the blocks' own initialisation
+    allow_external_files: bool = False  # the spec may name files outside its folder
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,33 +108,47 @@ def train(
     checkpoint's, and a user tokenizer the checkpoint records is used only when named here again.
     """
     context = distributed.setup(config.device)
-    console = console or Console(stderr=True, highlight=False)
+    console = console or safe_console(stderr=True)
     say = (lambda *a: console.print(*a, soft_wrap=True)) if context.main and not quiet else (lambda *a: None)
     try:
         out_dir = Path(out) if out is not None else (checkpoint.locate(resume).parent if resume else None)
-        if resume is None and out_dir is not None and (out_dir / checkpoint.NAME).exists():
-            raise SpecError(
-                Problem(
-                    f"{out_dir} already holds a training run",
-                    hint=f"continue it with --resume {out_dir}, or choose another --out",
-                )
-            )
-        run = _resume(config, resume, context, tokenizers) if resume is not None else _start(config, context)
-        config = run.config
-        if resume is None and out_dir is not None and context.main:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        say(f"[bold]{run.valid_spec.spec.name}[/]: {corpus.describe(run.data)}")
-        for note in run.data.notes:
-            say(f"[yellow]note:[/] {note}")
-        parameters = sum(p.numel() for p in run.model.parameters())
-        say(
-            f"{parameters:,} parameters on {context.device}"
-            + (f", {context.world} processes" if context.distributed else "")
-        )
-        saved = _loop(run, config, context, out_dir, quiet, console, say)
-        return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved)
+        with rundir.exclusive(out_dir) if out_dir is not None and context.main else contextlib.nullcontext():
+            return _train(config, out_dir, resume, tokenizers, context, quiet, console, say)
     finally:
         distributed.teardown(context)
+
+
+def _train(
+    config: TrainConfig,
+    out_dir: Path | None,
+    resume: str | Path | None,
+    tokenizers: tuple[str | None, str | None],
+    context: distributed.Context,
+    quiet: bool,
+    console: Console,
+    say,
+) -> TrainResult:
+    if resume is None and out_dir is not None and (out_dir / checkpoint.NAME).exists():
+        raise UsageError(
+            Problem(
+                f"{out_dir} already holds a training run",
+                hint=f"continue it with --resume {out_dir}, or choose another --out",
+            )
+        )
+    run = _resume(config, resume, context, tokenizers) if resume is not None else _start(config, context)
+    config = run.config
+    if resume is None and out_dir is not None and context.main:
+        (out_dir / rundir.METRICS).unlink(missing_ok=True)
+    say(f"[bold]{run.valid_spec.spec.name}[/]: {corpus.describe(run.data)}")
+    for note in run.data.notes:
+        say(f"[yellow]note:[/] {note}")
+    parameters = sum(p.numel() for p in run.model.parameters())
+    say(
+        f"{parameters:,} parameters on {context.device}"
+        + (f", {context.world} processes" if context.distributed else "")
+    )
+    saved = _loop(run, config, context, out_dir, quiet, console, say)
+    return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved)
 
 
 def _start(config: TrainConfig, context: distributed.Context) -> _Run:
@@ -139,7 +156,7 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
         raise SpecError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
     check_tokenizer(config.src_tokenizer)
     check_tokenizer(config.tgt_tokenizer)
-    typed_base = typed_graph(config.spec, config.overrides)
+    typed_base = typed_graph(config.spec, config.overrides, allow_external_files=config.allow_external_files)
     base = typed_base.graph
     roles = find_roles(base, config.input_roles, typed_base.types)
     variables = base.valid.spec.vars if base.valid else {}
@@ -153,7 +170,7 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     classes_var = class_variable(variables) if data.labels is not None else None
     if classes_var is not None and classes_var not in overrides:
         overrides[classes_var] = len(data.labels)  # type: ignore[arg-type]
-    valid = load_spec(config.spec, overrides)
+    valid = load_spec(config.spec, overrides, allow_external_files=config.allow_external_files)
     typed = typed_graph(valid)
     found = sizes(typed.graph, roles)
     where = typed.graph.locate(("vars",))
@@ -334,9 +351,7 @@ def _loop(
             say(_epoch_line(record, config, finished))
             saved = _save(run, config, context, out) or saved
             if out is not None and context.main:
-                out.mkdir(parents=True, exist_ok=True)
-                with (out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                rundir.append_line(out / rundir.METRICS, json.dumps(record))
     if saved is not None:
         say(f"checkpoint: {saved}")
     return saved
