@@ -191,7 +191,7 @@ def build(
     out.print(render.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
     if out_dir is not None:
         persist.save(model, out_dir, typed.graph.valid)
-        out.print(f"saved to {out_dir} (load with builder.load)")
+        out.print(f"saved to {escape(str(out_dir))} (load with builder.load)")
 
 
 def _check_device(device: str) -> None:
@@ -286,10 +286,10 @@ def validate(
                 raise
             failed = True
             err.print(render.problems(exc.problems))
-            err.print(f"[red]✗[/] {path}")
+            err.print(f"[red]✗[/] {escape(str(path))}")
             continue
         if resolved is None:
-            out.print(f"[green]✓[/] {path}: {len(typed.graph.nodes)} blocks")
+            out.print(f"[green]✓[/] {escape(str(path))}: {len(typed.graph.nodes)} blocks")
         else:
             data = render.resolved_spec(typed.graph)
             is_json = resolved is ResolvedFormat.json
@@ -418,7 +418,7 @@ def blocks_list(
     for column in ("block", "family", "source", "summary"):
         table.add_column(column)
     for entry in REGISTRY.list(pattern):
-        table.add_row(f"[cyan]{entry.name}[/]", entry.family, escape(entry.source), escape(entry.summary))
+        table.add_row(f"[cyan]{entry.name}[/]", escape(entry.family), escape(entry.source), escape(entry.summary))
     out.print(table)
 
 

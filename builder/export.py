@@ -77,7 +77,8 @@ def export(
     was_training = model.training
     model.eval()
     try:
-        program, dynamic, static = _trace(model, typed, dims, names, device)
+        with _quiet("torch"):  # its failed guesses log tracebacks; what fails for good is reported below
+            program, dynamic, static = _trace(model, typed, dims, names, device)
     finally:
         model.train(was_training)
     outputs = list(graph.outputs)
@@ -324,10 +325,10 @@ def _name_axes(onnx_program: Any, result: Exported, typed: TypedGraph) -> None:
 
 @contextlib.contextmanager
 def _quiet(logger_name: str):
-    """Silence a logger's warnings (torch.onnx reports every optional torchvision op it skips)."""
+    """Silence a logger below critical (torch.onnx reports every optional torchvision op it skips)."""
     logger = logging.getLogger(logger_name)
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ from torch import nn
 from blocks.registry import receiving_weights
 from builder.source import dump_yaml
 from builder.validate import ValidSpec
-from common.atomic import check_directory_target, write_directory
+from common.atomic import check_directory_target, owned_directory, write_directory
 from common.errors import CheckpointError, Location, Problem, SpecError
 from common.files import FileKind, MiB
 from common.records import read_record
@@ -56,7 +56,7 @@ WHAT = "saved blockgraph model"
 
 def check_destination(directory: str | Path) -> None:
     """Refuse `directory` as the place to save a model now, before the work that produces it."""
-    check_directory_target(directory, owned=is_saved_model, what=WHAT)
+    check_directory_target(directory, owned=_replaceable, what=WHAT)
 
 
 def save(model: nn.Module, directory: str | Path, valid_spec: ValidSpec | None = None) -> Path:
@@ -67,7 +67,7 @@ def save(model: nn.Module, directory: str | Path, valid_spec: ValidSpec | None =
     """
     directory = Path(directory)
     write = model_files(model, valid_spec, Location(str(directory)))
-    return write_directory(directory, write, owned=is_saved_model, what=WHAT)
+    return write_directory(directory, write, owned=_replaceable, what=WHAT)
 
 
 def model_files(model: nn.Module, valid_spec: ValidSpec | None, where: Location) -> Callable[[Path], None]:
@@ -159,7 +159,13 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def is_saved_model(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file() and not (Path(path) / MANIFEST).is_symlink()
+    """Whether `path` looks like a saved model (it has a manifest); reading it says whether it is a valid one."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _replaceable(path: Path) -> bool:
+    """A directory `save` may replace: a saved model and nothing else (no file of the user's would be lost)."""
+    return owned_directory(path, MANIFEST, {WEIGHTS, SPEC, MANIFEST})
 
 
 def unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -291,11 +297,8 @@ def _names(items: Iterable[str], limit: int = 10) -> str:
 
 
 def _assign(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy bit-exactly into the model's own tensor (keeping ties); a different dtype replaces the data."""
-    if target.dtype == value.dtype:
-        target.copy_(value)
-    else:
-        target.data = value.to(target.device)
+    """Copy into the model's own tensor (keeping ties and the model's dtype): bit-exact when the dtypes agree."""
+    target.copy_(value)
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

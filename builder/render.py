@@ -296,7 +296,7 @@ def architecture_table(
     units = _units(typed.graph, depth)
     types = typed.types
     concrete = costs is not None and costs.concrete
-    table = Table(title=typed.graph.name, header_style="bold")
+    table = Table(title=Text(typed.graph.name), header_style="bold")
     columns = [("node", "left"), ("block", "left"), ("inputs", "left"), ("outputs", "left"), ("params", "right")]
     if costs is not None:
         columns += [("trainable", "right"), ("FLOPs", "right"), ("activations", "right")]

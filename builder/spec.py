@@ -7,7 +7,7 @@ import re
 from typing import Annotated, Any
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 NAME_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 MAX_DIM = 2**31 - 1  # the largest size of one dimension (torch indexes with int64, and products of sizes must fit)
@@ -78,6 +78,15 @@ class InputSpec(SpecModel):
         if value not in DTYPES:
             raise ValueError(f"{value!r} is not a torch dtype; use one of {', '.join(DTYPES)}")
         return value
+
+    @model_validator(mode="after")
+    def _high_fits(self) -> InputSpec:
+        dtype = DTYPES[self.dtype]
+        if self.high is not None and not dtype.is_floating_point and dtype != torch.bool:
+            most = min(torch.iinfo(dtype).max + 1, 2**63 - 1)  # exclusive; torch takes a bound up to int64
+            if self.high > most:
+                raise ValueError(f"high {self.high} does not fit {self.dtype}: at most {most}")
+        return self
 
     @property
     def torch_dtype(self) -> torch.dtype:

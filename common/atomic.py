@@ -87,6 +87,15 @@ def write_directory(
     return path
 
 
+def owned_directory(path: Path, marker: str, names: set[str]) -> bool:
+    """Whether `path` is an output of a writer: its `marker` file is a regular file, and it holds only `names`."""
+    try:
+        entries = {item.name for item in path.iterdir()}
+        return stat.S_ISREG(os.lstat(path / marker).st_mode) and entries <= names
+    except OSError:
+        return False
+
+
 def check_file_target(path: str | Path, *, what: str = "file") -> None:
     """Refuse `path` as an output file now (before long work), for the same reasons `write_file` would."""
     _check_target(Path(path), directory=False, owned=None, what=what)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import cli
+pytest.register_assert_rewrite("harness")  # the hostile corpus' helpers (tests/hostile/harness.py)
+
+import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -73,3 +76,18 @@ def file_size_limit():
             signal.signal(signal.SIGXFSZ, handler)
 
     return limit
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The hostile corpus' figures: how many cases ran, and the slowest and the most memory-hungry."""
+    harness = sys.modules.get("harness")
+    figures = getattr(harness, "FIGURES", None)
+    if not figures:
+        return
+    slowest = max(figures, key=lambda f: f[1])
+    measured = [f for f in figures if f[2] == f[2]]
+    hungriest = max(measured, key=lambda f: f[2]) if measured else None
+    line = f"hostile corpus: {len(figures)} runs; slowest {slowest[1]:.2f} s ({slowest[0]})"
+    if hungriest is not None:
+        line += f"; most memory {hungriest[2]:.1f} MiB peak RSS added ({hungriest[0]})"
+    terminalreporter.write_line(line)

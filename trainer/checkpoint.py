@@ -27,12 +27,12 @@ from torch import nn
 
 from builder import persist
 from builder.validate import ValidSpec
-from common.atomic import write_directory
-from common.errors import CheckpointError, Location, Problem
+from common.atomic import owned_directory, write_directory
+from common.errors import CheckpointError, Location, Problem, SpecError
 from common.files import FileKind, MiB
 from common.records import read_record
 from common.tensorfile import read_header, write_safetensors
-from trainer.roles import Roles
+from trainer.roles import ROLE_NAMES, Roles, find_roles
 from trainer.vocab import Vocab, resolve_tokenizer
 
 FORMAT = "blockgraph-checkpoint"
@@ -171,6 +171,11 @@ def is_checkpoint(path: Path) -> bool:
     return (path / TRAINER).is_file()
 
 
+def _replaceable(path: Path) -> bool:
+    """A directory `save` may replace: a checkpoint and nothing else (no file of the user's would be lost)."""
+    return owned_directory(path, TRAINER, {MODEL, VOCAB, TRAINER, STATE})
+
+
 def save(
     directory: str | Path,
     *,
@@ -200,7 +205,7 @@ def save(
         _write_json(folder / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **info})
         write_safetensors(folder / STATE, state)
 
-    return write_directory(directory, write, owned=is_checkpoint, what="training checkpoint")
+    return write_directory(directory, write, owned=_replaceable, what="training checkpoint")
 
 
 def locate(path: str | Path) -> Path:
@@ -246,9 +251,24 @@ def load(
         model = persist.load(directory / MODEL, device=device, plugins=plugins)
     finally:
         torch.set_rng_state(rng)  # rebuilding initialises weights it then overwrites; keep the caller's stream
+    _check_roles(record.roles, model, where)
     tensors = _state_tensors(directory / STATE) if (directory / STATE).exists() else {}
     info = record.model_dump()
     return Checkpoint(directory, model, src, tgt, info, tensors, vocabs.labels)
+
+
+def _check_roles(roles: Roles, model: nn.Module, where: Location) -> None:
+    """The saved roles must be what the saved spec's inputs and output give for them."""
+    typed = model.typed_graph  # type: ignore[union-attr]
+    given = {name: getattr(roles, name) for name in ROLE_NAMES if getattr(roles, name) is not None}
+    try:
+        found = find_roles(typed.graph, given, typed.types)
+    except SpecError as exc:
+        raise CheckpointError([Problem(f"field roles: {p.message}", where) for p in exc.problems]) from None
+    if found != roles:
+        raise CheckpointError(
+            Problem("field roles does not match the checkpoint's spec", where, hint="the checkpoint is corrupt")
+        )
 
 
 def _vocab(record: VocabRecord, given: str | None, where: Location, side: str) -> Vocab:

@@ -175,7 +175,11 @@ def train(
         named = (src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
         run_training(config, out_dir, resume=resume, tokenizers=named, quiet=quiet, console=err)
     except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/]: the last complete checkpoint is in {out_dir / checkpoint.NAME}")
+        saved = out_dir / checkpoint.NAME
+        where = (
+            f"the last complete checkpoint is in {saved}" if checkpoint.is_checkpoint(saved) else "no checkpoint yet"
+        )
+        err.print(f"[yellow]interrupted[/]: {escape(where)}")
         raise typer.Exit(130) from None
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
@@ -139,9 +140,9 @@ def _train(
     config = run.config
     if resume is None and out_dir is not None and context.main:
         (out_dir / rundir.METRICS).unlink(missing_ok=True)
-    say(f"[bold]{run.valid_spec.spec.name}[/]: {corpus.describe(run.data)}")
+    say(f"[bold]{escape(run.valid_spec.spec.name)}[/]: {escape(corpus.describe(run.data))}")
     for note in run.data.notes:
-        say(f"[yellow]note:[/] {note}")
+        say(f"[yellow]note:[/] {escape(note)}")
     parameters = sum(p.numel() for p in run.model.parameters())
     say(
         f"{parameters:,} parameters on {context.device}"
@@ -258,7 +259,7 @@ def _corpus_options(config: TrainConfig, roles: Roles, *, shared: bool) -> corpu
         data=config.data,
         valid_data=config.valid_data,
         task=config.task,
-        task_options=tasks.TaskOptions(**config.task_options),
+        task_options=tasks.task_options(config.task_options, "the task options"),
         seed=config.seed,
         valid_fraction=config.valid_fraction,
         max_len=config.max_len,
@@ -353,7 +354,7 @@ def _loop(
             if out is not None and context.main:
                 rundir.append_line(out / rundir.METRICS, json.dumps(record))
     if saved is not None:
-        say(f"checkpoint: {saved}")
+        say(f"checkpoint: {escape(str(saved))}")
     return saved
 
 

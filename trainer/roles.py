@@ -23,7 +23,7 @@ optional mask. By convention:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -42,13 +42,13 @@ CLASS_VARS = ("classes", "num_classes", "n_classes", "labels")
 class Roles:
     """Input names for each role (None when the spec has no such input) and the output to train."""
 
-    kind: str  # "seq2seq", "lm" or "classify"
+    kind: Literal["seq2seq", "lm", "classify"]
     tgt: str
     src: str | None = None
     src_pad: str | None = None
     tgt_pad: str | None = None
     output: str | None = None  # key in the output mapping; None for a single output
-    output_mode: str = "log_softmax"  # log_softmax, logits, softmax or unknown (log_softmax applied)
+    output_mode: Literal["log_softmax", "logits", "softmax", "unknown"] = "log_softmax"  # unknown: log_softmax applied
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("kind", "src", "tgt", "src_pad", "tgt_pad", "output", "output_mode")}

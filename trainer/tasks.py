@@ -12,8 +12,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from common.errors import DataError, Problem
+from common.text import excerpt
 
 TASKS = ("copy", "reverse")
+
+
+LIMITS = {"symbols": (2, 100_000), "min_len": (1, 10_000), "max_len": (1, 10_000), "train": (1, 10_000_000),
+          "valid": (0, 1_000_000)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -28,30 +33,38 @@ class TaskOptions:
         return asdict(self)
 
 
+def task_options(values: dict[str, object], origin: str = "--task-options") -> TaskOptions:
+    """Options from names and values (the command line's, or a checkpoint's), each checked against its range."""
+    for name, value in values.items():
+        if name not in LIMITS:
+            raise DataError(
+                Problem(f"{origin}: no option {excerpt(str(name), 40)}", hint=f"options: {', '.join(LIMITS)}")
+            )
+        low, high = LIMITS[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise DataError(Problem(f"{origin} {name}: expected an integer from {low:,} to {high:,}"))
+    options = TaskOptions(**values)  # type: ignore[arg-type]
+    if options.min_len > options.max_len:
+        raise DataError(Problem(f"{origin}: min_len {options.min_len} is above max_len {options.max_len}"))
+    return options
+
+
 def parse_options(text: str | None) -> TaskOptions:
     """`symbols=8,max_len=6` → TaskOptions; unknown names and bad values are user errors."""
-    values: dict[str, int] = {}
-    known = TaskOptions.__dataclass_fields__
+    values: dict[str, object] = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         name, sep, raw = item.partition("=")
         name = name.strip()
-        if not sep or name not in known:
+        if not sep or name not in LIMITS:
             raise DataError(
-                Problem(f"--task-options: cannot use {item!r}", hint=f"NAME=VALUE with NAME one of {', '.join(known)}")
+                Problem(
+                    f"--task-options: cannot use {excerpt(item, 40)}",
+                    hint=f"NAME=VALUE with NAME one of {', '.join(LIMITS)}",
+                )
             )
-        try:
-            values[name] = int(raw)
-        except ValueError:
-            raise DataError(Problem(f"--task-options {name}: {raw!r} is not an integer")) from None
-    options = TaskOptions(**values)
-    if options.symbols < 2 or not 1 <= options.min_len <= options.max_len or options.train < 1 or options.valid < 0:
-        raise DataError(
-            Problem(
-                f"--task-options: inconsistent values {options.to_json()}",
-                hint="symbols ≥ 2, 1 ≤ min_len ≤ max_len, train ≥ 1, valid ≥ 0",
-            )
-        )
-    return options
+        raw = raw.strip()
+        values[name] = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else raw
+    return task_options(values)
 
 
 def make_pairs(task: str, options: TaskOptions, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

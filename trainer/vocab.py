@@ -108,7 +108,7 @@ def resolve_tokenizer(saved: str, given: str | None, where: Location, field: str
     if saved not in TOKENIZERS:
         raise CheckpointError(
             Problem(
-                f"field {field}: unknown tokenizer {excerpt(saved, 40)}", where, hint=f"one of {', '.join(TOKENIZERS)}"
+                f"field {field}: not a tokenizer this blockgraph has", where, hint=f"one of {', '.join(TOKENIZERS)}"
             )
         )
     return saved
