@@ -9,8 +9,8 @@ trial size with an `ExportWarning`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib.util
+import io
 import logging
 import re
 import warnings
@@ -91,11 +91,11 @@ def export(
 
 
 def _save_program(program: Any, tmp: Path) -> None:
-    """torch.export.save, its failures to write (a full disk) reported as the OSError they are."""
-    try:
-        torch.export.save(program, str(tmp))
-    except RuntimeError as exc:
-        raise OSError(errno.EIO, _first_line(exc)) from None
+    """torch.export.save into memory, then to the file: torch's zip writer aborts the whole process when the
+    disk fails under it (its destructor throws), while a failed Python write is an OSError like any other."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    tmp.write_bytes(buffer.getbuffer())
 
 
 def require_onnx() -> None:

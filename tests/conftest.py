@@ -91,3 +91,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if hungriest is not None:
         line += f"; most memory {hungriest[2]:.1f} MiB peak RSS added ({hungriest[0]})"
     terminalreporter.write_line(line)
+    for note in harness.NOTES:
+        terminalreporter.write_line(f"hostile corpus: {note}")

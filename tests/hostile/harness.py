@@ -35,6 +35,7 @@ TIMEOUT = 20.0  # seconds for one case
 MEMORY = 200  # MiB of peak resident memory one case may add
 ADDRESS_SPACE = 2 << 30  # bytes of address space a case may add to the process before allocations fail
 FIGURES: list[tuple[str, float, float]] = []  # (case, seconds, peak MiB)
+NOTES: list[str] = []  # what else a case found worth printing at the end of the session
 
 
 @dataclass
