@@ -29,22 +29,9 @@ COMMANDS = {
     "export": lambda spec, out: ("export", spec, "--format", "exported-program", "--out", out),
     "build": lambda spec, out: ("build", spec, "--out", out),
     "schema": lambda spec, out: ("schema", "--out", out),
-    "train": lambda spec, out: (
-        "train",
-        TRANSFORMER,
-        "--task",
-        "copy",
-        "--max-steps",
-        "1",
-        "--out",
-        out,
-        "--set",
-        "d_model=16",
-        "--set",
-        "heads=2",
-        "--quiet",
-    ),  # fmt: skip
+    "train": lambda spec, out: ("train", TRANSFORMER, "--task", "copy", "--max-steps", "1", "--out", out, *TINY),
 }
+TINY = ("--set", "d_model=16", "--set", "heads=2", "--quiet")
 
 
 def _fifo(path: Path) -> Path:
