@@ -72,7 +72,7 @@ def open_file(path: str | Path, kind: FileKind) -> BinaryIO:
         # O_NONBLOCK: should the path have become a FIFO since the stat, opening it must not wait for a writer
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise kind.fail(path, f"cannot open the {kind.what} {path}: {_reason(exc)}") from None
+        raise kind.fail(path, f"cannot open the {kind.what}: {_reason(exc)}") from None
     try:
         _require_regular(path, os.fstat(fd).st_mode, kind)
         os.set_blocking(fd, True)
@@ -87,7 +87,9 @@ def _require_regular(path: Path, mode: int, kind: FileKind) -> None:
         return
     if stat.S_ISDIR(mode):
         raise kind.fail(path, f"{path} is a directory, not a {kind.what}")
-    raise kind.fail(path, f"{path} is {_kind_of(mode)}, not a {kind.what}", "blockgraph reads only regular files")
+    raise kind.fail(
+        path, f"the {kind.what} is {_kind_of(mode)}, not a regular file", "blockgraph reads only regular files"
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -95,16 +97,22 @@ def _reason(exc: BaseException) -> str:
 
 
 def read_bytes(path: str | Path, kind: FileKind) -> bytes:
-    """The whole file, refused if it holds more than `kind.limit` bytes."""
+    """The whole file, refused if it holds more than `kind.limit` bytes.
+
+    A regular file's size says at once when it is too large (a sparse file of 5 GiB is not read); reading
+    stops after `limit + 1` bytes in any case, for files whose reported size is not their content's.
+    """
     with open_file(path, kind) as handle:
+        if os.fstat(handle.fileno()).st_size > kind.limit:
+            raise kind.fail(
+                path, f"the {kind.what} is too large: the limit is {size_text(kind.limit)}", _limit_hint(kind)
+            )
         try:
             data = handle.read(kind.limit + 1)
         except OSError as exc:
-            raise kind.fail(path, f"cannot read the {kind.what} {path}: {_reason(exc)}") from None
+            raise kind.fail(path, f"cannot read the {kind.what}: {_reason(exc)}") from None
     if len(data) > kind.limit:
-        raise kind.fail(
-            path, f"the {kind.what} {path} is too large: the limit is {size_text(kind.limit)}", _limit_hint(kind)
-        )
+        raise kind.fail(path, f"the {kind.what} is too large: the limit is {size_text(kind.limit)}", _limit_hint(kind))
     return data
 
 
@@ -128,14 +136,14 @@ def read_lines(path: str | Path, kind: FileKind) -> Iterator[tuple[int, bytes]]:
             try:
                 line = handle.readline(kind.max_line + 1)
             except OSError as exc:
-                raise kind.fail(path, f"cannot read the {kind.what} {path}: {_reason(exc)}", line=number) from None
+                raise kind.fail(path, f"cannot read the {kind.what}: {_reason(exc)}", line=number) from None
             if not line:
                 return
             total += len(line)
             if total > kind.limit:
                 raise kind.fail(
                     path,
-                    f"the {kind.what} {path} is too large: the limit is {size_text(kind.limit)}",
+                    f"the {kind.what} is too large: the limit is {size_text(kind.limit)}",
                     _limit_hint(kind),
                 )
             if len(line) > kind.max_line:

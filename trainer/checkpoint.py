@@ -42,8 +42,8 @@ TRAINER = "trainer.json"
 STATE = "state.safetensors"
 VOCAB = "vocab.json"
 MODEL = "model"
-TRAINER_FILE = FileKind("checkpoint's trainer.json", CheckpointError, limit=256 * MiB)
-VOCAB_FILE = FileKind("checkpoint's vocab.json", CheckpointError, limit=1024 * MiB)
+TRAINER_FILE = FileKind("checkpoint's trainer.json", CheckpointError, limit=64 * MiB)
+VOCAB_FILE = FileKind("checkpoint's vocab.json", CheckpointError, limit=64 * MiB)
 
 
 class _Record(BaseModel):

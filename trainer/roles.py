@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from pydantic import ConfigDict
 
 from builder.graph import Endpoint, Graph
 from common.errors import Location, Problem, SpecError
@@ -41,6 +42,8 @@ CLASS_VARS = ("classes", "num_classes", "n_classes", "labels")
 @dataclass(frozen=True)
 class Roles:
     """Input names for each role (None when the spec has no such input) and the output to train."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # read back from checkpoints: no unknown keys
 
     kind: Literal["seq2seq", "lm", "classify"]
     tgt: str
