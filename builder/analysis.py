@@ -497,21 +497,20 @@ def _measure_node(
     if found is None:
         first = next(iter(module.parameters()), None)
         device = first.device if first is not None else torch.device("meta")
-        args = []
-        for p in call_ports:
+
+        def argument(p: str) -> torch.Tensor | None:
             if p not in bound:
-                args.append(None)
-                continue
+                return None
             kind = in_types[p].dtype
             from_node = bool(bound[p].port)  # a node's output carries gradient; a spec input does not
             if kind.is_floating_point:
                 kind = next((q.dtype for q in module.parameters() if q.is_floating_point()), dtype)
-            args.append(
-                torch.empty(ins[p], dtype=kind, device=device, requires_grad=from_node and kind.is_floating_point)
-            )
+            return torch.empty(ins[p], dtype=kind, device=device, requires_grad=from_node and kind.is_floating_point)
+
         was = {m: m.training for m in module.modules()}
         module.train()
         try:
+            args = [argument(p) for p in call_ports]  # a size beyond what torch can index fails here
             found = measure_call(module, args, call_ports, [p.name for p in inst.out_ports])
         except Exception as exc:  # a block without meta support (data-dependent control flow, a plugin)
             found = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()

@@ -175,3 +175,17 @@ def test_translate_caps_its_output_at_the_models_positions(tmp_path):
     long = " ".join(["1"] * 20)
     outcome = bounded("translate-long-source", "translate", run, long)
     assert_clean(outcome, 1, "has 20 tokens; the model reads at most 11")
+
+
+@pytest.mark.parametrize("spec", sorted((ROOT / "specs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_inspects_at_the_largest_sizes(spec):
+    """Every named dimension at 2³¹ − 1: a located limit, or figures; never torch's overflow as a traceback."""
+    import builder
+    from builder.spec import MAX_DIM
+
+    graph = builder.typed_graph(spec).graph
+    names = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str)})
+    dims = [arg for name in names for arg in ("--dim", f"{name}={MAX_DIM}")]
+    outcome = bounded(f"inspect-max-{spec.stem}", "inspect", spec, *dims, timeout=60)
+    assert outcome.code in (0, 1)
+    assert_clean(outcome, outcome.code, *(["exceeds max_len"] if outcome.code else []))
