@@ -35,16 +35,20 @@ class SourceMap:
     file: str | None = None
     values: dict[SpecPath, Position] = field(default_factory=dict)
     keys: dict[SpecPath, Position] = field(default_factory=dict)
+    reached: frozenset[str] = frozenset()  # files reached through `extends:`: messages never quote them
 
     def locate(self, path: SpecPath, *, key: bool = False) -> Location:
         """The position of `path`, or of its nearest ancestor that has one."""
         if key and path in self.keys:
-            return Location(*self.keys[path], path)
+            return self._at(self.keys[path], path)
         for n in range(len(path), -1, -1):
             pos = self.values.get(path[:n])
             if pos is not None:
-                return Location(*pos, path)
+                return self._at(pos, path)
         return Location(self.file, None, None, path)
+
+    def _at(self, pos: Position, path: SpecPath) -> Location:
+        return Location(*pos, path, quoted=pos[0] not in self.reached)
 
     def mark(self, node: yaml.Node) -> Position:
         return (self.file, node.start_mark.line + 1, node.start_mark.column + 1)

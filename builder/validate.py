@@ -308,7 +308,12 @@ def _merge_extends(
         raise SpecError(Problem(f"extends: the base spec {excerpt(base_ref, 80)} is a {kind}, not a mapping", where))
     base_data, base_source = _merge_extends(base_path, base_doc.data, base_doc.source, [*chain, here], files)
     merged = _deep_merge(base_data, {k: v for k, v in data.items() if k != "extends"})
-    merged_source = SourceMap(source.file, {**base_source.values, **source.values}, {**base_source.keys, **source.keys})
+    merged_source = SourceMap(
+        source.file,
+        {**base_source.values, **source.values},
+        {**base_source.keys, **source.keys},
+        source.reached | base_source.reached | {base_source.file or ""},
+    )
     return merged, merged_source
 
 

@@ -7,10 +7,19 @@ checkpoint or a full disk without reading messages.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 SpecPath = tuple[str | int, ...]
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|; found .*$")
+
+
+def unquoted(text: str) -> str:
+    """`text` with what it quotes of a file (`'value'`, `; found ...`) taken out: it says where, not what."""
+    return _QUOTED.sub(lambda m: "" if m.group().startswith(";") else "…", text)
 
 
 def format_path(path: SpecPath) -> str:
@@ -29,6 +38,7 @@ class Location:
     line: int | None = None
     column: int | None = None
     path: SpecPath = ()
+    quoted: bool = field(default=True, compare=False)  # False in a file reached through a spec: quote nothing
 
     def __str__(self) -> str:
         if self.file is None and self.line is None and not self.path:
@@ -38,7 +48,7 @@ class Location:
             where += f":{self.line}"
             if self.column is not None:
                 where += f":{self.column}"
-        return f"{where} ({format_path(self.path)})" if self.path else where
+        return f"{where} ({format_path(self.path)})" if self.path and self.quoted else where
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,11 @@ class Problem:
     hint: str | None = None
     severity: Literal["error", "warning"] = "error"
     node: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.location.quoted:  # the one place that keeps a reached file's contents out of messages
+            object.__setattr__(self, "message", unquoted(self.message))
+            object.__setattr__(self, "hint", self.hint and unquoted(self.hint))
 
     def __str__(self) -> str:
         text = f"{self.location}: " if str(self.location) else ""

@@ -133,13 +133,10 @@ def restore_optimizer(
     wrong = []
     for name, value in tensors.items():
         if name.startswith("optimizer."):
-            _, pid, key = name.split(".", 2)
-            index = int(pid) if pid.isdigit() else -1
-            if (
-                not 0 <= index < len(params)
-                or not value.is_floating_point()
-                or (key != "step" and value.shape != params[index].shape)
-            ):
+            _, pid, key = (*name.split(".", 2), "", "")[:3]
+            index = int(pid) if pid.isdigit() and len(pid) < 10 else -1
+            expected = () if key == "step" else (params[index].shape if 0 <= index < len(params) else None)
+            if not key or expected is None or not value.is_floating_point() or value.shape != expected:
                 wrong.append(name)
             else:
                 state.setdefault(index, {})[key] = value

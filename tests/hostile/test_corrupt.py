@@ -130,6 +130,8 @@ STATE_CHANGES = {
     "moment of ints": lambda t: t.__setitem__(_first_moment(t), t[_first_moment(t)].long()),
     "a tensor of no parameter": lambda t: t.__setitem__("optimizer.x.exp_avg", torch.zeros(1)),
     "a parameter beyond the model": lambda t: t.__setitem__("optimizer.999.exp_avg", torch.zeros(1)),
+    "a name without a field": lambda t: t.__setitem__("optimizer.x", torch.zeros(1)),
+    "a step of three numbers": lambda t: t.__setitem__("optimizer.0.step", torch.zeros(3)),
 }
 
 

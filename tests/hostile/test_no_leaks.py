@@ -107,6 +107,19 @@ def test_a_base_spec_that_is_no_spec_is_not_quoted(tmp_path, base):
     assert_clean(bounded("extends-not-a-spec", "validate", spec), 1, "extends", absent=(SECRET,))
 
 
+def test_values_and_keys_of_a_base_spec_are_located_not_quoted(tmp_path):
+    """A base spec is reached through `extends:`: its mistakes are shown by line, without its text."""
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(
+        f"vars: {{d_model: 8}}\n{SECRET}_key: 1\ndescription: ['{SECRET}']\n",
+        encoding="utf-8",
+    )
+    spec = tiny_spec(folder, replace={"name: tiny": "name: tiny\nextends: base.yaml"})
+    outcome = bounded("extends-values", "validate", spec)
+    assert_clean(outcome, 1, "base.yaml:2", "base.yaml:3", "unknown key", absent=(SECRET,))
+
+
 def test_bad_data_lines_are_located_not_quoted(tmp_path):
     data = tmp_path / "pairs.tsv"
     data.write_bytes(f"a b\tc d\n{SECRET} without a tab\n\t{SECRET}\n".encode() + b"\xff" + SECRET.encode() + b"\n")
