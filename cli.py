@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-import yaml
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from common.console import err, out, write_plain
+from common.console import err, out, problems_view, report, write_plain
 from common.errors import BlockgraphError, Problem
+from common.options import parse_pairs
 from common.text import clean_json
 
 app = typer.Typer(
@@ -43,16 +43,12 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from builder import render
-
         try:
             return fn(*args, **kwargs)
         except BlockgraphError as exc:
             if State.debug:
                 raise
-            err.print(render.problems(exc.problems))
-            count = len(exc.problems)
-            err.print(f"[red]{count} error{'s' if count != 1 else ''}[/]")
+            report(exc)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -63,21 +59,6 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
 ) -> None:
     State.debug = debug
-
-
-def parse_pairs(values: list[str], option: str, *, typed: bool) -> dict[str, Any]:
-    """`["d_model=256", "heads=4"]` → `{"d_model": 256, "heads": 4}` (values parsed as YAML scalars when typed)."""
-    pairs: dict[str, Any] = {}
-    for item in values:
-        name, sep, raw = item.partition("=")
-        if not sep or not name.strip():
-            raise typer.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
-        try:
-            value = yaml.safe_load(raw) if typed else raw
-        except yaml.YAMLError as exc:
-            raise typer.BadParameter(f"cannot parse the value of {item!r}", param_hint=option) from exc
-        pairs[name.strip()] = value
-    return pairs
 
 
 def parse_dims(values: list[str]) -> dict[str, int]:
@@ -93,14 +74,13 @@ def parse_dims(values: list[str]) -> dict[str, int]:
 
 
 def warn(items: list[Problem], strict: bool) -> None:
-    from builder import render
     from common.errors import SpecError
 
     if not items:
         return
     if strict:
         raise SpecError([Problem(p.message, p.location, p.hint, "error", p.node) for p in items])
-    err.print(render.problems(items))
+    err.print(problems_view(items))
 
 
 SpecArg = Annotated[Path, typer.Argument(help="Spec file (.yaml, .yml or .json).", show_default=False)]
@@ -285,7 +265,7 @@ def validate(
             if State.debug:
                 raise
             failed = True
-            err.print(render.problems(exc.problems))
+            err.print(problems_view(exc.problems))
             err.print(f"[red]✗[/] {escape(str(path))}")
             continue
         if resolved is None:

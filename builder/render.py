@@ -21,22 +21,6 @@ from builder.analysis import Costs, analyse
 from builder.compile import GraphModel
 from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph
-from common.errors import Problem
-
-
-def problems(items: Iterable[Problem]) -> RenderableType:
-    """Each problem as `file:line:col  path`, the message, and a hint, errors in red and warnings in yellow."""
-    parts = []
-    for p in items:
-        colour = "red" if p.severity == "error" else "yellow"
-        head = Text.assemble((f"{p.severity}: ", f"bold {colour}"), (p.message, "bold"))
-        where = Text(f"  at {p.location}" if str(p.location) else " ", style="cyan")
-        if p.node:
-            where.append(f"  node {p.node}", style="magenta")
-        parts += [head, where] if where.plain.strip() else [head]
-        if p.hint:
-            parts.append(Text(f"  hint: {p.hint}", style="green"))
-    return RichGroup(*parts)
 
 
 def count(n: int) -> str:

@@ -8,11 +8,13 @@ Machine-readable output (JSON, YAML, drawings, translations) bypasses Rich throu
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-from rich.console import Console, ConsoleOptions, RenderableType, RenderHook, RenderResult
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderHook, RenderResult
 from rich.segment import Segment
+from rich.text import Text
 
+from common.errors import BlockgraphError, Problem
 from common.text import clean, clean_json
 
 
@@ -32,6 +34,28 @@ class _CleanHook(RenderHook):
         return [_Cleaned(r) for r in renderables]
 
 
+def problems_view(items: Iterable[Problem]) -> RenderableType:
+    """Each problem as `file:line:col  path`, the message, and a hint, errors in red and warnings in yellow."""
+    parts = []
+    for p in items:
+        colour = "red" if p.severity == "error" else "yellow"
+        head = Text.assemble((f"{p.severity}: ", f"bold {colour}"), (p.message, "bold"))
+        where = Text(f"  at {p.location}" if str(p.location) else " ", style="cyan")
+        if p.node:
+            where.append(f"  node {p.node}", style="magenta")
+        parts += [head, where] if where.plain.strip() else [head]
+        if p.hint:
+            parts.append(Text(f"  hint: {p.hint}", style="green"))
+    return Group(*parts)
+
+
+def report(error: BlockgraphError) -> None:
+    """Print every problem of `error` to stderr, then how many: the one way errors reach the user."""
+    err.print(problems_view(error.problems))
+    count = len(error.problems)
+    err.print(f"[red]{count} error{'s' if count != 1 else ''}[/]")
+
+
 def safe_console(*, stderr: bool = False) -> Console:
     """A Rich console whose output holds no control characters but its own styling."""
     console = Console(stderr=stderr, highlight=False)
@@ -47,8 +71,3 @@ def write_plain(text: str, *, json: bool = False) -> None:
     """Write `text` (with a final newline) to stdout as is, but cleaned: JSON keeps valid escapes."""
     text = clean_json(text) if json else clean(text)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
-
-
-def write_lines(lines: Iterable[str] | Sequence[str]) -> None:
-    for line in lines:
-        write_plain(line)

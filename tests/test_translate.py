@@ -11,8 +11,8 @@ from conftest import SPECS
 from typer.testing import CliRunner
 
 from builder import build
+from cli import app
 from trainer import checkpoint, decode
-from trainer.app import app
 from trainer.roles import ModelIO, find_roles
 from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 

@@ -11,11 +11,11 @@ occurs in training are left out and counted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from common.errors import DataError, Problem
 from trainer import data, tasks
 from trainer.batching import Example
+from trainer.config import DataOptions
 from trainer.vocab import SPECIALS, Vocab, guess_tokenizer, tokenize
 
 
@@ -30,38 +30,29 @@ class Corpus:
     labels: list[str] | None = None  # a classifier's classes, in index order
 
 
-@dataclass(frozen=True)
-class CorpusOptions:
-    kind: str  # seq2seq, lm or classify
-    data: str | None = None
-    valid_data: str | None = None
-    task: str | None = None
-    task_options: tasks.TaskOptions = field(default_factory=tasks.TaskOptions)
-    seed: int = 0
-    valid_fraction: float = 0.05
-    max_len: int = 100
-    min_freq: int = 1
-    max_vocab: int | None = None
-    src_tokenizer: str = "auto"
-    tgt_tokenizer: str = "auto"
-    skip_bad_lines: bool = False
-    shared_vocab: bool = False
-
-
 def load(
-    options: CorpusOptions, vocabs: tuple[Vocab | None, Vocab] | None = None, labels: list[str] | None = None
+    options: DataOptions,
+    kind: str,
+    *,
+    shared_vocab: bool = False,
+    vocabs: tuple[Vocab | None, Vocab] | None = None,
+    labels: list[str] | None = None,
 ) -> Corpus:
-    """Read or generate the text, tokenize, build (or reuse) the vocabularies, encode and split."""
+    """Read or generate the text, tokenize, build (or reuse) the vocabularies, encode and split.
+
+    `kind` is the model's (seq2seq, lm or classify); `shared_vocab` builds one vocabulary of both sides.
+    """
     notes: list[str] = []
-    if options.kind == "classify":
+    if kind == "classify":
         return _load_labelled(options, vocabs[1] if vocabs is not None else None, labels, notes)
-    seq2seq = options.kind == "seq2seq"
+    seq2seq = kind == "seq2seq"
     if options.task is not None:
         if not seq2seq:
             raise DataError(
                 Problem(f"--task {options.task} needs an encoder–decoder spec (a source and a target input)")
             )
-        train_text, valid_text = tasks.make_pairs(options.task, options.task_options, options.seed)
+        task_options = tasks.task_options(options.task_options, "the task options")
+        train_text, valid_text = tasks.make_pairs(options.task, task_options, options.seed)
         tokenizers = ("space", "space")
     else:
         if options.data is None:
@@ -72,18 +63,18 @@ def load(
         else:
             train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
         tokenizers = (
-            _tokenizer(options.src_tokenizer, [r[0] for r in train_text]) if seq2seq else "space",
-            _tokenizer(options.tgt_tokenizer, [r[-1] for r in train_text]),
+            _tokenizer(options.source_tokenizer, [r[0] for r in train_text]) if seq2seq else "space",
+            _tokenizer(options.target_tokenizer, [r[-1] for r in train_text]),
         )
     train_tokens = _tokenize(train_text, tokenizers, seq2seq)
     valid_tokens = _tokenize(valid_text, tokenizers, seq2seq)
     if vocabs is not None:
         src_vocab, tgt_vocab = vocabs
     elif options.task is not None:
-        tokens = [*SPECIALS, *tasks.symbols(options.task_options)]
+        tokens = [*SPECIALS, *tasks.symbols(task_options)]
         src_vocab, tgt_vocab = Vocab(tokens, "space"), Vocab(tokens, "space")
     else:
-        src_vocab, tgt_vocab = _vocabs(train_tokens, tokenizers, options, seq2seq)
+        src_vocab, tgt_vocab = _vocabs(train_tokens, tokenizers, options, seq2seq, shared_vocab)
     train, dropped = _encode(train_tokens, src_vocab, tgt_vocab, options.max_len)
     valid, dropped_valid = _encode(valid_tokens, src_vocab, tgt_vocab, options.max_len)
     if dropped or dropped_valid:
@@ -94,7 +85,7 @@ def load(
     return Corpus(train, valid, src_vocab, tgt_vocab, refs, notes)
 
 
-def _load_labelled(options: CorpusOptions, vocab: Vocab | None, labels: list[str] | None, notes: list[str]) -> Corpus:
+def _load_labelled(options: DataOptions, vocab: Vocab | None, labels: list[str] | None, notes: list[str]) -> Corpus:
     if options.task is not None:
         raise DataError(Problem(f"--task {options.task} needs an encoder–decoder spec, not a classifier"))
     if options.data is None:
@@ -112,7 +103,7 @@ def _load_labelled(options: CorpusOptions, vocab: Vocab | None, labels: list[str
     else:
         train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
     if vocab is None:
-        tokenizer = _tokenizer(options.tgt_tokenizer, [r[1] for r in train_text])
+        tokenizer = _tokenizer(options.target_tokenizer, [r[1] for r in train_text])
         vocab = Vocab.build(
             [tokenize(r[1], tokenizer) for r in train_text],
             tokenizer,
@@ -174,13 +165,13 @@ def _tokenize(records, tokenizers: tuple[str, str], seq2seq: bool) -> list[tuple
     return out
 
 
-def _vocabs(train_tokens, tokenizers, options: CorpusOptions, seq2seq: bool) -> tuple[Vocab | None, Vocab]:
+def _vocabs(train_tokens, tokenizers, options: DataOptions, seq2seq: bool, shared: bool) -> tuple[Vocab | None, Vocab]:
     sizes = {"min_freq": options.min_freq, "max_size": options.max_vocab}
     targets = [t for _, t in train_tokens]
     if not seq2seq:
         return None, Vocab.build(targets, tokenizers[1], **sizes)
     sources = [s for s, _ in train_tokens]
-    if options.shared_vocab:
+    if shared:
         joint = Vocab.build([*sources, *targets], tokenizers[1], **sizes)
         return Vocab(joint.tokens, tokenizers[0]), joint
     return Vocab.build(sources, tokenizers[0], **sizes), Vocab.build(targets, tokenizers[1], **sizes)
@@ -212,7 +203,3 @@ def describe(corpus: Corpus) -> str:
         return ", ".join(parts)
     parts.append(f"target vocabulary {len(corpus.tgt_vocab)} ({corpus.tgt_vocab.tokenizer})")
     return ", ".join(parts)
-
-
-def data_path(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).resolve())

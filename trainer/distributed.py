@@ -1,7 +1,8 @@
 """Data-parallel training over processes: DistributedDataParallel with gloo (CPU) or nccl (CUDA).
 
-`torchrun --nproc-per-node N -m trainer train ...` (or `blockgraph train ... --nproc N`, which runs exactly
-that on the loopback interface) starts N processes; each reads RANK, WORLD_SIZE and LOCAL_RANK from its
+`blockgraph train ... --nproc N` runs `python -m trainer JOB.json` under torchrun on the loopback interface
+(`torchrun --nproc-per-node N --no-python blockgraph train ...` does the same by hand, on any number of nodes):
+N processes start; each reads RANK, WORLD_SIZE and LOCAL_RANK from its
 environment, joins the process group, trains on its shard of every global batch (see trainer.batching) and
 all-reduces gradients. The loss of a rank is its summed token loss divided by the *global* token count and
 multiplied by N, so DDP's gradient average equals the single-process gradient of the same global batch.
@@ -14,12 +15,17 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
 
 from common.errors import Problem, UsageError
+from trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(nproc: int, args: list[str], *, port: int | None = None) -> int:
-    """Run `python -m trainer ARGS` in `nproc` processes under torchrun on 127.0.0.1; its exit status."""
+class Job(BaseModel):
+    """What every worker of `train --nproc N` runs, handed over as JSON (not as a command line to parse again).
+
+    `config` holds the options set on the command line only, so that the worker's `TrainConfig` has the same
+    options set (what a resumed run takes from them, see loop.train).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict[str, Any]
+    out: str
+    resume: str | None = None
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, config: TrainConfig, out: Path, resume: Path | None, quiet: bool) -> Job:
+        given = config.model_dump(mode="json", exclude_unset=True)
+        return cls(config=given, out=str(out), resume=None if resume is None else str(resume), quiet=quiet)
+
+
+def launch(nproc: int, job: Job, *, port: int | None = None) -> int:
+    """Run `job` in `nproc` processes under torchrun on 127.0.0.1 (`python -m trainer JOB.json`); their exit status."""
+    handle, name = tempfile.mkstemp(prefix="blockgraph-job-", suffix=".json")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(job.model_dump_json())
+    try:
+        return _torchrun(nproc, [name], port)
+    finally:
+        os.unlink(name)
+
+
+def _torchrun(nproc: int, args: list[str], port: int | None) -> int:
     command = [
         sys.executable,
         "-m",

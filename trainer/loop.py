@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,45 +26,10 @@ from builder.api import compile_graph, load_spec, typed_graph
 from common.console import safe_console
 from common.errors import Problem, SpecError, UsageError
 from common.records import check_record
-from trainer import batching, bleu, checkpoint, corpus, decode, distributed, rundir, schedule, tasks
+from trainer import batching, bleu, checkpoint, corpus, decode, distributed, rundir, schedule
+from trainer.config import RESUMABLE, TrainConfig
 from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
-from trainer.vocab import Vocab, check_tokenizer
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a run; saved in each checkpoint and reused by `--resume`."""
-
-    spec: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    input_roles: dict[str, str] = field(default_factory=dict)
-    data: str | None = None
-    valid_data: str | None = None
-    task: str | None = None
-    task_options: dict[str, int] = field(default_factory=dict)
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 32
-    lr: float | None = None  # peak learning rate; None: the paper's d_model^-0.5 schedule
-    warmup: int = 4000
-    label_smoothing: float = 0.1
-    clip_norm: float = 0.0
-    seed: int = 0
-    valid_fraction: float = 0.05
-    max_len: int = 100
-    min_freq: int = 1
-    max_vocab: int | None = None
-    src_tokenizer: str = "auto"
-    tgt_tokenizer: str = "auto"
-    skip_bad_lines: bool = False
-    save_every: int = 0
-    bleu_sentences: int = 200
-    device: str = "cpu"
-    init: str = "xavier"  # xavier: Xavier-uniform for every weight matrix; spec: the blocks' own initialisation
-    allow_external_files: bool = False  # the spec may name files outside its folder
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+from trainer.vocab import check_tokenizer
 
 
 @dataclass
@@ -99,14 +64,14 @@ def train(
     out: str | Path | None = None,
     *,
     resume: str | Path | None = None,
-    tokenizers: tuple[str | None, str | None] = (None, None),
     quiet: bool = False,
     console: Console | None = None,
 ) -> TrainResult:
     """Train (or, with `resume`, continue training) and write checkpoints to `out`/checkpoint.
 
-    `tokenizers` (source, target) are the tokenizers named in this invocation: on resume, they replace the
-    checkpoint's, and a user tokenizer the checkpoint records is used only when named here again.
+    On resume, the checkpoint's options come back, except those `config` sets (its `model_fields_set`: on the
+    command line, the options given again) that a run can change midway (`config.RESUMABLE`); tokenizers it
+    sets replace the checkpoint's, and a user tokenizer the checkpoint records is used only when set here again.
     """
     context = distributed.setup(config.device)
     console = console or safe_console(stderr=True)
@@ -114,7 +79,7 @@ def train(
     try:
         out_dir = Path(out) if out is not None else (checkpoint.locate(resume).parent if resume else None)
         with rundir.exclusive(out_dir) if out_dir is not None and context.main else contextlib.nullcontext():
-            return _train(config, out_dir, resume, tokenizers, context, quiet, console, say)
+            return _train(config, out_dir, resume, context, quiet, console, say)
     finally:
         distributed.teardown(context)
 
@@ -123,7 +88,6 @@ def _train(
     config: TrainConfig,
     out_dir: Path | None,
     resume: str | Path | None,
-    tokenizers: tuple[str | None, str | None],
     context: distributed.Context,
     quiet: bool,
     console: Console,
@@ -136,7 +100,7 @@ def _train(
                 hint=f"continue it with --resume {out_dir}, or choose another --out",
             )
         )
-    run = _resume(config, resume, context, tokenizers) if resume is not None else _start(config, context)
+    run = _resume(config, resume, context, say) if resume is not None else _start(config, context)
     config = run.config
     if resume is None and out_dir is not None and context.main:
         (out_dir / rundir.METRICS).unlink(missing_ok=True)
@@ -155,14 +119,14 @@ def _train(
 def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     if config.spec is None:
         raise SpecError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
-    check_tokenizer(config.src_tokenizer)
-    check_tokenizer(config.tgt_tokenizer)
+    check_tokenizer(config.source_tokenizer)
+    check_tokenizer(config.target_tokenizer)
     typed_base = typed_graph(config.spec, config.overrides, allow_external_files=config.allow_external_files)
     base = typed_base.graph
     roles = find_roles(base, config.input_roles, typed_base.types)
     variables = base.valid.spec.vars if base.valid else {}
     found_vars = vocab_variables(variables, roles)
-    data = corpus.load(_corpus_options(config, roles, shared="shared" in found_vars))
+    data = corpus.load(config, roles.kind, shared_vocab="shared" in found_vars)
     overrides = dict(config.overrides)
     for role, var in found_vars.items():
         if var not in overrides:
@@ -209,24 +173,27 @@ def _output_classes(typed: Any, roles: Roles) -> int | None:
     return int(last) if last.isdigit() else None
 
 
-def _resume(
-    config: TrainConfig, resume: str | Path, context: distributed.Context, tokenizers: tuple[str | None, str | None]
-) -> _Run:
-    saved = checkpoint.load(resume, device=context.device, tokenizers=tokenizers)
+def _resume(config: TrainConfig, resume: str | Path, context: distributed.Context, say) -> _Run:
+    given = config.model_fields_set
+    named = (
+        config.source_tokenizer if given & {"tokenizer", "src_tokenizer"} else None,
+        config.target_tokenizer if given & {"tokenizer", "tgt_tokenizer"} else None,
+    )
+    saved = checkpoint.load(resume, device=context.device, tokenizers=named)
     info = saved.info
     stored = check_record(
         info["config"], TrainConfig, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "config"
     )
-    stored.epochs, stored.max_steps, stored.device = config.epochs, config.max_steps, config.device
+    kept = sorted(given - RESUMABLE - {"tokenizer", "src_tokenizer", "tgt_tokenizer"})
+    if kept:
+        say(f"[yellow]note:[/] --resume keeps the checkpoint's {escape(', '.join(kept))}")
     # the data is read with the vocabularies' tokenizers, resolved by checkpoint.load: never a saved name as is
-    stored.src_tokenizer = saved.src_vocab.tokenizer if saved.src_vocab is not None else "space"
-    stored.tgt_tokenizer = saved.tgt_vocab.tokenizer
-    if config.data is not None:
-        stored.data = config.data
+    changes = {name: getattr(config, name) for name in given & RESUMABLE}
+    changes["src_tokenizer"] = saved.src_vocab.tokenizer if saved.src_vocab is not None else "space"
+    changes["tgt_tokenizer"] = saved.tgt_vocab.tokenizer
+    stored = stored.model_copy(update=changes)
     roles = Roles(**info["roles"])
-    data = corpus.load(
-        _corpus_options(stored, roles, shared=False), vocabs=(saved.src_vocab, saved.tgt_vocab), labels=saved.labels
-    )
+    data = corpus.load(stored, roles.kind, vocabs=(saved.src_vocab, saved.tgt_vocab), labels=saved.labels)
     model = saved.model
     optimizer = schedule.adam(model)
     checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
@@ -251,25 +218,6 @@ def initialise(model: nn.Module) -> None:
         for parameter in model.parameters():
             if parameter.dim() > 1 and parameter.requires_grad and id(parameter) not in keep:
                 nn.init.xavier_uniform_(parameter)
-
-
-def _corpus_options(config: TrainConfig, roles: Roles, *, shared: bool) -> corpus.CorpusOptions:
-    return corpus.CorpusOptions(
-        kind=roles.kind,
-        data=config.data,
-        valid_data=config.valid_data,
-        task=config.task,
-        task_options=tasks.task_options(config.task_options, "the task options"),
-        seed=config.seed,
-        valid_fraction=config.valid_fraction,
-        max_len=config.max_len,
-        min_freq=config.min_freq,
-        max_vocab=config.max_vocab,
-        src_tokenizer=config.src_tokenizer,
-        tgt_tokenizer=config.tgt_tokenizer,
-        skip_bad_lines=config.skip_bad_lines,
-        shared_vocab=shared,
-    )
 
 
 def _fallback_width(model: nn.Module) -> int:
@@ -460,7 +408,7 @@ def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Pat
     if context.main:
         tensors, optimizer_meta = checkpoint.optimizer_state(run.optimizer)
         info = {
-            "config": config.to_json(),
+            "config": config.model_dump(mode="json"),
             "roles": run.roles.to_json(),
             "epoch": run.epoch,
             "batch": run.batch,
@@ -496,7 +444,3 @@ def _epoch_line(record: dict[str, Any], config: TrainConfig, finished: bool) -> 
         parts.append(f"BLEU {record['bleu']:.1f}")
     parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     return f"[bold]{where}[/]: " + ", ".join(parts)
-
-
-def vocab_of(result: TrainResult) -> tuple[Vocab | None, Vocab]:
-    return result.corpus.src_vocab, result.corpus.tgt_vocab
