@@ -10,13 +10,14 @@ whose every key is masked gets all-zero weights and a zero context, as `F.scaled
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from blocks.flops import linear, multi_head
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
 
@@ -140,6 +141,13 @@ class ScaledDotProductAttention(Block):
             _check_mask(mask, scores, "mask", f"[q_len, k_len] = [{format_dim(scores[-2])}, {format_dim(scores[-1])}]")
         return query.with_shape(*query.shape[:-1], value.shape[-1]), query.with_shape(*scores)
 
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """QKᵀ and AV: 2·pairs·d_k + 2·pairs·d_v, pairs = batch (· heads) · q_len · k_len."""
+        query, key, value = inputs["query"].shape, inputs["key"].shape, inputs["value"].shape
+        pairs = math.prod(query[:-1]) * key[-2]
+        return 2 * pairs * query[-1] + 2 * pairs * value[-1]
+
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +258,12 @@ class MultiHeadAttention(Block):
             return query, query.with_shape(batch, p.heads, q_len, k_len)
         return query
 
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """Four projections and QKᵀ, AV: see blocks.flops.multi_head."""
+        shape = {port: t.shape for port, t in inputs.items() if t is not None}
+        return multi_head(p.d_model, shape["query"], shape.get("key"), shape.get("value"))
+
     def forward(
         self,
         query: torch.Tensor,
@@ -311,6 +325,26 @@ class SourceAttention(Block):
             if self.d_attn is not None and self.score in ("dot", "general"):
                 raise ValueError(f"d_attn is only used by score concat or additive, not {self.score!r}; remove it")
             return self
+
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """Scores for every (target, source) pair, then the context Σ_s a_t(s) h̄_s (global, hard and local)."""
+        query, memory = inputs["query"].shape, inputs["memory"].shape
+        batch, tgt, src = query[0], query[1], memory[1]
+        d_attn = p.d_attn or p.d_query
+        pairs = batch * tgt * src
+        if p.score == "dot":
+            score = 2 * pairs * p.d_query
+        elif p.score == "general":
+            score = linear(batch * src, p.d_memory, p.d_query) + 2 * pairs * p.d_query
+        else:  # concat, additive: W_a h_t, U_a h̄_s, then v_aᵀ over every pair
+            score = linear(batch * tgt, p.d_query, d_attn) + linear(batch * src, p.d_memory, d_attn)
+            score += linear(pairs, d_attn, 1)
+        position = 0
+        if getattr(p, "mode", None) == "predictive":  # local-p: p_t = S·sigmoid(v_pᵀ tanh(W_p h_t))
+            d_p = p.d_p or p.d_query
+            position = linear(batch * tgt, p.d_query, d_p) + linear(batch * tgt, d_p, 1)
+        return score + position + 2 * pairs * p.d_memory
 
     in_ports = (
         Port("query", rank=3, doc="decoder states h_t, [batch, tgt_len, d_query]"),

@@ -52,6 +52,11 @@ class Concat(Block):
                 )
         return a.with_last(sum((t.shape[-1] for _, t in parts[1:]), a.shape[-1]))
 
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
     def forward(
         self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None, d: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -84,6 +89,11 @@ class MeanPool(Block):
                 at=("in", "mask"),
             )
         return x.with_shape(x.shape[0], x.shape[2])
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None:
@@ -120,6 +130,11 @@ class Activation(Block):
     def infer(cls, p: Params, x: TensorType) -> TensorType:
         """[...] → [...], the same shape."""
         return x
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.function](x)

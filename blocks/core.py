@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import Field
 from torch import nn
 
+from blocks.flops import linear, tokens
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import TensorType, expect_last, expect_same_shape
 
@@ -31,6 +34,11 @@ class Linear(Block):
         expect_last(x, p.in_features, "in_features")
         return x.with_last(p.out_features)
 
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """2·tokens·in_features·out_features."""
+        return linear(tokens(inputs["x"].shape), p.in_features, p.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
 
@@ -48,6 +56,11 @@ class Dropout(Block):
         super().__init__()
         self.drop = nn.Dropout(p.p)
 
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(x)
 
@@ -64,6 +77,11 @@ class Add(Block):
         """x and sublayer have the same shape, which the output keeps."""
         expect_same_shape(x, sublayer, ("x", "sublayer"))
         return x
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
 
     def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
         return x + sublayer

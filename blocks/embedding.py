@@ -197,6 +197,11 @@ class TokenEmbedding(Block):
         """integer ids [...] → float32 [..., dim]."""
         return TensorType((*tokens.shape, p.dim), torch.float32)
 
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.lut(tokens)
         return x * self.scale if self.scale != 1.0 else x

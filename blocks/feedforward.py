@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from blocks.flops import linear, tokens
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import TensorType, expect_last
 
@@ -44,6 +45,11 @@ class FeedForward(Block):
         """[..., d_model] → [..., d_model]."""
         expect_last(x, p.d_model, "d_model")
         return x
+
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """W_1 and W_2: 2 · 2·tokens·d_model·d_ff."""
+        return 2 * linear(tokens(inputs["x"].shape), p.d_model, p.d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.activation(self.w_1(x))
@@ -82,6 +88,11 @@ class SwiGLU(Block):
         """[..., d_model] → [..., d_model]."""
         expect_last(x, p.d_model, "d_model")
         return x
+
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """W, V and W_2: 3 · 2·tokens·d_model·d_ff."""
+        return 3 * linear(tokens(inputs["x"].shape), p.d_model, p.d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.w_1(x)) * self.w_3(x)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from blocks.flops import linear, tokens
 from blocks.registry import Block, BlockParams, register
 from blocks.types import TensorType, expect_last
 
@@ -37,6 +38,11 @@ class Generator(Block):
         """[..., d_model] → [..., vocab]."""
         expect_last(x, p.d_model, "d_model")
         return x.with_last(p.vocab)
+
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """The projection: 2·tokens·d_model·vocab (softmax is not counted)."""
+        return linear(tokens(inputs["x"].shape), p.d_model, p.vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.proj(x)

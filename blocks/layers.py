@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -10,6 +10,7 @@ from torch import nn
 
 from blocks.attention import MultiHeadAttention
 from blocks.feedforward import FeedForward
+from blocks.flops import linear, multi_head, tokens
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim
 
@@ -100,6 +101,12 @@ class EncoderLayer(Block):
         _check_mask(src_key_padding_mask, x, "src_key_padding_mask", "x")
         return x
 
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """Self-attention, then the feed-forward's W_1 and W_2."""
+        x = inputs["x"].shape
+        return multi_head(p.d_model, x) + 2 * linear(tokens(x), p.d_model, p.d_ff)
+
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_first:
             x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), None, None, src_key_padding_mask))
@@ -163,6 +170,16 @@ class DecoderLayer(Block):
         _check_mask(tgt_key_padding_mask, x, "tgt_key_padding_mask", "x")
         _check_mask(memory_key_padding_mask, memory, "memory_key_padding_mask", "memory")
         return x
+
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """Self-attention, attention over the memory, then the feed-forward's W_1 and W_2."""
+        x, memory = inputs["x"].shape, inputs["memory"].shape
+        return (
+            multi_head(p.d_model, x)
+            + multi_head(p.d_model, x, memory, memory)
+            + 2 * linear(tokens(x), p.d_model, p.d_ff)
+        )
 
     def forward(
         self,

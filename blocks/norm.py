@@ -37,6 +37,11 @@ class LayerNorm(Block):
         expect_last(x, p.dim, "dim")
         return x
 
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
@@ -79,6 +84,11 @@ class AddNorm(Block):
         expect_last(x, p.dim, "dim")
         return x
 
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
     def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
         if self.dropout.training and self.dropout.p > 0:  # an inactive dropout is skipped: no module call per forward
             sublayer = self.dropout(sublayer)
@@ -120,6 +130,11 @@ class BatchNorm(Block):
         expect_last(x, p.dim, "dim")
         return x
 
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return self.norm(x)
@@ -152,6 +167,11 @@ class RMSNorm(Block):
         """[..., dim] → [..., dim]."""
         expect_last(x, p.dim, "dim")
         return x
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -59,6 +59,11 @@ class SinusoidalPosition(Block):
     def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
         return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
 
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe[:, : x.size(1)])
 
@@ -96,6 +101,11 @@ class LearnedPosition(Block):
     @classmethod
     def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
         return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe.weight[: x.size(1)])

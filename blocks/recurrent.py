@@ -16,7 +16,7 @@ either says so.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from blocks.flops import linear
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
 
@@ -69,6 +70,19 @@ class Recurrent(Block):
     gates: ClassVar[int] = 1
     states: ClassVar[tuple[str, ...]] = ("h",)
     fold_hidden_bias: ClassVar[bool] = True  # b_hh may join b_ih outside the loop (not in a GRU: r ⊙ (W_hn h + b_hn))
+
+    @classmethod
+    def flops(cls, p: RecurrentParams, inputs: dict, outputs: tuple) -> Any:
+        """Per layer and direction: W_ih over all steps at once, then W_hh once per step."""
+        x = inputs["x"].shape
+        steps = x[0] * x[1]
+        directions = 2 if p.bidirectional else 1
+        rows = cls.gates * p.hidden_size
+        total = 0
+        for layer in range(p.layers):
+            width = p.input_size if layer == 0 else p.hidden_size * directions
+            total += directions * (linear(steps, width, rows) + linear(steps, p.hidden_size, rows))
+        return total
 
     def __init__(self, p: RecurrentParams):
         super().__init__()

@@ -6,8 +6,8 @@ FLOPs are counted two ways, which the tests hold against each other:
   the node's concrete input shapes (no weight or activation is ever allocated). Identical calls (the copies
   of a `repeat:` stack, same block, params and input shapes) are measured once and reused, so a 96-layer
   model costs a handful of meta calls, not 96 layers' worth.
-- **analytic**: a formula per block from its params and shapes (`ANALYTIC`), or the block's own `Block.flops`
-  hook when it defines one (a plugin can).
+- **analytic**: each block's own formula (`Block.flops`, next to its shape rule; a plugin's block may have one
+  too), from its params and input shapes.
 
 Both follow torch's convention: matrix multiplications only, 2 FLOPs per multiply-accumulate (so a Linear is
 2·tokens·in·out, attention 4·batch·heads·q_len·k_len·d_k, the causal mask not halving it); element-wise
@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from blocks.registry import Block
 from blocks.types import TensorType, symbol
 from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph, check_bounds
@@ -45,156 +44,10 @@ WEIGHT_DTYPES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "int
 # --- analytic FLOPs -------------------------------------------------------------------------------------------
 
 
-def _tokens(shape: Shape) -> Any:
-    """Rows of a position-wise op: every dimension but the last."""
-    return math.prod(shape[:-1])
-
-
-def _linear(tokens: Any, d_in: Any, d_out: Any) -> Any:
-    return 2 * tokens * d_in * d_out
-
-
-def _mha(d_model: int, query: Shape, key: Shape | None = None, value: Shape | None = None) -> Any:
-    """Projections W_Q, W_O on the queries, W_K, W_V on the keys/values, then QKᵀ and AV over all heads."""
-    key = key or query
-    value = value or key
-    batch, q_len, k_len = query[0], query[1], key[1]
-    projections = _linear(batch * q_len, d_model, d_model) * 2 + _linear(batch * k_len, d_model, d_model) * 2
-    return projections + 4 * batch * q_len * k_len * d_model
-
-
-def _ffn(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    return 2 * _linear(_tokens(ins["x"]), p.d_model, p.d_ff)
-
-
-def _swiglu(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    return 3 * _linear(_tokens(ins["x"]), p.d_model, p.d_ff)
-
-
-def _linear_block(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    return _linear(_tokens(ins["x"]), p.in_features, p.out_features)
-
-
-def _generator(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    return _linear(_tokens(ins["x"]), p.d_model, p.vocab)
-
-
-def _mha_block(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    return _mha(p.d_model, ins["query"], ins.get("key"), ins.get("value"))
-
-
-def _sdpa(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    query, key, value = ins["query"], ins["key"], ins["value"]
-    pairs = math.prod(query[:-1]) * key[-2]  # batch (· heads) · q_len · k_len
-    return 2 * pairs * query[-1] + 2 * pairs * value[-1]
-
-
-def _encoder_layer(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    x = ins["x"]
-    return _mha(p.d_model, x) + 2 * _linear(_tokens(x), p.d_model, p.d_ff)
-
-
-def _decoder_layer(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    x, memory = ins["x"], ins["memory"]
-    return _mha(p.d_model, x) + _mha(p.d_model, x, memory, memory) + 2 * _linear(_tokens(x), p.d_model, p.d_ff)
-
-
-def _source_attention(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-    """Scores for every (target, source) pair, then the context Σ_s a_t(s) h̄_s (global, hard and local)."""
-    query, memory = ins["query"], ins["memory"]
-    batch, tgt, src = query[0], query[1], memory[1]
-    d_attn = getattr(p, "d_attn", None) or p.d_query
-    pairs = batch * tgt * src
-    score = {
-        "dot": 2 * pairs * p.d_query,
-        "general": _linear(batch * src, p.d_memory, p.d_query) + 2 * pairs * p.d_query,
-        "concat": _linear(batch * tgt, p.d_query, d_attn)
-        + _linear(batch * src, p.d_memory, d_attn)
-        + _linear(pairs, d_attn, 1),
-        "additive": _linear(batch * tgt, p.d_query, d_attn)
-        + _linear(batch * src, p.d_memory, d_attn)
-        + _linear(pairs, d_attn, 1),
-    }[p.score]
-    position = 0
-    if getattr(p, "mode", None) == "predictive":  # local-p: p_t = S·sigmoid(v_pᵀ tanh(W_p h_t))
-        d_p = p.d_p or p.d_query
-        position = _linear(batch * tgt, p.d_query, d_p) + _linear(batch * tgt, d_p, 1)
-    return score + position + 2 * pairs * p.d_memory
-
-
-def _recurrent(gates: int) -> Callable[[Any, dict[str, Shape | None], Sequence[Shape]], Any]:
-    """Per layer and direction: W_ih over all steps at once, then W_hh once per step."""
-
-    def flops(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> Any:
-        x = ins["x"]
-        steps = x[0] * x[1]
-        directions = 2 if p.bidirectional else 1
-        rows = gates * p.hidden_size
-        total = 0
-        for layer in range(p.layers):
-            width = p.input_size if layer == 0 else p.hidden_size * directions
-            total += directions * (_linear(steps, width, rows) + _linear(steps, p.hidden_size, rows))
-        return total
-
-    return flops
-
-
-def _zero(p: Any, ins: dict[str, Shape | None], outs: Sequence[Shape]) -> int:
-    return 0
-
-
-#: block name → forward FLOPs from (params, input shapes by port, output shapes)
-ANALYTIC: dict[str, Callable[[Any, dict[str, Shape | None], Sequence[Shape]], Any]] = {
-    "linear": _linear_block,
-    "feed_forward": _ffn,
-    "swiglu": _swiglu,
-    "generator": _generator,
-    "multi_head_attention": _mha_block,
-    "scaled_dot_product_attention": _sdpa,
-    "encoder_layer": _encoder_layer,
-    "decoder_layer": _decoder_layer,
-    "global_attention": _source_attention,
-    "hard_attention": _source_attention,
-    "local_attention": _source_attention,
-    "rnn": _recurrent(1),
-    "lstm": _recurrent(4),
-    "gru": _recurrent(3),
-    # no matrix multiplication: nothing counted, as torch's counter does
-    **dict.fromkeys(
-        (
-            "token_embedding",
-            "sinusoidal_position",
-            "learned_position",
-            "layer_norm",
-            "add_norm",
-            "batch_norm",
-            "rms_norm",
-            "dropout",
-            "add",
-        ),
-        _zero,
-    ),
-}
-
-
-def analytic_flops(
-    inst: NodeInstance, inputs: dict[str, Shape | None], outputs: Sequence[Shape]
-) -> int | sympy.Expr | None:
-    """Forward FLOPs of one node from `ANALYTIC`: an int with concrete shapes, an expression without; None for a
-    block without a formula. (`analyse` asks the block's own `flops` hook first.)"""
-    formula = ANALYTIC.get(inst.entry.name)
-    if formula is None:
-        return None
-    value = formula(inst.params, inputs, outputs)
-    return int(value) if isinstance(value, int) or getattr(value, "is_number", False) else value
-
-
-def hook_flops(inst: NodeInstance, typed: TypedGraph, dims: dict[str, int] | None) -> int | sympy.Expr | None:
-    """The block's `Block.flops` hook, if it defines one: an expression of the dimensions, sizes substituted."""
-    cls = inst.entry.cls
-    if cls.flops.__func__ is Block.flops.__func__:  # not overridden
-        return None
-    value = cls.flops(inst.params, typed.input_types(inst), typed.output_types(inst))
+def analytic_flops(inst: NodeInstance, typed: TypedGraph, dims: dict[str, int] | None) -> int | sympy.Expr | None:
+    """The block's own count (`Block.flops`, next to its shape rule): an expression of the dimensions, with the
+    sizes substituted when known; None for a block that counts nothing."""
+    value = inst.entry.cls.flops(inst.params, typed.input_types(inst), typed.output_types(inst))
     if value is None:
         return None
     if dims is not None and not isinstance(value, int):
@@ -453,9 +306,7 @@ def analyse(
         ins = {port: None if t is None else shape_of(t.shape) for port, t in in_types.items()}
         outs = tuple(shape_of(t.shape) for t in out_types)
         cost = NodeCost(inst.id, inst.entry.name, *counts[inst.id], ins, outs)
-        cost.flops_analytic = hook_flops(inst, typed, sizes)
-        if cost.flops_analytic is None:
-            cost.flops_analytic = analytic_flops(inst, ins, outs)
+        cost.flops_analytic = analytic_flops(inst, typed, sizes)
         if sizes is not None:
             cost.activation_bytes = sum(endpoint_bytes(Endpoint(inst.id, p.name)) for p in inst.out_ports)
             if measure:
