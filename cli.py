@@ -61,6 +61,14 @@ def main_options(
     State.debug = debug
 
 
+def _typed_graph(spec: Path, set_: list[str], allow_external_files: bool) -> Any:
+    """The spec validated, wired and shape-checked, with its --set overrides."""
+    from builder import pipeline
+
+    overrides = parse_pairs(set_, "--set", typed=True)
+    return pipeline.typed_graph(spec, overrides, allow_external_files=allow_external_files)
+
+
 def parse_dims(values: list[str]) -> dict[str, int]:
     from builder.spec import MAX_DIM
 
@@ -148,21 +156,23 @@ def build(
     use_plugins(plugin, allow_override)
     import torch
 
-    from builder import api, persist, render
+    from builder import persist, pipeline, render, trial
 
     if out_dir is not None:
         persist.check_destination(out_dir)
     started = time.perf_counter()
-    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files)
+    typed = pipeline.typed_graph(
+        spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
+    )
     warn(typed.graph.warnings, strict)
     checked = time.perf_counter()
     _check_device(device)
-    model = api.compile_graph(typed, device=device, dtype=api.parse_dtype(dtype))
+    model = pipeline.compile_graph(typed, device=device, dtype=pipeline.parse_dtype(dtype))
     built = time.perf_counter()
-    dims = api.resolve_dims(typed.graph, parse_dims(dim))
-    inputs = api.dummy_inputs(typed.graph, dims, device=device, dtype=api.parse_dtype(dtype))
+    dims = trial.resolve_dims(typed.graph, parse_dims(dim))
+    inputs = trial.dummy_inputs(typed.graph, dims, device=device, dtype=pipeline.parse_dtype(dtype))
     model.eval()
-    outputs = api.trial_run(model, inputs, dims)
+    outputs = trial.trial_run(model, inputs, dims)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     ran = time.perf_counter()
@@ -170,7 +180,7 @@ def build(
     weights_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     out.print(render.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
     if out_dir is not None:
-        persist.save(model, out_dir, typed.graph.valid)
+        persist.save(model, out_dir)
         out.print(f"saved to {escape(str(out_dir))} (load with builder.load)")
 
 
@@ -213,16 +223,18 @@ def inspect(
 ) -> None:
     """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
     use_plugins(plugin, allow_override)
-    from builder import api, render
+    from builder import pipeline, render
 
-    typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files)
+    typed = pipeline.typed_graph(
+        spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
+    )
     warn(typed.graph.warnings, False)
-    model = api.compile_graph(typed, device="meta")
+    model = pipeline.compile_graph(typed, device="meta")
     if code:
         out.print(Syntax(model.code, "python", theme="ansi_dark"))
         return
     report = render.inspect_report(
-        typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=api.parse_dtype(dtype)
+        typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=pipeline.parse_dtype(dtype)
     )
     if isinstance(report, str):  # json, mermaid, dot: as is, never wrapped or read as Rich markup
         write_plain(report, json=format is InspectFormat.json)
@@ -251,16 +263,16 @@ def validate(
 ) -> None:
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
     use_plugins(plugin, allow_override)
-    from builder import api, render
+    from builder import pipeline, render
     from builder.source import dump_json, dump_yaml
 
     overrides = parse_pairs(set_, "--set", typed=True)
     failed = False
     for path in specs:
         try:
-            typed = api.typed_graph(path, overrides, allow_external_files=allow_external_files)
+            typed = pipeline.typed_graph(path, overrides, allow_external_files=allow_external_files)
             warn(typed.graph.warnings, strict)
-            api.compile_graph(typed, device="meta")
+            pipeline.compile_graph(typed, device="meta")
         except BlockgraphError as exc:
             if State.debug:
                 raise
@@ -336,8 +348,8 @@ def export(
     use_plugins(plugin, allow_override)
     import warnings
 
-    from builder import api, persist
     from builder import export as exporting
+    from builder import persist, pipeline, trial
     from common.errors import SpecError
 
     if persist.is_saved_model(spec):
@@ -346,12 +358,14 @@ def export(
         model = persist.load(spec)
         typed = model.typed_graph
     else:
-        typed = api.typed_graph(spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files)
+        typed = pipeline.typed_graph(
+            spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
+        )
         warn(typed.graph.warnings, strict)
-        model = api.compile_graph(typed, device="cpu")
-    dims = api.resolve_dims(typed.graph, parse_dims(dim))
+        model = pipeline.compile_graph(typed, device="cpu")
+    dims = trial.resolve_dims(typed.graph, parse_dims(dim))
     model.eval()
-    api.trial_run(model, api.dummy_inputs(typed.graph, dims), dims)  # what `build` refuses is not exported
+    trial.trial_run(model, trial.dummy_inputs(typed.graph, dims), dims)  # what `build` refuses is not exported
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = exporting.export(model, typed, dims, format.value, out_file, include_optional=with_optional)

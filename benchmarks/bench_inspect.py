@@ -60,14 +60,14 @@ def work(case: str, fmt: str) -> tuple[dict[str, float], int]:
     """Run one case after the imports; (seconds per stage, blocks)."""
     from rich.console import Console
 
-    from builder import api, render
+    from builder import pipeline, render
 
     stages: dict[str, float] = {}
     start = time.perf_counter()
-    typed = api.typed_graph(GPT3 if case == "inspect" else generated_spec())
+    typed = pipeline.typed_graph(GPT3 if case == "inspect" else generated_spec())
     stages["validate"] = time.perf_counter() - start
     start = time.perf_counter()
-    model = api.compile_graph(typed, device="meta")
+    model = pipeline.compile_graph(typed, device="meta")
     stages["compile"] = time.perf_counter() - start
     if case == "inspect":
         start = time.perf_counter()

@@ -1,10 +1,12 @@
 """blockgraph's builder: spec file → validated graph → shapes → compiled `nn.Module`."""
 
-from builder.api import build, dummy_inputs, load_spec, resolve_dims, trial_run, typed_graph
-from builder.compile import GraphModel, compile_graph
+from builder.compile import compile_graph
 from builder.graph import Graph, assemble
+from builder.model import GraphModel
 from builder.persist import load, save
+from builder.pipeline import build, load_spec, typed_graph
 from builder.shapes import TypedGraph, infer_shapes
+from builder.trial import dummy_inputs, resolve_dims, trial_run
 from common.errors import BlockgraphError, Location, PluginError, Problem, SpecError
 
 __all__ = [

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from blocks.types import TensorType, symbol
 from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph, check_bounds
+from builder.trial import resolve_dims
 from common.errors import SpecError
 
 Shape = tuple[Any, ...]  # ints, or sympy expressions when no sizes are given
@@ -221,12 +222,11 @@ def parameter_counts(model: nn.Module, graph: Graph) -> dict[str, tuple[int, int
 
 def concrete_dims(graph: Graph, given: dict[str, int] | None = None) -> tuple[dict[str, int] | None, tuple[str, ...]]:
     """Sizes from `--dim` and the spec's `dims:`; (None, the missing names) when some input dimension has none."""
-    from builder.api import resolve_dims
 
     try:
         return resolve_dims(graph, given), ()
     except SpecError:
-        declared = graph.valid.spec.dims if graph.valid else {}
+        declared = graph.dims
         sizes = {**declared, **(given or {})}
         missing = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str) and d not in sizes})
         return None, tuple(missing)

@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import keyword
 import linecache
 import re
-from typing import Any, ClassVar
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from builder.graph import Endpoint, Graph, NodeInstance
+from builder.model import GraphModel
 from builder.shapes import TypedGraph
 from common.errors import Problem, ProblemList, SpecError
-
-
-class GraphModel(nn.Module):
-    """Base of every built model. `code` is the generated `forward`; submodules are named after spec nodes."""
-
-    code: ClassVar[str] = ""
-    spec_name: ClassVar[str] = ""
-    typed_graph: ClassVar[TypedGraph | None] = None
-
-    def extra_repr(self) -> str:
-        return f"spec={self.spec_name!r}"
 
 
 def compile_graph(
@@ -91,7 +82,7 @@ def _instantiate(inst: NodeInstance, graph: Graph) -> nn.Module:
 def _tie(model: nn.Module, graph: Graph) -> None:
     """Make each `tie:` target parameter the very tensor of its source; shapes must agree."""
     problems = ProblemList()
-    ties = graph.valid.spec.tie if graph.valid else {}
+    ties = graph.ties
     for target, source in ties.items():
         where = graph.locate(("tie", target))
         try:
@@ -113,12 +104,15 @@ def _tie(model: nn.Module, graph: Graph) -> None:
     problems.raise_if_errors()
 
 
+_SOURCES = itertools.count(1)  # one linecache key per compiled model: two models of one spec keep their own code
+
+
 def model_class(typed: TypedGraph) -> type[GraphModel]:
     graph = typed.graph
     code = generate_forward(graph)
-    filename = f"<blockgraph {graph.name}>"
-    namespace: dict[str, Any] = {"Tensor": torch.Tensor, "Optional": Any}
-    exec(compile(code, filename, "exec"), namespace)
+    filename = f"<blockgraph {graph.name} #{next(_SOURCES)}>"
+    namespace: dict[str, Any] = {"Tensor": torch.Tensor, "Optional": Optional}
+    exec(compile(code, filename, "exec", dont_inherit=True), namespace)  # annotations evaluated, not strings
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     class_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", graph.name) if part) or "Model"
     return type(
@@ -204,11 +198,14 @@ def generate_forward(graph: Graph) -> str:
 
 
 def _call_args(ports: tuple, bindings: dict[str, Endpoint | None], var: dict[Endpoint, str]) -> str:
-    """Positional arguments up to the last bound port; skipped optional ports get None."""
-    values = [var[bindings[p.name]] if bindings.get(p.name) is not None else "None" for p in ports]
-    while values and values[-1] == "None":
-        values.pop()
-    return ", ".join(values)
+    """The first port by position, every other bound port by name (`attn(x, key_padding_mask=pad)`), as the
+    spec wrote them; unbound optional ports keep their defaults."""
+    args = []
+    for index, port in enumerate(ports):
+        bound = bindings.get(port.name)
+        if bound is not None:
+            args.append(var[bound] if index == 0 else f"{port.name}={var[bound]}")
+    return ", ".join(args)
 
 
 def _last_uses(graph: Graph) -> dict[Endpoint, int]:

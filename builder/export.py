@@ -23,6 +23,7 @@ import torch
 
 from blocks.types import format_shape
 from builder.shapes import TypedGraph
+from builder.trial import dummy_inputs
 from common.atomic import check_file_target, write_file
 from common.errors import ExportError, Location, Problem
 
@@ -131,7 +132,6 @@ def sample_inputs(
     typed: TypedGraph, dims: dict[str, int], names: Sequence[str], device: torch.device, *, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Inputs for tracing: required ones as `dummy_inputs` makes them; optional ones neutral (False / zeros)."""
-    from builder.api import dummy_inputs
 
     graph = typed.graph
     tensors = dummy_inputs(graph, dims, device=device, seed=seed)

@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from blocks.registry import receiving_weights
+from builder.graph import Graph
+from builder.pipeline import build, load_spec
 from builder.source import dump_yaml
-from builder.validate import ValidSpec
 from common.atomic import check_directory_target, owned_directory, write_directory
 from common.errors import CheckpointError, Location, Problem, SpecError
 from common.files import FileKind, MiB
@@ -59,28 +60,26 @@ def check_destination(directory: str | Path) -> None:
     check_directory_target(directory, owned=_replaceable, what=WHAT)
 
 
-def save(model: nn.Module, directory: str | Path, valid_spec: ValidSpec | None = None) -> Path:
-    """Write `model` to `directory` atomically (see common.atomic): complete, or not at all.
+def save(model: nn.Module, directory: str | Path) -> Path:
+    """Write `model` (built from a spec) to `directory` atomically (see common.atomic): complete, or not at all.
 
-    `valid_spec` defaults to the spec the model was built from. An existing saved model at `directory` is
-    replaced; any other non-empty directory, a file, a link or a device is refused.
+    An existing saved model at `directory` is replaced; any other non-empty directory, a file, a link or a
+    device is refused.
     """
     directory = Path(directory)
-    write = model_files(model, valid_spec, Location(str(directory)))
+    write = model_files(model, Location(str(directory)))
     return write_directory(directory, write, owned=_replaceable, what=WHAT)
 
 
-def model_files(model: nn.Module, valid_spec: ValidSpec | None, where: Location) -> Callable[[Path], None]:
+def model_files(model: nn.Module, where: Location) -> Callable[[Path], None]:
     """Check that `model` can be saved, and return the function that writes its three files into a folder."""
-    valid = valid_spec if valid_spec is not None else _model_spec(model)
-    if valid.standalone is None:
-        raise SpecError(Problem("this spec has no standalone form to save", where, hint="load it with load_spec"))
+    graph = _model_graph(model)
     tensors, aliases = unique_tensors(model)
     if any(t.is_meta for t in tensors.values()):
         raise SpecError(Problem("a model on the meta device has no weights to save", where, hint="build it on cpu"))
-    _check_structure(valid, model, where)
-    manifest = _manifest(model, valid, tensors, aliases)
-    spec_text = dump_yaml(valid.standalone)
+    _check_structure(graph.standalone, model, where)
+    manifest = _manifest(model, graph, tensors, aliases)
+    spec_text = dump_yaml(graph.standalone)
 
     def write(folder: Path) -> None:
         folder.mkdir(exist_ok=True)
@@ -105,16 +104,16 @@ def load(
     """
     from safetensors import SafetensorError, safe_open
 
-    from builder.api import build, load_spec
+    from builder.pipeline import build
 
     directory = Path(directory)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS
     header = read_header(str(weights), "weights file")
     try:
-        valid = load_spec(directory / SPEC, plugins=plugins)
         dtype = manifest.dtype
-        with receiving_weights():
+        with receiving_weights():  # the files its spec names are neither checked nor read: the weights follow
+            valid = load_spec(directory / SPEC, plugins=plugins)
             model = build(valid, device=device, dtype=dtype if dtype in _FLOAT_NAMES else None)
     except SpecError as exc:
         hint = "the saved model's spec.yaml does not build"
@@ -197,20 +196,18 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _model_spec(model: nn.Module) -> ValidSpec:
+def _model_graph(model: nn.Module) -> Graph:
     typed = getattr(model, "typed_graph", None)
-    valid = typed.graph.valid if typed is not None else None
-    if valid is None:
-        raise SpecError(Problem("the model was not built from a spec; pass the ValidSpec to save()"))
-    return valid
+    if typed is None:
+        raise SpecError(Problem("the model was not built from a spec", hint="build it with builder.build"))
+    return typed.graph
 
 
-def _check_structure(valid: ValidSpec, model: nn.Module, where: Location) -> None:
+def _check_structure(standalone: dict[str, Any], model: nn.Module, where: Location) -> None:
     """The standalone spec must rebuild this very structure, or the saved directory would not load."""
-    from builder.api import build
 
     with receiving_weights():  # only the structure matters: the files the spec names are not looked at
-        rebuilt = build(valid.standalone or {}, device="meta")
+        rebuilt = build(standalone, device="meta")
     expected, _ = unique_tensors(rebuilt)
     have, aliases = unique_tensors(model)
     problems = _mismatches({n: tuple(t.shape) for n, t in have.items()}, expected, aliases, where, "the model")
@@ -318,20 +315,16 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _manifest(
-    model: nn.Module, valid: ValidSpec, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
+    model: nn.Module, graph: Graph, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
 ) -> dict[str, Any]:
     floats = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-    typed = getattr(model, "typed_graph", None)
-    blocks: dict[str, str] = {}
-    if typed is not None:
-        for inst in typed.graph.nodes.values():
-            blocks[inst.entry.name] = inst.entry.source
+    blocks = {inst.entry.name: inst.entry.source for inst in graph.nodes.values()}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "blockgraph_version": _version(),
         "torch_version": torch.__version__,
-        "spec_name": valid.spec.name,
+        "spec_name": graph.name,
         "dtype": floats[0] if len(floats) == 1 else ("mixed" if floats else None),
         "parameters": sum(t.numel() for n, t in tensors.items() if isinstance(t, nn.Parameter)),
         "tensors": len(tensors),

@@ -18,8 +18,8 @@ from rich.tree import Tree
 
 from blocks.types import format_shape
 from builder.analysis import Costs, analyse
-from builder.compile import GraphModel
 from builder.graph import Endpoint, Graph, NodeInstance
+from builder.model import GraphModel
 from builder.shapes import TypedGraph
 
 
@@ -478,7 +478,6 @@ def resolved_spec(graph: Graph) -> dict:
         if inst.module_id != inst.id:
             node["share"] = inst.module_id
         nodes[inst.id] = node
-    spec = graph.valid.spec if graph.valid else None
     return {
         "name": graph.name,
         "inputs": {n: s.model_dump(exclude_defaults=True) for n, s in graph.inputs.items()},
@@ -486,7 +485,7 @@ def resolved_spec(graph: Graph) -> dict:
         "outputs": str(graph.outputs["output"])
         if graph.single_output
         else {n: str(e) for n, e in graph.outputs.items()},
-        **({"tie": dict(spec.tie)} if spec and spec.tie else {}),
+        **({"tie": dict(graph.ties)} if graph.ties else {}),
     }
 
 

@@ -16,6 +16,7 @@ EXPR_RE = r"^\s*\$\{[^{}]*\}\s*$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_RE)]
 Expr = Annotated[str, StringConstraints(pattern=EXPR_RE)]
+Repeat = Annotated[int, Field(ge=1, le=10_000, strict=True)]  # copies of a `repeat:` stack
 
 
 def _argument_name(name: str) -> str:
@@ -115,7 +116,7 @@ class NodeSpec(SpecModel):
     type: Name = Field(description="registered block name or a sub-graph defined under blocks:")
     params: dict[str, Any] = Field(default_factory=dict, description="the block's parameters")
     inputs: Inputs = Field(None, alias="in")
-    repeat: Annotated[int, Field(ge=1, le=10_000, strict=True)] | Expr | None = Field(
+    repeat: Repeat | Expr | None = Field(
         None, description="stack N independent copies, each one's first output feeding the next one's first input"
     )
     share: Name | None = Field(

@@ -64,7 +64,7 @@ def test_classifier_learns_labels_and_saves_them(tmp_path):
     assert "valid_ppl" not in last and "bleu" not in last
     saved = checkpoint.load(tmp_path / "run")
     assert saved.labels == ["neg", "pos"]
-    assert saved.model.typed_graph.graph.valid.spec.vars["classes"] == 2  # set from the data
+    assert saved.model.typed_graph.graph.vars["classes"] == 2  # set from the data
     model, io = saved.model.eval(), ModelIO(Roles(**saved.info["roles"]))
     assert classify(model, io, saved.tgt_vocab, saved.labels, "the film was superb")[0] == "pos"
     label, probability = classify(model, io, saved.tgt_vocab, saved.labels, "the food was dreadful")

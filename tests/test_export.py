@@ -10,7 +10,8 @@ import torch
 
 import builder
 from builder import export as exporting
-from builder.api import compile_graph, resolve_dims, typed_graph
+from builder.pipeline import compile_graph, typed_graph
+from builder.trial import resolve_dims
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "specs" / "tiny_encoder.yaml"

@@ -21,7 +21,7 @@ import builder
 import cli
 from blocks import REGISTRY, Block, BlockParams, TensorType, register
 from blocks.types import symbol
-from builder import api, render
+from builder import pipeline, render, trial
 from builder.analysis import analyse, meta_inputs, whole_model_flops
 
 TINY = SPECS / "tiny_encoder.yaml"
@@ -142,15 +142,15 @@ MATMUL_FREE = {
 
 @pytest.fixture(scope="module")
 def every_block():
-    typed = api.typed_graph(EVERY_BLOCK)
-    model = api.compile_graph(typed, device="meta")
+    typed = pipeline.typed_graph(EVERY_BLOCK)
+    model = pipeline.compile_graph(typed, device="meta")
     return typed, model, analyse(typed, model, DIMS)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    typed = api.typed_graph(TINY)
-    return typed, api.compile_graph(typed, device="meta")
+    typed = pipeline.typed_graph(TINY)
+    return typed, pipeline.compile_graph(typed, device="meta")
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +184,8 @@ def test_per_node_flops_add_up_to_torchs_whole_model_count(tiny):
 def test_analytic_flops_are_expressions_of_the_dimensions_without_sizes(write_spec):
     spec = yaml.safe_load(TINY.read_text())
     del spec["dims"]
-    typed = api.typed_graph(spec)
-    model = api.compile_graph(typed, device="meta")
+    typed = pipeline.typed_graph(spec)
+    model = pipeline.compile_graph(typed, device="meta")
     symbolic = analyse(typed, model)
     assert not symbolic.concrete and symbolic.flops is None and symbolic.missing_dims == ("batch", "seq")
     expression = symbolic.flops_analytic
@@ -218,8 +218,8 @@ def test_a_blocks_own_flops_hook_wins(write_spec):
             "nodes": {"s": {"type": "scaled_copy", "in": "x"}},
         }
         spec["outputs"] = "s"
-        typed = api.typed_graph(spec)
-        costs = analyse(typed, api.compile_graph(typed, device="meta"), {"batch": 5})
+        typed = pipeline.typed_graph(spec)
+        costs = analyse(typed, pipeline.compile_graph(typed, device="meta"), {"batch": 5})
         assert costs.nodes["s"].flops_analytic == 3 * 5 * 4 and costs.nodes["s"].flops == 0
     finally:
         REGISTRY.remove("scaled_copy")
@@ -248,8 +248,8 @@ def test_a_node_torch_cannot_run_on_meta_is_reported_not_fatal():
     }
     REGISTRY.add("reads_values", _ReadsValues, family="test")
     try:
-        typed = api.typed_graph(spec)
-        costs = analyse(typed, api.compile_graph(typed, device="meta"), {"batch": 2, "seq": 3})
+        typed = pipeline.typed_graph(spec)
+        costs = analyse(typed, pipeline.compile_graph(typed, device="meta"), {"batch": 2, "seq": 3})
     finally:
         REGISTRY.remove("reads_values")
     node = costs.nodes["scale"]
@@ -269,7 +269,7 @@ def test_activation_memory_is_numel_times_element_size(every_block, dtype):
     for inst in typed.graph.nodes.values():
         expected = 0
         for t in typed.output_types(inst):
-            size = api.concrete_shape(t, DIMS)
+            size = trial.concrete_shape(t, DIMS)
             kind = dtype if t.dtype.is_floating_point else t.dtype
             expected += math.prod(size) * torch.empty((), dtype=kind).element_size()
         assert costs.nodes[inst.id].activation_bytes == expected, inst.id
@@ -369,8 +369,8 @@ def test_json_keys_are_stable(tiny, sized):
     spec = yaml.safe_load(TINY.read_text())
     if not sized:
         del spec["dims"]
-        typed = api.typed_graph(spec)
-        model = api.compile_graph(typed, device="meta")
+        typed = pipeline.typed_graph(spec)
+        model = pipeline.compile_graph(typed, device="meta")
     data = json.loads(render.inspect_report(typed, model, fmt="json"))
     assert data["format"] == "blockgraph.inspect/1"
     assert set(data) == TOP_KEYS and set(data["totals"]) == TOTAL_KEYS

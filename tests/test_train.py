@@ -257,7 +257,7 @@ def _renamed_spec() -> dict:
 
 
 def test_input_roles_by_convention_and_by_name(tmp_path):
-    from builder.api import typed_graph
+    from builder.pipeline import typed_graph
     from trainer.roles import find_roles, parse_roles
 
     roles = find_roles(typed_graph(TRANSFORMER, SMALL_TRANSFORMER).graph)

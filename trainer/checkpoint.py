@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from builder import persist
-from builder.validate import ValidSpec
 from common.atomic import owned_directory, write_directory
 from common.errors import CheckpointError, Location, Problem, SpecError
 from common.files import FileKind, MiB
@@ -93,10 +92,6 @@ class Checkpoint:
     info: dict[str, Any]  # trainer.json, checked
     tensors: dict[str, torch.Tensor]  # state.safetensors
     labels: list[str] | None = None  # a classifier's classes in index order
-
-    @property
-    def valid_spec(self) -> ValidSpec:
-        return self.model.typed_graph.graph.valid  # type: ignore[union-attr]
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -177,7 +172,6 @@ def save(
     directory: str | Path,
     *,
     model: nn.Module,
-    valid_spec: ValidSpec,
     src_vocab: Vocab | None,
     tgt_vocab: Vocab,
     info: dict[str, Any],
@@ -188,7 +182,7 @@ def save(
     directory = Path(directory)
     rng = torch.get_rng_state()  # building the structure check must not disturb training's random numbers
     try:
-        write_model = persist.model_files(model, valid_spec, Location(str(directory)))
+        write_model = persist.model_files(model, Location(str(directory)))
     finally:
         torch.set_rng_state(rng)
     vocabs: dict[str, Any] = {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()}

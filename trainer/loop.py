@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from builder.api import compile_graph, load_spec, typed_graph
+from builder.pipeline import compile_graph, load_spec, typed_graph
 from common.console import safe_console
 from common.errors import Problem, SpecError, UsageError
 from common.records import check_record
@@ -48,7 +48,6 @@ class _Run:
 
     config: TrainConfig
     model: nn.Module
-    valid_spec: Any
     roles: Roles
     data: corpus.Corpus
     optimizer: torch.optim.Optimizer
@@ -104,7 +103,7 @@ def _train(
     config = run.config
     if resume is None and out_dir is not None and context.main:
         (out_dir / rundir.METRICS).unlink(missing_ok=True)
-    say(f"[bold]{escape(run.valid_spec.spec.name)}[/]: {escape(corpus.describe(run.data))}")
+    say(f"[bold]{escape(run.model.typed_graph.graph.name)}[/]: {escape(corpus.describe(run.data))}")
     for note in run.data.notes:
         say(f"[yellow]note:[/] {escape(note)}")
     parameters = sum(p.numel() for p in run.model.parameters())
@@ -124,7 +123,7 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     typed_base = typed_graph(config.spec, config.overrides, allow_external_files=config.allow_external_files)
     base = typed_base.graph
     roles = find_roles(base, config.input_roles, typed_base.types)
-    variables = base.valid.spec.vars if base.valid else {}
+    variables = base.vars
     found_vars = vocab_variables(variables, roles)
     data = corpus.load(config, roles.kind, shared_vocab="shared" in found_vars)
     overrides = dict(config.overrides)
@@ -162,7 +161,7 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     if config.init == "xavier":
         initialise(model)
     torch.manual_seed(config.seed * 7919 + 1 + context.rank)  # dropout streams, one per rank
-    return _Run(config, model, valid, roles, data, schedule.adam(model), found.d_model or _fallback_width(model))
+    return _Run(config, model, roles, data, schedule.adam(model), found.d_model or _fallback_width(model))
 
 
 def _output_classes(typed: Any, roles: Roles) -> int | None:
@@ -199,7 +198,7 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
     checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
     if not distributed.restore_rng(context, saved.tensors):
         torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
-    run = _Run(stored, model, saved.valid_spec, roles, data, optimizer, info["d_model"])
+    run = _Run(stored, model, roles, data, optimizer, info["d_model"])
     run.epoch, run.batch, run.step, run.history = info["epoch"], info["batch"], info["step"], info["history"]
     return run
 
@@ -421,7 +420,6 @@ def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Pat
         path = checkpoint.save(
             out / checkpoint.NAME,
             model=run.model,
-            valid_spec=run.valid_spec,
             src_vocab=run.data.src_vocab,
             tgt_vocab=run.data.tgt_vocab,
             info=info,

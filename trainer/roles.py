@@ -218,7 +218,7 @@ def sizes(graph: Graph, roles: Roles) -> Sizes:
     key = roles.output or next(iter(graph.outputs))
     out_node = graph.nodes.get(graph.outputs[key].node)
     out_vocab = int(out_node.params.vocab) if out_node is not None and hasattr(out_node.params, "vocab") else None
-    variables = graph.valid.spec.vars if graph.valid else {}
+    variables = graph.vars
     d_model = variables.get("d_model")
     if not isinstance(d_model, int) or isinstance(d_model, bool):
         d_model = tgt_dim

@@ -1,103 +1,37 @@
-"""The Python API: the pipeline load → validate → graph → shapes → compile, one call per stage or all at once."""
+"""Trial runs: the sizes of a spec's named dimensions, random inputs of those sizes, and one checked forward pass.
+
+`build`, `export` and the tests run a model once on such inputs; every block's output is held against its own
+shape rule, so a block (often a plugin's) whose module and rule disagree is named, not a torch error deep in
+the forward.
+"""
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from blocks.types import TensorType, format_shape, symbol
-from builder.compile import GraphModel, compile_graph
-from builder.graph import Graph, assemble
-from builder.plugins import activate
-from builder.shapes import TypedGraph, block_bug, check_bounds, infer_shapes
-from builder.source import Document, SourceMap, load_file
-from builder.spec import DTYPES
-from builder.validate import ValidSpec, validate_document
-from common.errors import Location, Problem, SpecError, UsageError
+from builder.graph import Graph
+from builder.model import GraphModel
+from builder.shapes import block_bug, check_bounds
+from common.errors import Problem, SpecError, UsageError
 from common.files import GiB, size_text
 
-SpecSource = str | Path | dict[str, Any] | ValidSpec
 MAX_TRIAL_BYTES = 2 * GiB
-
-
-def use_plugins(plugins: Sequence[str] = (), *, allow_override: bool = False) -> None:
-    """Make installed plugin packages, `$BLOCKGRAPH_PLUGINS` and these plugins' blocks available."""
-    for problem in activate(plugins, allow_override=allow_override):
-        warnings.warn(str(problem), stacklevel=3)
-
-
-def load_spec(
-    source: SpecSource,
-    overrides: dict[str, Any] | None = None,
-    *,
-    plugins: Sequence[str] = (),
-    allow_external_files: bool = False,
-) -> ValidSpec:
-    """A spec file (or a mapping already in memory) validated, with `--set`-style variable overrides applied.
-
-    `allow_external_files` lets the spec name files outside its folder (docs/security.md).
-    """
-    use_plugins(plugins)
-    if isinstance(source, ValidSpec):
-        return source
-    document = Document(source, SourceMap("<dict>")) if isinstance(source, dict) else load_file(source)
-    return validate_document(document, overrides, allow_external_files=allow_external_files)
-
-
-def typed_graph(
-    source: SpecSource,
-    overrides: dict[str, Any] | None = None,
-    *,
-    plugins: Sequence[str] = (),
-    allow_external_files: bool = False,
-) -> TypedGraph:
-    """Everything short of allocating weights: validated, wired and shape-checked."""
-    valid = load_spec(source, overrides, plugins=plugins, allow_external_files=allow_external_files)
-    return infer_shapes(assemble(valid))
-
-
-def build(
-    source: SpecSource,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
-    overrides: dict[str, Any] | None = None,
-    plugins: Sequence[str] = (),
-    allow_external_files: bool = False,
-) -> GraphModel:
-    """Build a spec into an ordinary `nn.Module` (weights on `device`; `meta` allocates none).
-
-    `plugins` are files or modules whose blocks the spec may use (see docs/plugins.md); `allow_external_files`
-    lets the spec name files outside its own folder (docs/security.md).
-    """
-    typed = typed_graph(source, overrides, plugins=plugins, allow_external_files=allow_external_files)
-    return compile_graph(typed, device=device, dtype=parse_dtype(dtype))
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES or not DTYPES[dtype].is_floating_point:
-        floats = [n for n, d in DTYPES.items() if d.is_floating_point]
-        raise SpecError(Problem(f"--dtype {dtype!r} is not a floating dtype", hint=f"use one of {', '.join(floats)}"))
-    return DTYPES[dtype]
 
 
 def resolve_dims(graph: Graph, given: dict[str, int] | None = None) -> dict[str, int]:
     """Concrete sizes for every named dimension of the inputs: `--dim` first, then the spec's `dims:`."""
-    declared = graph.valid.spec.dims if graph.valid else {}
+    declared = graph.dims
     sizes = {**declared, **(given or {})}
     missing = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str) and d not in sizes})
     if missing:
         raise SpecError(
             Problem(
                 f"no size for dimension(s) {', '.join(missing)}",
-                Location(str(graph.valid.file) if graph.valid and graph.valid.file else None, path=("dims",)),
+                graph.locate(("dims",)),
                 hint=" ".join(f"--dim {d}=N" for d in missing) + ", or declare them under dims:",
             )
         )
