@@ -156,7 +156,7 @@ def build(
     use_plugins(plugin, allow_override)
     import torch
 
-    from builder import persist, pipeline, render, trial
+    from builder import persist, pipeline, trial, views
 
     if out_dir is not None:
         persist.check_destination(out_dir)
@@ -178,7 +178,7 @@ def build(
     ran = time.perf_counter()
     seconds = {"validate": checked - started, "compile": built - checked, "forward": ran - built}
     weights_dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    out.print(render.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
+    out.print(views.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
     if out_dir is not None:
         persist.save(model, out_dir)
         out.print(f"saved to {escape(str(out_dir))} (load with builder.load)")
@@ -223,7 +223,7 @@ def inspect(
 ) -> None:
     """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
     use_plugins(plugin, allow_override)
-    from builder import pipeline, render
+    from builder import pipeline, views
 
     typed = pipeline.typed_graph(
         spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
@@ -233,7 +233,7 @@ def inspect(
     if code:
         out.print(Syntax(model.code, "python", theme="ansi_dark"))
         return
-    report = render.inspect_report(
+    report = views.inspect_report(
         typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=pipeline.parse_dtype(dtype)
     )
     if isinstance(report, str):  # json, mermaid, dot: as is, never wrapped or read as Rich markup
@@ -263,7 +263,7 @@ def validate(
 ) -> None:
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
     use_plugins(plugin, allow_override)
-    from builder import pipeline, render
+    from builder import pipeline, views
     from builder.source import dump_json, dump_yaml
 
     overrides = parse_pairs(set_, "--set", typed=True)
@@ -283,7 +283,7 @@ def validate(
         if resolved is None:
             out.print(f"[green]✓[/] {escape(str(path))}: {len(typed.graph.nodes)} blocks")
         else:
-            data = render.resolved_spec(typed.graph)
+            data = views.resolved_spec(typed.graph)
             is_json = resolved is ResolvedFormat.json
             write_plain(dump_json(data) if is_json else dump_yaml(data), json=is_json)
     if failed:
@@ -346,8 +346,6 @@ def export(
 ) -> None:
     """Export SPEC or a saved model for deployment, its named dimensions (batch, seq, ...) dynamic."""
     use_plugins(plugin, allow_override)
-    import warnings
-
     from builder import export as exporting
     from builder import persist, pipeline, trial
     from common.errors import SpecError
@@ -366,11 +364,8 @@ def export(
     dims = trial.resolve_dims(typed.graph, parse_dims(dim))
     model.eval()
     trial.trial_run(model, trial.dummy_inputs(typed.graph, dims), dims)  # what `build` refuses is not exported
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = exporting.export(model, typed, dims, format.value, out_file, include_optional=with_optional)
-    notes = [w for w in caught if issubclass(w.category, exporting.ExportWarning)]
-    warn([Problem(str(w.message), severity="warning") for w in notes], strict=False)
+    result = exporting.export(model, typed, dims, format.value, out_file, include_optional=with_optional)
+    warn(result.warnings, strict=False)
     for line in exporting.describe(result, typed):
         out.print(line, markup=False)
 

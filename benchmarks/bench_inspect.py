@@ -60,7 +60,7 @@ def work(case: str, fmt: str) -> tuple[dict[str, float], int]:
     """Run one case after the imports; (seconds per stage, blocks)."""
     from rich.console import Console
 
-    from builder import pipeline, render
+    from builder import pipeline, views
 
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def work(case: str, fmt: str) -> tuple[dict[str, float], int]:
     stages["compile"] = time.perf_counter() - start
     if case == "inspect":
         start = time.perf_counter()
-        report = render.inspect_report(typed, model, fmt=fmt)
+        report = views.inspect_report(typed, model, fmt=fmt)
         stages["analyse"] = time.perf_counter() - start
         start = time.perf_counter()
         if not isinstance(report, str):
@@ -83,9 +83,8 @@ def work(case: str, fmt: str) -> tuple[dict[str, float], int]:
 def child(case: str, fmt: str, trace: bool) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
     started = time.perf_counter()
-    import torch  # noqa: F401 - the import is part of what a user waits for
-
     import builder.render  # noqa: F401
+    import torch  # noqa: F401 - the import is part of what a user waits for
 
     imported = time.perf_counter() - started
     if trace:

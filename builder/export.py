@@ -3,7 +3,7 @@
 Every symbolic dimension name of the spec's inputs (`batch`, `seq`, ...) becomes one `torch.export.Dim`, shared
 by every input that uses it. When tracing shows a block needs a narrower range (a positional table of 5000
 rows bounds `seq`) the range is narrowed; when a block needs an exact size, that dimension falls back to the
-trial size with an `ExportWarning`.
+trial size, with a warning (a `Problem` of severity "warning" in `Exported.warnings`).
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ ONNX_PACKAGES = ("onnx", "onnxscript")
 MAX_REFINEMENTS = 4
 
 
-class ExportWarning(UserWarning):
-    """A dimension named in the spec could not stay dynamic in the export."""
-
-
 @dataclass
 class Exported:
     """What `export` wrote: the file, and for each named dimension its range (dynamic) or fixed size (static)."""
@@ -47,6 +43,7 @@ class Exported:
     outputs: list[str]
     dynamic: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
     static: dict[str, int] = field(default_factory=dict)
+    warnings: list[Problem] = field(default_factory=list)  # dimensions that could not stay dynamic
 
 
 def export(
@@ -79,11 +76,11 @@ def export(
     model.eval()
     try:
         with _quiet("torch"):  # its failed guesses log tracebacks; what fails for good is reported below
-            program, dynamic, static = _trace(model, typed, dims, names, device)
+            program, dynamic, static, notes = _trace(model, typed, dims, names, device)
     finally:
         model.train(was_training)
     outputs = list(graph.outputs)
-    result = Exported(path, fmt, names, ["output"] if graph.single_output else outputs, dynamic, static)
+    result = Exported(path, fmt, names, ["output"] if graph.single_output else outputs, dynamic, static, notes)
     if fmt == "exported-program":
         write_file(path, lambda tmp: _save_program(program, tmp), what="exported model")
     else:
@@ -145,8 +142,9 @@ def sample_inputs(
 
 def _trace(
     model: torch.nn.Module, typed: TypedGraph, dims: dict[str, int], names: list[str], device: torch.device
-) -> tuple[Any, dict[str, tuple[int | None, int | None]], dict[str, int]]:
-    """torch.export with one Dim per named dimension, narrowing ranges or fixing sizes where tracing demands."""
+) -> tuple[Any, dict[str, tuple[int | None, int | None]], dict[str, int], list[Problem]]:
+    """torch.export with one Dim per named dimension, narrowing ranges or fixing sizes where tracing demands;
+    the program, the dynamic ranges, the static sizes and a warning for each dimension that had to be fixed."""
     from torch.export import Dim
 
     graph = typed.graph
@@ -159,6 +157,7 @@ def _trace(
         n: {i: spec_dims[d] for i, d in enumerate(graph.inputs[n].shape) if isinstance(d, str)} or None for n in names
     }
     guards: list[str] = []
+    notes: list[Problem] = []
     program = None
     for _ in range(MAX_REFINEMENTS + 1):
         try:
@@ -190,13 +189,13 @@ def _trace(
             program = None
     if program is None:
         if symbolic:
-            _warn_static(symbolic, dims, guards, typed)
+            notes.append(_static(symbolic, dims, guards, typed))
         kwargs = sample_inputs(typed, dims, names, device)
         try:
             program = torch.export.export(model, (), kwargs)
         except Exception as exc:
             raise _trace_error(exc, typed) from exc
-        return program, {}, {d: dims[d] for d in symbolic}
+        return program, {}, {d: dims[d] for d in symbolic}, notes
     dynamic: dict[str, tuple[int | None, int | None]] = {}
     static: dict[str, int] = {}
     chosen = _dims_by_name(shapes, graph, names)
@@ -207,8 +206,8 @@ def _trace(
         elif value is not None:
             dynamic[name] = _range(value)
     if static:
-        _warn_static(sorted(static), static, guards, typed)
-    return program, dynamic, static
+        notes.append(_static(sorted(static), static, guards, typed))
+    return program, dynamic, static, notes
 
 
 def _static_at_trace_size(
@@ -263,14 +262,13 @@ def _range(dim: Any) -> tuple[int | None, int | None]:
     return (low if isinstance(low, int) else None, high if isinstance(high, int) and high < big else None)
 
 
-def _warn_static(names: Sequence[str], sizes: dict[str, int], guards: list[str], typed: TypedGraph) -> None:
+def _static(names: Sequence[str], sizes: dict[str, int], guards: list[str], typed: TypedGraph) -> Problem:
     fixed = ", ".join(f"{n}={sizes[n]}" for n in names)
     reason = re.sub(r" \(\d+\)$", "", guards[0].strip().removeprefix("- ").split(". ")[0]) if guards else ""
-    warnings.warn(
+    return Problem(
         f"dimension(s) {fixed} are static in the export of {typed.graph.name!r}: a block's forward depends on the "
         f"exact size{f' (torch.export: {reason})' if reason else ''}; the exported model takes only these sizes",
-        ExportWarning,
-        stacklevel=4,
+        severity="warning",
     )
 
 

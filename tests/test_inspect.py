@@ -21,7 +21,7 @@ import builder
 import cli
 from blocks import REGISTRY, Block, BlockParams, TensorType, register
 from blocks.types import symbol
-from builder import pipeline, render, trial
+from builder import pipeline, trial, views
 from builder.analysis import analyse, meta_inputs, whole_model_flops
 
 TINY = SPECS / "tiny_encoder.yaml"
@@ -192,7 +192,7 @@ def test_analytic_flops_are_expressions_of_the_dimensions_without_sizes(write_sp
     assert isinstance(expression, sympy.Expr) and symbol("batch") in expression.free_symbols
     concrete = analyse(typed, model, {"batch": 3, "seq": 7})
     assert expression.subs({symbol("batch"): 3, symbol("seq"): 7}) == concrete.flops == concrete.flops_analytic
-    text = _text(render.inspect_totals(typed, symbolic))
+    text = _text(views.inspect_totals(typed, symbolic))
     assert "need sizes for batch, seq" in text and "--dim batch=N" in text
 
 
@@ -256,7 +256,7 @@ def test_a_node_torch_cannot_run_on_meta_is_reported_not_fatal():
     assert node.error and node.flops is None and costs.flops is None
     assert costs.nodes["proj"].flops == 2 * 2 * 3 * 4 * 3
     assert costs.saved_activation_bytes >= node.activation_bytes  # counted by its outputs
-    assert "could not run 1 node(s) on meta" in _text(render.inspect_totals(typed, costs))
+    assert "could not run 1 node(s) on meta" in _text(views.inspect_totals(typed, costs))
 
 
 # --- memory -----------------------------------------------------------------------------------------------------
@@ -314,35 +314,35 @@ def _column(table, name: str) -> list[str]:
 @pytest.mark.parametrize("depth", [None, 1, 2])
 def test_table_totals_are_the_sums_of_its_rows(tiny, depth):
     typed, model = tiny
-    params = render.node_params(model)
+    params = views.node_params(model)
     costs = analyse(typed, model)
-    table = render.architecture_table(typed, params, depth, costs)
+    table = views.architecture_table(typed, params, depth, costs)
     rows = _column(table, "params")[:-1]
     assert sum(int(r.replace(",", "")) for r in rows) == costs.parameters == sum(params.values())
     assert _column(table, "params")[-1] == f"{costs.parameters:,}"
-    assert _column(table, "FLOPs")[-1] == render.flops_text(costs.flops)
-    assert _column(table, "activations")[-1] == render.bytes_text(costs.activation_bytes)
+    assert _column(table, "FLOPs")[-1] == views.flops_text(costs.flops)
+    assert _column(table, "activations")[-1] == views.bytes_text(costs.activation_bytes)
 
 
 def test_collapsed_tree_and_table_show_groups_with_summed_numbers(tiny):
     typed, model = tiny
-    params = render.node_params(model)
+    params = views.node_params(model)
     costs = analyse(typed, model)
     encoder = [n for n in costs.nodes.values() if n.id.startswith("encoder.")]
     summed = sum(n.params for n in encoder)
-    table = render.architecture_table(typed, params, 1, costs)
+    table = views.architecture_table(typed, params, 1, costs)
     nodes, blocks = _column(table, "node"), _column(table, "block")
     row = nodes.index("encoder")
     assert blocks[row] == "encoder_block ×2" and "encoder.0.attn" not in nodes
     assert _column(table, "params")[row] == f"{summed:,}"
-    assert _column(table, "FLOPs")[row] == render.flops_text(sum(n.flops for n in encoder))
+    assert _column(table, "FLOPs")[row] == views.flops_text(sum(n.flops for n in encoder))
     assert nodes == ["embed", "position", "encoder", "generator", "total"]
-    two = _column(render.architecture_table(typed, params, 2, costs), "node")
+    two = _column(views.architecture_table(typed, params, 2, costs), "node")
     assert "encoder.0" in two and "encoder.1" in two and "encoder.0.ffn" not in two
-    tree = _text(render.architecture_tree(typed, params, 1, costs))
+    tree = _text(views.architecture_tree(typed, params, 1, costs))
     assert "encoder_block ×2" in tree and f"{summed:,}" in tree and "norm1" not in tree
     assert "[batch, seq, 64], [batch, seq] → [batch, seq, 64]" in tree  # a group's own inputs and outputs
-    assert "norm1" in _text(render.architecture_tree(typed, params, None, costs))
+    assert "norm1" in _text(views.architecture_tree(typed, params, None, costs))
 
 
 NODE_KEYS = {
@@ -371,7 +371,7 @@ def test_json_keys_are_stable(tiny, sized):
         del spec["dims"]
         typed = pipeline.typed_graph(spec)
         model = pipeline.compile_graph(typed, device="meta")
-    data = json.loads(render.inspect_report(typed, model, fmt="json"))
+    data = json.loads(views.inspect_report(typed, model, fmt="json"))
     assert data["format"] == "blockgraph.inspect/1"
     assert set(data) == TOP_KEYS and set(data["totals"]) == TOTAL_KEYS
     assert all(set(node) == NODE_KEYS for node in data["nodes"])
@@ -437,17 +437,17 @@ def check_mermaid(text: str) -> tuple[set[str], list[tuple[str, str]]]:
 @pytest.mark.parametrize("depth", [None, 1, 2])
 def test_mermaid_is_well_formed(tiny, every_block, depth):
     for typed, model in (tiny, every_block[:2]):
-        text = render.inspect_report(typed, model, fmt="mermaid", depth=depth)
+        text = views.inspect_report(typed, model, fmt="mermaid", depth=depth)
         declared, edges = check_mermaid(text)
         assert len(edges) >= len(typed.graph.outputs)
-    declared, edges = check_mermaid(render.inspect_report(*tiny, fmt="mermaid", depth=1))
+    declared, edges = check_mermaid(views.inspect_report(*tiny, fmt="mermaid", depth=1))
     assert {"i_tokens", "i_pad", "n_encoder", "r_output"} <= declared
-    assert '|"key_padding_mask"|' in render.inspect_report(*tiny, fmt="mermaid", depth=1)
-    assert '["encoder<br/>encoder_block ×2<br/>[batch, seq, 64]' in render.inspect_report(*tiny, fmt="mermaid", depth=1)
+    assert '|"key_padding_mask"|' in views.inspect_report(*tiny, fmt="mermaid", depth=1)
+    assert '["encoder<br/>encoder_block ×2<br/>[batch, seq, 64]' in views.inspect_report(*tiny, fmt="mermaid", depth=1)
 
 
 def _dot_outputs(typed, model):
-    return {depth: render.inspect_report(typed, model, fmt="dot", depth=depth) for depth in (None, 1, 2)}
+    return {depth: views.inspect_report(typed, model, fmt="dot", depth=depth) for depth in (None, 1, 2)}
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
@@ -462,7 +462,7 @@ def test_dot_renders_with_graphviz(tiny, every_block):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydot's use of pyparsing
 def test_dot_parses_with_pydot(tiny, every_block):
     pydot = pytest.importorskip("pydot")
-    texts = [*_dot_outputs(*tiny).values(), render.inspect_report(*every_block[:2], fmt="dot")]
+    texts = [*_dot_outputs(*tiny).values(), views.inspect_report(*every_block[:2], fmt="dot")]
     for text in texts:
         (graph,) = pydot.graph_from_dot_data(text)
         names, pending = set(), [graph]
@@ -473,7 +473,7 @@ def test_dot_parses_with_pydot(tiny, every_block):
         edges = [(e.get_source().strip('"'), e.get_destination().strip('"')) for e in graph.get_edges()]
         assert edges and all(s in names and d in names for s, d in edges)
     assert graph.get_name() == '"every \\"block\\""'  # the spec's name, quotes escaped
-    collapsed = render.inspect_report(*tiny, fmt="dot", depth=1)
+    collapsed = views.inspect_report(*tiny, fmt="dot", depth=1)
     assert '"in:pad" -> "encoder" [label="key_padding_mask"];' in collapsed
 
 
@@ -508,13 +508,13 @@ def test_gpt3_inspects_on_meta_with_flops_from_both_sides(gpt3):
     matmul_weights = layers * 12 * d**2 + v["vocab"] * d  # per layer W_Q, W_K, W_V, W_O, W_1, W_2; the output layer
     attention = layers * 4 * batch * seq**2 * d  # QKᵀ and AV over all heads (the causal mask not halving it)
     assert costs.flops == costs.flops_analytic == 2 * batch * seq * matmul_weights + attention
-    tree = _text(render.inspect_report(typed, model, depth=1))
+    tree = _text(views.inspect_report(typed, model, depth=1))
     assert (
         "gpt_block ×96" in tree and f"{costs.parameters:,} parameters" in tree and "the analytic formulas agree" in tree
     )
 
 
-# --- the command line (once cli.py routes inspect through render.inspect_report) --------------------------------
+# --- the command line (once cli.py routes inspect through views.inspect_report) --------------------------------
 
 wired = pytest.mark.skipif(not hasattr(cli.InspectFormat, "mermaid"), reason="cli.py inspect not wired up yet")
 

@@ -1,7 +1,7 @@
-"""The `train` and `translate` commands as plain functions with Typer-annotated parameters.
+"""The `train` and `translate` commands as functions with Typer-annotated parameters, registered by cli.py.
 
-They raise `common.errors.BlockgraphError`s for anything the user can fix; the command line (cli.py, or
-`python -m trainer`) renders those as located messages and exits 1.
+`train`'s options are generated from `TrainConfig` (trainer.config), the one declaration of them. Both raise
+`common.errors.BlockgraphError`s for anything the user can fix; cli.py renders those and exits 1.
 """
 
 from __future__ import annotations

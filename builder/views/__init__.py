@@ -1,0 +1,76 @@
+"""What `inspect` (and `build`, `validate --resolved`) shows, one module per job.
+
+- numbers: counts, FLOPs and bytes as text;
+- units: the graph folded into items below a depth, with their numbers summed;
+- tables: Rich renderings (the build summary, the tree, the table, the totals);
+- as_json: the JSON format of `inspect` and the resolved spec;
+- drawings: Mermaid and Graphviz.
+
+`inspect_report` runs the analysis (builder.analysis) and hands its costs to the format asked for.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from rich.console import Group as RichGroup
+from rich.console import RenderableType
+
+from builder.analysis import analyse
+from builder.model import GraphModel
+from builder.shapes import TypedGraph
+from builder.views.as_json import architecture_json, resolved_spec
+from builder.views.drawings import architecture_dot, architecture_mermaid
+from builder.views.numbers import bytes_text, flops_text
+from builder.views.tables import architecture_table, architecture_tree, build_summary, inspect_totals
+from builder.views.units import node_params
+
+__all__ = [
+    "INSPECT_FORMATS",
+    "architecture_dot",
+    "architecture_json",
+    "architecture_mermaid",
+    "architecture_table",
+    "architecture_tree",
+    "build_summary",
+    "bytes_text",
+    "flops_text",
+    "inspect_report",
+    "inspect_totals",
+    "node_params",
+    "resolved_spec",
+]
+
+INSPECT_FORMATS = ("tree", "table", "json", "mermaid", "dot")
+
+
+def inspect_report(
+    typed: TypedGraph,
+    model: GraphModel,
+    *,
+    depth: int | None = None,
+    fmt: str = "tree",
+    dims: dict[str, int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> RenderableType | str:
+    """Everything `blockgraph inspect` prints, for a (meta) model: a Rich renderable for tree and table, text
+    (to print as is, without Rich markup or wrapping) for json, mermaid and dot.
+
+    `dims` override the spec's `dims:`; `dtype` is the floating dtype memory is counted in (default float32).
+    """
+    fmt = getattr(fmt, "value", fmt)
+    if fmt not in INSPECT_FORMATS:
+        raise ValueError(f"format {fmt!r}: use one of {', '.join(INSPECT_FORMATS)}")
+    params = node_params(model)
+    if fmt in ("mermaid", "dot"):
+        draw = architecture_mermaid if fmt == "mermaid" else architecture_dot
+        return draw(typed, params, depth)
+    costs = analyse(typed, model, dims, dtype=dtype)
+    if fmt == "json":
+        return json.dumps(architecture_json(typed, params, costs), indent=2, ensure_ascii=False)
+    if fmt == "table":
+        body: RenderableType = architecture_table(typed, params, depth, costs)
+    else:
+        body = architecture_tree(typed, params, depth, costs)
+    return RichGroup(body, inspect_totals(typed, costs))
