@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.syntax import Syntax
 
 from common.console import err, out, problems_view, report, write_plain
-from common.errors import BlockgraphError, Problem
+from common.errors import BlockgraphError, Problem, UsageError
 from common.options import parse_pairs
 from common.text import clean_json
 
@@ -187,16 +187,14 @@ def build(
 def _check_device(device: str) -> None:
     import torch
 
-    from common.errors import SpecError
-
     try:
         parsed = torch.device(device)
     except RuntimeError as exc:
-        raise SpecError(Problem(f"--device {device!r} is not a device", hint="use cpu, cuda, cuda:N or meta")) from exc
+        raise UsageError(Problem(f"--device {device!r} is not a device", hint="use cpu, cuda, cuda:N or meta")) from exc
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(Problem("--device cuda: no CUDA device is available here", hint="use --device cpu"))
+        raise UsageError(Problem("--device cuda: no CUDA device is available here", hint="use --device cpu"))
     if parsed.type == "meta":
-        raise SpecError(
+        raise UsageError(
             Problem("build runs a forward pass, which needs real weights", hint="use `blockgraph inspect` for meta")
         )
 
@@ -231,7 +229,10 @@ def inspect(
     warn(typed.graph.warnings, False)
     model = pipeline.compile_graph(typed, device="meta")
     if code:
-        out.print(Syntax(model.code, "python", theme="ansi_dark"))
+        if out.is_terminal:  # colours on a terminal, long lines folded; plain text into a pipe or a file
+            out.print(Syntax(model.code, "python", theme="ansi_dark", word_wrap=True))
+        else:
+            write_plain(model.code)
         return
     report = views.inspect_report(
         typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=pipeline.parse_dtype(dtype)
@@ -348,11 +349,10 @@ def export(
     use_plugins(plugin, allow_override)
     from builder import export as exporting
     from builder import persist, pipeline, trial
-    from common.errors import SpecError
 
     if persist.is_saved_model(spec):
         if set_:
-            raise SpecError(Problem("--set does not apply to a saved model", hint="its spec.yaml fixes the sizes"))
+            raise UsageError(Problem("--set does not apply to a saved model", hint="its spec.yaml fixes the sizes"))
         model = persist.load(spec)
         typed = model.typed_graph
     else:

@@ -378,29 +378,3 @@ def _measure_node(
         *(inst.bindings[p] for p in sorted(found.saved_inputs)),
         *(Endpoint(inst.id, p) for p in sorted(found.saved_outputs)),
     )
-
-
-def whole_model_flops(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
-    """torch's count for one forward of the whole model (meta inputs), total and per module name.
-
-    The per-module breakdown is `FlopCounterMode`'s own, keyed `ClassName.path.to.module`. Slower than
-    `analyse` on deep stacks (every layer runs); the tests use it to check `analyse`'s per-node sum.
-    """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs)
-    per_module = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
-    return int(counter.get_total_flops()), per_module
-
-
-def meta_inputs(graph: Graph, dims: dict[str, int], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Meta tensors for the required inputs at these sizes (floating inputs in `dtype` when given)."""
-    tensors = {}
-    for name, spec in graph.inputs.items():
-        if spec.optional:
-            continue
-        shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
-        kind = spec.torch_dtype
-        if dtype is not None and kind.is_floating_point:
-            kind = dtype
-        tensors[name] = torch.empty(shape, dtype=kind, device="meta")
-    return tensors

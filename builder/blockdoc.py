@@ -16,7 +16,7 @@ from rich.table import Table
 
 from blocks import REGISTRY, BlockEntry
 from blocks.registry import UnknownBlockError
-from common.errors import Problem, SpecError
+from common.errors import Problem, UsageError
 
 
 def lookup(name: str) -> BlockEntry:
@@ -26,7 +26,7 @@ def lookup(name: str) -> BlockEntry:
         hint = (
             f"did you mean {' or '.join(map(repr, exc.suggestions))}?" if exc.suggestions else "run `blockgraph blocks`"
         )
-        raise SpecError(Problem(f"unknown block {name!r}", hint=hint)) from exc
+        raise UsageError(Problem(f"unknown block {name!r}", hint=hint)) from exc
 
 
 def param_rows(entry: BlockEntry) -> list[tuple[str, str, str, str]]:

@@ -1,4 +1,10 @@
-"""Typed graph → `nn.Module` whose `forward` is generated Python: no per-call interpretation of the graph."""
+"""Typed graph → `nn.Module` whose `forward` is generated Python: no per-call interpretation of the graph.
+
+The forward is straight-line code, one call per block in graph order: submodules bound from `_modules` once
+per call (not through `nn.Module.__getattr__`), every port after the first passed by name as the spec wrote
+it, and each intermediate `del`eted after its last use. It is readable (`model.code`, `inspect --code`),
+traceable by `torch.export`, and `torch.compile`-able.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""`${...}` substitution: variable names and small arithmetic, evaluated over a whitelisted AST (never `eval`)."""
+"""`${...}` substitution: variable names and small arithmetic, evaluated over a whitelisted AST (never `eval`).
+
+Each node type the evaluator meets must be on its list, and every result is bounded in magnitude and length,
+so an expression can compute a size (`${d_model * 4}`) but never reach Python, a file or all the memory.
+"""
 
 from __future__ import annotations
 

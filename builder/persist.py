@@ -28,7 +28,7 @@ from builder.graph import Graph
 from builder.pipeline import build, load_spec
 from builder.source import dump_yaml
 from common.atomic import check_directory_target, owned_directory, write_directory
-from common.errors import CheckpointError, Location, Problem, SpecError
+from common.errors import CheckpointError, Location, Problem, SpecError, UsageError
 from common.files import FileKind, MiB
 from common.records import read_record
 from common.tensorfile import Header, read_header, write_safetensors
@@ -76,7 +76,7 @@ def model_files(model: nn.Module, where: Location) -> Callable[[Path], None]:
     graph = _model_graph(model)
     tensors, aliases = unique_tensors(model)
     if any(t.is_meta for t in tensors.values()):
-        raise SpecError(Problem("a model on the meta device has no weights to save", where, hint="build it on cpu"))
+        raise UsageError(Problem("a model on the meta device has no weights to save", where, hint="build it on cpu"))
     _check_structure(graph.standalone, model, where)
     manifest = _manifest(model, graph, tensors, aliases)
     spec_text = dump_yaml(graph.standalone)
@@ -199,7 +199,7 @@ _SAFETENSORS_DTYPES = {
 def _model_graph(model: nn.Module) -> Graph:
     typed = getattr(model, "typed_graph", None)
     if typed is None:
-        raise SpecError(Problem("the model was not built from a spec", hint="build it with builder.build"))
+        raise UsageError(Problem("the model was not built from a spec", hint="build it with builder.build"))
     return typed.graph
 
 

@@ -22,7 +22,7 @@ from builder.shapes import TypedGraph, infer_shapes
 from builder.source import Document, SourceMap, load_file
 from builder.spec import DTYPES
 from builder.validate import ValidSpec, validate_document
-from common.errors import Problem, SpecError
+from common.errors import Problem, UsageError
 
 SpecSource = str | Path | dict[str, Any] | ValidSpec
 
@@ -81,5 +81,5 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     if dtype not in DTYPES or not DTYPES[dtype].is_floating_point:
         floats = [n for n, d in DTYPES.items() if d.is_floating_point]
-        raise SpecError(Problem(f"--dtype {dtype!r} is not a floating dtype", hint=f"use one of {', '.join(floats)}"))
+        raise UsageError(Problem(f"--dtype {dtype!r} is not a floating dtype", hint=f"use one of {', '.join(floats)}"))
     return DTYPES[dtype]

@@ -16,13 +16,15 @@ import torch
 import yaml
 from conftest import SPECS
 from rich.console import Console
+from torch.utils.flop_counter import FlopCounterMode
 
 import builder
 import cli
 from blocks import REGISTRY, Block, BlockParams, TensorType, register
 from blocks.types import symbol
 from builder import pipeline, trial, views
-from builder.analysis import analyse, meta_inputs, whole_model_flops
+from builder.analysis import analyse
+from builder.graph import Graph
 
 TINY = SPECS / "tiny_encoder.yaml"
 GPT3 = SPECS / "gpt3_175b.yaml"
@@ -530,3 +532,32 @@ def test_cli_inspect_formats_dims_and_depth(run_cli):
     assert run_cli("inspect", TINY, "--format", "dot").stdout.startswith('digraph "tiny-encoder" {')
     half = run_cli("inspect", TINY, "--dtype", "bfloat16")
     assert half.code == 0 and "bfloat16" in half.stdout
+
+
+# --- helpers: torch's count of a whole forward, to hold the per-node sum against ---------------------------------
+
+
+def whole_model_flops(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, dict[str, int]]:
+    """torch's count for one forward of the whole model (meta inputs), total and per module name.
+
+    The per-module breakdown is `FlopCounterMode`'s own, keyed `ClassName.path.to.module`. Slower than
+    `analyse` on deep stacks (every layer runs); the tests use it to check `analyse`'s per-node sum.
+    """
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    per_module = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+    return int(counter.get_total_flops()), per_module
+
+
+def meta_inputs(graph: Graph, dims: dict[str, int], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Meta tensors for the required inputs at these sizes (floating inputs in `dtype` when given)."""
+    tensors = {}
+    for name, spec in graph.inputs.items():
+        if spec.optional:
+            continue
+        shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+        kind = spec.torch_dtype
+        if dtype is not None and kind.is_floating_point:
+            kind = dtype
+        tensors[name] = torch.empty(shape, dtype=kind, device="meta")
+    return tensors

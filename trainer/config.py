@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.options import parse_pairs
@@ -185,12 +184,11 @@ def command_parameters(model: type[BaseModel] = TrainConfig) -> list[inspect.Par
     for name, info in model.model_fields.items():
         cli = next((m for m in info.metadata if isinstance(m, Cli)), Cli())
         default = info.get_default(call_default_factory=True) if cli.parse is None else _cli_default(cli)
-        bounds = {}
+        bounds = {}  # pydantic keeps Field(ge=, gt=, le=) as metadata objects with those attributes
         for meta in info.metadata:
-            if isinstance(meta, Ge | Gt):
-                bounds["min"] = meta.ge if isinstance(meta, Ge) else meta.gt
-            elif isinstance(meta, Le):
-                bounds["max"] = meta.le
+            for attr, bound in (("ge", "min"), ("gt", "min"), ("le", "max")):
+                if getattr(meta, attr, None) is not None:
+                    bounds[bound] = getattr(meta, attr)
         show = not (default is None or default is False or default == [] or default == {})
         if cli.argument:
             marker = typer.Argument(metavar=cli.metavar, help=info.description, show_default=False)

@@ -30,10 +30,6 @@ class Hypothesis:
     score: float  # sum of log-probabilities
     normalized: float  # score with the length penalty applied (= score when α = 0)
 
-    @property
-    def text_ids(self) -> list[int]:
-        return [t for t in self.tokens if t != EOS_ID]
-
 
 def _step(
     model: nn.Module,
@@ -166,21 +162,3 @@ def beam_search(
             if alpha != 0 and len(finished) >= max(beam, n_best):
                 break
     return sorted(finished, key=lambda h: h.normalized, reverse=True)
-
-
-@torch.no_grad()
-def score(
-    model: nn.Module,
-    io: ModelIO,
-    src: torch.Tensor | None,
-    tokens: list[int] | tuple[int, ...],
-    src_pad: torch.Tensor | None = None,
-    prefix: list[int] | None = None,
-) -> float:
-    """Sum of the model's log-probabilities of `tokens` after bos (+ prefix), computed in one teacher-forced pass."""
-    device = next(model.parameters()).device
-    start = [BOS_ID, *(prefix or [])]
-    ys = torch.tensor([[*start, *tokens[:-1]]] if tokens else [start], device=device)
-    log_probs = io(model, ys, src, src_pad)[0, len(start) - 1 :].double()
-    picked = log_probs.gather(1, torch.tensor(list(tokens), device=device)[:, None]) if tokens else log_probs[:0, :1]
-    return float(picked.sum())

@@ -117,7 +117,7 @@ def _train(
 
 def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     if config.spec is None:
-        raise SpecError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
+        raise UsageError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
     check_tokenizer(config.source_tokenizer)
     check_tokenizer(config.target_tokenizer)
     typed_base = typed_graph(config.spec, config.overrides, allow_external_files=config.allow_external_files)
