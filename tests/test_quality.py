@@ -30,3 +30,11 @@ def test_spec_reference_is_generated_from_the_models():
     text = (ROOT / "docs" / "spec.md").read_text(encoding="utf-8")
     generated = text.split("<!-- generated: spec keys -->\n", 1)[1].split("<!-- end generated -->", 1)[0]
     assert generated == fields_markdown(), "regenerate the section with `blockgraph schema --markdown`"
+
+
+def test_the_architecture_page_shows_the_generated_forward():
+    import builder
+
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    shown = text.split("<!-- generated: tiny_encoder forward -->\n```python\n", 1)[1].split("```\n<!-- end", 1)[0]
+    assert shown == builder.build(ROOT / "specs" / "tiny_encoder.yaml", device="meta").code
