@@ -83,8 +83,9 @@ def work(case: str, fmt: str) -> tuple[dict[str, float], int]:
 def child(case: str, fmt: str, trace: bool) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
     started = time.perf_counter()
-    import builder.views  # noqa: F401
     import torch  # noqa: F401 - the import is part of what a user waits for
+
+    import builder.views  # noqa: F401
 
     imported = time.perf_counter() - started
     if trace:
