@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from blocks.flops import linear, multi_head
+from blocks.positional import apply_rotary, rotary_angles
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
 
@@ -29,13 +30,19 @@ def masked_softmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 def attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None, dropout: float = 0.0
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(QKᵀ/√d_k + M)·V computed explicitly; returns (output, weights after dropout).
+    """softmax(s·QKᵀ + M)·V computed explicitly, s = 1/√d_k unless given; returns (output, weights after dropout).
 
     `mask` follows `F.scaled_dot_product_attention`: bool True = MAY attend, or an additive float.
     """
-    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))
+    scale = 1 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = query @ key.transpose(-2, -1) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = F.dropout(masked_softmax(scores), dropout) if dropout else masked_softmax(scores)
@@ -49,26 +56,36 @@ def combine_masks(
     attn_mask: torch.Tensor | None,
     causal: bool,
     device: torch.device,
+    window: int | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One mask for `scaled_dot_product_attention`: bool (True = may attend) or additive float.
 
     Inputs follow `nn.MultiheadAttention`: in boolean masks True means *masked out*. `key_padding_mask` is
     [batch, key_len]; `attn_mask` broadcasts against [batch, heads, query_len, key_len]. Causal is top-left
-    aligned (query i sees keys 0..i), as `is_causal` in `F.scaled_dot_product_attention`.
+    aligned (query i sees keys 0..i), as `is_causal` in `F.scaled_dot_product_attention`; a `window` keeps
+    keys i-window < j only (Mistral's sliding window). `bias` (a float broadcasting to the scores, such as
+    T5's relative position bias) is added where attending is allowed.
     """
     allowed: torch.Tensor | None = None
     if key_padding_mask is not None:
         allowed = ~key_padding_mask[:, None, None, :]
-    if causal:
-        tril = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril()
-        allowed = tril if allowed is None else allowed & tril
-    if attn_mask is None:
+    if causal or window is not None:
+        i = torch.arange(query_len, device=device)[:, None]
+        j = torch.arange(key_len, device=device)[None, :]
+        near = j <= i if causal else torch.ones(query_len, key_len, dtype=torch.bool, device=device)
+        if window is not None:
+            near = near & (j > i - window)
+        allowed = near if allowed is None else allowed & near
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
+        attn_mask = None
+    additive = attn_mask if bias is None else (bias if attn_mask is None else attn_mask + bias)
+    if additive is None:
         return allowed
-    if attn_mask.dtype == torch.bool:
-        return ~attn_mask if allowed is None else allowed & ~attn_mask
     if allowed is None:
-        return attn_mask
-    return torch.where(allowed, attn_mask, float("-inf"))
+        return additive
+    return torch.where(allowed, additive, float("-inf"))
 
 
 def _same_dims(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> bool:
@@ -157,32 +174,64 @@ class ScaledDotProductAttention(Block):
 
 @register("multi_head_attention", family="attention")
 class MultiHeadAttention(Block):
-    """Multi-head attention: h heads of softmax(QKᵀ/√d_k)V over W_Q, W_K, W_V projections, concatenated, then W_O.
+    """Multi-head attention: h heads of softmax(s·QKᵀ + B)V over W_Q, W_K, W_V projections, concatenated, then W_O.
 
-    Self-attention when only `query` is given; cross-attention when `key`/`value` come from another
-    tensor (e.g. the encoder output). Boolean masks use True for positions that may NOT be attended;
-    `attn_mask` is [q_len, k_len] or [batch·heads, q_len, k_len] (as in `nn.MultiheadAttention`), bool or
-    additive float. `causal` is top-left aligned. With `need_weights: true` a second output `weights` gives
-    the per-head weights [batch, heads, q_len, k_len] (NOT averaged over heads; after dropout, as in
-    `nn.MultiheadAttention(average_attn_weights=False)`), computed explicitly; otherwise the fused
-    `F.scaled_dot_product_attention` is used.
+    Self-attention when only `query` is given; cross-attention when `key`/`value` come from another tensor (the
+    encoder output). s = 1/√head_dim unless `scale` says otherwise (T5: 1). Boolean masks use True for positions
+    that may NOT be attended; `attn_mask` is [q_len, k_len] or [batch·heads, q_len, k_len] (as in
+    `nn.MultiheadAttention`), bool or additive float; `position_bias` [heads or batch·…, q_len, k_len] is added
+    to the scores (T5's relative position bias). `causal` is top-left aligned; `window` keeps a query's last
+    `window` keys only (Mistral's sliding window).
+
+    Grouped-query attention: `kv_heads` < heads key/value heads, each shared by heads/kv_heads query heads (1:
+    multi-query). Rotary position embedding (Su et al., 2021): with `rotary_dim` > 0 the first rotary_dim features
+    of every query and key head are rotated by p·θ^(−2i/rotary_dim) at position p (from `positions`, or 0..len-1),
+    in halves (LLaMA, GPT-NeoX; a rotary_dim below head_dim is GPT-NeoX's partial rotary) or interleaved pairs
+    (GPT-J). With `need_weights: true` a second output `weights` gives the per-head weights [batch, heads, q_len,
+    k_len] (not averaged, after dropout), computed explicitly; otherwise `F.scaled_dot_product_attention` runs.
     """
 
     class Params(BlockParams):
-        d_model: int = Field(gt=0, description="model width; split evenly over the heads")
-        heads: int = Field(gt=0, description="number of attention heads h (d_k = d_model / h)")
+        d_model: int = Field(gt=0, description="model width (of the input and the output)")
+        heads: int = Field(gt=0, description="number of query heads h")
+        kv_heads: int | None = Field(
+            None, gt=0, description="key/value heads (grouped-query attention; 1: multi-query); default heads"
+        )
+        head_dim: int | None = Field(None, gt=0, description="width of each head (default d_model / heads)")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the attention weights")
         bias: bool = Field(True, description="bias in the W_Q, W_K, W_V, W_O projections")
+        q_bias: bool | None = Field(None, description="bias in W_Q only (default: bias)")
+        k_bias: bool | None = Field(None, description="bias in W_K only (default: bias)")
+        v_bias: bool | None = Field(None, description="bias in W_V only (default: bias)")
+        o_bias: bool | None = Field(None, description="bias in W_O only (default: bias)")
+        scale: float | None = Field(None, gt=0, description="score scale s (default 1/√head_dim; T5 uses 1)")
         causal: bool = Field(False, description="forbid attending to later positions (decoder self-attention)")
+        window: int | None = Field(
+            None, gt=0, description="sliding window: query i sees keys i-window < j ≤ i only (needs causal)"
+        )
+        rotary_dim: int = Field(
+            0, ge=0, description="rotate the first rotary_dim features of each q/k head (0: no rotary embedding)"
+        )
+        rotary_base: float = Field(10000.0, gt=0, description="θ, the base of the rotary frequencies")
+        rotary_interleaved: bool = Field(
+            False, description="rotate pairs (2i, 2i+1) as GPT-J, instead of halves (i, i + rotary_dim/2)"
+        )
         need_weights: bool = Field(
             False,
             description="add an output port `weights`: per-head weights batch × heads × q_len × k_len (slower path)",
         )
 
         @model_validator(mode="after")
-        def _heads_divide(self) -> MultiHeadAttention.Params:
-            if self.d_model % self.heads:
-                raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        def _shapes(self) -> MultiHeadAttention.Params:
+            if self.head_dim is None and self.d_model % self.heads:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads}), or set head_dim")
+            if self.kv_heads is not None and self.heads % self.kv_heads:
+                raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+            width = self.head_dim or self.d_model // self.heads
+            if self.rotary_dim % 2 or self.rotary_dim > width:
+                raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({width})")
+            if self.window is not None and not self.causal:
+                raise ValueError("window is a sliding window over earlier positions: set causal: true")
             return self
 
     in_ports = (
@@ -197,6 +246,8 @@ class MultiHeadAttention(Block):
             optional=True,
             doc="[query_len, key_len] or [batch·heads, query_len, key_len]; bool True = masked, or additive",
         ),
+        Port("positions", rank=(1, 2), dtype="int", optional=True, doc="rotary positions [query_len] or [batch, …]"),
+        Port("position_bias", rank=(3, 4), optional=True, doc="added to the scores: [(batch,) heads, q_len, k_len]"),
     )
     out_ports = (
         Port("y", doc="[batch, query_len, d_model]"),
@@ -211,12 +262,20 @@ class MultiHeadAttention(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.heads, self.d_k, self.causal, self.dropout = p.heads, p.d_model // p.heads, p.causal, p.dropout
+        self.heads, self.kv_heads = p.heads, p.kv_heads or p.heads
+        self.d_k = p.head_dim or p.d_model // p.heads
+        self.causal, self.window, self.dropout, self.scale = p.causal, p.window, p.dropout, p.scale
         self.need_weights = p.need_weights
-        self.w_q = nn.Linear(p.d_model, p.d_model, bias=p.bias)
-        self.w_k = nn.Linear(p.d_model, p.d_model, bias=p.bias)
-        self.w_v = nn.Linear(p.d_model, p.d_model, bias=p.bias)
-        self.w_o = nn.Linear(p.d_model, p.d_model, bias=p.bias)
+        self.rotary_dim, self.rotary_base, self.rotary_interleaved = p.rotary_dim, p.rotary_base, p.rotary_interleaved
+
+        def bias(which: bool | None) -> bool:
+            return p.bias if which is None else which
+
+        width, kv_width = self.heads * self.d_k, self.kv_heads * self.d_k
+        self.w_q = nn.Linear(p.d_model, width, bias=bias(p.q_bias))
+        self.w_k = nn.Linear(p.d_model, kv_width, bias=bias(p.k_bias))
+        self.w_v = nn.Linear(p.d_model, kv_width, bias=bias(p.v_bias))
+        self.w_o = nn.Linear(width, p.d_model, bias=bias(p.o_bias))
 
     @classmethod
     def infer(
@@ -227,6 +286,8 @@ class MultiHeadAttention(Block):
         value: TensorType | None = None,
         key_padding_mask: TensorType | None = None,
         attn_mask: TensorType | None = None,
+        positions: TensorType | None = None,
+        position_bias: TensorType | None = None,
     ) -> TensorType | tuple[TensorType, TensorType]:
         """query [b, q, d_model], key/value [b, k, d_model] → y like query (+ weights [b, heads, q, k])."""
         key = key or query
@@ -254,6 +315,16 @@ class MultiHeadAttention(Block):
                     f"for query {query.described()} and key {key.described()}",
                     hint="attn_mask is [q_len, k_len] or [batch·heads, q_len, k_len]",
                 )
+        if positions is not None:
+            if not p.rotary_dim:
+                raise ShapeError("positions are given, but there is no rotary embedding", at=("params", "rotary_dim"))
+            if not dims_equal(positions.shape[-1], q_len) or not dims_equal(q_len, k_len):
+                raise ShapeError(
+                    f"positions {positions.described()} must be [query_len] or [batch, query_len] of a "
+                    f"self-attention (query {query.described()}, key {key.described()})"
+                )
+        if position_bias is not None:
+            _check_mask(position_bias, (batch, p.heads, q_len, k_len), "position_bias", "[(batch,) heads, q, k]")
         if p.need_weights:
             return query, query.with_shape(batch, p.heads, q_len, k_len)
         return query
@@ -262,7 +333,14 @@ class MultiHeadAttention(Block):
     def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
         """Four projections and QKᵀ, AV: see blocks.flops.multi_head."""
         shape = {port: t.shape for port, t in inputs.items() if t is not None}
-        return multi_head(p.d_model, shape["query"], shape.get("key"), shape.get("value"))
+        d_k = p.head_dim or p.d_model // p.heads
+        return multi_head(
+            p.d_model,
+            shape["query"],
+            shape.get("key"),
+            heads_width=p.heads * d_k,
+            kv_width=(p.kv_heads or p.heads) * d_k,
+        )
 
     def forward(
         self,
@@ -271,26 +349,57 @@ class MultiHeadAttention(Block):
         value: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         key = query if key is None else key
         value = key if value is None else value
-        b, t_q, d = query.shape
+        b, t_q, _ = query.shape
         q = self.w_q(query).view(b, t_q, self.heads, self.d_k).transpose(1, 2)
-        k = self.w_k(key).view(b, -1, self.heads, self.d_k).transpose(1, 2)
-        v = self.w_v(value).view(b, -1, self.heads, self.d_k).transpose(1, 2)
+        k = self.w_k(key).view(b, -1, self.kv_heads, self.d_k).transpose(1, 2)
+        v = self.w_v(value).view(b, -1, self.kv_heads, self.d_k).transpose(1, 2)
+        if self.rotary_dim:
+            if positions is None:
+                positions = torch.arange(t_q, device=query.device)
+            cos, sin = rotary_angles(positions, self.rotary_dim, self.rotary_base)
+            q = apply_rotary(q, cos, sin, self.rotary_interleaved)
+            k = apply_rotary(k, cos, sin, self.rotary_interleaved)
+        y, weights = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias)
+        y = self.w_o(y.transpose(1, 2).reshape(b, t_q, self.heads * self.d_k))
+        return (y, weights) if self.need_weights else y
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        attn_mask: torch.Tensor | None,
+        position_bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Heads [batch, heads, len, head_dim] in, heads out: SDPA's fused kernel, or explicit with weights."""
         dropout = self.dropout if self.training else 0.0
-        if key_padding_mask is None and attn_mask is None and not self.need_weights:
-            # the common case: no mask tensor at all; causality is SDPA's own flag (top-left aligned)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
-            return self.w_o(y.transpose(1, 2).reshape(b, t_q, d))
+        grouped = self.kv_heads != self.heads
+        unmasked = key_padding_mask is None and attn_mask is None and position_bias is None and self.window is None
+        if unmasked and not self.need_weights:  # no mask tensor at all; causality is SDPA's own flag (top-left)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=self.causal, scale=self.scale, enable_gqa=grouped
+            )
+            return y, None
+        b, _, t_q, _ = q.shape
         if attn_mask is not None and attn_mask.dim() == 3:  # [batch·heads, q, k] → [batch, heads, q, k]
             attn_mask = attn_mask.view(b, self.heads, t_q, -1)
-        mask = combine_masks(t_q, k.size(2), key_padding_mask, attn_mask, self.causal, q.device)
+        mask = combine_masks(
+            t_q, k.size(2), key_padding_mask, attn_mask, self.causal, q.device, self.window, position_bias
+        )
         if self.need_weights:
-            y, weights = attention(q, k, v, mask, dropout)
-            return self.w_o(y.transpose(1, 2).reshape(b, t_q, d)), weights
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.w_o(y.transpose(1, 2).reshape(b, t_q, d))
+            if grouped:
+                k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+            return attention(q, k, v, mask, dropout, self.scale)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=grouped
+        )
+        return y, None
 
 
 Score = Literal["dot", "general", "concat", "additive"]

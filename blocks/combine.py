@@ -1,16 +1,15 @@
-"""Small blocks that combine or reduce tensors: concatenation of features, masked mean pooling, and a
-pointwise activation (for Luong's attentional state tanh(W_c[c_t; h_t]) and similar heads)."""
+"""Small blocks that combine, reduce or cut tensors: concatenation of features, masked mean pooling, a pointwise
+activation (for Luong's attentional state tanh(W_c[c_t; h_t]) and similar heads), and select / slice."""
 
 from __future__ import annotations
 
-from typing import Literal
-
+import sympy
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from blocks.activations import ACTIVATIONS, ActivationName
 from blocks.registry import Block, BlockParams, Port, register
-from blocks.types import ShapeError, TensorType, dims_equal, format_dim, format_shape
+from blocks.types import Dim, ShapeError, TensorType, dims_equal, format_dim, format_shape
 
 
 @register("concat", family="combine")
@@ -102,20 +101,19 @@ class MeanPool(Block):
         return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
-ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "silu": F.silu}
-
-
 @register("activation", family="combine")
 class Activation(Block):
-    """Apply a pointwise nonlinearity: y = f(x), f one of tanh, relu, gelu, sigmoid, silu.
+    """Apply a pointwise nonlinearity: y = f(x), f one of tanh, relu, gelu, gelu_tanh, silu, sigmoid.
 
     Follows a `linear` node to make a one-layer network, e.g. Luong's attentional hidden state
     h̃_t = tanh(W_c[c_t; h_t]) is concat → linear (bias: false) → activation (tanh).
     """
 
     class Params(BlockParams):
-        function: Literal["tanh", "relu", "gelu", "sigmoid", "silu"] = Field(
-            "tanh", description="the nonlinearity: tanh, relu, gelu (exact erf form), sigmoid or silu"
+        function: ActivationName = Field(
+            "tanh",
+            description="the nonlinearity: tanh, relu, gelu (exact erf form), gelu_tanh (its tanh approximation, "
+            "GPT-2's gelu_new), silu (swish) or sigmoid",
         )
 
     in_ports = (Port("x", doc="[...]"),)
@@ -141,3 +139,94 @@ class Activation(Block):
 
     def extra_repr(self) -> str:
         return self.function
+
+
+def _axis(x: TensorType, dim: int) -> int:
+    """A (possibly negative) dimension index of x, checked against its rank."""
+    if not -x.rank <= dim < x.rank:
+        raise ShapeError(f"dim {dim} does not exist in {x.described()} (rank {x.rank})", at=("params", "dim"))
+    return dim % x.rank
+
+
+@register("select", family="combine")
+class Select(Block):
+    """Pick one position along a dimension, removing it: y = x[:, index] for dim 1 (BERT's pooler reads [CLS]).
+
+    A negative index counts from the end (-1: the last position).
+    """
+
+    class Params(BlockParams):
+        dim: int = Field(1, description="the dimension to index (negative: from the last)")
+        index: int = Field(0, description="the position along it (negative: from the end)")
+
+    example = {"dim": 1, "index": 0}
+
+    @classmethod
+    def infer(cls, p: Params, x: TensorType) -> TensorType:
+        """[..., n, ...] → [..., ...] without the selected dimension."""
+        axis = _axis(x, p.dim)
+        size = x.shape[axis]
+        if isinstance(size, int) and not -size <= p.index < size:
+            raise ShapeError(f"index {p.index} is outside {x.described()} along dim {p.dim}", at=("params", "index"))
+        return x.with_shape(*x.shape[:axis], *x.shape[axis + 1 :])
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.dim, self.index = p.dim, p.index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.select(self.dim, self.index)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, index={self.index}"
+
+
+@register("slice", family="combine")
+class Slice(Block):
+    """Keep a range of positions along a dimension: y = x[:, start:stop:step] for dim 1, as Python slices.
+
+    Negative start or stop count from the end; stop null runs to the end.
+    """
+
+    class Params(BlockParams):
+        dim: int = Field(1, description="the dimension to slice (negative: from the last)")
+        start: int = Field(0, description="first position kept (negative: from the end)")
+        stop: int | None = Field(None, description="first position not kept (null: the end; negative: from the end)")
+        step: int = Field(1, gt=0, description="keep every step-th position")
+
+    example = {"dim": 1, "start": 1}
+
+    @classmethod
+    def infer(cls, p: Params, x: TensorType) -> TensorType:
+        """[..., n, ...] → [..., len(range(n)[start:stop:step]), ...]."""
+        axis = _axis(x, p.dim)
+        size = x.shape[axis]
+        if isinstance(size, int):
+            kept: Dim = len(range(size)[p.start : p.stop : p.step])
+        else:  # a named size: the ends are counted from it; stop beyond it is caught on a trial run
+            begin = p.start if p.start >= 0 else size + p.start
+            end = size if p.stop is None else (p.stop if p.stop >= 0 else size + p.stop)
+            kept = sympy.ceiling((end - begin) / p.step)
+        if isinstance(kept, int) and kept <= 0:
+            raise ShapeError(f"the slice keeps nothing of {x.described()} along dim {p.dim}", at=("params",))
+        return x.with_shape(*x.shape[:axis], kept, *x.shape[axis + 1 :])
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.dim, self.range = p.dim, slice(p.start, p.stop, p.step)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[(slice(None),) * (self.dim % x.dim()) + (self.range,)]
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, {self.range.start}:{self.range.stop}:{self.range.step}"

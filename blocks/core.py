@@ -85,3 +85,28 @@ class Add(Block):
 
     def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
         return x + sublayer
+
+
+@register("scale", family="core")
+class Scale(Block):
+    """Multiply by a constant: y = factor · x (T5 scales its states by d_model^-0.5 before a tied output layer)."""
+
+    class Params(BlockParams):
+        factor: float = Field(description="the constant factor")
+
+    example = {"factor": 0.044194173824159216}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.factor = p.factor
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"

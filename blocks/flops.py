@@ -23,10 +23,22 @@ def linear(rows: Any, d_in: Any, d_out: Any) -> Any:
     return 2 * rows * d_in * d_out
 
 
-def multi_head(d_model: Any, query: Shape, key: Shape | None = None, value: Shape | None = None) -> Any:
-    """W_Q, W_O on the queries, W_K, W_V on the keys/values, then QKᵀ and AV over all heads."""
+def multi_head(
+    d_model: Any,
+    query: Shape,
+    key: Shape | None = None,
+    value: Shape | None = None,
+    *,
+    heads_width: Any = None,
+    kv_width: Any = None,
+) -> Any:
+    """W_Q, W_O on the queries, W_K, W_V on the keys/values, then QKᵀ and AV over all heads.
+
+    `heads_width` is heads·head_dim (default d_model), `kv_width` kv_heads·head_dim (default heads_width).
+    """
     key = key or query
-    value = value or key
+    heads_width = d_model if heads_width is None else heads_width
+    kv_width = heads_width if kv_width is None else kv_width
     batch, q_len, k_len = query[0], query[1], key[1]
-    projections = linear(batch * q_len, d_model, d_model) * 2 + linear(batch * k_len, d_model, d_model) * 2
-    return projections + 4 * batch * q_len * k_len * d_model
+    projections = 2 * linear(batch * q_len, d_model, heads_width) + 2 * linear(batch * k_len, d_model, kv_width)
+    return projections + 4 * batch * q_len * k_len * heads_width

@@ -21,7 +21,10 @@ class Generator(Block):
     class Params(BlockParams):
         d_model: int = Field(gt=0, description="input width")
         vocab: int = Field(gt=0, description="output vocabulary size")
-        bias: bool = Field(True, description="learn a bias per vocabulary entry (GPT-2's tied head has none)")
+        bias: bool = Field(True, description="a bias per vocabulary entry (GPT-2's tied head has none)")
+        fixed_bias: bool = Field(
+            False, description="the bias is a saved constant, not trained (Marian's and BART's final_logits_bias)"
+        )
         output: Literal["log_softmax", "softmax", "logits"] = Field(
             "log_softmax", description="log_softmax (for NLL loss), softmax (probabilities) or raw logits"
         )
@@ -30,7 +33,10 @@ class Generator(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.proj = nn.Linear(p.d_model, p.vocab, bias=p.bias)
+        self.proj = nn.Linear(p.d_model, p.vocab, bias=p.bias and not p.fixed_bias)
+        self.fixed_bias = p.bias and p.fixed_bias
+        if self.fixed_bias:
+            self.register_buffer("bias", torch.zeros(p.vocab))
         self.output = p.output
 
     @classmethod
@@ -45,7 +51,7 @@ class Generator(Block):
         return linear(tokens(inputs["x"].shape), p.d_model, p.vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(x)
+        logits = self.proj(x) + self.bias if self.fixed_bias else self.proj(x)
         if self.output == "log_softmax":
             return F.log_softmax(logits, dim=-1)
         if self.output == "softmax":

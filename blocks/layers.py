@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from blocks.activations import ActivationName
 from blocks.attention import MultiHeadAttention
 from blocks.feedforward import FeedForward
 from blocks.flops import linear, multi_head, tokens
@@ -24,7 +25,12 @@ class LayerParams(BlockParams):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="dropout on attention weights, FFN hidden units and each sublayer output"
     )
-    activation: Literal["relu", "gelu"] = Field("relu", description="feed-forward activation")
+    activation: ActivationName = Field(
+        "relu", description="feed-forward activation: relu, gelu, gelu_tanh, silu (Marian's swish), tanh, sigmoid"
+    )
+    gated: bool = Field(False, description="gated feed-forward act(W₁x) ⊙ W₃x (GEGLU, SwiGLU)")
+    bias: bool = Field(True, description="biases in the attention projections and the feed-forward")
+    norm_bias: bool = Field(True, description="LayerNorm shift β")
     norm_first: bool = Field(False, description="pre-norm: x + sublayer(LayerNorm(x)) instead of LayerNorm(x + …)")
     eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon")
 
@@ -37,15 +43,31 @@ class LayerParams(BlockParams):
             )
         return self
 
-    def attention(self, causal: bool) -> MultiHeadAttention:
-        return MultiHeadAttention(
-            MultiHeadAttention.Params(d_model=self.d_model, heads=self.heads, dropout=self.dropout, causal=causal)
+    def attention_params(self, causal: bool) -> MultiHeadAttention.Params:
+        return MultiHeadAttention.Params(
+            d_model=self.d_model, heads=self.heads, dropout=self.dropout, causal=causal, bias=self.bias
         )
+
+    def attention(self, causal: bool) -> MultiHeadAttention:
+        return MultiHeadAttention(self.attention_params(causal))
 
     def feed_forward(self) -> FeedForward:
         return FeedForward(
-            FeedForward.Params(d_model=self.d_model, d_ff=self.d_ff, dropout=self.dropout, activation=self.activation)
+            FeedForward.Params(
+                d_model=self.d_model,
+                d_ff=self.d_ff,
+                dropout=self.dropout,
+                activation=self.activation,
+                gated=self.gated,
+                bias=self.bias,
+            )
         )
+
+    def norm(self) -> nn.LayerNorm:
+        return nn.LayerNorm(self.d_model, eps=self.eps, bias=self.norm_bias)
+
+    def ffn_flops(self, x: tuple) -> Any:
+        return (3 if self.gated else 2) * linear(tokens(x), self.d_model, self.d_ff)
 
 
 def _dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +111,8 @@ class EncoderLayer(Block):
         self.norm_first = p.norm_first
         self.self_attn = p.attention(causal=False)
         self.ffn = p.feed_forward()
-        self.norm1 = nn.LayerNorm(p.d_model, eps=p.eps)
-        self.norm2 = nn.LayerNorm(p.d_model, eps=p.eps)
+        self.norm1 = p.norm()
+        self.norm2 = p.norm()
         self.dropout1 = nn.Dropout(p.dropout)
         self.dropout2 = nn.Dropout(p.dropout)
 
@@ -105,46 +127,63 @@ class EncoderLayer(Block):
     def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
         """Self-attention, then the feed-forward's W_1 and W_2."""
         x = inputs["x"].shape
-        return multi_head(p.d_model, x) + 2 * linear(tokens(x), p.d_model, p.d_ff)
+        return multi_head(p.d_model, x) + p.ffn_flops(x)
 
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_first:
-            x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), None, None, src_key_padding_mask))
+            x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), key_padding_mask=src_key_padding_mask))
             return x + _dropout(self.dropout2, self.ffn(self.norm2(x)))
-        x = self.norm1(x + _dropout(self.dropout1, self.self_attn(x, None, None, src_key_padding_mask)))
+        x = self.norm1(x + _dropout(self.dropout1, self.self_attn(x, key_padding_mask=src_key_padding_mask)))
         return self.norm2(x + _dropout(self.dropout2, self.ffn(x)))
+
+
+class DecoderParams(LayerParams):
+    """decoder_layer's parameters: those of every layer, and whether it attends to an encoder's memory."""
+
+    cross_attention: bool = Field(
+        True, description="attend to the encoder output `memory`; false: a decoder-only layer (GPT)"
+    )
 
 
 @register("decoder_layer", family="layer")
 class DecoderLayer(Block):
     """Transformer decoder layer: causal self-attention → Add & Norm → cross-attention → Add & Norm → FFN → Add & Norm.
 
-    The self-attention is masked so position i sees positions ≤ i only; the cross-attention takes queries
-    from the decoder and keys/values from the encoder output `memory`. Post-norm (default) or pre-norm
-    (`norm_first`), as in `EncoderLayer`. Equivalent to `nn.TransformerDecoderLayer(batch_first=True)` called
-    with a causal tgt_mask; the state_dict reads self_attn, cross_attn, ffn, norm1, norm2, norm3.
+    The self-attention is masked so position i sees positions ≤ i only (and, with `tgt_mask`, what that mask
+    allows too); the cross-attention takes queries from the decoder and keys/values from the encoder output
+    `memory`. With `cross_attention: false` the layer has no cross-attention and no memory: a decoder-only
+    (GPT) layer. Post-norm (default) or pre-norm (`norm_first`), as in `EncoderLayer`. Equivalent to
+    `nn.TransformerDecoderLayer(batch_first=True)` called with a causal tgt_mask; the state_dict reads
+    self_attn, cross_attn, ffn, norm1, norm2, norm3 (self_attn, ffn, norm1, norm2 without cross-attention).
     """
 
-    Params = LayerParams
+    Params = DecoderParams
 
     in_ports = (
         Port("x", rank=3, doc="decoder input [batch, tgt_len, d_model]"),
-        Port("memory", rank=3, doc="encoder output [batch, src_len, d_model]"),
+        Port("memory", rank=3, optional=True, doc="encoder output [batch, src_len, d_model] (with cross_attention)"),
         Port("tgt_key_padding_mask", rank=2, dtype="bool", optional=True, doc="[batch, tgt_len], True = padding"),
         Port("memory_key_padding_mask", rank=2, dtype="bool", optional=True, doc="[batch, src_len], True = padding"),
+        Port(
+            "tgt_mask",
+            rank=(2, 3),
+            dtype="any",
+            optional=True,
+            doc="more masking of the self-attention: [tgt_len, tgt_len] (or [batch·heads, …]), bool True = masked",
+        ),
     )
     out_ports = (Port("y", doc="[batch, tgt_len, d_model]"),)
     example = {"d_model": 512, "heads": 8, "d_ff": 2048, "dropout": 0.1}
 
-    def __init__(self, p: LayerParams):
+    def __init__(self, p: DecoderParams):
         super().__init__()
         self.norm_first = p.norm_first
         self.self_attn = p.attention(causal=True)
-        self.cross_attn = p.attention(causal=False)
+        self.cross_attn = p.attention(causal=False) if p.cross_attention else None
         self.ffn = p.feed_forward()
-        self.norm1 = nn.LayerNorm(p.d_model, eps=p.eps)
-        self.norm2 = nn.LayerNorm(p.d_model, eps=p.eps)
-        self.norm3 = nn.LayerNorm(p.d_model, eps=p.eps)
+        self.norm1 = p.norm()
+        self.norm2 = p.norm()
+        self.norm3 = p.norm() if p.cross_attention else None
         self.dropout1 = nn.Dropout(p.dropout)
         self.dropout2 = nn.Dropout(p.dropout)
         self.dropout3 = nn.Dropout(p.dropout)
@@ -152,46 +191,62 @@ class DecoderLayer(Block):
     @classmethod
     def infer(
         cls,
-        p: LayerParams,
+        p: DecoderParams,
         x: TensorType,
-        memory: TensorType,
+        memory: TensorType | None = None,
         tgt_key_padding_mask: TensorType | None = None,
         memory_key_padding_mask: TensorType | None = None,
+        tgt_mask: TensorType | None = None,
     ) -> TensorType:
         """x [batch, tgt_len, d_model] and memory [batch, src_len, d_model] → [batch, tgt_len, d_model]."""
         expect_last(x, p.d_model, "d_model")
-        expect_last(memory, p.d_model, "d_model", port="memory")
-        if not dims_equal(x.shape[0], memory.shape[0]):
+        if memory is None and p.cross_attention:
             raise ShapeError(
-                f"x {x.described()} and memory {memory.described()} have different batch sizes "
-                f"({format_dim(x.shape[0])} vs {format_dim(memory.shape[0])})",
-                hint="memory must be the encoder output for the same batch",
+                "decoder_layer attends to an encoder's output: connect `memory`",
+                hint="for a decoder-only (GPT) layer, set cross_attention: false",
             )
+        if memory is not None and not p.cross_attention:
+            raise ShapeError("memory is connected, but cross_attention is false", at=("params", "cross_attention"))
+        if memory is not None:
+            expect_last(memory, p.d_model, "d_model", port="memory")
+            if not dims_equal(x.shape[0], memory.shape[0]):
+                raise ShapeError(
+                    f"x {x.described()} and memory {memory.described()} have different batch sizes "
+                    f"({format_dim(x.shape[0])} vs {format_dim(memory.shape[0])})",
+                    hint="memory must be the encoder output for the same batch",
+                )
+            _check_mask(memory_key_padding_mask, memory, "memory_key_padding_mask", "memory")
         _check_mask(tgt_key_padding_mask, x, "tgt_key_padding_mask", "x")
-        _check_mask(memory_key_padding_mask, memory, "memory_key_padding_mask", "memory")
+        if tgt_mask is not None:
+            MultiHeadAttention.infer(p.attention_params(causal=True), x, attn_mask=tgt_mask)
         return x
 
     @classmethod
-    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
-        """Self-attention, attention over the memory, then the feed-forward's W_1 and W_2."""
-        x, memory = inputs["x"].shape, inputs["memory"].shape
-        return (
-            multi_head(p.d_model, x)
-            + multi_head(p.d_model, x, memory, memory)
-            + 2 * linear(tokens(x), p.d_model, p.d_ff)
-        )
+    def flops(cls, p: DecoderParams, inputs: dict, outputs: tuple) -> Any:
+        """Self-attention, attention over the memory, then the feed-forward's W_1 and W_2 (and W_3)."""
+        x = inputs["x"].shape
+        cross = multi_head(p.d_model, x, inputs["memory"].shape) if p.cross_attention else 0
+        return multi_head(p.d_model, x) + cross + p.ffn_flops(x)
 
     def forward(
         self,
         x: torch.Tensor,
-        memory: torch.Tensor,
+        memory: torch.Tensor | None = None,
         tgt_key_padding_mask: torch.Tensor | None = None,
         memory_key_padding_mask: torch.Tensor | None = None,
+        tgt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        masks = {"key_padding_mask": tgt_key_padding_mask, "attn_mask": tgt_mask}
         if self.norm_first:
-            x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), None, None, tgt_key_padding_mask))
-            x = x + _dropout(self.dropout2, self.cross_attn(self.norm2(x), memory, memory, memory_key_padding_mask))
-            return x + _dropout(self.dropout3, self.ffn(self.norm3(x)))
-        x = self.norm1(x + _dropout(self.dropout1, self.self_attn(x, None, None, tgt_key_padding_mask)))
-        x = self.norm2(x + _dropout(self.dropout2, self.cross_attn(x, memory, memory, memory_key_padding_mask)))
-        return self.norm3(x + _dropout(self.dropout3, self.ffn(x)))
+            x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), **masks))
+            if self.cross_attn is not None:
+                h = self.cross_attn(self.norm2(x), memory, memory, key_padding_mask=memory_key_padding_mask)
+                x = x + _dropout(self.dropout2, h)
+            last = self.norm3 if self.norm3 is not None else self.norm2
+            return x + _dropout(self.dropout3, self.ffn(last(x)))
+        x = self.norm1(x + _dropout(self.dropout1, self.self_attn(x, **masks)))
+        if self.cross_attn is not None:
+            h = self.cross_attn(x, memory, memory, key_padding_mask=memory_key_padding_mask)
+            x = self.norm2(x + _dropout(self.dropout2, h))
+        last = self.norm3 if self.norm3 is not None else self.norm2
+        return last(x + _dropout(self.dropout3, self.ffn(x)))

@@ -22,6 +22,7 @@ class LayerNorm(Block):
     class Params(BlockParams):
         dim: int = Field(gt=0, description="size of the normalised (last) dimension")
         eps: float = Field(1e-5, gt=0, description="added to the variance for stability")
+        bias: bool = Field(True, description="learn the shift β (false: scale only, as OLMo)")
 
     in_ports = (Port("x", doc="[..., dim]"),)
     out_ports = (Port("y", doc="[..., dim], normalised over the last dimension"),)
@@ -29,7 +30,7 @@ class LayerNorm(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.norm = nn.LayerNorm(p.dim, eps=p.eps)
+        self.norm = nn.LayerNorm(p.dim, eps=p.eps, bias=p.bias)
 
     @classmethod
     def infer(cls, p: Params, x: TensorType) -> TensorType:
@@ -62,6 +63,7 @@ class AddNorm(Block):
         dim: int = Field(gt=0, description="model width (the normalised dimension)")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the sublayer output")
         eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon (post-norm only)")
+        bias: bool = Field(True, description="LayerNorm shift β (post-norm only)")
         norm: Literal["post", "pre"] = Field(
             "post",
             description="post: LayerNorm(x + dropout(sublayer)); pre: x + dropout(sublayer), "
@@ -74,7 +76,7 @@ class AddNorm(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.norm = nn.LayerNorm(p.dim, eps=p.eps) if p.norm == "post" else None
+        self.norm = nn.LayerNorm(p.dim, eps=p.eps, bias=p.bias) if p.norm == "post" else None
         self.dropout = nn.Dropout(p.dropout)
 
     @classmethod

@@ -1,8 +1,10 @@
-"""Positional encodings added to token embeddings: the fixed sinusoid table and learned positions."""
+"""Positions: the fixed sinusoid table and learned positions added to embeddings, the rotary embedding the
+attention applies to queries and keys, and T5's relative position bias added to its scores."""
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -12,17 +14,21 @@ from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import Limit, TensorType, expect_last
 
 
-def sinusoid_table(max_len: int, dim: int) -> torch.Tensor:
+def sinusoid_table(max_len: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)); odd `dim` keeps one more sine.
 
+    `layout: halves` puts the same sines first and the cosines after them (Marian, XLM without interleaving).
     Computed as in the Annotated Transformer (div_term = exp(2i · −ln(10000)/d)) but in float64, so the
     float32 result is the closed form correctly rounded even at large positions.
     """
     position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
     div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * -(math.log(10000.0) / dim))
+    sines, cosines = torch.sin(position * div_term), torch.cos(position * div_term[: dim // 2])
+    if layout == "halves":
+        return torch.cat((sines, cosines), dim=1).float()
     pe = torch.zeros(max_len, dim, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(position * div_term)
-    pe[:, 1::2] = torch.cos(position * div_term[: dim // 2])
+    pe[:, 0::2] = sines
+    pe[:, 1::2] = cosines
     return pe.float()
 
 
@@ -31,14 +37,19 @@ class SinusoidalPosition(Block):
     """Add the fixed sine/cosine position table to x (batch, seq, dim), then dropout.
 
     PE(pos, 2i) = sin(pos / 10000^(2i/dim)) and PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)) (Vaswani et al.,
-    section 3.5). For an odd dim the last column is a sine. The table is a non-persistent buffer: it is not in
-    the state_dict and is recomputed when the block is built.
+    section 3.5). For an odd dim the last column is a sine. `layout: halves` keeps the same values with all
+    sines first (Marian). The table is a non-persistent buffer: it is not in the state_dict and is recomputed
+    when the block is built.
     """
 
     class Params(BlockParams):
         dim: int = Field(gt=0, description="model width; odd widths get one more sine than cosine column")
         max_len: int = Field(5000, gt=0, description="longest sequence the table covers")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the sum")
+        layout: Literal["interleaved", "halves"] = Field(
+            "interleaved",
+            description="interleaved: sin, cos, sin, … (the paper); halves: all sines, then cosines (Marian)",
+        )
 
     in_ports = (Port("x", rank=3, doc="embeddings [batch, seq, dim], seq ≤ max_len"),)
     out_ports = (Port("y", doc="x + PE[:seq], [batch, seq, dim]"),)
@@ -47,7 +58,7 @@ class SinusoidalPosition(Block):
     def __init__(self, p: Params):
         super().__init__()
         self.dropout = nn.Dropout(p.dropout)
-        self.register_buffer("pe", sinusoid_table(p.max_len, p.dim).unsqueeze(0), persistent=False)
+        self.register_buffer("pe", sinusoid_table(p.max_len, p.dim, p.layout).unsqueeze(0), persistent=False)
 
     @classmethod
     def infer(cls, p: Params, x: TensorType) -> TensorType:
@@ -72,13 +83,16 @@ class SinusoidalPosition(Block):
 class LearnedPosition(Block):
     """Add a learned vector per position (an nn.Embedding of max_len rows) to x (batch, seq, dim), then dropout.
 
-    y = dropout(x + P[:seq]) with P[pos] the learned row of position pos (as in BERT and GPT-2), initialised
-    N(0, init_std²).
+    y = dropout(x + P[offset : offset + seq]) with P[offset + pos] the learned row of position pos (as in BERT and
+    GPT-2, offset 0; BART keeps 2 unused rows first, offset 2), initialised N(0, init_std²).
     """
 
     class Params(BlockParams):
         dim: int = Field(gt=0, description="model width")
         max_len: int = Field(512, gt=0, description="number of learned positions (longest sequence)")
+        offset: int = Field(
+            0, ge=0, description="position p reads row p + offset (BART: 2); the table has max_len + offset rows"
+        )
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the sum")
         init_std: float = Field(0.02, gt=0, description="standard deviation of the initial position vectors")
 
@@ -88,9 +102,10 @@ class LearnedPosition(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.pe = nn.Embedding(p.max_len, p.dim)
+        self.pe = nn.Embedding(p.max_len + p.offset, p.dim)
         nn.init.normal_(self.pe.weight, std=p.init_std)
         self.dropout = nn.Dropout(p.dropout)
+        self.offset = p.offset
 
     @classmethod
     def infer(cls, p: Params, x: TensorType) -> TensorType:
@@ -108,4 +123,99 @@ class LearnedPosition(Block):
         return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(x + self.pe.weight[: x.size(1)])
+        return self.dropout(x + self.pe.weight[self.offset : self.offset + x.size(1)])
+
+
+def rotary_angles(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles p·θ^(−2i/dim), i < dim/2, for `positions` [..., seq] → [..., seq, dim/2].
+
+    Computed in float32 whatever the model's dtype, as LLaMA and GPT-NeoX do (Su et al., 2021).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first 2·cos.size(-1) features of x [batch, heads, seq, head_dim] by the angles; the rest pass.
+
+    Halves (LLaMA, GPT-NeoX): feature i pairs with i + d/2, x' = x·cos + rotate_half(x)·sin. Interleaved (GPT-J):
+    feature 2i pairs with 2i+1.
+    """
+    dim = 2 * cos.size(-1)
+    rotated, passed = x[..., :dim], x[..., dim:]
+    if cos.dim() == 3:  # [batch, seq, dim/2]: one angle table per sequence → broadcast over the heads
+        cos, sin = cos[:, None], sin[:, None]
+    if interleaved:
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        pairs = rotated.unflatten(-1, (-1, 2))
+        turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    else:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        half = dim // 2
+        turned = torch.cat((-rotated[..., half:], rotated[..., :half]), dim=-1)
+    out = rotated * cos.to(x.dtype) + turned * sin.to(x.dtype)
+    return torch.cat((out, passed), dim=-1) if passed.size(-1) else out
+
+
+@register("relative_position_bias", family="positional")
+class RelativePositionBias(Block):
+    """T5's relative position bias: a learned scalar per head and bucket of the distance j − i, added to scores.
+
+    Distances are bucketed as in T5 (Raffel et al., 2020): half the buckets for exact small distances, the rest
+    logarithmically up to `max_distance`; bidirectional (the encoder) keeps the sign in the bucket, causal (the
+    decoder) maps every later key to bucket 0. One node computes the bias once and feeds every layer's
+    attention (`position_bias`), as T5 shares it across layers.
+    """
+
+    class Params(BlockParams):
+        heads: int = Field(gt=0, description="attention heads (one bias per head)")
+        buckets: int = Field(32, gt=1, description="number of distance buckets")
+        max_distance: int = Field(128, gt=1, description="distances from here on share the last bucket")
+        bidirectional: bool = Field(True, description="true in the encoder; false (causal) in the decoder")
+
+    in_ports = (
+        Port("query", rank=3, doc="[batch, q_len, d] (only its length is read)"),
+        Port("key", rank=3, optional=True, doc="[batch, k_len, d]; default query"),
+    )
+    out_ports = (Port("y", doc="[1, heads, q_len, k_len], added to the attention scores"),)
+    example = {"heads": 8, "bidirectional": True}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.relative_attention_bias = nn.Embedding(p.buckets, p.heads)
+        self.buckets, self.max_distance, self.bidirectional = p.buckets, p.max_distance, p.bidirectional
+
+    @classmethod
+    def infer(cls, p: Params, query: TensorType, key: TensorType | None = None) -> TensorType:
+        """query [b, q, d] (key [b, k, d]) → [1, heads, q, k] float32."""
+        key = key or query
+        return TensorType((1, p.heads, query.shape[1], key.shape[1]), torch.float32)
+
+    @classmethod
+    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
+        """No matrix multiplication: 0 (torch's counter counts none)."""
+        return 0
+
+    def bucket(self, distance: torch.Tensor) -> torch.Tensor:
+        """The bucket of each distance j − i (memory position minus query position)."""
+        buckets, bucket = self.buckets, torch.zeros_like(distance)
+        if self.bidirectional:
+            buckets //= 2
+            bucket = bucket + (distance > 0).long() * buckets
+            distance = distance.abs()
+        else:
+            distance = -torch.min(distance, torch.zeros_like(distance))
+        exact = buckets // 2
+        large = (
+            exact
+            + (torch.log(distance.float() / exact) / math.log(self.max_distance / exact) * (buckets - exact)).long()
+        )
+        large = torch.min(large, torch.full_like(large, buckets - 1))
+        return bucket + torch.where(distance < exact, distance, large)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
+        key = query if key is None else key
+        i = torch.arange(query.size(1), device=query.device)[:, None]
+        j = torch.arange(key.size(1), device=query.device)[None, :]
+        return self.relative_attention_bias(self.bucket(j - i)).permute(2, 0, 1).unsqueeze(0)

@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from blocks.attention import GlobalAttention
 from blocks.flops import linear
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
@@ -429,3 +430,116 @@ class GRU(HiddenStateRecurrent):
         n = torch.tanh(x_n + r * h_n)
         h = (1 - z) * n + z * h
         return (h,)
+
+
+@register("input_feeding_decoder", family="recurrent")
+class InputFeedingDecoder(Block):
+    """LSTM decoder with Luong's input feeding: the attentional state h̃_{t−1} joins the input of step t.
+
+        (h_t, c_t) = LSTM([y_t; h̃_{t−1}], (h_{t−1}, c_{t−1}))        h̃_0 = 0
+        a_t = softmax_s score(h_t, h̄_s),  c_t = Σ_s a_t(s) h̄_s          global attention (dot, general, concat)
+        h̃_t = tanh(W_c [c_t; h_t])
+
+    (Luong, Pham & Manning 2015, section 3.3): the decoder knows its past alignment decisions. The loop runs
+    one step at a time; y is the sequence h̃_1 … h̃_T (dropout applied), weights the a_t. The decoder starts
+    from h0/c0 (e.g. the encoder's final state) or zeros. Weights: lstm (as `nn.LSTM` over input_size +
+    hidden_size inputs), attn (as global_attention), w_c.
+    """
+
+    class Params(BlockParams):
+        input_size: int = Field(gt=0, description="width of the target embeddings y_t")
+        hidden_size: int = Field(gt=0, description="width of the LSTM states h_t and of h̃_t")
+        memory_size: int = Field(gt=0, description="width of the encoder states h̄_s")
+        layers: int = Field(1, gt=0, description="stacked LSTM layers")
+        dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between LSTM layers and on h̃_t")
+        score: Literal["dot", "general", "concat"] = Field("general", description="Luong's score function")
+
+        def attention(self) -> GlobalAttention.Params:
+            return GlobalAttention.Params(d_query=self.hidden_size, d_memory=self.memory_size, score=self.score)
+
+    in_ports = (
+        Port("x", rank=3, doc="target embeddings [batch, tgt_len, input_size] (shifted right)"),
+        Port("memory", rank=3, doc="encoder states h̄_s [batch, src_len, memory_size]"),
+        Port("memory_padding_mask", rank=2, dtype="bool", optional=True, doc="[batch, src_len], True = padding"),
+        Port("h0", rank=3, optional=True, doc="initial h [layers, batch, hidden_size] (default zeros)"),
+        Port("c0", rank=3, optional=True, doc="initial c [layers, batch, hidden_size] (default zeros)"),
+    )
+    out_ports = (
+        Port("y", doc="attentional states h̃_t [batch, tgt_len, hidden_size]"),
+        Port("weights", doc="a_t(s) [batch, tgt_len, src_len]"),
+    )
+    example = {"input_size": 512, "hidden_size": 512, "memory_size": 512, "layers": 2}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.lstm = nn.LSTM(p.input_size + p.hidden_size, p.hidden_size, p.layers, batch_first=True, dropout=p.dropout)
+        self.attn = GlobalAttention(
+            GlobalAttention.Params(d_query=p.hidden_size, d_memory=p.memory_size, score=p.score)
+        )
+        self.w_c = nn.Linear(p.memory_size + p.hidden_size, p.hidden_size, bias=False)
+        self.dropout = nn.Dropout(p.dropout)
+
+    @classmethod
+    def infer(
+        cls,
+        p: Params,
+        x: TensorType,
+        memory: TensorType,
+        memory_padding_mask: TensorType | None = None,
+        h0: TensorType | None = None,
+        c0: TensorType | None = None,
+    ) -> tuple[TensorType, TensorType]:
+        """x [b, t, input_size], memory [b, s, memory_size] → y [b, t, hidden_size], weights [b, t, s]."""
+        expect_last(x, p.input_size, "input_size")
+        query = x.with_last(p.hidden_size)
+        _, weights = GlobalAttention.infer(p.attention(), query, memory, memory_padding_mask)
+        for name, state in (("h0", h0), ("c0", c0)):
+            if state is not None and not (
+                dims_equal(state.shape[0], p.layers)
+                and dims_equal(state.shape[1], x.shape[0])
+                and dims_equal(state.shape[2], p.hidden_size)
+            ):
+                raise ShapeError(
+                    f"{name} {state.described()} must be [layers, batch, hidden_size] = "
+                    f"[{p.layers}, {format_dim(x.shape[0])}, {p.hidden_size}]",
+                    at=("in", name),
+                )
+        return query, weights
+
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """Per step: the LSTM over [y_t; h̃_{t−1}], the attention, W_c."""
+        x = inputs["x"].shape
+        steps = x[0] * x[1]
+        rows = 4 * p.hidden_size
+        lstm = 0
+        for layer in range(p.layers):
+            width = p.input_size + p.hidden_size if layer == 0 else p.hidden_size
+            lstm += linear(steps, width, rows) + linear(steps, p.hidden_size, rows)
+        query = TensorType((x[0], x[1], p.hidden_size))
+        attention = GlobalAttention.flops(p.attention(), {"query": query, "memory": inputs["memory"]}, ())
+        return lstm + attention + linear(steps, p.memory_size + p.hidden_size, p.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None = None,
+        h0: torch.Tensor | None = None,
+        c0: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = x.size(0)
+        shape = (self.lstm.num_layers, b, self.lstm.hidden_size)
+        state = (
+            h0 if h0 is not None else x.new_zeros(shape),
+            c0 if c0 is not None else x.new_zeros(shape),
+        )
+        attentional = x.new_zeros(b, 1, self.lstm.hidden_size)  # h̃_0
+        outputs, weights = [], []
+        for y_t in x.split(1, dim=1):
+            h_t, state = self.lstm(torch.cat((y_t, attentional), dim=-1), state)
+            c_t, a_t = self.attn(h_t, memory, memory_padding_mask)
+            attentional = torch.tanh(self.w_c(torch.cat((c_t, h_t), dim=-1)))
+            outputs.append(self.dropout(attentional))
+            weights.append(a_t)
+        return torch.cat(outputs, dim=1), torch.cat(weights, dim=1)
