@@ -498,14 +498,27 @@ class SourceAttention(Block):
 
     def score(self, h_t: torch.Tensor, h_s: torch.Tensor) -> torch.Tensor:
         """score(h_t, h̄_s) for every pair: [b, tgt_len, d_query] × [b, src_len, d_memory] → [b, tgt_len, src_len]."""
-        if self.kind == "dot":
-            return h_t @ h_s.transpose(1, 2)
+        return self.score_keys(h_t, self.keys(h_s))
+
+    def keys(self, h_s: torch.Tensor) -> torch.Tensor:
+        """The memory's side of the score (W_a h̄_s, U_a h̄_s, ...): the same at every decoder step, so a
+        step-by-step decoder computes it once."""
         if self.kind == "general":
-            return h_t @ self.w_a(h_s).transpose(1, 2)
+            return self.w_a(h_s)
         if self.kind == "concat":  # W_a[h_t; h̄_s] = W_a,h h_t + W_a,s h̄_s, without building every pair's concat
-            w_h, w_s = self.w_a.weight.split([h_t.size(-1), h_s.size(-1)], dim=1)
-            return self.v_a(torch.tanh((h_t @ w_h.T)[:, :, None] + (h_s @ w_s.T)[:, None])).squeeze(-1)
-        return self.v_a(torch.tanh(self.w_a(h_t)[:, :, None] + self.u_a(h_s)[:, None])).squeeze(-1)
+            return h_s @ self.w_a.weight[:, -h_s.size(-1) :].T
+        if self.kind == "additive":
+            return self.u_a(h_s)
+        return h_s
+
+    def score_keys(self, h_t: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The scores from the decoder states and `keys(h̄_s)`."""
+        if self.kind in ("dot", "general"):
+            return h_t @ keys.transpose(1, 2)
+        if self.kind == "concat":
+            w_h = self.w_a.weight[:, : h_t.size(-1)]
+            return self.v_a(torch.tanh((h_t @ w_h.T)[:, :, None] + keys[:, None])).squeeze(-1)
+        return self.v_a(torch.tanh(self.w_a(h_t)[:, :, None] + keys[:, None])).squeeze(-1)
 
     @staticmethod
     def mask_padding(scores: torch.Tensor, memory_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -529,7 +542,13 @@ class GlobalAttention(SourceAttention):
     def forward(
         self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        a_t = masked_softmax(self.mask_padding(self.score(query, memory), memory_padding_mask))
+        return self.attend(query, memory, self.keys(memory), memory_padding_mask)
+
+    def attend(
+        self, query: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, memory_padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_t, a_t) given `keys(memory)`, which a step-by-step decoder computes once."""
+        a_t = masked_softmax(self.mask_padding(self.score_keys(query, keys), memory_padding_mask))
         return a_t @ memory, a_t
 
 

@@ -25,6 +25,10 @@ class LayerParams(BlockParams):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="dropout on attention weights, FFN hidden units and each sublayer output"
     )
+    attention_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="on attention weights (default dropout)")
+    activation_dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="on the FFN hidden units (default dropout)"
+    )
     activation: ActivationName = Field(
         "relu", description="feed-forward activation: relu, gelu, gelu_tanh, silu (Marian's swish), tanh, sigmoid"
     )
@@ -44,8 +48,9 @@ class LayerParams(BlockParams):
         return self
 
     def attention_params(self, causal: bool) -> MultiHeadAttention.Params:
+        dropout = self.dropout if self.attention_dropout is None else self.attention_dropout
         return MultiHeadAttention.Params(
-            d_model=self.d_model, heads=self.heads, dropout=self.dropout, causal=causal, bias=self.bias
+            d_model=self.d_model, heads=self.heads, dropout=dropout, causal=causal, bias=self.bias
         )
 
     def attention(self, causal: bool) -> MultiHeadAttention:
@@ -56,7 +61,7 @@ class LayerParams(BlockParams):
             FeedForward.Params(
                 d_model=self.d_model,
                 d_ff=self.d_ff,
-                dropout=self.dropout,
+                dropout=self.dropout if self.activation_dropout is None else self.activation_dropout,
                 activation=self.activation,
                 gated=self.gated,
                 bias=self.bias,

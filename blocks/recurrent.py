@@ -472,7 +472,8 @@ class InputFeedingDecoder(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.lstm = nn.LSTM(p.input_size + p.hidden_size, p.hidden_size, p.layers, batch_first=True, dropout=p.dropout)
+        between = p.dropout if p.layers > 1 else 0.0  # one layer has nothing between; nn.LSTM would warn
+        self.lstm = nn.LSTM(p.input_size + p.hidden_size, p.hidden_size, p.layers, batch_first=True, dropout=between)
         self.attn = GlobalAttention(
             GlobalAttention.Params(d_query=p.hidden_size, d_memory=p.memory_size, score=p.score)
         )
@@ -535,10 +536,11 @@ class InputFeedingDecoder(Block):
             c0 if c0 is not None else x.new_zeros(shape),
         )
         attentional = x.new_zeros(b, 1, self.lstm.hidden_size)  # h̃_0
+        keys = self.attn.keys(memory)  # the memory's side of the score, once for all steps
         outputs, weights = [], []
         for y_t in x.split(1, dim=1):
             h_t, state = self.lstm(torch.cat((y_t, attentional), dim=-1), state)
-            c_t, a_t = self.attn(h_t, memory, memory_padding_mask)
+            c_t, a_t = self.attn.attend(h_t, memory, keys, memory_padding_mask)
             attentional = torch.tanh(self.w_c(torch.cat((c_t, h_t), dim=-1)))
             outputs.append(self.dropout(attentional))
             weights.append(a_t)

@@ -127,6 +127,13 @@ class NodeCost:
     saved_endpoints: tuple[Endpoint, ...] = ()  # inputs and outputs autograd keeps
     error: str | None = None  # why torch could not measure it
 
+    @property
+    def shown_flops(self) -> int | None:
+        """torch's count, or the block's own formula where torch could not run the node (a packed LSTM on meta)."""
+        if self.flops is not None:
+            return self.flops
+        return self.flops_analytic if isinstance(self.flops_analytic, int) else None
+
 
 @dataclass
 class Costs:

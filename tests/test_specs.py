@@ -31,6 +31,8 @@ SMALL_VARS = {
     "tgt_vocab": 50,
     "d_model": 16,
     "heads": 2,
+    "kv_heads": 1,
+    "d_ff": 32,
     "emb": 16,
     "hidden": 16,
     "layers": 1,

@@ -99,7 +99,7 @@ def _rows(typed: TypedGraph, params: dict[str, int], costs: Costs | None = None)
         row = _Row(parts[-1], inst.entry.name, ins, outs, params[inst.id])
         if costs is not None:
             cost = costs.nodes[inst.id]
-            row.trainable, row.flops, row.activations = cost.trainable, cost.flops, cost.activation_bytes
+            row.trainable, row.flops, row.activations = cost.trainable, cost.shown_flops, cost.activation_bytes
         parent.children[parts[-1]] = row
     views: dict[int, dict[str, Unit]] = {}
     for key, row in groups:  # a group's shapes: the tensors entering it and those it hands on

@@ -96,7 +96,7 @@ def unit_numbers(unit: Unit, params: dict[str, int], costs: Costs | None) -> tup
     for inst in unit.members:
         cost = costs.nodes[inst.id]
         trainable += cost.trainable
-        flops, activations = add(flops, cost.flops), add(activations, cost.activation_bytes)
+        flops, activations = add(flops, cost.shown_flops), add(activations, cost.activation_bytes)
     return total, trainable, flops, activations
 
 
