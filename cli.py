@@ -17,7 +17,7 @@ from rich.syntax import Syntax
 
 from common.console import err, out, problems_view, report, write_plain
 from common.errors import BlockgraphError, Problem, UsageError
-from common.options import parse_pairs
+from common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
 from common.text import clean_json
 
 app = typer.Typer(
@@ -76,7 +76,7 @@ def parse_dims(values: list[str]) -> dict[str, int]:
     for name, raw in parse_pairs(values, "--dim", typed=False).items():
         text = raw.strip()
         if not (text.isascii() and text.isdigit()) or len(text) > 12 or not 0 < int(text) <= MAX_DIM:
-            raise typer.BadParameter(f"{name}={raw[:20]}: sizes are integers from 1 to {MAX_DIM:,}", param_hint="--dim")
+            raise UsageError(Problem(f"--dim {name}={raw[:20]}: sizes are integers from 1 to {MAX_DIM:,}"))
         dims[name] = int(text)
     return dims
 
@@ -92,9 +92,7 @@ def warn(items: list[Problem], strict: bool) -> None:
 
 
 SpecArg = Annotated[Path, typer.Argument(help="Spec file (.yaml, .yml or .json).", show_default=False)]
-SetOpt = Annotated[
-    list[str], typer.Option("--set", "-s", help="Override a spec variable: --set d_model=256 (repeatable).")
-]
+SetOpt = Annotated[list[str], typer.Option("--set", "-s", help=SET_HELP)]
 DimOpt = Annotated[
     list[str], typer.Option("--dim", "-d", help="Size of a named dimension: --dim batch=2 (repeatable).")
 ]
@@ -110,11 +108,7 @@ OverrideOpt = Annotated[
 ]
 ExternalOpt = Annotated[
     bool,
-    typer.Option(
-        "--allow-external-files",
-        help="Let the spec name files outside its own folder (absolute paths, ..) in extends: and block params "
-        "such as pretrained: (docs/security.md).",
-    ),
+    typer.Option("--allow-external-files", help=EXTERNAL_FILES_HELP),
 ]
 
 

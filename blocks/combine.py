@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 
 from blocks.activations import ACTIVATIONS, ActivationName
+from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import Dim, ShapeError, TensorType, dims_equal, format_dim, format_shape
 
@@ -51,10 +52,7 @@ class Concat(Block):
                 )
         return a.with_last(sum((t.shape[-1] for _, t in parts[1:]), a.shape[-1]))
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(
         self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None, d: torch.Tensor | None = None
@@ -89,10 +87,7 @@ class MeanPool(Block):
             )
         return x.with_shape(x.shape[0], x.shape[2])
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None:
@@ -129,10 +124,7 @@ class Activation(Block):
         """[...] → [...], the same shape."""
         return x
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.function](x)
@@ -170,10 +162,7 @@ class Select(Block):
             raise ShapeError(f"index {p.index} is outside {x.described()} along dim {p.dim}", at=("params", "index"))
         return x.with_shape(*x.shape[:axis], *x.shape[axis + 1 :])
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def __init__(self, p: Params):
         super().__init__()
@@ -216,10 +205,7 @@ class Slice(Block):
             raise ShapeError(f"the slice keeps nothing of {x.described()} along dim {p.dim}", at=("params",))
         return x.with_shape(*x.shape[:axis], kept, *x.shape[axis + 1 :])
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def __init__(self, p: Params):
         super().__init__()

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from blocks.flops import linear, tokens
+from blocks.flops import linear, no_flops, tokens
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import TensorType, expect_last, expect_same_shape
 
@@ -56,10 +56,7 @@ class Dropout(Block):
         super().__init__()
         self.drop = nn.Dropout(p.p)
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(x)
@@ -78,10 +75,7 @@ class Add(Block):
         expect_same_shape(x, sublayer, ("x", "sublayer"))
         return x
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
         return x + sublayer
@@ -100,10 +94,7 @@ class Scale(Block):
         super().__init__()
         self.factor = p.factor
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.factor

@@ -11,6 +11,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register, weights_follow
 from blocks.types import TensorType
 from common.errors import BlockgraphError, SpecError
@@ -197,10 +198,7 @@ class TokenEmbedding(Block):
         """integer ids [...] → float32 [..., dim]."""
         return TensorType((*tokens.shape, p.dim), torch.float32)
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.lut(tokens)

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import TensorType, expect_last, expect_same_shape
 
@@ -38,10 +39,7 @@ class LayerNorm(Block):
         expect_last(x, p.dim, "dim")
         return x
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -86,10 +84,7 @@ class AddNorm(Block):
         expect_last(x, p.dim, "dim")
         return x
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
         if self.dropout.training and self.dropout.p > 0:  # an inactive dropout is skipped: no module call per forward
@@ -132,10 +127,7 @@ class BatchNorm(Block):
         expect_last(x, p.dim, "dim")
         return x
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -170,10 +162,7 @@ class RMSNorm(Block):
         expect_last(x, p.dim, "dim")
         return x
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register
 from blocks.types import Limit, TensorType, expect_last
 
@@ -70,10 +71,7 @@ class SinusoidalPosition(Block):
     def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
         return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe[:, : x.size(1)])
@@ -117,10 +115,7 @@ class LearnedPosition(Block):
     def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
         return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe.weight[self.offset : self.offset + x.size(1)])
@@ -192,10 +187,7 @@ class RelativePositionBias(Block):
         key = key or query
         return TensorType((1, p.heads, query.shape[1], key.shape[1]), torch.float32)
 
-    @classmethod
-    def flops(cls, params: BlockParams, inputs: dict, outputs: tuple) -> int:
-        """No matrix multiplication: 0 (torch's counter counts none)."""
-        return 0
+    flops = no_flops
 
     def bucket(self, distance: torch.Tensor) -> torch.Tensor:
         """The bucket of each distance j − i (memory position minus query position)."""

@@ -33,8 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from blocks.types import TensorType, symbol
 from builder.graph import Endpoint, Graph, NodeInstance
 from builder.shapes import TypedGraph, check_bounds
-from builder.trial import resolve_dims
-from common.errors import SpecError
+from builder.trial import known_dims
 
 Shape = tuple[Any, ...]  # ints, or sympy expressions when no sizes are given
 
@@ -126,6 +125,7 @@ class NodeCost:
     saved_bytes: int | None = None  # kept for backward inside the node (not its inputs or outputs)
     saved_endpoints: tuple[Endpoint, ...] = ()  # inputs and outputs autograd keeps
     error: str | None = None  # why torch could not measure it
+    flops_error: str | None = None  # why the block's own formula failed (a plugin's bug): no analytic count
 
     @property
     def shown_flops(self) -> int | None:
@@ -229,14 +229,8 @@ def parameter_counts(model: nn.Module, graph: Graph) -> dict[str, tuple[int, int
 
 def concrete_dims(graph: Graph, given: dict[str, int] | None = None) -> tuple[dict[str, int] | None, tuple[str, ...]]:
     """Sizes from `--dim` and the spec's `dims:`; (None, the missing names) when some input dimension has none."""
-
-    try:
-        return resolve_dims(graph, given), ()
-    except SpecError:
-        declared = graph.dims
-        sizes = {**declared, **(given or {})}
-        missing = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str) and d not in sizes})
-        return None, tuple(missing)
+    sizes, missing = known_dims(graph, given)
+    return (None, tuple(missing)) if missing else (sizes, ())
 
 
 class _Concretizer:
@@ -313,7 +307,10 @@ def analyse(
         ins = {port: None if t is None else shape_of(t.shape) for port, t in in_types.items()}
         outs = tuple(shape_of(t.shape) for t in out_types)
         cost = NodeCost(inst.id, inst.entry.name, *counts[inst.id], ins, outs)
-        cost.flops_analytic = analytic_flops(inst, typed, sizes)
+        try:
+            cost.flops_analytic = analytic_flops(inst, typed, sizes)
+        except Exception as exc:  # a formula is user code when it comes from a plugin: a count lost, not a report
+            cost.flops_error = _failure(exc)
         if sizes is not None:
             cost.activation_bytes = sum(endpoint_bytes(Endpoint(inst.id, p.name)) for p in inst.out_ports)
             if measure:
@@ -322,6 +319,11 @@ def analyse(
                     endpoint_bytes(ep)
         costs.nodes[inst.id] = cost
     return costs
+
+
+def _failure(exc: Exception) -> str:
+    """What failed, in one line: the exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
 
 
 def _params_key(params: Any) -> Any:
@@ -371,7 +373,7 @@ def _measure_node(
             args = [argument(p) for p in call_ports]  # a size beyond what torch can index fails here
             found = measure_call(module, args, call_ports, [p.name for p in inst.out_ports])
         except Exception as exc:  # a block without meta support (data-dependent control flow, a plugin)
-            found = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+            found = _failure(exc)
         finally:
             for m, mode in was.items():
                 m.training = mode

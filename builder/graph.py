@@ -16,7 +16,7 @@ from typing import Any, Literal
 import networkx as nx
 
 from blocks import BlockEntry, BlockParams, Port
-from builder.resolve import Level, Use
+from builder.resolve import Level, Use, unconnected
 from builder.source import SourceMap
 from builder.spec import InputSpec
 from builder.validate import ValidSpec
@@ -188,12 +188,8 @@ class _Assembler:
             if port.optional or port.name not in bindings:  # an absent required port is validation's to report
                 continue
             if bound is None:
-                self.error(
-                    f"required input {port.name!r} of {use.entry.name!r} is not connected",
-                    (*use.path, "in"),
-                    hint=f"add it to `in`, e.g. in: {{{port.name}: <node>}}",
-                    node=node_id,
-                )
+                message, hint = unconnected(use.entry.name, port.name)
+                self.error(message, (*use.path, "in"), hint=hint, node=node_id)
             elif not bound.port and bound.node in self.inputs and self.inputs[bound.node].optional:
                 self.error(
                     f"required input {port.name!r} of {use.entry.name!r} is fed by {bound.node!r}, an optional input",

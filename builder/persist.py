@@ -57,7 +57,7 @@ WHAT = "saved blockgraph model"
 
 def check_destination(directory: str | Path) -> None:
     """Refuse `directory` as the place to save a model now, before the work that produces it."""
-    check_directory_target(directory, owned=_replaceable, what=WHAT)
+    check_directory_target(directory, owned=replaceable, what=WHAT)
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
@@ -68,7 +68,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     """
     directory = Path(directory)
     write = model_files(model, Location(str(directory)))
-    return write_directory(directory, write, owned=_replaceable, what=WHAT)
+    return write_directory(directory, write, owned=replaceable, what=WHAT)
 
 
 def model_files(model: nn.Module, where: Location) -> Callable[[Path], None]:
@@ -103,8 +103,6 @@ def load(
     else is a `CheckpointError` naming the file and the tensors. `plugins` provide blocks the spec needs.
     """
     from safetensors import SafetensorError, safe_open
-
-    from builder.pipeline import build
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -162,7 +160,7 @@ def is_saved_model(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _replaceable(path: Path) -> bool:
+def replaceable(path: Path) -> bool:
     """A directory `save` may replace: a saved model and nothing else (no file of the user's would be lost)."""
     return owned_directory(path, MANIFEST, {WEIGHTS, SPEC, MANIFEST})
 
@@ -211,8 +209,8 @@ def _check_structure(standalone: dict[str, Any], model: nn.Module, where: Locati
     expected, _ = unique_tensors(rebuilt)
     have, aliases = unique_tensors(model)
     problems = _mismatches({n: tuple(t.shape) for n, t in have.items()}, expected, aliases, where, "the model")
-    if problems:
-        raise SpecError(problems)
+    if problems:  # the model was changed after it was built: its spec no longer describes it
+        raise UsageError(problems)
 
 
 def _match_names(

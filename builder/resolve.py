@@ -35,6 +35,11 @@ from builder.spec_files import FileAccess
 from common.errors import Problem, ProblemList, SpecError, SpecPath
 
 
+def unconnected(block: str, port: str) -> tuple[str, str]:
+    """The message and hint for a required port left unconnected, at validation or once sub-graphs are bound."""
+    return f"required input {port!r} of {block!r} is not connected", f"add it to `in`, e.g. in: {{{port}: <node>}}"
+
+
 @dataclass(frozen=True)
 class Use:
     """One node of a level, resolved: a block with validated params, or a sub-graph resolved for its params."""
@@ -88,6 +93,7 @@ class _Resolver:
         self.source = source
         self.files = files
         self.folder = spec_file.parent if spec_file is not None else Path()
+        self.from_file = spec_file is not None  # a spec given as a mapping has no file its paths are relative to
         self.problems = problems
         self._params: dict[tuple[str, str], BlockParams | None] = {}
         self._bodies: dict[tuple[str, str], Level | None] = {}
@@ -96,6 +102,10 @@ class _Resolver:
         self, message: str, path: SpecPath, hint: str | None = None, node: str | None = None, key: bool = False
     ) -> None:
         self.problems.add(Problem(message, self.source.locate(path, key=key), hint=hint, node=node))
+
+    def _quotable(self, names: list[str], prefix: SpecPath) -> list[str]:
+        """Those of `names` (keys under `prefix`) that a hint may list: a reached base's are its text, never shown."""
+        return [name for name in names if self.source.locate((*prefix, name), key=True).quoted]
 
     # --- a level --------------------------------------------------------------------------------------------------
 
@@ -133,7 +143,7 @@ class _Resolver:
         found = {}
         for out, ref in ({"output": outputs} if single else outputs).items():
             path = outputs_path if single else (*outputs_path, out)
-            if self._ref(ref, ports, path):
+            if self._ref(ref, ports, path, base):
                 found[out] = (ref, path)
         return Level(inputs, uses, found, single, base)
 
@@ -162,16 +172,21 @@ class _Resolver:
         )
         raise SpecError(self.problems.errors)
 
-    def _ref(self, ref: str, ports: dict[str, list[str] | None], path: SpecPath) -> bool:
-        """Whether `ref` names an input or a node of the level (and one of its output ports)."""
+    def _ref(self, ref: str, ports: dict[str, list[str] | None], path: SpecPath, base: SpecPath) -> bool:
+        """Whether `ref` names an input or a node of the level `base` (and one of its output ports)."""
         name, _, port = ref.partition(".")
         outs = ports.get(name, False)
         if outs is False:
-            close = difflib.get_close_matches(name, list(ports), n=1)
+            inputs = self.spec.inputs if base == ("nodes",) else self.spec.blocks[str(base[1])].inputs
+            known = [
+                *self._quotable([n for n in ports if n in inputs], (*base[:-1], "inputs")),
+                *self._quotable([n for n in ports if n not in inputs], base),
+            ]
+            close = difflib.get_close_matches(name, known, n=1)
             self.error(
                 f"{name!r} is not a node or input here" + (f" (in {ref!r})" if port else ""),
                 path,
-                hint=f"did you mean {close[0]!r}?" if close else f"known names: {', '.join(ports)}",
+                hint=f"did you mean {close[0]!r}?" if close else f"known names: {', '.join(known)}" if known else None,
             )
             return False
         if outs is None:  # the node itself failed; that error is already reported
@@ -272,7 +287,8 @@ class _Resolver:
         try:
             return _REPEAT.validate_python(value)
         except ValidationError:
-            self.error(f"repeat must be an integer from 1 to 10000; found {value!r}", (*path, "repeat"))
+            found = f"; found {value!r}" if self.source.locate((*path, "repeat")).quoted else ""
+            self.error(f"repeat must be an integer from 1 to 10000{found}", (*path, "repeat"))
             return 1
 
     def _bind(
@@ -309,19 +325,15 @@ class _Resolver:
                     )
                     continue
                 pairs.append((port, ref, (*in_path, port)))
-        valid = [ref is None or self._ref(ref, known, ref_path) for _, ref, ref_path in pairs]
+        valid = [ref is None or self._ref(ref, known, ref_path, path[:-1]) for _, ref, ref_path in pairs]
         # a misspelt port or a ref that failed is already reported: "required input not connected" would repeat it
         return {port: ref for port, ref, _ in pairs}, not unknown_port and all(valid)
 
     def _check_required(self, entry: BlockEntry, bindings: dict[str, str | None], path: SpecPath, node_id: str) -> None:
         for port in entry.cls.in_ports:
             if not port.optional and bindings.get(port.name) is None:
-                self.error(
-                    f"required input {port.name!r} of {entry.name!r} is not connected",
-                    (*path, "in"),
-                    hint=f"add it to `in`, e.g. in: {{{port.name}: <node>}}",
-                    node=node_id,
-                )
+                message, hint = unconnected(entry.name, port.name)
+                self.error(message, (*path, "in"), hint=hint, node=node_id)
 
     def _owner(
         self, node: NodeSpec, entry: BlockEntry, path: SpecPath, node_id: str, uses: dict[str, Use]
@@ -372,9 +384,9 @@ class _Resolver:
         return params
 
     def _file_paths(self, entry: BlockEntry, raw: Any, path: SpecPath, node_id: str) -> Any:
-        """File params (`json_schema_extra={"format": "path"}`) are relative to the spec's folder and must stay in
-        it (see builder.spec_files); None when one is refused. A model rebuilt to receive saved weights never
-        reads them, so their paths are left as written."""
+        """File params (`json_schema_extra={"format": "path"}`) are relative to the file that writes them (as
+        `extends:` is) and must stay in the spec's folder (see builder.spec_files); None when one is refused. A
+        model rebuilt to receive saved weights never reads them, so their paths are left as written."""
         if weights_follow() or not isinstance(raw, dict):
             return raw
         resolved = dict(raw)
@@ -383,8 +395,9 @@ class _Resolver:
             value = resolved.get(name)
             if isinstance(extra, dict) and extra.get("format") == "path" and isinstance(value, str):
                 where = self.source.locate((*path, "params", name))
+                written_in = Path(where.file).parent if where.file and self.from_file else self.folder
                 try:
-                    resolved[name] = str(self.files.resolve(value, self.folder, where, f"{name}:"))
+                    resolved[name] = str(self.files.resolve(value, written_in, where, f"{name}:"))
                 except SpecError as exc:
                     for problem in exc.problems:
                         self.problems.add(Problem(problem.message, problem.location, problem.hint, node=node_id))
@@ -396,12 +409,14 @@ class _Resolver:
     ) -> Level | None:
         """The sub-graph's nodes resolved for this use's params (once per distinct set of them)."""
         unknown = set(node.params) - set(subgraph.params)
+        shown = self._quotable(list(subgraph.params), ("blocks", node.type, "params"))
+        listed = f"its params: {', '.join(shown) or 'none'}" if shown or not subgraph.params else None
         for param in sorted(unknown):
-            close = difflib.get_close_matches(param, list(subgraph.params), n=1)
+            close = difflib.get_close_matches(param, shown, n=1)
             self.error(
                 f"sub-graph {node.type!r} has no parameter {param!r}",
                 (*path, "params", param),
-                hint=f"did you mean {close[0]!r}?" if close else f"its params: {', '.join(subgraph.params) or 'none'}",
+                hint=f"did you mean {close[0]!r}?" if close else listed,
                 node=first,
                 key=True,
             )

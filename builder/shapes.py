@@ -8,6 +8,7 @@ from blocks.registry import Port
 from blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, symbol
 from builder.graph import Endpoint, Graph, NodeInstance
 from common.errors import Location, Problem, ProblemList, SpecError
+from common.text import sizes_text
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,16 @@ def infer_shapes(graph: Graph) -> TypedGraph:
         inputs = _gather(inst, types, graph, problems)
         if inputs is None:
             continue
-        for limit in inst.entry.cls.limits(inst.params, **inputs):
+        try:
+            limits = tuple(inst.entry.cls.limits(inst.params, **inputs))
+        except Exception as exc:  # like the shape rule, user code when it comes from a plugin
+            problems.add(block_bug(graph, inst, f"its limits rule crashed: {type(exc).__name__}: {exc}"))
+            continue
+        if not all(isinstance(limit, Limit) for limit in limits):
+            message = "its limits rule returned something other than Limit objects"
+            problems.add(block_bug(graph, inst, message, hint="limits() returns a tuple of Limit"))
+            continue
+        for limit in limits:
             bound = Bound(limit, inst.id, graph.locate((*inst.spec_path, "params", limit.param)))
             if isinstance(limit.size, int):
                 if limit.size > limit.most:
@@ -82,7 +92,7 @@ def check_bounds(typed: TypedGraph, sizes: dict[str, int]) -> None:
     for bound in typed.bounds:
         value = bound.limit.size.subs(subs)
         if value.is_number and int(value) > bound.limit.most:
-            problems.add(_exceeded(bound, int(value), f" ({bound.limit.size} at {_sizes(sizes)})"))
+            problems.add(_exceeded(bound, int(value), f" ({bound.limit.size} at {sizes_text(sizes)})"))
     problems.raise_if_errors(SpecError)
 
 
@@ -101,10 +111,6 @@ def _exceeded(bound: Bound, value: int, where: str = "") -> Problem:
         hint=f"raise {limit.param} to at least {value}, or use shorter inputs",
         node=bound.node,
     )
-
-
-def _sizes(sizes: dict[str, int]) -> str:
-    return ", ".join(f"{name}={size}" for name, size in sizes.items())
 
 
 def block_bug(graph: Graph, inst: NodeInstance, message: str, hint: str | None = None) -> Problem:

@@ -8,8 +8,7 @@ stopped by a count, and every value keeps its file, line and column for the mess
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ Position = tuple[str | None, int, int]
 _PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
 _SCALAR_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null")}
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"  # `2024-01-01` stays the text it is: specs have no dates
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")  # what PyYAML quotes of the text in its messages
 
 
 @dataclass
@@ -50,7 +48,7 @@ class SourceMap:
             pos = self.values.get(path[:n])
             if pos is not None:
                 return self._at(pos, path)
-        return Location(self.file, None, None, path)
+        return Location(self.file, None, None, path, quoted=self.file not in self.reached)
 
     def _at(self, pos: Position, path: SpecPath) -> Location:
         return Location(*pos, path, quoted=pos[0] not in self.reached)
@@ -74,8 +72,8 @@ SPEC_FILE = FileKind("spec file", SpecError, limit=MAX_BYTES)
 def load_file(path: str | Path, *, named_by_spec: bool = False) -> Document:
     """Load a `.yaml`/`.yml`/`.json` spec; every failure is a located `SpecError`.
 
-    A file reached through another spec (`extends:`) is `named_by_spec`: its syntax errors say where, never what
-    the file holds there, since it may not be a spec at all.
+    A file reached through another spec (`extends:`) is `named_by_spec`: its errors, and those of every later
+    stage located in it, say where, never what the file holds there, since it may not be a spec at all.
     """
     path = Path(path)
     text = read_text(path, SPEC_FILE)
@@ -87,30 +85,30 @@ def load_file(path: str | Path, *, named_by_spec: bool = False) -> Document:
 def load_text(text: str, filename: str | None = None, *, json_syntax: bool = False, quote: bool = True) -> Document:
     """Parse spec text. JSON is checked by the JSON parser first, then mapped to lines like YAML.
 
-    `quote`: syntax errors may show the character or name they stumbled on (cleaned, a few characters).
+    `quote`: errors may show the key, value or character they stumbled on (cleaned, a few characters); without
+    it their locations are unquoted (`Location.quoted`), so that they show nothing of the text.
     """
+    whole = Location(filename, quoted=quote)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
-        raise SpecError(Problem(f"spec text is larger than {MAX_BYTES:,} bytes", Location(filename)))
+        raise SpecError(Problem(f"spec text is larger than {MAX_BYTES:,} bytes", whole))
     if json_syntax:
         try:
             json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecError(_json_problem(exc, text, filename)) from exc
+            raise SpecError(_json_problem(exc, text, whole)) from exc
         except RecursionError as exc:
-            raise SpecError(Problem(f"the spec is nested deeper than {MAX_DEPTH} levels", Location(filename))) from exc
+            raise SpecError(Problem(f"the spec is nested deeper than {MAX_DEPTH} levels", whole)) from exc
         except ValueError as exc:  # an integer literal beyond Python's digit limit
-            raise SpecError(Problem(f"JSON value error: {exc}", Location(filename))) from exc
+            raise SpecError(Problem(f"JSON value error: {exc}", whole)) from exc
     data, source = _YamlWalker(text, filename, quote).run()
     if data is None:
         raise SpecError(
-            Problem(
-                "the spec is empty", Location(filename), hint="a spec is a mapping with name, inputs, nodes, outputs"
-            )
+            Problem("the spec is empty", whole, hint="a spec is a mapping with name, inputs, nodes, outputs")
         )
     return Document(data, source)
 
 
-def _json_problem(exc: json.JSONDecodeError, text: str, filename: str | None) -> Problem:
+def _json_problem(exc: json.JSONDecodeError, text: str, whole: Location) -> Problem:
     """A JSON syntax error; a comma after the last item is pointed at the comma, not at the bracket after it."""
     before = text[: exc.pos].rstrip()
     if exc.msg.startswith(("Expecting property name", "Expecting value")) and before.endswith(","):
@@ -119,10 +117,10 @@ def _json_problem(exc: json.JSONDecodeError, text: str, filename: str | None) ->
         column = comma - (text.rfind("\n", 0, comma) + 1) + 1
         return Problem(
             f"JSON syntax error: {exc.msg}",
-            Location(filename, line, column),
+            replace(whole, line=line, column=column),
             hint="JSON does not allow a comma after the last item; remove it",
         )
-    return Problem(f"JSON syntax error: {exc.msg}", Location(filename, exc.lineno, exc.colno))
+    return Problem(f"JSON syntax error: {exc.msg}", replace(whole, line=exc.lineno, column=exc.colno))
 
 
 class _YamlWalker:
@@ -131,8 +129,12 @@ class _YamlWalker:
     def __init__(self, text: str, filename: str | None, quote: bool = True):
         self.text = text
         self.quote = quote
-        self.source = SourceMap(filename)
+        # an unquoted file is reached: the stages after this one locate their problems in it unquoted too
+        self.source = SourceMap(filename, reached=frozenset() if quote or filename is None else frozenset({filename}))
         self.count = 0
+
+    def _at(self, line: int | None = None, column: int | None = None, path: SpecPath = ()) -> Location:
+        return Location(self.source.file, line, column, path, quoted=self.quote)
 
     def run(self) -> tuple[Any, SourceMap]:
         try:
@@ -147,11 +149,9 @@ class _YamlWalker:
         except yaml.reader.ReaderError as exc:
             raise self._reader_error(exc) from exc
         except yaml.YAMLError as exc:
-            raise SpecError(Problem(f"YAML error: {exc}", Location(self.source.file))) from exc
+            raise SpecError(Problem(f"YAML error: {exc}", self._at())) from exc
         except RecursionError as exc:  # the YAML parser recurses once per nesting level, before we can count
-            raise SpecError(
-                Problem(f"the spec is nested deeper than {MAX_DEPTH} levels", Location(self.source.file))
-            ) from exc
+            raise SpecError(Problem(f"the spec is nested deeper than {MAX_DEPTH} levels", self._at())) from exc
         finally:
             if hasattr(self, "loader"):
                 self.loader.dispose()
@@ -162,11 +162,12 @@ class _YamlWalker:
         position = max(0, min(exc.position, len(self.text)))
         line = self.text.count("\n", 0, position) + 1
         column = position - (self.text.rfind("\n", 0, position) + 1) + 1
-        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else "a byte"
+        shown = isinstance(exc.character, int) and self.quote
+        character = f"the character U+{exc.character:04X}" if shown else "a character"
         return SpecError(
             Problem(
-                f"the spec contains the character {character}, which YAML does not allow",
-                Location(self.source.file, line, column),
+                f"the spec contains {character}, which YAML does not allow",
+                self._at(line, column),
                 hint="remove it; control characters are not allowed even inside quotes",
             )
         )
@@ -174,8 +175,7 @@ class _YamlWalker:
     def _syntax_error(self, exc: yaml.MarkedYAMLError) -> SpecError:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        problem = exc.problem or exc.context or ""
-        message = f"YAML syntax error: {problem if self.quote else _QUOTED.sub('…', problem)}"
+        message = f"YAML syntax error: {exc.problem or exc.context or ''}"  # an unquoted Location drops its quotes
         hint = None
         if "'\\t'" in message:
             hint = "indent with spaces: YAML does not allow tabs for indentation"
@@ -184,12 +184,14 @@ class _YamlWalker:
             hint = "remove the `---` line and what follows, or merge the two"
         elif exc.context and exc.problem:
             started = f" that starts on line {exc.context_mark.line + 1}" if exc.context_mark else ""
-            hint = f"{exc.context}{started}: look for a missing bracket, quote or comma"
-        return SpecError(Problem(message, Location(self.source.file, line, col), hint=hint))
+            # PyYAML's context can name what it read (`found duplicate anchor 'x'`): an unquoted file gets the line
+            context = exc.context if self.quote else "the construct"
+            hint = f"{context}{started}: look for a missing bracket, quote or comma"
+        return SpecError(Problem(message, self._at(line, col), hint=hint))
 
     def _fail(self, message: str, node: yaml.Node, path: SpecPath, hint: str | None = None) -> SpecError:
         mark = node.start_mark
-        return SpecError(Problem(message, Location(self.source.file, mark.line + 1, mark.column + 1, path), hint=hint))
+        return SpecError(Problem(message, self._at(mark.line + 1, mark.column + 1, path), hint=hint))
 
     def _convert(self, node: yaml.Node, path: SpecPath, depth: int) -> Any:
         self.count += 1

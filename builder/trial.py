@@ -18,15 +18,21 @@ from builder.model import GraphModel
 from builder.shapes import block_bug, check_bounds
 from common.errors import Problem, SpecError, UsageError
 from common.files import GiB, size_text
+from common.text import sizes_text
 
 MAX_TRIAL_BYTES = 2 * GiB
 
 
+def known_dims(graph: Graph, given: dict[str, int] | None = None) -> tuple[dict[str, int], list[str]]:
+    """The sizes known (`--dim` first, then the spec's `dims:`) and the inputs' named dimensions without one."""
+    sizes = {**graph.dims, **(given or {})}
+    missing = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str) and d not in sizes})
+    return sizes, missing
+
+
 def resolve_dims(graph: Graph, given: dict[str, int] | None = None) -> dict[str, int]:
     """Concrete sizes for every named dimension of the inputs: `--dim` first, then the spec's `dims:`."""
-    declared = graph.dims
-    sizes = {**declared, **(given or {})}
-    missing = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str) and d not in sizes})
+    sizes, missing = known_dims(graph, given)
     if missing:
         raise SpecError(
             Problem(
@@ -58,7 +64,7 @@ def dummy_inputs(
     }
     total = sum(math.prod(shape) * (dtype or graph.inputs[n].torch_dtype).itemsize for n, shape in shapes.items())
     if total > MAX_TRIAL_BYTES:
-        sizes = ", ".join(f"{name}={size}" for name, size in dims.items())
+        sizes = sizes_text(dims)
         raise UsageError(
             Problem(
                 f"the trial inputs would take {size_text(total)} at {sizes}",
@@ -138,7 +144,7 @@ def trial_run(model: GraphModel, inputs: dict[str, torch.Tensor], dims: dict[str
         if not running:
             raise
         inst = graph.nodes[running[-1]]
-        sizes = ", ".join(f"{name}={size}" for name, size in dims.items())
+        sizes = sizes_text(dims)
         message = f"failed on the trial inputs ({sizes}): {type(exc).__name__}: {exc}"
         hint = "check the sizes and value ranges the inputs declare (shape, high) against the block's params"
         raise SpecError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from builder.resolve import Level, resolve
 from builder.source import Document, SourceMap, load_file
 from builder.spec import Spec
 from builder.spec_files import FileAccess
-from common.errors import Problem, ProblemList, SpecError
+from common.errors import Location, Problem, ProblemList, SpecError, unquoted
 from common.text import excerpt
 
 MAX_EXTENDS = 16
@@ -55,14 +55,17 @@ def validate_document(
     if not isinstance(raw_vars, dict):
         raise SpecError(Problem("vars must be a mapping name → value", source.locate(("vars",))))
     raw_vars = dict(raw_vars)
+    # a hint lists no variable of a reached base: its names are its text
+    shown = [name for name in raw_vars if source.locate(("vars", name), key=True).quoted]
+    listed = f"variables: {', '.join(shown) or 'none'}" if shown or not raw_vars else None
     for name, value in (overrides or {}).items():
         if name not in raw_vars:
-            close = difflib.get_close_matches(name, list(raw_vars), n=1)
+            close = difflib.get_close_matches(name, shown, n=1)
             problems.add(
                 Problem(
                     f"--set {name}: the spec has no variable {name!r}",
                     source.locate(("vars",)),
-                    hint=f"did you mean {close[0]!r}?" if close else f"variables: {', '.join(raw_vars) or 'none'}",
+                    hint=f"did you mean {close[0]!r}?" if close else listed,
                 )
             )
         raw_vars[name] = value
@@ -137,17 +140,16 @@ def _merge_extends(
         base_path = base_path.resolve()
     except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, a loop of links
         raise SpecError(Problem(f"extends: {excerpt(base_ref, 80)} is not a usable path", where)) from exc
-    if base_path in chain or base_path == here:
+    if base_path in chain or base_path == here:  # names of existing specs of the chain, shown even from a base
         cycle = " → ".join(str(p.name) for p in [*chain, here, base_path])
         raise SpecError(Problem(f"extends forms a cycle: {cycle}", where, hint="a spec cannot extend itself"))
-    if not base_path.exists():
-        raise SpecError(Problem(f"extends: base spec not found: {base_path}", where, "paths are relative to this file"))
+    if not base_path.exists():  # the path a base's `extends:` writes is that base's text
+        message = f"extends: base spec not found: {base_path}" if where.quoted else "extends: base spec not found"
+        raise SpecError(Problem(message, where, "paths are relative to this file"))
     try:
         base_doc = load_file(base_path, named_by_spec=True)
-    except SpecError as exc:  # a problem without a line in the base file is shown at the `extends:` naming it
-        raise SpecError(
-            [Problem(f"extends: {p.message}", p.location if p.location.line else where, p.hint) for p in exc.problems]
-        ) from None
+    except SpecError as exc:
+        raise SpecError([_base_problem(p, where, base_path) for p in exc.problems]) from None
     if not isinstance(base_doc.data, dict):
         kind = type(base_doc.data).__name__
         raise SpecError(Problem(f"extends: the base spec {excerpt(base_ref, 80)} is a {kind}, not a mapping", where))
@@ -157,9 +159,18 @@ def _merge_extends(
         source.file,
         {**base_source.values, **source.values},
         {**base_source.keys, **source.keys},
-        source.reached | base_source.reached | {base_source.file or ""},
+        source.reached | base_source.reached,  # a base's own source marks it reached
     )
     return merged, merged_source
+
+
+def _base_problem(problem: Problem, where: Location, base_path: Path) -> Problem:
+    """A problem loading a base file, shown without its text: at its line there (unquoted), or at the `extends:`.
+
+    At the `extends:` of a base, the base's path is that base's text too."""
+    message = problem.message if where.quoted else problem.message.replace(str(base_path), "the base spec")
+    at = replace(problem.location, quoted=False) if problem.location.line else where
+    return Problem(f"extends: {unquoted(message)}", at, problem.hint and unquoted(problem.hint))
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -20,18 +20,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from common.errors import Location, Problem, WriteError
+from common.files import kind_of, reason
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
-_PREFIX_CHARS = 80  # of NAME in temporary names, so that they stay within the 255 bytes of a file name
+_PREFIX_BYTES = 80  # of NAME in temporary names, so that they stay within the 255 bytes of a file name
 
 
 def write_file(path: str | Path, fill: Callable[[Path], None], *, what: str = "file") -> Path:
@@ -87,13 +89,36 @@ def write_directory(
     return path
 
 
-def owned_directory(path: Path, marker: str, names: set[str]) -> bool:
-    """Whether `path` is an output of a writer: its `marker` file is a regular file, and it holds only `names`."""
+def owned_directory(
+    path: Path,
+    marker: str | None,
+    files: set[str],
+    directories: Mapping[str, Callable[[Path], bool]] | None = None,
+) -> bool:
+    """Whether replacing `path` loses nothing of the user's: its `marker` (if any) is a regular file and every
+    entry is one of the writer's regular `files`, one of its `directories` that passes its own rule, or a
+    temporary a killed writer left beside one of those (names alone would let a user's folder named like ours
+    through)."""
+    directories = directories or {}
+    ours = set(files) | set(directories)
     try:
-        entries = {item.name for item in path.iterdir()}
-        return stat.S_ISREG(os.lstat(path / marker).st_mode) and entries <= names
+        for entry in os.scandir(path):
+            rule = directories.get(entry.name)
+            if entry.name in files and entry.is_file(follow_symlinks=False):
+                continue
+            if rule is not None and entry.is_dir(follow_symlinks=False) and rule(Path(entry.path)):
+                continue
+            if any(is_temporary(entry.name, name) for name in ours):
+                continue
+            return False
+        return marker is None or stat.S_ISREG(os.lstat(path / marker).st_mode)
     except OSError:
         return False
+
+
+def is_temporary(name: str, target: str) -> bool:
+    """Whether `name` is a temporary (or a set-aside old copy) of a writer of the sibling `target`."""
+    return any(name.startswith(f"{_stem_of(target)}{kind}") for kind in (".tmp-", ".old-"))
 
 
 def check_file_target(path: str | Path, *, what: str = "file") -> None:
@@ -113,7 +138,7 @@ def _check_target(path: Path, *, directory: bool, owned: Callable[[Path], bool] 
     except FileNotFoundError:
         return
     except (OSError, ValueError) as exc:
-        raise WriteError(Problem(f"cannot write the {what} {path}: {_reason(exc)}", where)) from None
+        raise WriteError(Problem(f"cannot write the {what} {path}: {reason(exc)}", where)) from None
     mode = info.st_mode
     hint = "choose another path; blockgraph replaces only its own outputs"
     if stat.S_ISLNK(mode):
@@ -122,17 +147,16 @@ def _check_target(path: Path, *, directory: bool, owned: Callable[[Path], bool] 
         if not directory:
             raise WriteError(Problem(f"{path} is a directory; the {what} is a file", where, "give a file name"))
         if not (_empty(path) or (owned is not None and owned(path))):
-            raise WriteError(Problem(f"{path} exists and is not a {what}", where, "choose a new or empty directory"))
+            raise WriteError(
+                Problem(
+                    f"{path} exists and is not a {what}",
+                    where,
+                    f"choose a new or empty directory: a directory is replaced only if it holds a {what} alone",
+                )
+            )
         return
     if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO"
-            if stat.S_ISFIFO(mode)
-            else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else ("a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-        )
-        raise WriteError(Problem(f"{path} is {kind}; it is never replaced by the {what}", where, hint))
+        raise WriteError(Problem(f"{path} is {kind_of(mode)}; it is never replaced by the {what}", where, hint))
     if directory:
         raise WriteError(Problem(f"{path} is a file; the {what} is a directory", where, hint))
 
@@ -149,7 +173,7 @@ def _parent(path: Path) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as exc:
-        raise WriteError(Problem(f"cannot create the folder {parent}: {_reason(exc)}", Location(str(path)))) from None
+        raise WriteError(Problem(f"cannot create the folder {parent}: {reason(exc)}", Location(str(path)))) from None
     _clean_leftovers(path)
     return parent
 
@@ -161,12 +185,22 @@ def _temporary(path: Path) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # what a plain mkdir gives; mkdtemp's is private to its owner
     except OSError as exc:
-        raise WriteError(Problem(f"cannot write in {path.parent}: {_reason(exc)}", Location(str(path)))) from None
+        raise WriteError(Problem(f"cannot write in {path.parent}: {reason(exc)}", Location(str(path)))) from None
     return tmp
 
 
 def _stem(path: Path) -> str:
-    return f".{path.name[:_PREFIX_CHARS]}"
+    return _stem_of(path.name)
+
+
+def _stem_of(name: str) -> str:
+    """`.NAME`, or for a long name its first bytes and a hash of all of it: within a file name's 255 bytes, and
+    two long names that share a beginning never take each other's leftovers."""
+    raw = os.fsencode(name)
+    if len(raw) <= _PREFIX_BYTES:
+        return f".{name}"
+    head = raw[: _PREFIX_BYTES - 16].decode("utf-8", "ignore")  # whole characters only
+    return f".{head}~{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def _clean_leftovers(path: Path) -> None:
@@ -184,9 +218,9 @@ def _clean_leftovers(path: Path) -> None:
             if not pid.isdigit() or _alive(int(pid)):
                 continue
             if marker == ".old-" and not os.path.lexists(path):
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # if it cannot be put back now, it stays for the next run
                     os.replace(item, path)
-                    continue
+                continue
             shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
 
 
@@ -229,17 +263,12 @@ def _guard(path: Path, step: Callable[[], object]) -> None:
     try:
         step()
     except OSError as exc:
-        reason = _reason(exc)
         hint = (
             "free some space and run again; nothing was replaced"
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
             else "nothing was replaced"
         )
-        raise WriteError(Problem(f"cannot write {path}: {reason}", Location(str(path)), hint)) from None
-
-
-def _reason(exc: BaseException) -> str:
-    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or type(exc).__name__
+        raise WriteError(Problem(f"cannot write {path}: {reason(exc)}", Location(str(path)), hint)) from None
 
 
 def _sync(path: Path) -> None:

@@ -65,6 +65,7 @@ class Problem:
         if not self.location.quoted:  # the one place that keeps a reached file's contents out of messages
             object.__setattr__(self, "message", unquoted(self.message))
             object.__setattr__(self, "hint", self.hint and unquoted(self.hint))
+            object.__setattr__(self, "node", None)  # a node's name is that file's text too
 
     def __str__(self) -> str:
         text = f"{self.location}: " if str(self.location) else ""

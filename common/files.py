@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from common.errors import BlockgraphError, Location, Problem
+from common.text import binary_size
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -43,7 +44,8 @@ class FileKind:
         return self.error(Problem(message, Location(str(path), line), hint=hint))
 
 
-def _kind_of(mode: int) -> str:
+def kind_of(mode: int) -> str:
+    """What a file that is not a regular one is, for messages: a directory, a FIFO, a device, ..."""
     for test, name in (
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -66,13 +68,13 @@ def open_file(path: str | Path, kind: FileKind) -> BinaryIO:
             path, f"{kind.what} not found: {path}", "it does not exist: check the path and its spelling"
         ) from None
     except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a loop of links, no permission
-        raise kind.fail(path, f"cannot use {path} as a {kind.what}: {_reason(exc)}") from None
+        raise kind.fail(path, f"cannot use {path} as a {kind.what}: {reason(exc)}") from None
     _require_regular(path, info.st_mode, kind)
     try:
         # O_NONBLOCK: should the path have become a FIFO since the stat, opening it must not wait for a writer
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise kind.fail(path, f"cannot open the {kind.what}: {_reason(exc)}") from None
+        raise kind.fail(path, f"cannot open the {kind.what}: {reason(exc)}") from None
     try:
         _require_regular(path, os.fstat(fd).st_mode, kind)
         os.set_blocking(fd, True)
@@ -88,11 +90,12 @@ def _require_regular(path: Path, mode: int, kind: FileKind) -> None:
     if stat.S_ISDIR(mode):
         raise kind.fail(path, f"{path} is a directory, not a {kind.what}")
     raise kind.fail(
-        path, f"the {kind.what} is {_kind_of(mode)}, not a regular file", "blockgraph reads only regular files"
+        path, f"the {kind.what} is {kind_of(mode)}, not a regular file", "blockgraph reads only regular files"
     )
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
+    """Why an operation failed, for messages: the system's words ("No space left on device"), no path."""
     return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or type(exc).__name__
 
 
@@ -110,7 +113,7 @@ def read_bytes(path: str | Path, kind: FileKind) -> bytes:
         try:
             data = handle.read(kind.limit + 1)
         except OSError as exc:
-            raise kind.fail(path, f"cannot read the {kind.what}: {_reason(exc)}") from None
+            raise kind.fail(path, f"cannot read the {kind.what}: {reason(exc)}") from None
     if len(data) > kind.limit:
         raise kind.fail(path, f"the {kind.what} is too large: the limit is {size_text(kind.limit)}", _limit_hint(kind))
     return data
@@ -130,30 +133,33 @@ def read_text(path: str | Path, kind: FileKind) -> str:
 
 def read_lines(path: str | Path, kind: FileKind) -> Iterator[tuple[int, bytes]]:
     """(line number from 1, the line's bytes without its newline), streamed; bounded per line and in all."""
-    total = 0
     with open_file(path, kind) as handle:
-        for number in range(1, 1 << 62):
-            try:
-                line = handle.readline(kind.max_line + 1)
-            except OSError as exc:
-                raise kind.fail(path, f"cannot read the {kind.what}: {_reason(exc)}", line=number) from None
-            if not line:
-                return
-            total += len(line)
-            if total > kind.limit:
-                raise kind.fail(
-                    path,
-                    f"the {kind.what} is too large: the limit is {size_text(kind.limit)}",
-                    _limit_hint(kind),
-                )
-            if len(line) > kind.max_line:
-                raise kind.fail(
-                    path,
-                    f"line {number} of the {kind.what} is longer than {size_text(kind.max_line)}",
-                    "is this the right file? lines of text are far shorter",
-                    number,
-                )
-            yield number, line.removesuffix(b"\n")
+        yield from stream_lines(handle, path, kind)
+
+
+def stream_lines(handle: BinaryIO, path: str | Path, kind: FileKind) -> Iterator[tuple[int, bytes]]:
+    """The lines of an open stream (a file, standard input), as `read_lines` bounds them."""
+    total = 0
+    for number in range(1, 1 << 62):
+        try:
+            line = handle.readline(kind.max_line + 1)
+        except OSError as exc:
+            raise kind.fail(path, f"cannot read the {kind.what}: {reason(exc)}", line=number) from None
+        if not line:
+            return
+        total += len(line)
+        if total > kind.limit:
+            raise kind.fail(
+                path, f"the {kind.what} is too large: the limit is {size_text(kind.limit)}", _limit_hint(kind)
+            )
+        if len(line) > kind.max_line:
+            raise kind.fail(
+                path,
+                f"line {number} of the {kind.what} is longer than {size_text(kind.max_line)}",
+                "is this the right file? lines of text are far shorter",
+                number,
+            )
+        yield number, line.removesuffix(b"\n")
 
 
 def read_json(path: str | Path, kind: FileKind) -> Any:
@@ -172,10 +178,7 @@ def read_json(path: str | Path, kind: FileKind) -> Any:
 
 
 def size_text(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= size:
-            return f"{n / size:g} {unit}"
-    return f"{n} bytes"
+    return binary_size(n, trim=True)
 
 
 def _limit_hint(kind: FileKind) -> str:

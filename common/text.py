@@ -30,3 +30,17 @@ def excerpt(text: str, limit: int = 40) -> str:
     """A short quoted piece of `text` for a message: cleaned, and cut at `limit` characters."""
     short = text if len(text) <= limit else text[: limit - 1] + "…"
     return f"'{clean(short)}'"
+
+
+def binary_size(n: int, *, trim: bool = False) -> str:
+    """Bytes in binary units with two decimals (1536 → 1.50 KiB); `trim` drops them when zero (a limit: 2 MiB)."""
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            value = f"{n / size:.2f}"
+            return f"{value.removesuffix('.00') if trim else value} {unit}"
+    return f"{n} B"
+
+
+def sizes_text(sizes: dict[str, int]) -> str:
+    """{"batch": 2, "seq": 16} → batch=2, seq=16: the sizes a result was computed at, as --dim takes them."""
+    return ", ".join(f"{name}={size}" for name, size in sizes.items())

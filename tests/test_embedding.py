@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 import builder
@@ -298,3 +299,25 @@ def test_scaled_embedding_starts_with_unit_variance_output():
     assert torch.count_nonzero(scaled.lut.weight[0]) == 0
     out = scaled(torch.arange(1, 4000))
     assert abs(out.var().item() - 1.0) < 0.05
+
+
+def test_a_file_a_base_spec_names_is_found_beside_the_base(tmp_path):
+    """As `extends:` is relative to the file that writes it, so is `pretrained:` in a base."""
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub", "vectors.txt", GLOVE)
+    base = {
+        "name": "base",
+        "inputs": {"tokens": {"dtype": "int64", "shape": ["b", "s"]}},
+        "nodes": {
+            "embed": {
+                "type": "token_embedding",
+                "params": {"vocab": 3, "dim": 3, "pretrained": "vectors.txt"},
+                "in": "tokens",
+            }
+        },
+        "outputs": {"output": "embed"},
+    }
+    (tmp_path / "sub" / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "top.yaml").write_text("extends: sub/base.yaml\nname: top\n")
+    model = builder.build(tmp_path / "top.yaml")
+    assert model.embed.lut.weight[0].tolist() == [0.5, -1.25, 2.0]

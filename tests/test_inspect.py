@@ -349,7 +349,7 @@ def test_collapsed_tree_and_table_show_groups_with_summed_numbers(tiny):
 
 NODE_KEYS = {
     "id", "block", "source", "params", "inputs", "outputs", "parameters", "trainable_parameters", "module", "group",
-    "flops", "flops_by_op", "flops_analytic", "activation_bytes", "saved_bytes", "error",
+    "flops", "flops_by_op", "flops_analytic", "activation_bytes", "saved_bytes", "error", "flops_error",
 }  # fmt: skip
 TOP_KEYS = {
     "format", "name", "inputs", "dims", "missing_dims", "dtype", "nodes", "groups", "outputs", "total_parameters",

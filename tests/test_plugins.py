@@ -232,3 +232,42 @@ def test_registration_rejects_malformed_blocks(tmp_path):
     )
     with pytest.raises(PluginError, match=r"forward\('x',\) must take the in_ports \('x', 'y'\)"):
         load_plugin(str(path))
+
+
+def rule_plugin(tmp_path: Path, name: str, rule: str) -> Path:
+    """A plugin block whose shape rule and forward work, with one more rule (`flops`, `limits`) as given."""
+    path = plugin_file(tmp_path, name, forward="x")
+    path.write_text(path.read_text() + textwrap.indent(textwrap.dedent(rule), "    "))
+    return path
+
+
+def test_a_crashing_flops_rule_costs_the_node_its_formula_not_the_report(tmp_path, run_cli, write_spec):
+    path = rule_plugin(
+        tmp_path, "badflops", "@classmethod\ndef flops(cls, p, inputs, outputs):\n    return {}['rows']\n"
+    )
+    spec = write_spec(one_block_spec("badflops") | {"dims": {"b": 2}})
+    for fmt in ("tree", "table", "json"):
+        result = run_cli("inspect", spec, "--plugin", path, "--format", fmt)
+        assert result.exception is None and "Traceback" not in result.stderr + result.stdout, result.exception
+        assert result.code == 0, result.stderr
+    shown = " ".join(run_cli("inspect", spec, "--plugin", path).stdout.split())
+    assert "no formula for badflops" in shown and "formula of 1 node(s) failed, e.g. n (badflops): KeyError" in shown
+    typed = builder.typed_graph(spec, plugins=[str(path)])
+    from builder.analysis import analyse
+    from builder.pipeline import compile_graph
+
+    cost = analyse(typed, compile_graph(typed, device="meta")).nodes["n"]
+    assert cost.flops_analytic is None and cost.flops == 0
+    assert cost.flops_error == "KeyError: 'rows'"
+
+
+def test_a_crashing_limits_rule_is_reported_as_the_blocks_bug(tmp_path, run_cli, write_spec):
+    path = rule_plugin(tmp_path, "badlimits", "@classmethod\ndef limits(cls, p, x):\n    return (x.rows,)\n")
+    spec = write_spec(one_block_spec("badlimits") | {"dims": {"b": 2}})
+    for command in ("build", "inspect", "validate"):
+        result = run_cli(command, spec, "--plugin", path)
+        message = " ".join(result.stderr.split())
+        assert result.exception is None and "Traceback" not in result.stderr + result.stdout, result.exception
+        assert result.code == 1, result.stdout
+        assert "block 'badlimits' (from plugin badlimits_plugin.py): its limits rule crashed: AttributeError" in message
+        assert "spec.yaml:" in message and "node n" in message

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from builder import persist
 from cli import app
-from common.errors import DataError, SpecError
+from common.errors import DataError, SpecError, UsageError
 from trainer import checkpoint, data
 from trainer.loop import TrainConfig, train
 
@@ -287,9 +287,9 @@ def test_input_roles_by_convention_and_by_name(tmp_path):
     # two int inputs: the first is the source; the masks are found by shape ([batch, n] is the source's)
     roles = find_roles(graph)
     assert (roles.src, roles.tgt, roles.src_pad, roles.tgt_pad) == ("words", "prev", "hide_a", "hide_b")
-    with pytest.raises(SpecError, match="no input 'nope'"):
+    with pytest.raises(UsageError, match="no input 'nope'"):
         find_roles(graph, parse_roles("src=nope"))
-    with pytest.raises(SpecError, match="--input-roles: cannot use"):
+    with pytest.raises(UsageError, match="--input-roles: cannot use"):
         parse_roles("source")
 
     # it trains: no vocabulary variable, but its 12 rows hold the task's 4 + 6 tokens

@@ -5,7 +5,7 @@ import sys
 from common.console import report
 from common.errors import BlockgraphError, UsageError
 from common.files import FileKind, MiB
-from common.records import read_record
+from common.records import check_record, read_record
 from trainer.config import TrainConfig
 from trainer.distributed import Job
 from trainer.loop import train
@@ -13,8 +13,10 @@ from trainer.loop import train
 if len(sys.argv) != 2:
     sys.exit("usage: python -m trainer JOB.json (written by `blockgraph train --nproc N`)")
 try:
-    job = read_record(sys.argv[1], Job, FileKind("training job", UsageError, limit=16 * MiB))
-    train(TrainConfig(**job.config), job.out, resume=job.resume, quiet=job.quiet)
+    kind = FileKind("training job", UsageError, limit=16 * MiB)
+    job = read_record(sys.argv[1], Job, kind)
+    config = check_record(job.config, TrainConfig, kind, sys.argv[1], field="config")
+    train(config, job.out, resume=job.resume, quiet=job.quiet, locked=job.locked)
 except BlockgraphError as error:
     report(error)
     sys.exit(1)

@@ -27,7 +27,7 @@ from torch import nn
 
 from builder import persist
 from common.atomic import owned_directory, write_directory
-from common.errors import CheckpointError, Location, Problem, SpecError
+from common.errors import CheckpointError, Location, Problem, SpecError, UsageError
 from common.files import FileKind, MiB
 from common.records import read_record
 from common.tensorfile import read_header, write_safetensors
@@ -49,9 +49,18 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class AdamGroup(_Record):
+    """A saved parameter group: which parameters (by index) and Adam's hyper-parameters at the save, for the
+    reader; a resumed run takes its hyper-parameters from the schedule, not from the file."""
+
+    params: list[int] = Field(min_length=1)
+    lr: float = Field(ge=0, allow_inf_nan=False)
+    betas: tuple[float, float]
+    eps: float = Field(gt=0, allow_inf_nan=False)
+
+
 class OptimizerRecord(_Record):
-    param_groups: list[dict[str, Any]] = Field(min_length=1)
-    scalars: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    param_groups: list[AdamGroup] = Field(min_length=1)
 
 
 class TrainerRecord(_Record):
@@ -94,28 +103,29 @@ class Checkpoint:
     labels: list[str] | None = None  # a classifier's classes in index order
 
 
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # per parameter, all three or none (no gradient yet)
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The optimizer's state_dict split into tensors (for safetensors) and the rest (for JSON)."""
+    """Adam's per-parameter state as tensors (for safetensors) and its parameter groups (for JSON)."""
     state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, entries in state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    tensors = {
+        f"optimizer.{pid}.{key}": torch.as_tensor(value).detach().cpu().contiguous()
+        for pid, entries in state["state"].items()
+        for key, value in entries.items()
+    }
+    return tensors, {"param_groups": state["param_groups"]}
 
 
 def restore_optimizer(
     optimizer: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
 ) -> None:
-    """Load the saved state into `optimizer`, after checking it belongs to this model's parameters."""
+    """Load the saved moments and step counts into `optimizer`, after checking they are Adam's, for this
+    model's parameters, each parameter's complete; the hyper-parameters stay the optimizer's own."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     groups = meta["param_groups"]
     where = Location(str(path / TRAINER))
-    listed = [pid for group in groups for pid in (group.get("params") or [])]
+    listed = [pid for group in groups for pid in group["params"]]
     if len(groups) != len(optimizer.param_groups) or listed != list(range(len(params))):
         raise CheckpointError(
             Problem(
@@ -131,29 +141,22 @@ def restore_optimizer(
             _, pid, key = (*name.split(".", 2), "", "")[:3]
             index = int(pid) if pid.isdigit() and len(pid) < 10 else -1
             expected = () if key == "step" else (params[index].shape if 0 <= index < len(params) else None)
-            if not key or expected is None or not value.is_floating_point() or value.shape != expected:
+            if key not in ADAM_STATE or expected is None or not value.is_floating_point() or value.shape != expected:
                 wrong.append(name)
             else:
                 state.setdefault(index, {})[key] = value
+    wrong += [f"optimizer.{pid}.*" for pid, entries in sorted(state.items()) if len(entries) != len(ADAM_STATE)]
     if wrong:
         raise CheckpointError(
             Problem(
-                f"{len(wrong)} optimizer tensor(s) do not fit the model's parameters: {', '.join(wrong[:5])}",
+                f"{len(wrong)} optimizer tensor(s) are not Adam's state of this model's parameters: "
+                + ", ".join(wrong[:5]),
                 Location(str(path / STATE)),
                 hint="the checkpoint is corrupt, or from another spec",
             )
         )
-    for pid, entries in meta.get("scalars", {}).items():
-        if pid.isdigit():
-            state.setdefault(int(pid), {}).update(entries)
-    restored = []
-    for group in groups:
-        group = dict(group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        restored.append(group)
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": restored})
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         message = f"field optimizer: cannot restore the optimizer ({type(exc).__name__})"
         raise CheckpointError(Problem(message, where)) from None
@@ -163,9 +166,9 @@ def is_checkpoint(path: Path) -> bool:
     return (path / TRAINER).is_file()
 
 
-def _replaceable(path: Path) -> bool:
+def replaceable(path: Path) -> bool:
     """A directory `save` may replace: a checkpoint and nothing else (no file of the user's would be lost)."""
-    return owned_directory(path, TRAINER, {MODEL, VOCAB, TRAINER, STATE})
+    return owned_directory(path, TRAINER, {VOCAB, TRAINER, STATE}, {MODEL: persist.replaceable})
 
 
 def save(
@@ -196,7 +199,7 @@ def save(
         _write_json(folder / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **info})
         write_safetensors(folder / STATE, state)
 
-    return write_directory(directory, write, owned=_replaceable, what="training checkpoint")
+    return write_directory(directory, write, owned=replaceable, what="training checkpoint")
 
 
 def locate(path: str | Path) -> Path:
@@ -254,7 +257,7 @@ def _check_roles(roles: Roles, model: nn.Module, where: Location) -> None:
     given = {name: getattr(roles, name) for name in ROLE_NAMES if getattr(roles, name) is not None}
     try:
         found = find_roles(typed.graph, given, typed.types)
-    except SpecError as exc:
+    except (SpecError, UsageError) as exc:
         raise CheckpointError([Problem(f"field roles: {p.message}", where) for p in exc.problems]) from None
     if found != roles:
         raise CheckpointError(

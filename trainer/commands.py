@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,8 +17,9 @@ from rich.markup import escape
 
 from common.console import err, write_plain
 from common.errors import DataError, Problem, UsageError
+from common.files import FileKind, GiB, stream_lines
 from common.text import excerpt
-from trainer.config import command_parameters
+from trainer.config import RESUMABLE, command_parameters
 
 
 def _run_option(name: str, kind: Any, default: Any, *flags: str, **option: Any) -> inspect.Parameter:
@@ -32,8 +34,9 @@ RUN_OPTIONS = [  # how this invocation runs, not what the run is: not saved, not
     ),
     _run_option(
         "resume", Path | None, None, metavar="RUN",
-        help="Continue a run from its directory or checkpoint: its options come back; those given again for "
-        "--epochs, --max-steps, --device, the data files and the checkpoint intervals replace them.",
+        help="Continue a run from its directory or checkpoint: its options come back; given again, "
+        + ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUMABLE))
+        + " and the tokenizers replace them.",
     ),
     _run_option("nproc", int, 1, min=1, metavar="N", help="Train data-parallel in N processes (torchrun, 127.0.0.1)."),
     _run_option("quiet", bool, False, "--quiet", "-q", help="No progress bar or epoch lines."),
@@ -60,10 +63,9 @@ def _train(
     if out_dir is None:
         out_dir = checkpoint.locate(resume).parent if resume is not None else Path("runs") / Path(config.spec).stem  # type: ignore[arg-type]
     if nproc > 1:
-        with rundir.exclusive(out_dir):  # fail now, not in a worker, when another run holds the directory
-            pass
-        err.print(f"launching {nproc} processes with torchrun (127.0.0.1)")
-        code = distributed.launch(nproc, distributed.Job.of(config, out_dir, resume, quiet))
+        with rundir.exclusive(out_dir):  # held until the workers end: no other run takes the directory meanwhile
+            err.print(f"launching {nproc} processes with torchrun (127.0.0.1)")
+            code = distributed.launch(nproc, distributed.Job.of(config, out_dir, resume, quiet))
         if code:
             raise typer.Exit(code)
         return
@@ -121,8 +123,6 @@ def translate(
 
     A classifier's checkpoint prints each text's most likely label and its probability.
     """
-    import sys
-
     import torch
 
     from trainer import checkpoint, decode
@@ -135,7 +135,7 @@ def translate(
     roles = Roles(**saved.info["roles"])
     io = ModelIO(roles)
     model = saved.model.eval()
-    sentences = [line.rstrip("\n") for line in sys.stdin] if text == ["-"] else text
+    sentences = _stdin_lines() if text == ["-"] else text
     if roles.kind == "classify":
         for sentence in sentences:
             label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
@@ -206,3 +206,17 @@ def classify(model, io, vocab, labels: list[str], sentence: str, device: str = "
     best = int(probs.argmax())
     label = labels[best] if best < len(labels) else str(best)
     return label, float(probs[best])
+
+
+STDIN = FileKind("standard input", DataError, limit=GiB)
+
+
+def _stdin_lines() -> Iterator[str]:
+    """Sentences from standard input, one per line, translated as they come (each line bounded, as in files)."""
+    import sys
+
+    for number, raw in stream_lines(sys.stdin.buffer, "<stdin>", STDIN):
+        try:
+            yield raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise STDIN.fail("<stdin>", "the line is not UTF-8 text", "give the sentences as UTF-8", number) from None

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.options import parse_pairs
+from common.errors import Problem, UsageError
+from common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
 from trainer import tasks
 from trainer.roles import parse_roles
 
@@ -120,7 +121,7 @@ class TrainConfig(DataOptions):
     ] = None
     overrides: Annotated[
         dict[str, Any],
-        Field(description="Override a spec variable: --set d_model=256 (repeatable)."),
+        Field(description=SET_HELP),
         Cli(
             flags=("--set", "-s"),
             takes=list[str],
@@ -136,7 +137,7 @@ class TrainConfig(DataOptions):
     ] = Field(default_factory=dict)
     allow_external_files: Annotated[
         bool,
-        Field(description="Let the spec name files outside its own folder (docs/security.md)."),
+        Field(description=EXTERNAL_FILES_HELP),
         Cli(panel=MODEL),
     ] = False
     init: Annotated[
@@ -184,9 +185,9 @@ def command_parameters(model: type[BaseModel] = TrainConfig) -> list[inspect.Par
     for name, info in model.model_fields.items():
         cli = next((m for m in info.metadata if isinstance(m, Cli)), Cli())
         default = info.get_default(call_default_factory=True) if cli.parse is None else _cli_default(cli)
-        bounds = {}  # pydantic keeps Field(ge=, gt=, le=) as metadata objects with those attributes
+        bounds = {}  # pydantic keeps Field(ge=, le=) as metadata objects; open bounds (gt, lt) are pydantic's alone
         for meta in info.metadata:
-            for attr, bound in (("ge", "min"), ("gt", "min"), ("le", "max")):
+            for attr, bound in (("ge", "min"), ("le", "max")):
                 if getattr(meta, attr, None) is not None:
                     bounds[bound] = getattr(meta, attr)
         show = not (default is None or default is False or default == [] or default == {})
@@ -223,4 +224,9 @@ def config_from_command_line(values: dict[str, Any], model: type[BaseModel] = Tr
         if cli.parse is not None:
             value = info.get_default(call_default_factory=True) if value in (None, []) else cli.parse(value)
         fields[name] = value
-    return model(**fields)
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        raise UsageError(
+            [Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}") for e in exc.errors()]
+        ) from None

@@ -136,11 +136,13 @@ class Job(BaseModel):
     out: str
     resume: str | None = None
     quiet: bool = False
+    locked: bool = False  # the launcher holds the run directory's lock until every worker has ended
 
     @classmethod
     def of(cls, config: TrainConfig, out: Path, resume: Path | None, quiet: bool) -> Job:
         given = config.model_dump(mode="json", exclude_unset=True)
-        return cls(config=given, out=str(out), resume=None if resume is None else str(resume), quiet=quiet)
+        resumed = None if resume is None else str(resume)
+        return cls(config=given, out=str(out), resume=resumed, quiet=quiet, locked=True)
 
 
 def launch(nproc: int, job: Job, *, port: int | None = None) -> int:

@@ -65,8 +65,11 @@ def train(
     resume: str | Path | None = None,
     quiet: bool = False,
     console: Console | None = None,
+    locked: bool = False,
 ) -> TrainResult:
     """Train (or, with `resume`, continue training) and write checkpoints to `out`/checkpoint.
+
+    `locked`: the caller holds the run directory's lock for the whole run (`train --nproc`'s launcher does).
 
     On resume, the checkpoint's options come back, except those `config` sets (its `model_fields_set`: on the
     command line, the options given again) that a run can change midway (`config.RESUMABLE`); tokenizers it
@@ -77,7 +80,8 @@ def train(
     say = (lambda *a: console.print(*a, soft_wrap=True)) if context.main and not quiet else (lambda *a: None)
     try:
         out_dir = Path(out) if out is not None else (checkpoint.locate(resume).parent if resume else None)
-        with rundir.exclusive(out_dir) if out_dir is not None and context.main else contextlib.nullcontext():
+        take_lock = out_dir is not None and context.main and not locked
+        with rundir.exclusive(out_dir) if take_lock else contextlib.nullcontext():  # type: ignore[arg-type]
             return _train(config, out_dir, resume, context, quiet, console, say)
     finally:
         distributed.teardown(context)

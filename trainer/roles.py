@@ -29,7 +29,7 @@ import torch
 from pydantic import ConfigDict
 
 from builder.graph import Endpoint, Graph
-from common.errors import Location, Problem, SpecError
+from common.errors import Location, Problem, SpecError, UsageError
 
 ROLE_NAMES = ("src", "tgt", "src_pad", "tgt_pad", "output")
 ALIASES = {"source": "src", "target": "tgt", "tokens": "tgt", "pad": "tgt_pad", "out": "output"}
@@ -64,7 +64,7 @@ def parse_roles(text: str | None) -> dict[str, str]:
         role, sep, name = (s.strip() for s in item.partition("="))
         role = ALIASES.get(role, role)
         if not sep or role not in ROLE_NAMES or not name:
-            raise SpecError(
+            raise UsageError(
                 Problem(
                     f"--input-roles: cannot use {item!r}",
                     hint=f"ROLE=INPUT with ROLE one of {', '.join(ROLE_NAMES)} (or tokens, pad for a language model)",
@@ -81,7 +81,7 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | 
     inputs = graph.inputs
     for role, name in given.items():
         if role != "output" and name not in inputs:
-            raise SpecError(
+            raise UsageError(
                 Problem(
                     f"--input-roles {role}={name}: the spec has no input {name!r}",
                     where,
@@ -167,7 +167,7 @@ def _find_output(graph: Graph, given: str | None) -> tuple[str | None, str]:
     if given is not None:
         if graph.single_output or given not in outputs:
             names = "a single output" if graph.single_output else ", ".join(outputs)
-            raise SpecError(Problem(f"--input-roles output={given}: the spec's outputs are {names}", where))
+            raise UsageError(Problem(f"--input-roles output={given}: the spec's outputs are {names}", where))
         name = given
     elif graph.single_output:
         name = next(iter(outputs))

@@ -16,16 +16,18 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.atomic import check_directory_target
+from common.atomic import check_directory_target, owned_directory
 from common.errors import Location, Problem, UsageError, WriteError
+from trainer import checkpoint
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint"
 
 
 def is_run_directory(path: Path) -> bool:
-    return any((path / name).exists() for name in (LOCK, METRICS, CHECKPOINT))
+    """A run's own directory: its lock, its metrics and its checkpoint, nothing of the user's beside them (the
+    lock is not required: a run copied without its dot-files is still a run)."""
+    return owned_directory(path, None, {LOCK, METRICS}, {checkpoint.NAME: checkpoint.replaceable})
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common.errors import DataError, Problem
+from common.errors import Problem, UsageError
 from common.text import excerpt
 
 TASKS = ("copy", "reverse")
@@ -37,15 +37,15 @@ def task_options(values: dict[str, object], origin: str = "--task-options") -> T
     """Options from names and values (the command line's, or a checkpoint's), each checked against its range."""
     for name, value in values.items():
         if name not in LIMITS:
-            raise DataError(
+            raise UsageError(
                 Problem(f"{origin}: no option {excerpt(str(name), 40)}", hint=f"options: {', '.join(LIMITS)}")
             )
         low, high = LIMITS[name]
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise DataError(Problem(f"{origin} {name}: expected an integer from {low:,} to {high:,}"))
+            raise UsageError(Problem(f"{origin} {name}: expected an integer from {low:,} to {high:,}"))
     options = TaskOptions(**values)  # type: ignore[arg-type]
     if options.min_len > options.max_len:
-        raise DataError(Problem(f"{origin}: min_len {options.min_len} is above max_len {options.max_len}"))
+        raise UsageError(Problem(f"{origin}: min_len {options.min_len} is above max_len {options.max_len}"))
     return options
 
 
@@ -56,7 +56,7 @@ def parse_options(text: str | None) -> TaskOptions:
         name, sep, raw = item.partition("=")
         name = name.strip()
         if not sep or name not in LIMITS:
-            raise DataError(
+            raise UsageError(
                 Problem(
                     f"--task-options: cannot use {excerpt(item, 40)}",
                     hint=f"NAME=VALUE with NAME one of {', '.join(LIMITS)}",
@@ -70,7 +70,7 @@ def parse_options(text: str | None) -> TaskOptions:
 def make_pairs(task: str, options: TaskOptions, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Training and held-out (source, target) text pairs of the task."""
     if task not in TASKS:
-        raise DataError(Problem(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}"))
+        raise UsageError(Problem(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}"))
     generator = torch.Generator().manual_seed(seed)
 
     def draw(count: int) -> list[tuple[str, str]]:

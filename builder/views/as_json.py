@@ -57,6 +57,7 @@ def architecture_json(typed: TypedGraph, params: dict[str, int], costs: Costs | 
                 "activation_bytes": cost.activation_bytes if cost else None,
                 "saved_bytes": cost.saved_bytes if cost else None,
                 "error": cost.error if cost else None,
+                "flops_error": cost.flops_error if cost else None,
             }
         )
     groups = []

@@ -17,8 +17,9 @@ from blocks.types import format_shape
 from builder.analysis import Costs
 from builder.model import GraphModel
 from builder.shapes import TypedGraph
-from builder.views.numbers import bytes_text, count, flops_text, sizes_text
+from builder.views.numbers import bytes_text, count, flops_text
 from builder.views.units import Unit, add, fold, shape_lookup, unit_numbers
+from common.text import sizes_text
 
 
 def build_summary(
@@ -239,6 +240,13 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
                     f"torch could not run {len(failed)} node(s) on meta, e.g. {first.id}: {first.error}", style="yellow"
                 ),
             )
+    broken = [n for n in costs.nodes.values() if n.flops_error is not None]
+    if broken:
+        first = broken[0]
+        message = (
+            f"the FLOPs formula of {len(broken)} node(s) failed, e.g. {first.id} ({first.block}): {first.flops_error}"
+        )
+        grid.add_row("", Text(message, style="yellow"))
     weights = " · ".join(f"{name} {bytes_text(size)}" for name, size in costs.weight_bytes().items())
     grid.add_row("weights", weights)
     if costs.concrete:

@@ -86,6 +86,9 @@ TRAINER_CHANGES = {
     "no config": (lambda d: d.pop("config") and None, "field config"),
     "optimizer null": (lambda d: d.__setitem__("optimizer", None), "field optimizer"),
     "bool version": (lambda d: d.__setitem__("format_version", True), "field format_version"),
+    "params a number": (lambda d: d["optimizer"]["param_groups"][0].__setitem__("params", 5), "field optimizer"),
+    "eps a string": (lambda d: d["optimizer"]["param_groups"][0].__setitem__("eps", "x"), "field optimizer"),
+    "one beta": (lambda d: d["optimizer"]["param_groups"][0].__setitem__("betas", [0.9]), "field optimizer"),
     "newer version": (lambda d: d.__setitem__("format_version", 99), "newer than this blockgraph"),
 }
 
@@ -132,6 +135,8 @@ STATE_CHANGES = {
     "a parameter beyond the model": lambda t: t.__setitem__("optimizer.999.exp_avg", torch.zeros(1)),
     "a name without a field": lambda t: t.__setitem__("optimizer.x", torch.zeros(1)),
     "a step of three numbers": lambda t: t.__setitem__("optimizer.0.step", torch.zeros(3)),
+    "a field Adam has not": lambda t: t.__setitem__("optimizer.0.momentum_buffer", t["optimizer.0.step"].clone()),
+    "a step without moments": lambda t: [t.pop(k) for k in list(t) if k.startswith("optimizer.0.exp_avg")],
 }
 
 
@@ -139,7 +144,7 @@ STATE_CHANGES = {
 def test_foreign_optimizer_state(run_dir, case):
     _tamper_state(run_dir, STATE_CHANGES[case])
     outcome = bounded(f"state {case}", "train", "--resume", run_dir, "--max-steps", "3", "--quiet")
-    assert_clean(outcome, 1, "state.safetensors", "do not fit")
+    assert_clean(outcome, 1, "state.safetensors", "are not Adam's state")
 
 
 @pytest.mark.parametrize("case", ["duplicated group", "a parameter twice", "a group too few"])

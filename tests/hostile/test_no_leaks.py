@@ -149,3 +149,49 @@ def test_wrong_values_in_checkpoint_json_are_named_by_field(run_dir, file, chang
     path.write_text(json.dumps(data), encoding="utf-8")
     outcome = bounded(f"json-{file}", "translate", run_dir, "1 2")
     assert_clean(outcome, 1, path.name, absent=(SECRET,))
+
+
+NAME = SECRET.replace("-", "_")  # the canary as a key a spec accepts as a node name
+TOKENS = "{type: token_embedding, params: {vocab: 20, dim: 8}, in: tokens}"
+
+
+@pytest.mark.parametrize(
+    ("base", "fragments"),
+    [
+        (f"vars: {{d_model: 8}}\n{SECRET}: 1\n{SECRET}: 2\n", ("base.yaml:3", "duplicate key")),
+        (f"description: !{SECRET} x\n", ("base.yaml:1", "YAML tag")),
+        (f"a: &{SECRET} 1\nb: &{SECRET} 2\n", ("base.yaml:2", "YAML syntax error")),
+        (
+            f"nodes:\n  {NAME}: {TOKENS}\n  dangling: {{type: generator, params: {{d_model: 8, vocab: 20}}, in: x}}\n",
+            ("base.yaml:3", "is not a node or input here"),
+        ),
+        (
+            f"nodes:\n  {NAME}: {{type: token_embedding, params: {{vocab: 20, dim: ['{SECRET}']}}, in: tokens}}\n",
+            ("base.yaml:2", "Input should be a valid integer"),
+        ),
+        (f"extends: {SECRET}.yaml\n", ("base.yaml:1", "base spec not found")),
+    ],
+    ids=["duplicate-key", "yaml-tag", "syntax-error", "unknown-ref", "wrong-type", "missing-base-of-base"],
+)
+def test_mistakes_in_a_base_spec_are_located_not_quoted(tmp_path, base, fragments):
+    """Each mistake names the base file and line, never its keys, values or node names."""
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(base, encoding="utf-8")
+    spec = tiny_spec(folder, replace={"name: tiny": "name: tiny\nextends: base.yaml"})
+    for command in ("validate", "build"):
+        outcome = bounded(f"extends-mistake-{command}", command, spec)
+        assert_clean(outcome, 1, *fragments, absent=(SECRET, NAME))
+
+
+def test_a_hint_in_the_spec_lists_no_name_of_its_base(tmp_path):
+    """A mistake in the spec itself may list its names, never those of the base it extends."""
+    folder = tmp_path / "spec"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(f"vars: {{{NAME}: 1}}\nnodes:\n  {NAME}: {TOKENS}\n", encoding="utf-8")
+    extends = {"name: tiny": "name: tiny\nextends: base.yaml"}
+    spec = tiny_spec(folder, "ref.yaml", replace={**extends, "outputs: generator": "outputs: zz"})
+    outcome = bounded("extends-ref-hint", "validate", spec)
+    assert_clean(outcome, 1, "ref.yaml:11", "'zz' is not a node or input here", "known names: tokens", absent=(NAME,))
+    outcome = bounded("extends-set-hint", "validate", tiny_spec(folder, replace=extends), "--set", "qq=1")
+    assert_clean(outcome, 1, "spec.yaml", "no variable 'qq'", "variables: vocab, d_model", absent=(NAME,))

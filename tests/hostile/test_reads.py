@@ -123,3 +123,13 @@ def test_a_huge_json_number(run_dir):
     data = json.loads(path.read_text())
     path.write_text(json.dumps(data).replace('"epoch": ', '"epoch": 1' + "0" * 5000 + ', "x": '))
     assert_clean(bounded("json-digits", "translate", run_dir, "1 2"), 1, "trainer.json")
+
+
+def test_translate_reads_standard_input_line_by_line_and_bounded(run_dir):
+    outcome = bounded("stdin-lines", "translate", run_dir, "-", stdin="1 2\n3 4\n")
+    assert_clean(outcome, 0)
+    assert len(outcome.stdout.splitlines()) == 2
+    endless = "1 " * (1 << 20)  # 2 MiB on one line, no newline
+    assert_clean(bounded("stdin-endless-line", "translate", run_dir, "-", stdin=endless), 1, "<stdin>:1", "longer")
+    garbage = b"1 2\n\xff\xfe 3\n"
+    assert_clean(bounded("stdin-not-utf8", "translate", run_dir, "-", stdin=garbage), 1, "<stdin>:2", "not UTF-8")

@@ -68,7 +68,7 @@ def test_a_lock_file_that_is_not_a_file(tmp_path):
     run.mkdir()
     (run / rundir.LOCK).symlink_to("/etc/passwd")
     outcome = bounded("lock-symlink", "train", TRANSFORMER, "--task", "copy", "--out", run, *TINY)
-    assert_clean(outcome, 1, "cannot write the training run directory")
+    assert_clean(outcome, 1, "is not a training run directory")  # a link is nothing a run writes
 
 
 def test_metrics_that_are_not_a_file_are_never_written(tmp_path):
@@ -78,7 +78,7 @@ def test_metrics_that_are_not_a_file_are_never_written(tmp_path):
     (run / rundir.METRICS).unlink()
     (run / rundir.METRICS).symlink_to(victim)
     outcome = bounded("metrics-symlink", "train", "--resume", run, "--max-steps", "3", "--quiet")
-    assert_clean(outcome, 1, "metrics.jsonl")
+    assert_clean(outcome, 1, "is not a training run directory")
     assert victim.read_text() == "keep"
 
 
@@ -107,7 +107,7 @@ def test_a_concrete_length_beyond_max_len_is_an_error_of_validate(tmp_path):
 @pytest.mark.parametrize("value", ["10" * 200, "99999999999999999999", "2147483648", "-3", "0", "²", "1e9", "abc", "٣"])
 def test_unusable_dimension_sizes(value):
     outcome = bounded("dim-size", "inspect", ROOT / "specs" / "tiny_encoder.yaml", "--dim", f"seq={value}")
-    assert_clean(outcome, 2, "sizes are integers from 1 to")
+    assert_clean(outcome, 1, "sizes are integers from 1 to")
 
 
 def test_trial_inputs_too_large_to_allocate(tmp_path):

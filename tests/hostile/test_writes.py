@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import stat
@@ -92,6 +93,39 @@ def test_a_foreign_directory_or_file_is_never_replaced(tmp_path, command, conten
     outcome = bounded(f"{command}-out-{contents}", *COMMANDS[command](tiny_spec(tmp_path / "s"), out))
     assert_clean(outcome, 1)
     assert (out.read_text() if contents == "file" else (out / "mine.txt").read_text()) == "mine"
+
+
+def test_a_folder_of_the_users_named_like_a_saved_models_file_is_never_replaced(tmp_path):
+    spec = tiny_spec(tmp_path / "s")
+    out = tmp_path / "model"
+    assert_clean(bounded("build-first", *COMMANDS["build"](spec, out)), 0)
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").mkdir()
+    (out / "model.safetensors" / "thesis.txt").write_text("mine")
+    assert_clean(bounded("build-over-a-folder-named-weights", *COMMANDS["build"](spec, out)), 1, "is not a saved")
+    assert (out / "model.safetensors" / "thesis.txt").read_text() == "mine"
+
+
+def test_a_checkpoint_whose_model_folder_holds_the_users_files_is_never_replaced(run_dir, tmp_path):
+    other = Path(shutil.copytree(run_dir, tmp_path / "other"))
+    model = other / "checkpoint" / "model"
+    for item in model.iterdir():
+        item.unlink()
+    (model / "thesis.txt").write_text("mine")
+    outcome = bounded("resume-into-a-foreign-model-folder", "train", "--resume", run_dir, "--out", other, *TINY[-1:])
+    assert_clean(outcome, 1, "is not a training run directory")
+    assert (model / "thesis.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("beside", ["notes.txt", "checkpoint/notes.txt"])
+def test_a_folder_with_the_users_files_beside_run_names_is_no_run_directory(tmp_path, beside):
+    out = tmp_path / "mine"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    (out / beside).write_text("mine")
+    outcome = bounded(f"train-out-{beside}", *COMMANDS["train"](None, out))
+    assert_clean(outcome, 1, "is not a training run directory")
+    assert (out / "metrics.jsonl").read_text() == '{"mine": 1}\n' and (out / beside).read_text() == "mine"
 
 
 def test_a_missing_parent_is_created_and_a_file_parent_refused(tmp_path):
