@@ -420,11 +420,13 @@ def blocks_show(
 
 
 def _register_training() -> None:
-    """`train` and `translate` live in the trainer package; their errors render here like every command's."""
+    """`train`, `translate` and `generate` live in the trainer package; their errors render here like every
+    command's."""
     from trainer import commands
 
     app.command("train")(user_errors(commands.train))
     app.command("translate")(user_errors(commands.translate))
+    app.command("generate")(user_errors(commands.generate))
 
 
 _register_training()

@@ -24,9 +24,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.cases import CASES, Config, Row, profile_case
+from benchmarks import cases
+from benchmarks.cases import Config, Row, profile_case
+from benchmarks.decoding import decoding_case
 from benchmarks.timing import use_clock
 
+CASES = {**cases.CASES, "decoding": decoding_case}
 RESULTS = Path(__file__).parent / "RESULTS.md"
 MARKER = "<!-- analysis: hand-written, kept when the tables above are regenerated -->"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

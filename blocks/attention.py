@@ -10,6 +10,7 @@ whose every key is masked gets all-zero weights and a zero context, as `F.scaled
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from blocks.flops import linear, multi_head
 from blocks.positional import apply_rotary, rotary_angles
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import StepCache, Stepping
 from blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
 
 
@@ -58,6 +60,7 @@ def combine_masks(
     device: torch.device,
     window: int | None = None,
     bias: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor | None:
     """One mask for `scaled_dot_product_attention`: bool (True = may attend) or additive float.
 
@@ -65,13 +68,14 @@ def combine_masks(
     [batch, key_len]; `attn_mask` broadcasts against [batch, heads, query_len, key_len]. Causal is top-left
     aligned (query i sees keys 0..i), as `is_causal` in `F.scaled_dot_product_attention`; a `window` keeps
     keys i-window < j only (Mistral's sliding window). `bias` (a float broadcasting to the scores, such as
-    T5's relative position bias) is added where attending is allowed.
+    T5's relative position bias) is added where attending is allowed. With `offset`, query i is position
+    offset + i (the new positions of a decoding step, after `offset` cached keys).
     """
     allowed: torch.Tensor | None = None
     if key_padding_mask is not None:
         allowed = ~key_padding_mask[:, None, None, :]
     if causal or window is not None:
-        i = torch.arange(query_len, device=device)[:, None]
+        i = torch.arange(offset, offset + query_len, device=device)[:, None]
         j = torch.arange(key_len, device=device)[None, :]
         near = j <= i if causal else torch.ones(query_len, key_len, dtype=torch.bool, device=device)
         if window is not None:
@@ -170,6 +174,30 @@ class ScaledDotProductAttention(Block):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mask = combine_masks(query.size(-2), key.size(-2), None, mask, self.causal, query.device)
         return attention(query, key, value, mask, self.dropout if self.training else 0.0)
+
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
+        """Causal attention over growing keys keeps them; fixed keys are attended by each new query alone."""
+        if not ports.get("query") or "mask" in ports or ports.get("key") != ports.get("value"):
+            return None
+        if ports.get("key"):
+            return "state" if p.causal else None
+        return None if p.causal else "positions"
+
+    def step(
+        self,
+        cache: StepCache,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new queries against every key and value so far (appended to the cache)."""
+        start = cache.length
+        cache.length += query.size(-2)
+        key, value = cache.extend("k", key, dim=-2), cache.extend("v", value, dim=-2)
+        mask = combine_masks(query.size(-2), key.size(-2), None, None, self.causal, query.device, offset=start)
+        return attention(query, key, value, mask)
 
 
 @register("multi_head_attention", family="attention")
@@ -354,19 +382,80 @@ class MultiHeadAttention(Block):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         key = query if key is None else key
         value = key if value is None else value
-        b, t_q, _ = query.shape
-        q = self.w_q(query).view(b, t_q, self.heads, self.d_k).transpose(1, 2)
-        k = self.w_k(key).view(b, -1, self.kv_heads, self.d_k).transpose(1, 2)
-        v = self.w_v(value).view(b, -1, self.kv_heads, self.d_k).transpose(1, 2)
+        q, (k, v) = self.heads_of(self.w_q, query, self.heads), self.keys_values(key, value)
         if self.rotary_dim:
             if positions is None:
-                positions = torch.arange(t_q, device=query.device)
-            cos, sin = rotary_angles(positions, self.rotary_dim, self.rotary_base)
-            q = apply_rotary(q, cos, sin, self.rotary_interleaved)
-            k = apply_rotary(k, cos, sin, self.rotary_interleaved)
+                positions = torch.arange(query.size(1), device=query.device)
+            q, k = self.rotate(q, positions), self.rotate(k, positions)
         y, weights = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias)
-        y = self.w_o(y.transpose(1, 2).reshape(b, t_q, self.heads * self.d_k))
-        return (y, weights) if self.need_weights else y
+        return self.merge(y, weights)
+
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
+        """Causal self-attention keeps its keys and values; attention to a fixed memory projects it once."""
+        itself = ports.get("key", True)  # no key, or a growing one: self-attention
+        if not ports.get("query") or "attn_mask" in ports:
+            return None
+        if itself:  # every other connected port must grow with the queries and keys
+            fixed = any(
+                ports.get(port) is False for port in ("value", "key_padding_mask", "positions", "position_bias")
+            )
+            return "state" if p.causal and not fixed else None
+        grows = any(ports.get(port) for port in ("value", "key_padding_mask"))  # they go with the fixed keys
+        bias = ports.get("position_bias", True)  # a bias has a row per query: it must grow with them
+        return None if grows or not bias or p.rotary_dim or "positions" in ports else "state"
+
+    def step(
+        self,
+        cache: StepCache,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """New queries against every key so far: a self-attention appends the new keys and values to its cache
+        (allocated once for all steps, kv_heads wide); a cross-attention projects the memory at the first step."""
+        start = cache.length
+        cache.length += query.size(1)
+        q = self.heads_of(self.w_q, query, self.heads)
+        if key is None or cache.grows("key"):
+            key = query if key is None else key
+            k, v = self.keys_values(key, key if value is None else value)
+            if self.rotary_dim:
+                if positions is None:
+                    positions = torch.arange(start, start + query.size(1), device=query.device)
+                q, k = self.rotate(q, positions), self.rotate(k, positions)
+            k, v = cache.extend("k", k, dim=2), cache.extend("v", v, dim=2)
+            if key_padding_mask is not None:
+                key_padding_mask = cache.extend("pad", key_padding_mask, dim=1)
+        else:
+            if "k" not in cache.tensors:
+                cache.tensors["k"], cache.tensors["v"] = self.keys_values(key, key if value is None else value)
+            k, v = cache.tensors["k"], cache.tensors["v"]
+        y, weights = self.attend(q, k, v, key_padding_mask, None, position_bias, offset=start)
+        return self.merge(y, weights)
+
+    @staticmethod
+    def heads_of(projection: nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """[batch, len, d_model] → projected, [batch, heads, len, head_dim]."""
+        b, t, _ = x.shape
+        return projection(x).view(b, t, heads, -1).transpose(1, 2)
+
+    def keys_values(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads_of(self.w_k, key, self.kv_heads), self.heads_of(self.w_v, value, self.kv_heads)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = rotary_angles(positions, self.rotary_dim, self.rotary_base)
+        return apply_rotary(x, cos, sin, self.rotary_interleaved)
+
+    def merge(self, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Heads [batch, heads, len, head_dim] concatenated, then W_O (and the weights, when asked for)."""
+        b, _, t, _ = y.shape
+        y = self.w_o(y.transpose(1, 2).reshape(b, t, self.heads * self.d_k))
+        return (y, weights) if self.need_weights else y  # type: ignore[return-value]
 
     def attend(
         self,
@@ -376,21 +465,26 @@ class MultiHeadAttention(Block):
         key_padding_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         position_bias: torch.Tensor | None,
+        offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Heads [batch, heads, len, head_dim] in, heads out: SDPA's fused kernel, or explicit with weights."""
+        """Heads [batch, heads, len, head_dim] in, heads out: SDPA's fused kernel, or explicit with weights.
+
+        `offset`: the queries are positions offset, offset + 1, … (a decoding step after `offset` cached keys).
+        """
         dropout = self.dropout if self.training else 0.0
         grouped = self.kv_heads != self.heads
+        b, _, t_q, _ = q.shape
+        causal = self.causal and not (offset and t_q == 1)  # the newest position alone sees every key so far
         unmasked = key_padding_mask is None and attn_mask is None and position_bias is None and self.window is None
-        if unmasked and not self.need_weights:  # no mask tensor at all; causality is SDPA's own flag (top-left)
+        if unmasked and not self.need_weights and not (causal and offset):  # SDPA's own causal flag is top-left
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, is_causal=self.causal, scale=self.scale, enable_gqa=grouped
+                q, k, v, dropout_p=dropout, is_causal=causal, scale=self.scale, enable_gqa=grouped
             )
             return y, None
-        b, _, t_q, _ = q.shape
         if attn_mask is not None and attn_mask.dim() == 3:  # [batch·heads, q, k] → [batch, heads, q, k]
             attn_mask = attn_mask.view(b, self.heads, t_q, -1)
         mask = combine_masks(
-            t_q, k.size(2), key_padding_mask, attn_mask, self.causal, q.device, self.window, position_bias
+            t_q, k.size(2), key_padding_mask, attn_mask, causal, q.device, self.window, position_bias, offset
         )
         if self.need_weights:
             if grouped:
@@ -520,6 +614,12 @@ class SourceAttention(Block):
             return self.v_a(torch.tanh((h_t @ w_h.T)[:, :, None] + keys[:, None])).squeeze(-1)
         return self.v_a(torch.tanh(self.w_a(h_t)[:, :, None] + keys[:, None])).squeeze(-1)
 
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
+        """Each decoder state attends the fixed encoder states alone."""
+        fixed = not (ports.get("memory") or ports.get("memory_padding_mask"))
+        return "positions" if ports.get("query") and fixed else None
+
     @staticmethod
     def mask_padding(scores: torch.Tensor, memory_padding_mask: torch.Tensor | None) -> torch.Tensor:
         if memory_padding_mask is None:
@@ -627,21 +727,46 @@ class LocalAttention(SourceAttention):
             self.w_p = nn.Linear(p.d_query, p.d_p or p.d_query, bias=False)
             self.v_p = nn.Linear(p.d_p or p.d_query, 1, bias=False)
 
-    def aligned_position(self, h_t: torch.Tensor, source_len: torch.Tensor) -> torch.Tensor:
-        """p_t, [batch, tgt_len]: S·sigmoid(v_pᵀ tanh(W_p h_t)) (predictive) or t clipped to S − 1 (monotonic)."""
+    def aligned_position(self, h_t: torch.Tensor, source_len: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """p_t, [batch, tgt_len]: S·sigmoid(v_pᵀ tanh(W_p h_t)) (predictive) or t clipped to S − 1 (monotonic);
+        the queries are target positions start, start + 1, …"""
         if self.mode == "predictive":
             return source_len[:, None] * torch.sigmoid(self.v_p(torch.tanh(self.w_p(h_t)))).squeeze(-1)
-        t = torch.arange(h_t.size(1), device=h_t.device, dtype=h_t.dtype)
+        t = torch.arange(start, start + h_t.size(1), device=h_t.device, dtype=h_t.dtype)
         return torch.minimum(t[None, :], source_len[:, None] - 1)
+
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
+        """As the other attentions; local-m also counts the target positions (p_t = t)."""
+        by_query = super().stepping(p, ports)
+        return "state" if by_query and p.mode == "monotonic" else by_query
+
+    def step(
+        self,
+        cache: StepCache,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new decoder states, at their target positions."""
+        start = cache.length
+        cache.length += query.size(1)
+        return self.attend_from(start, query, memory, memory_padding_mask)
 
     def forward(
         self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attend_from(0, query, memory, memory_padding_mask)
+
+    def attend_from(
+        self, start: int, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_t, a_t) for the decoder states of target positions start, start + 1, …"""
         b, src_len = memory.shape[:2]
         source_len = torch.full((b,), src_len, dtype=query.dtype, device=query.device)
         if memory_padding_mask is not None:
             source_len = (~memory_padding_mask).sum(-1).to(query.dtype)
-        p_t = self.aligned_position(query, source_len)
+        p_t = self.aligned_position(query, source_len, start)
         distance = torch.arange(src_len, device=query.device, dtype=query.dtype) - p_t[..., None]  # s − p_t
         scores = self.mask_padding(self.score(query, memory), memory_padding_mask)
         align = masked_softmax(scores.masked_fill(distance.abs() > self.window, float("-inf")))

@@ -10,6 +10,7 @@ from pydantic import Field
 from blocks.activations import ACTIVATIONS, ActivationName
 from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import by_position
 from blocks.types import Dim, ShapeError, TensorType, dims_equal, format_dim, format_shape
 
 
@@ -53,6 +54,8 @@ class Concat(Block):
         return a.with_last(sum((t.shape[-1] for _, t in parts[1:]), a.shape[-1]))
 
     flops = no_flops
+
+    stepping = by_position
 
     def forward(
         self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None, d: torch.Tensor | None = None
@@ -125,6 +128,8 @@ class Activation(Block):
         return x
 
     flops = no_flops
+
+    stepping = by_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ACTIVATIONS[self.function](x)

@@ -10,6 +10,7 @@ from torch import nn
 
 from blocks.flops import linear, no_flops, tokens
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import by_position
 from blocks.types import TensorType, expect_last, expect_same_shape
 
 
@@ -39,6 +40,8 @@ class Linear(Block):
         """2·tokens·in_features·out_features."""
         return linear(tokens(inputs["x"].shape), p.in_features, p.out_features)
 
+    stepping = by_position
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
 
@@ -57,6 +60,8 @@ class Dropout(Block):
         self.drop = nn.Dropout(p.p)
 
     flops = no_flops
+
+    stepping = by_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(x)
@@ -77,6 +82,8 @@ class Add(Block):
 
     flops = no_flops
 
+    stepping = by_position
+
     def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
         return x + sublayer
 
@@ -95,6 +102,8 @@ class Scale(Block):
         self.factor = p.factor
 
     flops = no_flops
+
+    stepping = by_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.factor

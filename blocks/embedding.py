@@ -13,6 +13,7 @@ from torch import nn
 
 from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register, weights_follow
+from blocks.stepping import by_position
 from blocks.types import TensorType
 from common.errors import BlockgraphError, SpecError
 from common.files import FileKind, GiB, KiB, MiB, read_lines
@@ -199,6 +200,8 @@ class TokenEmbedding(Block):
         return TensorType((*tokens.shape, p.dim), torch.float32)
 
     flops = no_flops
+
+    stepping = by_position
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.lut(tokens)

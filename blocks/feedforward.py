@@ -11,6 +11,7 @@ from torch import nn
 from blocks.activations import ACTIVATIONS, ActivationName
 from blocks.flops import linear, tokens
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import by_position
 from blocks.types import TensorType, expect_last
 
 
@@ -58,6 +59,8 @@ class FeedForward(Block):
     def flops(cls, p: FeedForwardParams, inputs: dict, outputs: tuple) -> Any:
         """W_1 and W_2 (and W_3 when gated): 2 (3) · 2·tokens·d_model·d_ff."""
         return (3 if p.gated else 2) * linear(tokens(inputs["x"].shape), p.d_model, p.d_ff)
+
+    stepping = by_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.activation(self.w_1(x))

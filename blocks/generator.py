@@ -11,6 +11,7 @@ from torch import nn
 
 from blocks.flops import linear, tokens
 from blocks.registry import Block, BlockParams, register
+from blocks.stepping import by_position
 from blocks.types import TensorType, expect_last
 
 
@@ -49,6 +50,8 @@ class Generator(Block):
     def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
         """The projection: 2·tokens·d_model·vocab (softmax is not counted)."""
         return linear(tokens(inputs["x"].shape), p.d_model, p.vocab)
+
+    stepping = by_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.proj(x) + self.bias if self.fixed_bias else self.proj(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from blocks.attention import MultiHeadAttention
 from blocks.feedforward import FeedForward
 from blocks.flops import linear, multi_head, tokens
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import StepCache, Stepping
 from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim
 
 
@@ -241,17 +243,56 @@ class DecoderLayer(Block):
         memory_key_padding_mask: torch.Tensor | None = None,
         tgt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        masks = {"key_padding_mask": tgt_key_padding_mask, "attn_mask": tgt_mask}
+        def attend_self(h: torch.Tensor) -> torch.Tensor:
+            return self.self_attn(h, key_padding_mask=tgt_key_padding_mask, attn_mask=tgt_mask)
+
+        def attend_memory(h: torch.Tensor) -> torch.Tensor:
+            return self.cross_attn(h, memory, memory, key_padding_mask=memory_key_padding_mask)  # type: ignore[misc]
+
+        return self.layer(x, attend_self, attend_memory)
+
+    @classmethod
+    def stepping(cls, p: DecoderParams, ports: Mapping[str, bool]) -> Stepping | None:
+        """The self-attention keeps its keys and values, the cross-attention the memory's."""
+        fixed = not (ports.get("memory") or ports.get("memory_key_padding_mask"))
+        return "state" if ports.get("x") and fixed and "tgt_mask" not in ports else None
+
+    def step(
+        self,
+        cache: StepCache,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        tgt_key_padding_mask: torch.Tensor | None = None,
+        memory_key_padding_mask: torch.Tensor | None = None,
+        tgt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layer over the new positions: each attention keeps its own cache."""
+        own = cache.child("self_attn", {"query": True, "key_padding_mask": True})
+        cross = cache.child("cross_attn", {"query": True, "key": False, "value": False, "key_padding_mask": False})
+
+        def attend_self(h: torch.Tensor) -> torch.Tensor:
+            return self.self_attn.step(own, h, key_padding_mask=tgt_key_padding_mask)
+
+        def attend_memory(h: torch.Tensor) -> torch.Tensor:
+            return self.cross_attn.step(cross, h, memory, memory, key_padding_mask=memory_key_padding_mask)  # type: ignore[union-attr]
+
+        return self.layer(x, attend_self, attend_memory)
+
+    def layer(
+        self,
+        x: torch.Tensor,
+        attend_self: Callable[[torch.Tensor], torch.Tensor],
+        attend_memory: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The equations of the layer, whichever way its attentions run (whole sequences or decoding steps)."""
         if self.norm_first:
-            x = x + _dropout(self.dropout1, self.self_attn(self.norm1(x), **masks))
+            x = x + _dropout(self.dropout1, attend_self(self.norm1(x)))
             if self.cross_attn is not None:
-                h = self.cross_attn(self.norm2(x), memory, memory, key_padding_mask=memory_key_padding_mask)
-                x = x + _dropout(self.dropout2, h)
+                x = x + _dropout(self.dropout2, attend_memory(self.norm2(x)))
             last = self.norm3 if self.norm3 is not None else self.norm2
             return x + _dropout(self.dropout3, self.ffn(last(x)))
-        x = self.norm1(x + _dropout(self.dropout1, self.self_attn(x, **masks)))
+        x = self.norm1(x + _dropout(self.dropout1, attend_self(x)))
         if self.cross_attn is not None:
-            h = self.cross_attn(x, memory, memory, key_padding_mask=memory_key_padding_mask)
-            x = self.norm2(x + _dropout(self.dropout2, h))
+            x = self.norm2(x + _dropout(self.dropout2, attend_memory(x)))
         last = self.norm3 if self.norm3 is not None else self.norm2
         return last(x + _dropout(self.dropout3, self.ffn(x)))

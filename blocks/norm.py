@@ -10,6 +10,7 @@ from torch import nn
 
 from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import by_position
 from blocks.types import TensorType, expect_last, expect_same_shape
 
 
@@ -40,6 +41,8 @@ class LayerNorm(Block):
         return x
 
     flops = no_flops
+
+    stepping = by_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -86,6 +89,8 @@ class AddNorm(Block):
 
     flops = no_flops
 
+    stepping = by_position
+
     def forward(self, x: torch.Tensor, sublayer: torch.Tensor) -> torch.Tensor:
         if self.dropout.training and self.dropout.p > 0:  # an inactive dropout is skipped: no module call per forward
             sublayer = self.dropout(sublayer)
@@ -129,6 +134,8 @@ class BatchNorm(Block):
 
     flops = no_flops
 
+    stepping = by_position
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             return self.norm(x)
@@ -163,6 +170,8 @@ class RMSNorm(Block):
         return x
 
     flops = no_flops
+
+    stepping = by_position
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

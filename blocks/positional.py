@@ -4,6 +4,7 @@ attention applies to queries and keys, and T5's relative position bias added to 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from blocks.flops import no_flops
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import StepCache, Stepping
 from blocks.types import Limit, TensorType, expect_last
 
 
@@ -76,6 +78,16 @@ class SinusoidalPosition(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe[:, : x.size(1)])
 
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping:
+        return "state"
+
+    def step(self, cache: StepCache, x: torch.Tensor) -> torch.Tensor:
+        """The new positions read the table from where the last step stopped."""
+        start = cache.length
+        cache.length += x.size(1)
+        return self.dropout(x + self.pe[:, start : cache.length])
+
 
 @register("learned_position", family="positional")
 class LearnedPosition(Block):
@@ -119,6 +131,16 @@ class LearnedPosition(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(x + self.pe.weight[self.offset : self.offset + x.size(1)])
+
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping:
+        return "state"
+
+    def step(self, cache: StepCache, x: torch.Tensor) -> torch.Tensor:
+        """The new positions read the rows from where the last step stopped."""
+        start = self.offset + cache.length
+        cache.length += x.size(1)
+        return self.dropout(x + self.pe.weight[start : start + x.size(1)])
 
 
 def rotary_angles(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +230,22 @@ class RelativePositionBias(Block):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
         key = query if key is None else key
-        i = torch.arange(query.size(1), device=query.device)[:, None]
-        j = torch.arange(key.size(1), device=query.device)[None, :]
+        return self.between(0, query.size(1), key.size(1))
+
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
+        return "state" if ports.get("query") else None
+
+    def step(self, cache: StepCache, query: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows of the new query positions: over every key so far (self-attention), or the fixed keys."""
+        start = cache.length
+        cache.length += query.size(1)
+        keys = cache.length if key is None or cache.grows("key") else key.size(1)
+        return self.between(start, query.size(1), keys)
+
+    def between(self, start: int, queries: int, keys: int) -> torch.Tensor:
+        """[1, heads, queries, keys]: the bias of query positions start … start + queries − 1 against keys 0 …"""
+        device = self.relative_attention_bias.weight.device
+        i = torch.arange(start, start + queries, device=device)[:, None]
+        j = torch.arange(keys, device=device)[None, :]
         return self.relative_attention_bias(self.bucket(j - i)).permute(2, 0, 1).unsqueeze(0)

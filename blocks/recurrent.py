@@ -16,6 +16,7 @@ either says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -27,6 +28,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from blocks.attention import GlobalAttention
 from blocks.flops import linear
 from blocks.registry import Block, BlockParams, Port, register
+from blocks.stepping import StepCache, Stepping
 from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
 
 State = tuple[torch.Tensor, ...]
@@ -70,6 +72,7 @@ class Recurrent(Block):
     Params = RecurrentParams
     gates: ClassVar[int] = 1
     states: ClassVar[tuple[str, ...]] = ("h",)
+    initial_ports: ClassVar[tuple[str, ...]] = ("h0",)
     fold_hidden_bias: ClassVar[bool] = True  # b_hh may join b_ih outside the loop (not in a GRU: r ⊙ (W_hn h + b_hn))
 
     @classmethod
@@ -162,6 +165,27 @@ class Recurrent(Block):
             )
         y = x.with_shape(batch, seq, p.hidden_size * directions)
         return (y, *(TensorType(state_shape, x.dtype) for _ in cls.states))
+
+    # --- decoding step by step ---------------------------------------------------------------------------------
+
+    @classmethod
+    def stepping(cls, p: RecurrentParams, ports: Mapping[str, bool]) -> Stepping | None:
+        """A one-way recurrence carries its state from one step to the next."""
+        fixed_start = not any(ports.get(name) for name in cls.initial_ports)
+        return "state" if ports.get("x") and not p.bidirectional and "lengths" not in ports and fixed_start else None
+
+    def carried(self, cache: StepCache, given: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+        """The state the last step left, or at the first step the given initial one (None: zeros)."""
+        if not cache.length:
+            return given
+        return tuple(cache.tensors[name].transpose(0, 1) for name in self.states)
+
+    def keep(self, cache: StepCache, x: torch.Tensor, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Remember the final state of this step (batch first, as caches hold everything) for the next one."""
+        cache.length += x.size(1)
+        for name, state in zip(self.states, out[1:], strict=True):
+            cache.tensors[name] = state.transpose(0, 1)
+        return out
 
     # --- forward ----------------------------------------------------------------------------------------------
 
@@ -270,6 +294,17 @@ class HiddenStateRecurrent(Recurrent):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.run(x, (h0,), lengths, mask)
 
+    def step(
+        self,
+        cache: StepCache,
+        x: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The recurrence over the new positions, from the state the last step left."""
+        return self.keep(cache, x, self.forward(x, *self.carried(cache, (h0,)), lengths, mask))
+
 
 @register("rnn", family="recurrent")
 class RNN(HiddenStateRecurrent):
@@ -321,6 +356,7 @@ class LSTM(Recurrent):
 
     gates = 4
     states = ("h", "c")
+    initial_ports = ("h0", "c0")
     in_ports = (
         X_PORT,
         state_port("h0", "hidden state"),
@@ -378,6 +414,18 @@ class LSTM(Recurrent):
         if self.implementation == "gates":
             return self.run(x, (h0, c0), lengths, mask)
         return self.fused(x, self.initial_state(x, (h0, c0)), real_lengths(lengths, mask, x.size(1)))
+
+    def step(
+        self,
+        cache: StepCache,
+        x: torch.Tensor,
+        h0: torch.Tensor | None = None,
+        c0: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The LSTM over the new positions, from the (h, c) the last step left."""
+        return self.keep(cache, x, self.forward(x, *self.carried(cache, (h0, c0)), lengths, mask))
 
     def fused(
         self, x: torch.Tensor, hx: State, lengths: torch.Tensor | None
@@ -529,19 +577,62 @@ class InputFeedingDecoder(Block):
         h0: torch.Tensor | None = None,
         c0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b = x.size(0)
-        shape = (self.lstm.num_layers, b, self.lstm.hidden_size)
-        state = (
-            h0 if h0 is not None else x.new_zeros(shape),
-            c0 if c0 is not None else x.new_zeros(shape),
+        y, weights, _ = self.decode(x, memory, memory_padding_mask, self.start(x, h0, c0), self.attn.keys(memory))
+        return y, weights
+
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
+        """The loop simply goes on: (h, c) and h̃ are carried, the memory's side of the score kept."""
+        fixed = not any(ports.get(name) for name in ("memory", "memory_padding_mask", "h0", "c0"))
+        return "state" if ports.get("x") and fixed else None
+
+    def step(
+        self,
+        cache: StepCache,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None = None,
+        h0: torch.Tensor | None = None,
+        c0: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder over the new positions, from where the last step left it."""
+        if not cache.length:
+            h, c, attentional = self.start(x, h0, c0)
+            cache.tensors["keys"] = self.attn.keys(memory)
+        else:
+            h, c = (cache.tensors[name].transpose(0, 1) for name in ("h", "c"))
+            attentional = cache.tensors["attentional"]
+        cache.length += x.size(1)
+        y, weights, (h, c, attentional) = self.decode(
+            x, memory, memory_padding_mask, (h, c, attentional), cache.tensors["keys"]
         )
-        attentional = x.new_zeros(b, 1, self.lstm.hidden_size)  # h̃_0
-        keys = self.attn.keys(memory)  # the memory's side of the score, once for all steps
+        cache.tensors.update(h=h.transpose(0, 1), c=c.transpose(0, 1), attentional=attentional)
+        return y, weights
+
+    def start(
+        self, x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_0, c_0), zeros unless given, and h̃_0 = 0."""
+        shape = (self.lstm.num_layers, x.size(0), self.lstm.hidden_size)
+        h = h0 if h0 is not None else x.new_zeros(shape)
+        c = c0 if c0 is not None else x.new_zeros(shape)
+        return h, c, x.new_zeros(x.size(0), 1, self.lstm.hidden_size)
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
+        state: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The loop over the positions of x from `state` (h, c, h̃); `keys` is the memory's side of the score."""
+        h, c, attentional = state
         outputs, weights = [], []
         for y_t in x.split(1, dim=1):
-            h_t, state = self.lstm(torch.cat((y_t, attentional), dim=-1), state)
+            h_t, (h, c) = self.lstm(torch.cat((y_t, attentional), dim=-1), (h, c))
             c_t, a_t = self.attn.attend(h_t, memory, keys, memory_padding_mask)
             attentional = torch.tanh(self.w_c(torch.cat((c_t, h_t), dim=-1)))
             outputs.append(self.dropout(attentional))
             weights.append(a_t)
-        return torch.cat(outputs, dim=1), torch.cat(weights, dim=1)
+        return torch.cat(outputs, dim=1), torch.cat(weights, dim=1), (h, c, attentional)

@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from blocks.stepping import StepCache, Stepping
 from blocks.types import DtypeKind, Limit, TensorType
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -107,6 +108,16 @@ class Block(nn.Module):
     def flops(cls, params: Any, inputs: dict[str, TensorType | None], outputs: tuple[TensorType, ...]) -> Any:
         """Forward FLOPs as an expression of the dimensions; None where not counted."""
         return None
+
+    @classmethod
+    def stepping(cls, params: Any, ports: Mapping[str, bool]) -> Stepping | None:
+        """How the block decodes step by step when the connected `ports` grow (True) or stay fixed (False):
+        "positions", "state" (it implements `step`) or None, it cannot (see blocks.stepping); None by default."""
+        return None
+
+    def step(self, cache: StepCache, *inputs: Any, **named: Any) -> Any:
+        """`forward` for the new positions of the growing ports, keeping in `cache` what later steps need."""
+        raise NotImplementedError(f"{type(self).__name__} does not step")
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,10 @@ def _check_definition(name: str, cls: type[Block]) -> None:
         raise RegistrationError(f"{where}: forward{tuple(signature)} must take the in_ports {tuple(declared)}")
     if not cls.out_ports:
         raise RegistrationError(f"{where}: declares no out_ports")
+    if cls.step is not Block.step:
+        stepped = list(inspect.signature(cls.step).parameters)[1:]
+        if stepped != ["cache", *declared]:
+            raise RegistrationError(f"{where}: step{tuple(stepped)} must take cache, then the in_ports")
 
 
 REGISTRY = Registry()

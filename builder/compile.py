@@ -13,6 +13,7 @@ import itertools
 import keyword
 import linecache
 import re
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -113,13 +114,19 @@ def _tie(model: nn.Module, graph: Graph) -> None:
 _SOURCES = itertools.count(1)  # one linecache key per compiled model: two models of one spec keep their own code
 
 
-def model_class(typed: TypedGraph) -> type[GraphModel]:
-    graph = typed.graph
-    code = generate_forward(graph)
-    filename = f"<blockgraph {graph.name} #{next(_SOURCES)}>"
+def load_source(code: str, label: str) -> dict[str, Any]:
+    """The functions of generated `code`, under a linecache key of their own, so tracebacks show the lines."""
+    filename = f"<blockgraph {label} #{next(_SOURCES)}>"
     namespace: dict[str, Any] = {"Tensor": torch.Tensor, "Optional": Optional}
     exec(compile(code, filename, "exec", dont_inherit=True), namespace)  # annotations evaluated, not strings
     linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    return namespace
+
+
+def model_class(typed: TypedGraph) -> type[GraphModel]:
+    graph = typed.graph
+    code = generate_forward(graph)
+    namespace = load_source(code, graph.name)
     class_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", graph.name) if part) or "Model"
     return type(
         class_name if class_name[0].isalpha() else "Model" + class_name,
@@ -162,45 +169,71 @@ class _Names:
         return name
 
 
-def generate_forward(graph: Graph) -> str:
-    """The forward as Python source: one line per block call, submodules bound from `_modules` dicts once."""
-    required = [n for n, s in graph.inputs.items() if not s.optional]
-    optional = [n for n, s in graph.inputs.items() if s.optional]
-    names = _Names({"self", "Tensor", "Optional", *graph.inputs})
-    var: dict[Endpoint, str] = {Endpoint(n): n for n in graph.inputs}
-    containers: dict[str, str] = {"": "_m"}
-    names.taken.add("_m")
-    args = [f"{n}: Tensor" for n in required] + [f"{n}: Optional[Tensor] = None" for n in optional]
-    lines = [f"def forward(self, {', '.join(args)}):", "    _m = self._modules"]
+class Emitter:
+    """The lines of one generated method: each block a call on a submodule bound from `_modules` once, each
+    value a unique Python name (`var`: the endpoint it holds), each intermediate freed after its last use."""
 
-    def container(path: str) -> str:
-        if path not in containers:
+    def __init__(self, header: str, inputs: list[str], reserved: tuple[str, ...] = ()):
+        self.names = _Names({"self", "Tensor", "Optional", "_m", *inputs, *reserved})
+        self.var: dict[Endpoint, str] = {Endpoint(n): n for n in inputs}
+        self.containers: dict[str, str] = {"": "_m"}
+        self.lines = [header, "    _m = self._modules"]
+
+    def line(self, text: str) -> None:
+        self.lines.append(f"    {text}")
+
+    def container(self, path: str) -> str:
+        if path not in self.containers:
             parent, _, last = path.rpartition(".")
-            containers[path] = names.new("m_" + path)
-            lines.append(f"    {containers[path]} = {container(parent)}[{last!r}]._modules")
-        return containers[path]
+            self.containers[path] = self.names.new("m_" + path)
+            self.line(f"{self.containers[path]} = {self.container(parent)}[{last!r}]._modules")
+        return self.containers[path]
 
-    dies_at: dict[int, list[Endpoint]] = {}
-    for endpoint, index in _last_uses(graph).items():
-        if endpoint.port:
-            dies_at.setdefault(index, []).append(endpoint)
-    for index, inst in enumerate(graph.nodes.values()):
+    def bind(self, endpoint: Endpoint, wanted: str) -> str:
+        """A new name for a value that comes from outside the calls (a decoding step's fixed values)."""
+        self.var[endpoint] = self.names.new(wanted)
+        return self.var[endpoint]
+
+    def call(self, inst: NodeInstance, method: str = "", first: str = "") -> None:
+        """`outputs = module(args)`, or `module.<method>(first, args)` (a decoding step with its cache)."""
         parent, _, last = inst.module_id.rpartition(".")
-        call_args = _call_args(inst.entry.cls.in_ports, inst.bindings, var)
+        arguments = _call_args(inst.entry.cls.in_ports, inst.bindings, self.var)
+        if first:
+            arguments = f"{first}, {arguments}" if arguments else first
         ports = inst.out_ports
         for port in ports:
-            var[Endpoint(inst.id, port.name)] = names.new(inst.id if len(ports) == 1 else f"{inst.id}_{port.name}")
-        targets = ", ".join(var[Endpoint(inst.id, p.name)] for p in ports)
-        lines.append(f"    {targets} = {container(parent)}[{last!r}]({call_args})")
-        dead = sorted(var[e] for e in dies_at.get(index, ()))
+            self.bind(Endpoint(inst.id, port.name), inst.id if len(ports) == 1 else f"{inst.id}_{port.name}")
+        targets = ", ".join(self.var[Endpoint(inst.id, p.name)] for p in ports)
+        self.line(f"{targets} = {self.container(parent)}[{last!r}]{'.' + method if method else ''}({arguments})")
+
+    def free(self, endpoints: list[Endpoint]) -> None:
+        dead = sorted(self.var[e] for e in endpoints)
         if dead:
-            lines.append(f"    del {', '.join(dead)}")
+            self.line(f"del {', '.join(dead)}")
+
+    def source(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def signature(inputs: dict[str, Any]) -> str:
+    """`a: Tensor, b: Optional[Tensor] = None` for the required, then the optional inputs."""
+    required = [f"{n}: Tensor" for n, s in inputs.items() if not s.optional]
+    return ", ".join(required + [f"{n}: Optional[Tensor] = None" for n, s in inputs.items() if s.optional])
+
+
+def generate_forward(graph: Graph) -> str:
+    """The forward as Python source: one line per block call, submodules bound from `_modules` dicts once."""
+    emit = Emitter(f"def forward(self, {signature(graph.inputs)}):", list(graph.inputs))
+    dies_at = last_uses(graph.nodes.values(), graph.outputs.values())
+    for index, inst in enumerate(graph.nodes.values()):
+        emit.call(inst)
+        emit.free(dies_at.get(index, []))
     if graph.single_output:
-        lines.append(f"    return {var[graph.outputs['output']]}")
+        emit.line(f"return {emit.var[graph.outputs['output']]}")
     else:
-        items = ", ".join(f"{name!r}: {var[ep]}" for name, ep in graph.outputs.items())
-        lines.append(f"    return {{{items}}}")
-    return "\n".join(lines) + "\n"
+        items = ", ".join(f"{name!r}: {emit.var[ep]}" for name, ep in graph.outputs.items())
+        emit.line(f"return {{{items}}}")
+    return emit.source()
 
 
 def _call_args(ports: tuple, bindings: dict[str, Endpoint | None], var: dict[Endpoint, str]) -> str:
@@ -214,15 +247,19 @@ def _call_args(ports: tuple, bindings: dict[str, Endpoint | None], var: dict[End
     return ", ".join(args)
 
 
-def _last_uses(graph: Graph) -> dict[Endpoint, int]:
-    """For each node output, the index of the last node that reads it (outputs of the model are never freed)."""
+def last_uses(nodes: Iterable[NodeInstance], kept: Iterable[Endpoint]) -> dict[int, list[Endpoint]]:
+    """Index in `nodes` → the node outputs made there or before that no later node reads (what may be freed
+    after that call); the endpoints `kept` (returned) are never freed."""
     last: dict[Endpoint, int] = {}
-    for index, inst in enumerate(graph.nodes.values()):
+    for index, inst in enumerate(nodes):
         for endpoint in inst.bindings.values():
-            if endpoint is not None:
+            if endpoint is not None and endpoint.port:
                 last[endpoint] = index
         for port in inst.out_ports:
             last.setdefault(Endpoint(inst.id, port.name), index)
-    for endpoint in graph.outputs.values():
+    for endpoint in kept:
         last.pop(endpoint, None)
-    return last
+    dies_at: dict[int, list[Endpoint]] = {}
+    for endpoint, index in last.items():
+        dies_at.setdefault(index, []).append(endpoint)
+    return dies_at

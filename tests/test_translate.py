@@ -67,11 +67,11 @@ def test_beam_translation_copies_and_lists_hypotheses(copy_run):
 
 def test_beam_of_one_is_greedy(copy_run):
     saved = checkpoint.load(copy_run)
-    model, io = saved.model.eval(), ModelIO(find_roles(saved.model.typed_graph.graph))
+    decoder = decode.Decoder(saved.model.eval(), find_roles(saved.model.typed_graph.graph))
     for sentence in [*SENTENCES, "5 5 5 5 5 5 5 5", "1 2"]:
         src = torch.tensor([[*saved.src_vocab.encode_text(sentence), EOS_ID]])
-        (greedy,) = decode.greedy(model, io, src, max_len=12)
-        best = decode.beam_search(model, io, src, beam=1, max_len=12)[0]
+        (greedy,) = decode.greedy(decoder, src, max_len=12)
+        best = decode.beam_search(decoder, src, beam=1, max_len=12)[0][0]
         assert best.tokens == greedy.tokens
         assert best.score == pytest.approx(greedy.score, abs=1e-9)
 
@@ -106,21 +106,22 @@ def _all_hypotheses(vocab: int, max_len: int):
 @pytest.mark.parametrize("seed", range(4))
 def test_beam_returns_the_best_hypothesis_it_kept(seed):
     model, io = _tiny_model(seed)
+    decoder = decode.Decoder(model, io.roles)
     src = torch.tensor([[4, 5, 6, 4, EOS_ID]])
     max_len = 3
     brute = {h: _score(model, io, src, h) for h in _all_hypotheses(7, max_len)}
     best_possible = max(brute.values())
     for beam in (2, 3):
-        kept = decode.beam_search(model, io, src, beam=beam, max_len=max_len)
+        (kept,) = decode.beam_search(decoder, src, beam=beam, max_len=max_len)
         for hyp in kept:
             assert hyp.score == pytest.approx(brute[hyp.tokens], abs=1e-6)  # the beam's score is the model's
         assert kept[0].score == max(h.score for h in kept)
         assert kept[0].score <= best_possible + 1e-6  # float32: the same sum in another order differs by ~1e-7
     # a beam as wide as the search space keeps everything: it finds the very best hypothesis
-    exact = decode.beam_search(model, io, src, beam=4**max_len, max_len=max_len)
+    (exact,) = decode.beam_search(decoder, src, beam=4**max_len, max_len=max_len)
     assert exact[0].tokens == max(brute, key=brute.get)
     assert exact[0].score == pytest.approx(best_possible, abs=1e-6)
-    (greedy,) = decode.greedy(model, io, src, max_len=max_len)
+    (greedy,) = decode.greedy(decoder, src, max_len=max_len)
     assert greedy.score == pytest.approx(brute[greedy.tokens], abs=1e-6)
     assert greedy.score <= best_possible + 1e-6  # float32 sums in another order differ by ~1e-7
 
@@ -141,3 +142,94 @@ def _score(
     log_probs = io(model, ys, src, src_pad)[0, len(start) - 1 :].double()
     picked = log_probs.gather(1, torch.tensor(list(tokens), device=device)[:, None]) if tokens else log_probs[:0, :1]
     return float(picked.sum())
+
+
+def test_a_file_translates_line_by_line_in_order(copy_run, tmp_path):
+    """Sentences of every length share batches (the model masks source padding); the output keeps their order."""
+    sentences = [*SENTENCES, "5 5 5 5 5 5 5 5", "1 2", "8 6 4"]
+    given = tmp_path / "in.txt"
+    given.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    code, by_args, stderr = _cli("translate", copy_run, *sentences)
+    assert code == 0, stderr
+    for batch in ("1", "3", "32"):
+        code, by_file, stderr = _cli("translate", copy_run, "--file", given, "--batch-size", batch)
+        assert code == 0, stderr
+        assert by_file == by_args and len(by_file.splitlines()) == len(sentences)
+    beams = [_cli("translate", copy_run, s, "--beam", "3")[1] for s in sentences]
+    code, by_file, stderr = _cli("translate", copy_run, "-f", given, "--beam", "3", "--batch-size", "4")
+    assert code == 0, stderr
+    assert by_file == "".join(beams)
+
+
+def test_file_mistakes_are_clear(copy_run, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"1 2 3\n4 \xff 5\n")
+    code, _, stderr = _cli("translate", copy_run, "--file", bad)
+    assert code == 1 and "bad.txt:2" in stderr and "not UTF-8" in stderr and "Traceback" not in stderr
+    code, _, stderr = _cli("translate", copy_run, "1 2", "--file", bad)
+    assert code == 1 and "--file" in stderr
+    code, _, stderr = _cli("translate", copy_run)
+    assert code == 1 and "no sentences" in stderr
+    code, _, stderr = _cli("generate", copy_run, "1 2")
+    assert code == 1 and "encoder–decoder" in stderr
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    """A one-layer LSTM language model trained a few epochs on the shipped English sentences (seconds)."""
+    from trainer.loop import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("lm")
+    lines = [line.split("\t")[1] for line in (SPECS / "data" / "zh_en.tsv").read_text(encoding="utf-8").splitlines()]
+    text = out / "en.txt"
+    text.write_text("\n".join(lines[:200]) + "\n", encoding="utf-8")
+    config = TrainConfig(
+        spec=str(SPECS / "lstm_lm.yaml"), overrides={"emb": 16, "hidden": 32, "layers": 1, "dropout": 0.0},
+        data=str(text), epochs=4, batch_size=16, lr=1e-2, warmup=10, valid_fraction=0.1,
+    )  # fmt: skip
+    train(config, out / "run", quiet=True)
+    return out / "run"
+
+
+PROMPTS = ["I", "We are going", "The", "I want to"]
+
+
+def test_generate_continues_prompts_in_order(lm_run, tmp_path):
+    code, stdout, stderr = _cli("generate", lm_run, *PROMPTS, "--max-new", "6")
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert len(lines) == len(PROMPTS)
+    assert all(line.startswith(prompt) for line, prompt in zip(lines, PROMPTS, strict=True))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    code, by_file, stderr = _cli("generate", lm_run, "--file", prompts, "--max-new", "6", "--batch-size", "3")
+    assert code == 0, stderr
+    assert by_file == stdout  # greedy: prompts of each length decode together, each as it would alone
+    alone = "".join(_cli("generate", lm_run, prompt, "--max-new", "6")[1] for prompt in PROMPTS)
+    assert by_file == alone
+
+
+def test_generate_samples_reproducibly_and_searches_beams(lm_run):
+    sample = ("generate", lm_run, *PROMPTS, "--max-new", "8", "--temperature", "1.5", "--top-k", "20")
+    first = _cli(*sample, "--seed", "7")
+    assert first[0] == 0, first[2]
+    assert _cli(*sample, "--seed", "7")[1] == first[1]
+    assert any(_cli(*sample, "--seed", str(seed))[1] != first[1] for seed in range(8, 12))
+    code, stdout, stderr = _cli("generate", lm_run, "I want", "--beam", "3", "--n-best", "2", "--max-new", "5")
+    assert code == 0, stderr
+    lines = [line.split("\t") for line in stdout.splitlines()]
+    assert len(lines) == 2 and all(text.startswith("I want") for _, text in lines)
+    assert float(lines[0][0]) >= float(lines[1][0])
+    code, _, stderr = _cli("generate", lm_run, "I", "--beam", "2", "--temperature", "0.7")
+    assert code == 1 and "not both" in stderr
+
+
+def test_translator_api_yields_each_sentence_in_order(lm_run):
+    from trainer.generation import Translator
+
+    notes: list[str] = []
+    translator = Translator.load(lm_run, note=notes.append)
+    results = list(translator.generate(PROMPTS, max_new=4, batch_size=2))
+    assert [len(r) for r in results] == [1] * len(PROMPTS)
+    assert all(r[0].text.startswith(p) for r, p in zip(results, PROMPTS, strict=True))
+    assert translator.decoder.reason is None and notes == []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from common.console import err, write_plain
 from common.errors import DataError, Problem, UsageError
-from common.files import FileKind, GiB, stream_lines
+from common.files import FileKind, GiB, read_lines, stream_lines
 from common.text import excerpt
 from trainer.config import RESUMABLE, command_parameters
 
@@ -95,110 +95,188 @@ def _command(function: Any, parameters: list[inspect.Parameter]) -> Any:
 train = _command(_train, [*RUN_OPTIONS, *command_parameters()])
 
 
+CheckpointArg = Annotated[
+    Path, typer.Argument(metavar="CHECKPOINT", help="A run directory of `train`, or its checkpoint/.")
+]
+TextArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="[SENTENCE]...", help="Sentences ('-': one per line from standard input).", show_default=False
+    ),
+]
+FileOpt = Annotated[Path | None, typer.Option("--file", "-f", metavar="IN.txt", help="Sentences, one per line.")]
+BatchOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Sentences decoded together.")]
+BeamOpt = Annotated[int, typer.Option(min=1, metavar="K", help="Beam size; 1 decodes greedily.")]
+AlphaOpt = Annotated[float, typer.Option(min=0.0, metavar="A", help="GNMT length penalty α of beam search (0: none).")]
+NBestOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Print this many beam hypotheses with their scores.")]
+DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="cpu or cuda.")]
+CompileOpt = Annotated[
+    bool, typer.Option("--compile", help="Run the decoding step through torch.compile (a warm-up first).")
+]
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help="Tokenizer of both sides instead of the checkpoint's: chars, words, space or MODULE:FUNCTION; "
+        "a checkpoint trained with a user tokenizer needs it named here again.",
+    ),
+]
+SrcTokenizerOpt = Annotated[str | None, typer.Option(metavar="NAME", help="As --tokenizer, for the source side only.")]
+TgtTokenizerOpt = Annotated[str | None, typer.Option(metavar="NAME", help="As --tokenizer, for the target side only.")]
+
+
 def translate(
-    checkpoint_dir: Annotated[
-        Path, typer.Argument(metavar="CHECKPOINT", help="A run directory of `train`, or its checkpoint/.")
-    ],
-    text: Annotated[
-        list[str], typer.Argument(help="Sentences to translate ('-': read lines from stdin).", show_default=False)
-    ],
-    beam: Annotated[int, typer.Option(min=1, help="Beam size; 1 decodes greedily.")] = 1,
+    checkpoint_dir: CheckpointArg,
+    text: TextArg = None,
+    file: FileOpt = None,
+    batch_size: BatchOpt = 32,
+    beam: BeamOpt = 1,
     max_len: Annotated[
-        int | None, typer.Option(min=1, help="Longest output in tokens (default: 2 × source + 10).")
+        int | None, typer.Option(min=1, metavar="N", help="Longest output in tokens (default: 2 × source + 10).")
     ] = None,
-    alpha: Annotated[float, typer.Option(min=0.0, help="GNMT length penalty α of beam search (0: none).")] = 0.0,
-    n_best: Annotated[int, typer.Option(min=1, help="Print this many beam hypotheses with their scores.")] = 1,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    tokenizer: Annotated[
-        str | None,
-        typer.Option(
-            help="Tokenizer of both sides instead of the checkpoint's: chars, words, space or MODULE:FUNCTION; "
-            "a checkpoint trained with a user tokenizer needs it named here again."
-        ),
-    ] = None,
-    src_tokenizer: Annotated[str | None, typer.Option(help="As --tokenizer, for the source side only.")] = None,
-    tgt_tokenizer: Annotated[str | None, typer.Option(help="As --tokenizer, for the target side only.")] = None,
+    alpha: AlphaOpt = 0.0,
+    n_best: NBestOpt = 1,
+    device: DeviceOpt = "cpu",
+    compile_step: CompileOpt = False,
+    tokenizer: TokenizerOpt = None,
+    src_tokenizer: SrcTokenizerOpt = None,
+    tgt_tokenizer: TgtTokenizerOpt = None,
 ) -> None:
     """Translate sentences with a trained checkpoint (greedy or beam search); a language model continues them.
 
-    A classifier's checkpoint prints each text's most likely label and its probability.
+    One line out per line in, in order, decoded `--batch-size` at a time. A classifier's checkpoint prints
+    each text's most likely label and its probability.
     """
-    import torch
-
-    from trainer import checkpoint, decode
+    from trainer import checkpoint
+    from trainer.generation import Translator
     from trainer.roles import ModelIO, Roles
-    from trainer.vocab import EOS_ID, UNK_ID
 
+    sentences = _sentences(text, file)
     saved = checkpoint.load(
         checkpoint_dir, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
     )
     roles = Roles(**saved.info["roles"])
-    io = ModelIO(roles)
-    model = saved.model.eval()
-    sentences = _stdin_lines() if text == ["-"] else text
     if roles.kind == "classify":
+        model, io = saved.model.eval(), ModelIO(roles)
         for sentence in sentences:
             label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
             write_plain(f"{label}\t{probability:.3f}")
         return
-    src_most, tgt_most = decode.length_limits(model.typed_graph, roles)
-    capped = False
-    for sentence in sentences:
-        src = prefix = None
-        if saved.src_vocab is not None:
-            ids = saved.src_vocab.encode_text(sentence)
-            if not ids:
-                raise DataError(Problem(f"nothing to translate in {excerpt(sentence)}"))
-            if src_most is not None and len(ids) + 1 > src_most:
-                raise DataError(
-                    Problem(
-                        f"{excerpt(sentence)} has {len(ids)} tokens; the model reads at most {src_most - 1}",
-                        hint="split the sentence",
-                    )
-                )
-            unknown = [t for t, i in zip(_tokens(saved.src_vocab, sentence), ids, strict=True) if i == UNK_ID]
-            if unknown:
-                err.print(f"[yellow]note:[/] not in the source vocabulary: {escape(' '.join(unknown))}")
-            src = torch.tensor([[*ids, EOS_ID]], device=device)
-            length = max_len or 2 * len(ids) + 10
-        else:
-            prefix = saved.tgt_vocab.encode_text(sentence)
-            length = max_len or 50
-        most = None if tgt_most is None else tgt_most - len(prefix or [])
-        if most is not None and length > most:
-            if most < 1:
-                raise DataError(Problem(f"the prompt fills all {tgt_most} positions of the model", hint="shorten it"))
-            if not capped:
-                err.print(f"[yellow]note:[/] outputs are capped at {most} tokens: the model has {tgt_most} positions")
-                capped = True
-            length = most
-        if beam == 1:
-            hypotheses = decode.greedy(model, io, src, max_len=length, prefix=prefix)
-        else:
-            hypotheses = decode.beam_search(
-                model, io, src, beam=beam, max_len=length, alpha=alpha, prefix=prefix, n_best=min(n_best, beam)
-            )
-        for hyp in hypotheses[:n_best]:
-            words = saved.tgt_vocab.decode_text([*(prefix or []), *hyp.tokens])
-            write_plain(f"{hyp.normalized:.3f}\t{words}" if n_best > 1 else words)
+    translator = Translator(saved, compiled=compile_step, note=_note)
+    results = translator.translate(
+        sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
+    )
+    _print(results, n_best, streamed=text in (None, ["-"]))
 
 
-def _tokens(vocab, sentence: str) -> list[str]:
-    from trainer.vocab import tokenize
+def generate(
+    checkpoint_dir: CheckpointArg,
+    text: TextArg = None,
+    file: FileOpt = None,
+    max_new: Annotated[int, typer.Option(min=1, metavar="N", help="Most new tokens per prompt.")] = 50,
+    temperature: Annotated[
+        float | None,
+        typer.Option(min=0.01, metavar="T", help="Sample at this temperature (1: the model's own distribution)."),
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(min=1, metavar="K", help="Sample among the K most likely tokens only.")
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, metavar="P", help="Sample among the most likely tokens that make up probability P."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(metavar="SEED", help="Seed of the sampling (default: a fresh one each run).")
+    ] = None,
+    beam: BeamOpt = 1,
+    alpha: AlphaOpt = 0.0,
+    n_best: NBestOpt = 1,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "cpu",
+    compile_step: CompileOpt = False,
+    tokenizer: TokenizerOpt = None,
+) -> None:
+    """Continue prompts with a trained language model: greedily, with beam search, or sampling.
 
-    return tokenize(sentence, vocab.tokenizer)
+    Sampling (with --temperature, --top-k or --top-p) draws each token from the model's distribution, so the
+    same --seed gives the same text. Each prompt's continuation is printed after the prompt, one line per prompt.
+    """
+    from trainer.generation import Translator
+
+    prompts = _sentences(text, file)
+    translator = Translator.load(
+        checkpoint_dir, device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
+    )
+    if translator.seq2seq:
+        raise UsageError(Problem("this checkpoint is an encoder–decoder", hint="translate with `blockgraph translate`"))
+    results = translator.generate(
+        prompts, max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        beam=beam, alpha=alpha, n_best=n_best, batch_size=batch_size,
+    )  # fmt: skip
+    _print(results, n_best, streamed=text in (None, ["-"]))
+
+
+def _note(text: str) -> None:
+    err.print(f"[yellow]note:[/] {escape(text)}")
+
+
+def _sentences(text: list[str] | None, file: Path | None) -> Iterator[str]:
+    """The sentences of the arguments, of standard input ('-') or of --file, one per line (bounded)."""
+    if file is not None:
+        if text:
+            raise UsageError(Problem("sentences given both as arguments and with --file", hint="give one of them"))
+        return _lines(read_lines(file, SENTENCES), str(file))
+    if not text:
+        raise UsageError(Problem("no sentences", hint="give them as arguments, '-' for standard input, or --file"))
+    if text == ["-"]:
+        import sys
+
+        return _lines(stream_lines(sys.stdin.buffer, "<stdin>", SENTENCES), "<stdin>")
+    return iter(text)
+
+
+def _lines(numbered: Iterable[tuple[int, bytes]], where: str) -> Iterator[str]:
+    for number, raw in numbered:
+        try:
+            yield raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise SENTENCES.fail(where, "the line is not UTF-8 text", "give the sentences as UTF-8", number) from None
+
+
+def _print(results: Iterable[list], n_best: int, *, streamed: bool) -> None:
+    """One line per sentence (n_best > 1: each hypothesis with its score), as each batch is done; a progress
+    line on a terminal while sentences stream in from a file or standard input."""
+    progress = None
+    if streamed and err.is_terminal:
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = (SpinnerColumn(), TextColumn("{task.completed} sentences"), TimeElapsedColumn())
+        progress = Progress(*columns, console=err, transient=True)
+        task = progress.add_task("decoding", total=None)
+        progress.start()
+    try:
+        for outputs in results:
+            for output in outputs:
+                write_plain(f"{output.score:.3f}\t{output.text}" if n_best > 1 else output.text)
+            if progress is not None:
+                progress.advance(task)
+    finally:
+        if progress is not None:
+            progress.stop()
 
 
 def classify(model, io, vocab, labels: list[str], sentence: str, device: str = "cpu") -> tuple[str, float]:
     """A classifier's most likely label for `sentence` and its probability."""
     import torch
 
-    from trainer.vocab import UNK_ID
+    from trainer.vocab import UNK_ID, tokenize
 
     ids = vocab.encode_text(sentence)
     if not ids:
         raise DataError(Problem(f"nothing to classify in {excerpt(sentence)}"))
-    unknown = [t for t, i in zip(_tokens(vocab, sentence), ids, strict=True) if i == UNK_ID]
+    unknown = [t for t, i in zip(tokenize(sentence, vocab.tokenizer), ids, strict=True) if i == UNK_ID]
     if unknown:
         err.print(f"[yellow]note:[/] not in the vocabulary: {escape(' '.join(unknown))}")
     with torch.no_grad():
@@ -208,15 +286,4 @@ def classify(model, io, vocab, labels: list[str], sentence: str, device: str = "
     return label, float(probs[best])
 
 
-STDIN = FileKind("standard input", DataError, limit=GiB)
-
-
-def _stdin_lines() -> Iterator[str]:
-    """Sentences from standard input, one per line, translated as they come (each line bounded, as in files)."""
-    import sys
-
-    for number, raw in stream_lines(sys.stdin.buffer, "<stdin>", STDIN):
-        try:
-            yield raw.decode("utf-8").removesuffix("\r")
-        except UnicodeDecodeError:
-            raise STDIN.fail("<stdin>", "the line is not UTF-8 text", "give the sentences as UTF-8", number) from None
+SENTENCES = FileKind("sentences", DataError, limit=4 * GiB)

@@ -392,12 +392,13 @@ def corpus_bleu_of(
     """BLEU of greedy translations of the first `limit` held-out sources against their references."""
     examples = data.valid[:limit]
     hypotheses: list[list[str]] = []
+    decoder = decode.Decoder(model, io.roles)
     for start in range(0, len(examples), 64):
         chunk = examples[start : start + 64]
         batch = batching.collate(chunk).to(device)
         assert batch.src is not None
         length = min(max_len + 1, 2 * batch.src.shape[1] + 10)
-        for hyp in decode.greedy(model, io, batch.src, batch.src_pad, max_len=length):
+        for hyp in decode.greedy(decoder, batch.src, batch.src_pad, max_len=length):
             hypotheses.append(data.tgt_vocab.decode(hyp.tokens))
     return bleu.corpus_bleu(hypotheses, data.valid_refs[: len(examples)])
 

@@ -293,11 +293,13 @@ class ModelIO:
         if r.tgt_pad is not None and tgt_pad is not None:
             kwargs[r.tgt_pad] = tgt_pad
         out = model(**kwargs)
-        if r.output is not None:
-            out = out[r.output]
+        return self.log_probs(out[r.output] if r.output is not None else out)
+
+    def log_probs(self, out: torch.Tensor) -> torch.Tensor:
+        """The model's output read as log-probabilities (float32), whatever its generator returns."""
         out = out.float()
-        if r.output_mode == "log_softmax":
+        if self.roles.output_mode == "log_softmax":
             return out
-        if r.output_mode == "softmax":
+        if self.roles.output_mode == "softmax":
             return out.clamp_min(1e-30).log()
         return torch.log_softmax(out, dim=-1)

@@ -5,6 +5,7 @@ from pydantic import Field
 from torch import nn
 
 from blocks import Block, BlockParams, Port, TensorType, expect_last, expect_same_shape, register
+from blocks.stepping import by_position
 
 
 @register("highway", family="residual")
@@ -17,6 +18,7 @@ class Highway(Block):
 
     in_ports = (Port("x"), Port("sublayer"))
     example = {"dim": 512}
+    stepping = by_position  # decoding step by step: each position's output depends on that position alone
 
     def __init__(self, p: Params):
         super().__init__()

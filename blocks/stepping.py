@@ -1,0 +1,104 @@
+"""Decoding one step at a time: what a block keeps between steps, and how it says it can step at all.
+
+A decoder generates a sequence position by position. Re-running the whole model on the growing prefix is
+exact but repeats all earlier work; instead, every block on the path from the growing input (the target
+tokens) declares, next to its shape rule, how it handles only the new positions (`Block.stepping`):
+
+- `"positions"`: the outputs at a position depend only on the inputs at that position (embeddings, norms,
+  feed-forwards, the generator): a step runs `forward` on the new positions alone;
+- `"state"`: the block keeps what it needs in a `StepCache` and implements `step(cache, ...)` with the ports
+  of `forward`, where each growing port holds only the new positions and every other port its whole tensor:
+  causal self-attention keeps its keys and values, cross-attention the memory's, a position table its offset,
+  a recurrence its state;
+- `None`: it cannot (bidirectional self-attention over the target, pooling over positions): the model is
+  re-run at every step instead.
+
+A step may bring several positions at once (a prompt), then one at a time. Every tensor a cache holds is
+batch-first, so that beam search can reorder the rows of all caches with one index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+
+Stepping = Literal["positions", "state"]
+
+
+class StepCache:
+    """What one block keeps from one decoding step to the next, for every row of the batch.
+
+    `ports` maps each connected input port to whether it grows (holds new positions each step) or is fixed
+    (the encoder's memory, a source mask). `capacity` is the most positions the decoding will reach: buffers
+    that grow (keys, values) are allocated once at that size. `length` counts the positions seen so far; the
+    block advances it.
+    """
+
+    def __init__(self, capacity: int, ports: Mapping[str, bool]):
+        self.capacity = capacity
+        self.ports = dict(ports)
+        self.length = 0
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, tuple[int, int]] = {}  # name → (dim, positions written) of a growing buffer
+        self.children: dict[str, StepCache] = {}
+
+    def grows(self, port: str) -> bool:
+        """Whether `port` is connected and brings new positions at every step."""
+        return self.ports.get(port, False)
+
+    def child(self, name: str, ports: Mapping[str, bool]) -> StepCache:
+        """The cache of a sub-module (a layer's attention), created at the first step."""
+        if name not in self.children:
+            self.children[name] = StepCache(self.capacity, ports)
+        return self.children[name]
+
+    def extend(self, name: str, new: torch.Tensor, dim: int) -> torch.Tensor:
+        """Append `new` to the buffer `name` along `dim`; the part written so far, new positions included.
+
+        The buffer is allocated at `capacity` positions the first time (twice as many if a step goes beyond).
+        """
+        buffer = self.tensors.get(name)
+        written = self.filled[name][1] if buffer is not None else 0
+        total = written + new.size(dim)
+        if buffer is None or total > buffer.size(dim):
+            shape = list(new.shape)
+            shape[dim] = max(self.capacity, 2 * total if buffer is not None else total)
+            grown = new.new_empty(shape)
+            if buffer is not None:
+                grown.narrow(dim, 0, written).copy_(buffer.narrow(dim, 0, written))
+            buffer = self.tensors[name] = grown
+        buffer.narrow(dim, written, new.size(dim)).copy_(new)
+        self.filled[name] = (dim, total)
+        return buffer.narrow(dim, 0, total)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (in that order, repeats allowed) of every tensor, here and in the children."""
+        for name, tensor in self.tensors.items():
+            if name in self.filled:  # only the written part of a growing buffer is moved
+                dim, written = self.filled[name]
+                kept = tensor.narrow(dim, 0, written).index_select(0, index)
+                if len(index) == tensor.size(0):
+                    tensor.narrow(dim, 0, written).copy_(kept)
+                else:
+                    shape = list(tensor.shape)
+                    shape[0] = len(index)
+                    fresh = tensor.new_empty(shape)
+                    fresh.narrow(dim, 0, written).copy_(kept)
+                    self.tensors[name] = fresh
+            else:
+                self.tensors[name] = tensor.index_select(0, index)
+        for child in self.children.values():
+            child.reorder(index)
+
+    def nbytes(self) -> int:
+        """Bytes held by this cache and its children (allocated buffers, not just their written part)."""
+        own = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return own + sum(child.nbytes() for child in self.children.values())
+
+
+@classmethod  # type: ignore[misc]
+def by_position(cls: type, params: object, ports: Mapping[str, bool]) -> Stepping:
+    """Each position's outputs depend on that position's inputs alone. A block says `stepping = by_position`."""
+    return "positions"
