@@ -427,6 +427,7 @@ def _register_training() -> None:
     app.command("train")(user_errors(commands.train))
     app.command("translate")(user_errors(commands.translate))
     app.command("generate")(user_errors(commands.generate))
+    app.command("import")(user_errors(commands.import_))
 
 
 _register_training()

@@ -4,9 +4,10 @@ Marian (specs/marian_zh_en.yaml: 6 + 6 layers, d_model 512) translates a batch o
 GPT-2 (specs/gpt2.yaml, 124M) continues 8 prompts of 32 tokens, by 40 new tokens each, greedily and with a beam
 of 4. Both sides are built with random weights; the reference's are copied into the spec through the family's
 table in builder/hf_mappings.py, and each row says how many sentences got the very same tokens from both.
-Marian's fixed output bias keeps eos, pad and bos out of reach (−10⁴), so both run all 40 steps (`generate`
-gets `min_new_tokens` = `max_new_tokens` as well). The ratio is our tokens per second over the reference's
-(its time / ours). A last row times `--compile`'s step against the eager one, on Marian greedily.
+Marian's fixed output bias keeps eos, pad and bos out of reach (−10⁴), and GPT-2 suppresses them on both
+sides, so both run all 40 steps (`generate` gets `min_new_tokens` = `max_new_tokens` as well). The ratio is
+our tokens per second over the reference's (its time / ours). A last row times `--compile`'s step against
+the eager one, on Marian greedily.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 import builder
 from benchmarks.cases import Config, Row, compiler_unavailable, row
@@ -68,8 +70,6 @@ def _hf_cache_bytes(cache: Any) -> int:
 
 
 def marian_models() -> tuple[torch.nn.Module, decode.Decoder]:
-    import transformers
-
     torch.manual_seed(0)
     config = transformers.MarianConfig(
         vocab_size=VOCAB, decoder_vocab_size=VOCAB, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
@@ -88,8 +88,6 @@ def marian_models() -> tuple[torch.nn.Module, decode.Decoder]:
 
 
 def gpt2_models() -> tuple[torch.nn.Module, decode.Decoder]:
-    import transformers
-
     torch.manual_seed(0)
     config = transformers.GPT2Config(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     reference = transformers.GPT2LMHeadModel(config).eval()
@@ -97,11 +95,14 @@ def gpt2_models() -> tuple[torch.nn.Module, decode.Decoder]:
         warnings.simplefilter("ignore")
         ours = builder.build(f"{SPECS}/gpt2.yaml", overrides={"dropout": 0.0}).eval()
     _copy("gpt2", reference, ours)
-    return reference, decode.Decoder(ours, find_roles(ours.typed_graph.graph))
+    never = decode.Specials(never=(PAD_ID, BOS_ID, EOS_ID))  # as `suppress_tokens`: both run every step
+    return reference, decode.Decoder(ours, find_roles(ours.typed_graph.graph), specials=never)
 
 
 def _generate(reference: torch.nn.Module, beam: int, **inputs: torch.Tensor) -> Callable[[], Any]:
     beams = {"length_penalty": 0.0, "early_stopping": False} if beam > 1 else {}  # scores as ours: no penalty
+    if isinstance(reference.config, transformers.GPT2Config):  # what our decoder never generates either
+        beams["suppress_tokens"] = [PAD_ID, BOS_ID, EOS_ID]
 
     def run() -> Any:
         with torch.no_grad():

@@ -403,7 +403,7 @@ class MultiHeadAttention(Block):
             return "state" if p.causal and not fixed else None
         grows = any(ports.get(port) for port in ("value", "key_padding_mask"))  # they go with the fixed keys
         bias = ports.get("position_bias", True)  # a bias has a row per query: it must grow with them
-        return None if grows or not bias or p.rotary_dim or "positions" in ports else "state"
+        return None if grows or not bias or p.rotary_dim or p.causal or "positions" in ports else "state"
 
     def step(
         self,
@@ -590,10 +590,6 @@ class SourceAttention(Block):
             )
         return query.with_shape(batch, tgt_len, memory.shape[2]), query.with_shape(batch, tgt_len, src_len)
 
-    def score(self, h_t: torch.Tensor, h_s: torch.Tensor) -> torch.Tensor:
-        """score(h_t, h̄_s) for every pair: [b, tgt_len, d_query] × [b, src_len, d_memory] → [b, tgt_len, src_len]."""
-        return self.score_keys(h_t, self.keys(h_s))
-
     def keys(self, h_s: torch.Tensor) -> torch.Tensor:
         """The memory's side of the score (W_a h̄_s, U_a h̄_s, ...): the same at every decoder step, so a
         step-by-step decoder computes it once."""
@@ -616,9 +612,39 @@ class SourceAttention(Block):
 
     @classmethod
     def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
-        """Each decoder state attends the fixed encoder states alone."""
+        """Each decoder state attends the fixed encoder states; their side of the score is computed once."""
         fixed = not (ports.get("memory") or ports.get("memory_padding_mask"))
-        return "positions" if ports.get("query") and fixed else None
+        return "state" if ports.get("query") and fixed else None
+
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attend(0, query, memory, self.keys(memory), memory_padding_mask)
+
+    def step(
+        self,
+        cache: StepCache,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new decoder states, at their target positions, against `keys(memory)` from the first step."""
+        if "keys" not in cache.tensors:
+            cache.tensors["keys"] = self.keys(memory)
+        start = cache.length
+        cache.length += query.size(1)
+        return self.attend(start, query, memory, cache.tensors["keys"], memory_padding_mask)
+
+    def attend(
+        self,
+        start: int,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        keys: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_t, a_t) for the decoder states of target positions start, start + 1, … given `keys(memory)`."""
+        raise NotImplementedError
 
     @staticmethod
     def mask_padding(scores: torch.Tensor, memory_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -639,15 +665,14 @@ class GlobalAttention(SourceAttention):
 
     example = {"d_query": 256, "d_memory": 512, "score": "general"}
 
-    def forward(
-        self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.attend(query, memory, self.keys(memory), memory_padding_mask)
-
     def attend(
-        self, query: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor, memory_padding_mask: torch.Tensor | None
+        self,
+        start: int,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        keys: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c_t, a_t) given `keys(memory)`, which a step-by-step decoder computes once."""
         a_t = masked_softmax(self.mask_padding(self.score_keys(query, keys), memory_padding_mask))
         return a_t @ memory, a_t
 
@@ -670,10 +695,15 @@ class HardAttention(SourceAttention):
         super().__init__(p)
         self.temperature = p.temperature
 
-    def forward(
-        self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
+    def attend(
+        self,
+        start: int,
+        query: torch.Tensor,
+        memory: torch.Tensor,
+        keys: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.mask_padding(self.score(query, memory), memory_padding_mask)
+        scores = self.mask_padding(self.score_keys(query, keys), memory_padding_mask)
         empty = scores.isneginf().all(-1, keepdim=True)  # every position padded: no choice, zero context
         scores = scores.masked_fill(empty, 0.0)
         if self.training:
@@ -735,40 +765,21 @@ class LocalAttention(SourceAttention):
         t = torch.arange(start, start + h_t.size(1), device=h_t.device, dtype=h_t.dtype)
         return torch.minimum(t[None, :], source_len[:, None] - 1)
 
-    @classmethod
-    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
-        """As the other attentions; local-m also counts the target positions (p_t = t)."""
-        by_query = super().stepping(p, ports)
-        return "state" if by_query and p.mode == "monotonic" else by_query
-
-    def step(
+    def attend(
         self,
-        cache: StepCache,
+        start: int,
         query: torch.Tensor,
         memory: torch.Tensor,
-        memory_padding_mask: torch.Tensor | None = None,
+        keys: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new decoder states, at their target positions."""
-        start = cache.length
-        cache.length += query.size(1)
-        return self.attend_from(start, query, memory, memory_padding_mask)
-
-    def forward(
-        self, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.attend_from(0, query, memory, memory_padding_mask)
-
-    def attend_from(
-        self, start: int, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c_t, a_t) for the decoder states of target positions start, start + 1, …"""
         b, src_len = memory.shape[:2]
         source_len = torch.full((b,), src_len, dtype=query.dtype, device=query.device)
         if memory_padding_mask is not None:
             source_len = (~memory_padding_mask).sum(-1).to(query.dtype)
         p_t = self.aligned_position(query, source_len, start)
         distance = torch.arange(src_len, device=query.device, dtype=query.dtype) - p_t[..., None]  # s − p_t
-        scores = self.mask_padding(self.score(query, memory), memory_padding_mask)
+        scores = self.mask_padding(self.score_keys(query, keys), memory_padding_mask)
         align = masked_softmax(scores.masked_fill(distance.abs() > self.window, float("-inf")))
         if self.mode == "monotonic":
             return align @ memory, align

@@ -178,7 +178,7 @@ class Recurrent(Block):
         """The state the last step left, or at the first step the given initial one (None: zeros)."""
         if not cache.length:
             return given
-        return tuple(cache.tensors[name].transpose(0, 1) for name in self.states)
+        return tuple(cache.tensors[name].transpose(0, 1).contiguous() for name in self.states)  # cuDNN wants it
 
     def keep(self, cache: StepCache, x: torch.Tensor, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Remember the final state of this step (batch first, as caches hold everything) for the next one."""
@@ -600,7 +600,7 @@ class InputFeedingDecoder(Block):
             h, c, attentional = self.start(x, h0, c0)
             cache.tensors["keys"] = self.attn.keys(memory)
         else:
-            h, c = (cache.tensors[name].transpose(0, 1) for name in ("h", "c"))
+            h, c = (cache.tensors[name].transpose(0, 1).contiguous() for name in ("h", "c"))  # cuDNN wants it
             attentional = cache.tensors["attentional"]
         cache.length += x.size(1)
         y, weights, (h, c, attentional) = self.decode(
@@ -631,7 +631,7 @@ class InputFeedingDecoder(Block):
         outputs, weights = [], []
         for y_t in x.split(1, dim=1):
             h_t, (h, c) = self.lstm(torch.cat((y_t, attentional), dim=-1), (h, c))
-            c_t, a_t = self.attn.attend(h_t, memory, keys, memory_padding_mask)
+            c_t, a_t = self.attn.attend(0, h_t, memory, keys, memory_padding_mask)
             attentional = torch.tanh(self.w_c(torch.cat((c_t, h_t), dim=-1)))
             outputs.append(self.dropout(attentional))
             weights.append(a_t)

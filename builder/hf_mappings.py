@@ -149,6 +149,7 @@ GPT_NEOX = Family(
         *_linear("gpt_neox.layers.{i}.mlp.dense_4h_to_h", "layers.{i}.mlp.w_2"),
         *_norm("gpt_neox.final_layer_norm", "final_layer_norm.norm"),
         ("lm_head.weight", "embed_out.proj.weight"),
+        ("embed_out.weight", "embed_out.proj.weight"),  # the same, as checkpoints on disk name it
     ),
 )
 

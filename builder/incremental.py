@@ -14,6 +14,8 @@ at every step, exact but slower; `reason` says which block.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from blocks.registry import Block
 from blocks.stepping import StepCache, Stepping
 from builder.compile import Emitter, last_uses, load_source, signature
 from builder.graph import Endpoint, Graph
 from builder.shapes import TypedGraph
+from common.errors import Problem, UsageError
 
 
 class CannotStep(Exception):
@@ -39,6 +43,7 @@ class StepPlan:
     fixed: tuple[str, ...]  # inputs read once per batch
     start_nodes: tuple[str, ...]  # nodes of the fixed inputs only, that the steps need
     step_nodes: tuple[tuple[str, Stepping], ...]  # nodes of the growing inputs, and how each steps
+    state_ports: tuple[dict[str, bool], ...]  # per stateful node: its connected ports, True where they grow
     carried: tuple[Endpoint, ...]  # values of `start` that the steps read
     batch_first: tuple[bool, ...]  # per carried value: do its rows follow the batch (reordered with it)
     output: Endpoint
@@ -63,6 +68,7 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
     needed = _ancestors(graph, target)
     start_nodes: list[str] = []
     step_nodes: list[tuple[str, Stepping]] = []
+    state_ports: list[dict[str, bool]] = []
     for inst in graph.nodes.values():
         if inst.id not in needed:
             continue
@@ -70,16 +76,16 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
         if not any(ports.values()):
             start_nodes.append(inst.id)
             continue
-        how = inst.entry.cls.stepping(inst.params, ports)
         where = f"block {inst.entry.name!r} (node {inst.id})"
-        if how is None:
-            raise CannotStep(f"{where} cannot decode step by step")
+        how = _stepping(inst.entry.cls, inst.params, ports, where)
         if how == "positions":  # its growing inputs and all its outputs are [batch, length, …]
             growing_types = [typed.types[ep] for port, ep in inst.bindings.items() if ports.get(port)]
             shapes = [t.shape for t in (*growing_types, *typed.output_types(inst))]
             if any(_dim(tuple(shape), 1) != length for shape in shapes):
                 raise CannotStep(f"{where} works position by position, but not along the growing length {length}")
         step_nodes.append((inst.id, how))
+        if how == "state":
+            state_ports.append(ports)
         grows |= {Endpoint(inst.id, p.name) for p in inst.out_ports}
     if target not in grows or _dim(tuple(typed.types[target].shape), 1) != length:
         raise CannotStep(f"the output {output or 'output'} does not grow with the inputs {', '.join(growing)}")
@@ -89,8 +95,32 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
     fixed = tuple(name for name in graph.inputs if name not in growing)
     last_only = _position_wise_tail(graph, step_nodes, grows, target)
     return StepPlan(
-        tuple(growing), fixed, tuple(start_nodes), tuple(step_nodes), carried, batch_first, target, last_only
+        tuple(growing),
+        fixed,
+        tuple(start_nodes),
+        tuple(step_nodes),
+        tuple(state_ports),
+        carried,
+        batch_first,
+        target,
+        last_only,
     )
+
+
+def _stepping(cls: type[Block], params: Any, ports: dict[str, bool], where: str) -> Stepping:
+    """The block's declared step behaviour, checked: a plugin's rule that crashes, answers something else or
+    says "state" without a `step` cannot step."""
+    try:
+        how = cls.stepping(params, ports)
+    except Exception as exc:  # a plugin's rule: say whose, never a traceback
+        raise CannotStep(f"{where}: its stepping rule failed ({type(exc).__name__})") from None
+    if how is None:
+        raise CannotStep(f"{where} cannot decode step by step")
+    if how not in ("positions", "state"):
+        raise CannotStep(f"{where}: stepping returned {str(how)[:20]!r}, not 'positions', 'state' or None")
+    if how == "state" and cls.step is Block.step:
+        raise CannotStep(f"{where}: stepping says 'state' but the block has no step method")
+    return how
 
 
 def _position_wise_tail(
@@ -184,12 +214,11 @@ def _wanted(graph: Graph, ep: Endpoint) -> str:
 
 @dataclass
 class DecodeState:
-    """Where a decoding is: each stateful node's cache, the values `start` computed, the positions so far."""
+    """Where a decoding is: each stateful node's cache, the values `start` computed (a `Rerun`: the prefix)."""
 
     caches: list[StepCache]
     carried: tuple[Any, ...]
     batch_first: tuple[bool, ...]
-    length: int = 0
     prefix: dict[str, torch.Tensor] | None = None  # what a `Rerun` re-reads at every step
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -217,27 +246,30 @@ class StepProgram:
         self.code = generate_steps(model.typed_graph.graph, plan)  # type: ignore[union-attr]
         namespace = load_source(self.code, f"{model.typed_graph.graph.name} steps")  # type: ignore[union-attr]
         self._start, self._step = namespace["start"], namespace["step"]
-        self._ports = [self._ports_of(node) for node, how in plan.step_nodes if how == "state"]
         if compiled:
+            _check_compiler(model)
             self._step = torch.compile(self._step, dynamic=True)
-
-    def _ports_of(self, node: str) -> dict[str, bool]:
-        graph = self.model.typed_graph.graph  # type: ignore[union-attr]
-        growing = {Endpoint(n) for n in self.plan.growing} | {
-            Endpoint(n, p.name) for n, _ in self.plan.step_nodes for p in graph.nodes[n].out_ports
-        }
-        return {port: ep in growing for port, ep in graph.nodes[node].bindings.items() if ep is not None}
 
     def start(self, capacity: int, **fixed: torch.Tensor | None) -> DecodeState:
         """Run the nodes of the fixed inputs; `capacity` is the most positions the decoding will reach."""
         carried = self._start(self.model, **fixed)
-        return DecodeState([StepCache(capacity, ports) for ports in self._ports], carried, self.plan.batch_first)
+        caches = [StepCache(capacity, ports) for ports in self.plan.state_ports]
+        return DecodeState(caches, carried, self.plan.batch_first)
 
     def step(self, state: DecodeState, **growing: torch.Tensor | None) -> torch.Tensor:
-        """The output at the last of the new positions of the growing inputs ([batch, new, …] each): [batch, 1, …]."""
-        out = self._step(self.model, state.caches, state.carried, **growing)
-        state.length += next(t for t in growing.values() if t is not None).size(1)
-        return out
+        """The output at the new positions of the growing inputs ([batch, new, …] each); only at the last one
+        where the output ends in position-wise blocks (the generator)."""
+        return self._step(self.model, state.caches, state.carried, **growing)
+
+
+def _check_compiler(model: nn.Module) -> None:
+    """torch.compile's CPU kernels are C++ that inductor compiles: refuse early, not at the first step."""
+    on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if on_cpu and not compiler:
+        raise UsageError(
+            Problem("--compile needs a C++ compiler (g++ or clang++) on PATH for CPU kernels", hint="decode without it")
+        )
 
 
 class Rerun:
@@ -262,11 +294,9 @@ class Rerun:
             if new is not None:
                 seen = state.prefix.get(name)
                 state.prefix[name] = new if seen is None else torch.cat((seen, new), dim=1)
-        fresh = next(t for t in growing.values() if t is not None).size(1)
         out = self.model(**dict(zip(self.fixed, state.carried, strict=True)), **state.prefix)
         if isinstance(out, Mapping):
             out = out[self.output or next(iter(out))]
-        state.length += fresh
         return out[:, -1:]
 
 

@@ -93,3 +93,19 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(line)
     for note in harness.NOTES:
         terminalreporter.write_line(f"hostile corpus: {note}")
+
+
+def redraw(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter and saved floating buffer drawn again: matrices and biases N(0, 0.05²), gains N(1, 0.1²).
+
+    Buffers that are not saved (rotary frequencies, causal masks) are computed from the config: they stay.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    saved = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if not tensor.is_floating_point() or (isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad):
+                continue  # a frozen table (Marian's sinusoidal positions) is computed, not learned
+            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
+            gain = tensor.dim() == 1 and name.endswith("weight")
+            tensor.copy_(1 + 0.1 * values if gain else 0.05 * values)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import ROOT, SPECS
+from conftest import ROOT, SPECS, redraw
 
 import builder
 from builder.hf_mappings import FAMILIES, Family, Rule, convert
@@ -26,22 +26,6 @@ from common.errors import CheckpointError
 
 torch.set_num_threads(1)
 TOLERANCE = 1e-5
-
-
-def _redraw(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter and saved floating buffer drawn again: matrices and biases N(0, 0.05²), gains N(1, 0.1²).
-
-    Buffers that are not saved (rotary frequencies, causal masks) are computed from the config: they stay.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    saved = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            if not tensor.is_floating_point() or (isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad):
-                continue  # a frozen table (Marian's sinusoidal positions) is computed, not learned
-            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
-            gain = tensor.dim() == 1 and name.endswith("weight")
-            tensor.copy_(1 + 0.1 * values if gain else 0.05 * values)
 
 
 def _learned(model: torch.nn.Module) -> int:
@@ -57,7 +41,7 @@ class Pair:
 def _pair(model_type: str, reference: torch.nn.Module, overrides: dict[str, Any], heads: int | None = None) -> Pair:
     """Our model of the family's spec at `overrides` with the (redrawn) reference's weights copied in."""
     family = FAMILIES[model_type]
-    _redraw(reference, seed=1)
+    redraw(reference, seed=1)
     reference.eval()
     ours = builder.build(SPECS / family.spec, overrides=overrides).eval()
     state, computed = convert(family, reference.state_dict(), heads=heads)
@@ -262,7 +246,7 @@ def test_input_feeding_decoder_follows_the_equations():
     """h_t = LSTM([y_t; h̃_{t−1}]), a_t = softmax(h_tᵀ W_a h̄_s), c_t = Σ a_t h̄_s, h̃_t = tanh(W_c[c_t; h_t])."""
     sizes = {"src_vocab": 30, "tgt_vocab": 29, "emb": 6, "hidden": 8, "layers": 2, "dropout": 0.0}
     model = builder.build(SPECS / "rnn_seq2seq_input_feeding.yaml", overrides=sizes).eval()
-    _redraw(model, seed=3)
+    redraw(model, seed=3)
     src, src_pad = _padded(3, 7, 30, "right", seed=1)
     tgt = torch.randint(1, 29, (3, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -174,7 +175,9 @@ def test_sentences_stop_at_their_own_length_limit():
         decode.beam_search(decoder, src, src_pad, max_len=limits),
     ):
         hypotheses = [h if isinstance(h, decode.Hypothesis) else h[0] for h in found]
-        assert all(len(h.tokens) <= int(most) for h, most in zip(hypotheses, limits, strict=True))
+        for h, most in zip(hypotheses, limits.tolist(), strict=True):
+            ended = bool(h.tokens) and h.tokens[-1] == EOS_ID
+            assert len(h.tokens) <= most if ended else len(h.tokens) == most
 
 
 def _first_tokens(decoder: decode.Decoder, draws: int, **options) -> Counter:
@@ -248,7 +251,7 @@ def unsteppable():
     REGISTRY._entries, REGISTRY.plugins = entries, plugins
 
 
-def _language_model(*middle: tuple[str, dict]) -> dict:
+def _language_model(*middle: tuple[str, dict]) -> dict[str, Any]:
     """A one-layer causal language model over VOCAB tokens with the (name, node) pairs after its embedding."""
     nodes = {"emb": {"type": "token_embedding", "params": {"vocab": VOCAB, "dim": 8}, "in": "tokens"}}
     last = "emb"
@@ -262,6 +265,64 @@ def _language_model(*middle: tuple[str, dict]) -> dict:
         "nodes": nodes,
         "outputs": "gen",
     }
+
+
+def _steps_equal_a_full_run(decoder: decode.Decoder, src=None, src_pad=None, rows: int = 3) -> None:
+    tgt = torch.cat((torch.full((rows, 1), BOS_ID), torch.randint(4, VOCAB, (rows, 6))), dim=1)
+    full = _full(decoder, tgt, src, src_pad)
+    full[..., [PAD_ID, BOS_ID]] = float("-inf")
+    steps = _stepped(decoder, tgt, src, src_pad, first=2, order=_reorders(rows))
+    torch.testing.assert_close(steps[0][1], full[:, 1], atol=1e-5, rtol=0)
+    for position, (index, log_probs) in enumerate(steps[1:], start=2):
+        torch.testing.assert_close(log_probs, full[index, position], atol=1e-5, rtol=0)
+
+
+RECURRENCES = [
+    {"type": "rnn", "params": {"input_size": 8, "hidden_size": 8, "layers": 2}},
+    {"type": "gru", "params": {"input_size": 8, "hidden_size": 8, "layers": 2}},
+    {"type": "lstm", "params": {"input_size": 8, "hidden_size": 8, "layers": 2, "implementation": "gates"}},
+]
+
+
+@pytest.mark.parametrize("recurrence", RECURRENCES, ids=lambda r: r["type"])
+def test_recurrences_carry_their_state(recurrence, write_spec):
+    spec = _language_model(("rnn", recurrence))
+    spec["nodes"]["gen"]["in"] = "rnn.y"
+    model = builder.build(write_spec(spec)).eval()
+    decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
+    assert isinstance(decoder.program, StepProgram), decoder.reason
+    _steps_equal_a_full_run(decoder)
+
+
+def test_scaled_dot_product_attention_keeps_keys_and_values(write_spec):
+    spec = _language_model()
+    spec["nodes"]["sdpa"] = {
+        "type": "scaled_dot_product_attention",
+        "params": {"causal": True},
+        "in": {"query": "emb", "key": "emb", "value": "emb"},
+    }
+    spec["nodes"]["gen"]["in"] = "sdpa.y"
+    spec["nodes"] = {k: spec["nodes"][k] for k in ("emb", "sdpa", "gen")}
+    model = builder.build(write_spec(spec)).eval()
+    decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
+    assert isinstance(decoder.program, StepProgram), decoder.reason
+    _steps_equal_a_full_run(decoder)
+
+
+def test_monotonic_local_attention_counts_target_positions(tmp_path):
+    import yaml
+
+    spec = yaml.safe_load((SPECS / "rnn_seq2seq_local.yaml").read_text(encoding="utf-8"))
+    spec["extends"] = str(SPECS / "rnn_seq2seq_attention.yaml")
+    spec["nodes"]["attn"]["params"]["mode"] = "monotonic"
+    path = tmp_path / "local_m.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    sizes = {k: v for k, v in SMALL.items() if k in ("src_vocab", "tgt_vocab", "emb", "hidden", "layers", "dropout")}
+    model = builder.build(path, overrides={**sizes, "window": 2}, allow_external_files=True).eval()
+    decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
+    assert isinstance(decoder.program, StepProgram), decoder.reason
+    src, src_pad = _sources(decoder, [7, 4, 2])
+    _steps_equal_a_full_run(decoder, src, src_pad)
 
 
 def test_a_block_without_steps_makes_the_model_rerun_and_says_which(unsteppable, write_spec):
@@ -325,6 +386,26 @@ def test_a_plugin_block_that_keeps_state_steps(running_sum, write_spec):
         torch.testing.assert_close(log_probs, full[rows, position], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [("position", "stepping returned 'position'"), ("state", "says 'state' but the block has no step")],
+)
+def test_a_wrong_stepping_rule_reruns_and_says_why(unsteppable, write_spec, answer, message):
+    REGISTRY.get(unsteppable).cls.stepping = classmethod(lambda cls, p, ports: answer)
+    model = builder.build(write_spec(_language_model(("gate", {"type": unsteppable})))).eval()
+    decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
+    assert isinstance(decoder.program, Rerun) and message in decoder.reason
+
+
+def test_causal_attention_to_a_fixed_memory_does_not_step():
+    from blocks.attention import MultiHeadAttention
+
+    params = MultiHeadAttention.Params(d_model=8, heads=2, causal=True)
+    assert MultiHeadAttention.stepping(params, {"query": True, "key": False}) is None
+    plain = MultiHeadAttention.Params(d_model=8, heads=2)
+    assert MultiHeadAttention.stepping(plain, {"query": True, "key": False}) == "state"
+
+
 def test_the_rerun_is_noted_once_naming_the_block(unsteppable, write_spec, tmp_path):
     from trainer.checkpoint import Checkpoint
     from trainer.generation import Translator
@@ -335,7 +416,7 @@ def test_the_rerun_is_noted_once_naming_the_block(unsteppable, write_spec, tmp_p
     vocab = Vocab([*SPECIALS, *(f"w{i}" for i in range(VOCAB - len(SPECIALS)))])
     saved = Checkpoint(tmp_path, model, None, vocab, {"roles": roles.to_json()}, {})
     notes: list[str] = []
-    translator = Translator(saved, note=notes.append)
+    translator = Translator.of_checkpoint(saved, note=notes.append)
     outputs = list(translator.generate(["w1 w2", "w3"], max_new=3))
     assert [o[0].text.split()[: len(p.split())] for o, p in zip(outputs, ["w1 w2", "w3"], strict=True)] == [
         ["w1", "w2"],

@@ -233,3 +233,31 @@ def test_translator_api_yields_each_sentence_in_order(lm_run):
     assert [len(r) for r in results] == [1] * len(PROMPTS)
     assert all(r[0].text.startswith(p) for r, p in zip(results, PROMPTS, strict=True))
     assert translator.decoder.reason is None and notes == []
+
+
+def test_blank_lines_give_blank_lines_and_bad_settings_are_clear(copy_run, lm_run, tmp_path):
+    given = tmp_path / "in.txt"
+    given.write_text("3 1 4\n\n   \n9 2 6\n", encoding="utf-8")
+    code, stdout, stderr = _cli("translate", copy_run, "--file", given, "--batch-size", "3")
+    assert code == 0, stderr
+    lines = stdout.split("\n")
+    assert len(lines) == 5 and lines[1] == lines[2] == "" and lines[0] and lines[3]
+    for bad, message in (
+        (("--top-p", "0"), "top_p must be above 0"),
+        (("--n-best", "3", "--beam", "2"), "--n-best 3 needs a beam"),
+        (("--n-best", "2"), "--n-best 2 needs a beam"),
+    ):
+        code, _, stderr = _cli("generate", lm_run, "I", *bad)
+        assert code == 1 and message in stderr and "Traceback" not in stderr
+
+
+def test_sampling_draws_one_stream_across_batches(lm_run):
+    """The same prompt twice in one run gets two draws (not the same one per batch); the seed fixes the run."""
+    from trainer.generation import Translator
+
+    translator = Translator.load(lm_run)
+    runs = [
+        [o[0].text for o in translator.generate(["I"] * 6, max_new=8, temperature=1.5, seed=5, batch_size=1)]
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1

@@ -96,7 +96,10 @@ train = _command(_train, [*RUN_OPTIONS, *command_parameters()])
 
 
 CheckpointArg = Annotated[
-    Path, typer.Argument(metavar="CHECKPOINT", help="A run directory of `train`, or its checkpoint/.")
+    Path,
+    typer.Argument(
+        metavar="MODEL", help="A run directory of `train` (or its checkpoint/), or a model of `blockgraph import`."
+    ),
 ]
 TextArg = Annotated[
     list[str] | None,
@@ -111,7 +114,8 @@ AlphaOpt = Annotated[float, typer.Option(min=0.0, metavar="A", help="GNMT length
 NBestOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Print this many beam hypotheses with their scores.")]
 DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="cpu or cuda.")]
 CompileOpt = Annotated[
-    bool, typer.Option("--compile", help="Run the decoding step through torch.compile (a warm-up first).")
+    bool,
+    typer.Option("--compile", help="Run the decoding step through torch.compile (the first batch compiles it: slow)."),
 ]
 TokenizerOpt = Annotated[
     str | None,
@@ -147,11 +151,18 @@ def translate(
     One line out per line in, in order, decoded `--batch-size` at a time. A classifier's checkpoint prints
     each text's most likely label and its probability.
     """
-    from trainer import checkpoint
+    from trainer import checkpoint, pretrained
     from trainer.generation import Translator
     from trainer.roles import ModelIO, Roles
 
     sentences = _sentences(text, file)
+    if pretrained.is_pretrained(checkpoint_dir):
+        translator = pretrained.load(checkpoint_dir, device=device, compiled=compile_step, note=_note)
+        results = translator.translate(
+            sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
+        )
+        _print(results, n_best, streamed=text in (None, ["-"]))
+        return
     saved = checkpoint.load(
         checkpoint_dir, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
     )
@@ -162,7 +173,7 @@ def translate(
             label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
             write_plain(f"{label}\t{probability:.3f}")
         return
-    translator = Translator(saved, compiled=compile_step, note=_note)
+    translator = Translator.of_checkpoint(saved, compiled=compile_step, note=_note)
     results = translator.translate(
         sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
     )
@@ -203,12 +214,16 @@ def generate(
     Sampling (with --temperature, --top-k or --top-p) draws each token from the model's distribution, so the
     same --seed gives the same text. Each prompt's continuation is printed after the prompt, one line per prompt.
     """
+    from trainer import pretrained
     from trainer.generation import Translator
 
     prompts = _sentences(text, file)
-    translator = Translator.load(
-        checkpoint_dir, device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
-    )
+    if pretrained.is_pretrained(checkpoint_dir):
+        translator = pretrained.load(checkpoint_dir, device=device, compiled=compile_step, note=_note)
+    else:
+        translator = Translator.load(
+            checkpoint_dir, device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
+        )
     if translator.seq2seq:
         raise UsageError(Problem("this checkpoint is an encoder–decoder", hint="translate with `blockgraph translate`"))
     results = translator.generate(
@@ -216,6 +231,32 @@ def generate(
         beam=beam, alpha=alpha, n_best=n_best, batch_size=batch_size,
     )  # fmt: skip
     _print(results, n_best, streamed=text in (None, ["-"]))
+
+
+def import_(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            metavar="HF_DIR", help="A Hugging Face-format model directory: config.json and model.safetensors."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="OUT", help="The directory to write.")],
+) -> None:
+    """Import a pretrained Hugging Face-format model: its spec (variables from config.json), weights, tokenizer.
+
+    Supported model types: gpt2, bert, llama, mistral, gpt_neox, marian, bart, t5. Anything that cannot be
+    reproduced exactly (another model type, an option the spec does not implement, a tensor left over or
+    missing) is refused; pickle files (pytorch_model.bin) are never opened.
+    """
+    from trainer import pretrained
+
+    with err.status("importing …"):
+        report = pretrained.import_pretrained(directory, out)
+    err.print(
+        f"imported {report.model_type}: {report.tensors} tensors, {report.parameters:,} parameters, "
+        f"tokenizer: {report.tokenizer or 'none (translate and generate need one)'}"
+    )
+    err.print(f"wrote {escape(str(out))}: spec.yaml (edit, inspect, train it), model/, pretrained.json")
 
 
 def _note(text: str) -> None:
@@ -248,8 +289,10 @@ def _lines(numbered: Iterable[tuple[int, bytes]], where: str) -> Iterator[str]:
 def _print(results: Iterable[list], n_best: int, *, streamed: bool) -> None:
     """One line per sentence (n_best > 1: each hypothesis with its score), as each batch is done; a progress
     line on a terminal while sentences stream in from a file or standard input."""
+    import sys
+
     progress = None
-    if streamed and err.is_terminal:
+    if streamed and err.is_terminal and not sys.stdout.isatty():  # the outputs go to a file: show the count
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         columns = (SpinnerColumn(), TextColumn("{task.completed} sentences"), TimeElapsedColumn())

@@ -2,8 +2,9 @@
 
 A `Decoder` runs the model through its step program (builder.incremental): the source is encoded once per
 batch, and every step feeds only the newest token of every row; a model with a block that cannot step re-runs
-on the prefix instead (`Decoder.reason` says why), with the same results. The first step reads bos and the
-prompt (a language model's prefix) at once. pad and bos are never generated.
+on the prefix instead (`Decoder.reason` says why), with the same results. The first step reads the start
+tokens (bos for the trainer's vocabularies, a pretrained model's decoder start) and the prompt (a language
+model's prefix) at once. The `Specials` say which ids start, end (eos) and are never generated (pad, bos).
 
 A hypothesis' score is the sum of the model's log-probabilities of its tokens, eos included. Beam search keeps
 the `beam` best unfinished hypotheses of every sentence; a candidate among the `beam` best of the step that
@@ -32,6 +33,18 @@ from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass(frozen=True)
+class Specials:
+    """The token ids decoding treats apart: what every output starts from, what ends it, what never comes."""
+
+    start: tuple[int, ...] = (BOS_ID,)  # read before the prompt (empty: the prompt alone, which must not be)
+    eos: int = EOS_ID
+    never: tuple[int, ...] = (PAD_ID, BOS_ID)
+
+
+TRAINER_SPECIALS = Specials()  # the trainer's vocabularies (trainer.vocab): pad, bos, eos, unk are ids 0-3
+
+
+@dataclass(frozen=True)
 class Hypothesis:
     tokens: tuple[int, ...]  # generated ids, eos included when it was generated
     score: float  # sum of log-probabilities
@@ -41,14 +54,17 @@ class Hypothesis:
 class Decoder:
     """A model ready to decode: its roles, its step program, and its output read as log-probabilities."""
 
-    def __init__(self, model: nn.Module, roles: Roles, *, compiled: bool = False):
-        self.model, self.roles, self.io = model, roles, ModelIO(roles)
+    def __init__(
+        self, model: nn.Module, roles: Roles, *, specials: Specials = TRAINER_SPECIALS, compiled: bool = False
+    ):
+        self.model, self.roles, self.io, self.specials = model, roles, ModelIO(roles), specials
         graph = model.typed_graph.graph  # type: ignore[union-attr]
         pad = roles.tgt_pad
         self.pad_required = pad is not None and not graph.inputs[pad].optional
         growing = [roles.tgt] + ([pad] if pad is not None else [])
         self.program = step_program(model, growing, roles.output, compiled=compiled)
         self.device = next(iter(model.state_dict().values())).device
+        self.positions = length_limits(model.typed_graph, roles)[1]  # type: ignore[arg-type]
 
     @property
     def reason(self) -> str | None:
@@ -56,7 +72,13 @@ class Decoder:
         return self.program.reason
 
     def start(self, src: torch.Tensor | None, src_pad: torch.Tensor | None, capacity: int) -> DecodeState:
-        """Encode the batch's sources once; `capacity`: the most target positions the decoding will reach."""
+        """Encode the batch's sources once; `capacity`: the most target positions the decoding will reach (the
+        last token generated is never read: at most the model's positions + 1)."""
+        if self.positions is not None and capacity - 1 > self.positions:
+            raise ValueError(
+                f"the model reads at most {self.positions} target positions; this decoding would read {capacity - 1}"
+                " (lower max_len)"
+            )
         fixed = {}
         if self.roles.src is not None:
             fixed[self.roles.src] = src
@@ -70,9 +92,21 @@ class Decoder:
         if self.pad_required:
             growing[self.roles.tgt_pad] = torch.zeros_like(tokens, dtype=torch.bool)  # type: ignore[index]
         log_probs = self.io.log_probs(self.program.step(state, **growing)[:, -1])
-        log_probs[:, PAD_ID] = float("-inf")
-        log_probs[:, BOS_ID] = float("-inf")
+        log_probs[:, list(self.specials.never)] = float("-inf")
         return log_probs
+
+    def most_new(self, prompt: int) -> int | None:
+        """The most tokens the model's positions leave after a prompt of `prompt` tokens (None: unbounded); the
+        start tokens, the prompt and every generated token but the last are read."""
+        return None if self.positions is None else self.positions - prompt - len(self.specials.start) + 1
+
+    def begin(self, prompt: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """The start tokens, then the prompt's ([rows, p], the same length for every row): what the first step reads."""
+        start = torch.tensor([self.specials.start] * rows, dtype=torch.long, device=self.device).view(rows, -1)
+        begin = start if prompt is None else torch.cat((start, prompt.to(self.device)), dim=1)
+        if begin.size(1) == 0:
+            raise ValueError("nothing to decode from: this model has no start token, give a prompt")
+        return begin
 
 
 def length_limits(typed: TypedGraph, roles: Roles) -> tuple[int | None, int | None]:
@@ -89,17 +123,15 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5 + length) / 6) ** alpha if alpha else 1.0
 
 
-def _begin(prompt: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
-    """bos, then the prompt's tokens ([rows, p], the same length for every row): what the first step reads."""
-    bos = torch.full((rows, 1), BOS_ID, dtype=torch.long, device=device)
-    return bos if prompt is None else torch.cat((bos, prompt.to(device)), dim=1)
-
-
 def _limits(max_len: int | torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
     """Each row's most generated tokens, [rows]."""
     if isinstance(max_len, int):
-        return torch.full((rows,), max_len, dtype=torch.long, device=device)
-    return max_len.to(device=device, dtype=torch.long)
+        limits = torch.full((rows,), max_len, dtype=torch.long, device=device)
+    else:
+        limits = max_len.to(device=device, dtype=torch.long)
+    if bool((limits < 1).any()):
+        raise ValueError("max_len must be at least 1 for every row")
+    return limits
 
 
 def _rows(src: torch.Tensor | None, prompt: torch.Tensor | None, rows: int) -> int:
@@ -133,15 +165,14 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> list[Hypothesis]:
-    """A token drawn from the (filtered) distribution each step; scores are the model's own log-probabilities."""
-    if temperature <= 0:
-        raise ValueError("temperature must be above 0 (for the most likely token, decode greedily)")
-    generator = torch.Generator(device=decoder.device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
+    """A token drawn from the (filtered) distribution each step; scores are the model's own log-probabilities.
+
+    The draws come from `generator` (so that batch after batch continues one stream), else one seeded by `seed`.
+    """
+    check_sampling(temperature, top_k, top_p)
+    generator = generator or seeded(seed, decoder.device)
 
     def draw(log_probs: torch.Tensor) -> torch.Tensor:
         logits = log_probs / temperature
@@ -159,6 +190,26 @@ def sample(
     return _pick(decoder, src, src_pad, max_len, prompt, rows, draw)
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError for settings that leave nothing to sample from."""
+    if temperature <= 0:
+        raise ValueError("temperature must be above 0 (for the most likely token, decode greedily)")
+    if top_k is not None and top_k < 1:
+        raise ValueError("top_k must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError("top_p must be above 0 and at most 1")
+
+
+def seeded(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by `seed`, or freshly when None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 def _pick(
     decoder: Decoder,
     src: torch.Tensor | None,
@@ -172,19 +223,17 @@ def _pick(
     n = _rows(src, prompt, rows)
     device = decoder.device
     limits = _limits(max_len, n, device)
-    begin = _begin(prompt, n, device)
-    if int(limits.max()) < 1:
-        return [Hypothesis((), 0.0, 0.0) for _ in range(n)]
+    begin = decoder.begin(prompt, n)
     state = decoder.start(src, src_pad, capacity=begin.size(1) + int(limits.max()))
     log_probs = decoder.next_log_probs(state, begin)
-    tokens = torch.full((n, int(limits.max())), PAD_ID, dtype=torch.long, device=device)
+    tokens = torch.full((n, int(limits.max())), -1, dtype=torch.long, device=device)  # -1: nothing generated
     scores = torch.zeros(n, dtype=torch.float64, device=device)
     active = torch.arange(n, device=device)  # the rows still generating, by their index in the batch
     for step in range(int(limits.max())):
         token = choose(log_probs)
         tokens[active, step] = token
         scores[active] += log_probs.gather(1, token[:, None]).squeeze(1).double()
-        going = (token != EOS_ID) & (limits[active] > step + 1)
+        going = (token != decoder.specials.eos) & (limits[active] > step + 1)
         if not bool(going.any()):
             break
         if not bool(going.all()):
@@ -193,7 +242,7 @@ def _pick(
             active, token = active[kept], token[kept]
         log_probs = decoder.next_log_probs(state, token[:, None])
     return [
-        Hypothesis(tuple(t for t in row if t != PAD_ID), score, score)
+        Hypothesis(tuple(t for t in row if t >= 0), score, score)
         for row, score in zip(tokens.tolist(), scores.tolist(), strict=True)
     ]
 
@@ -216,14 +265,12 @@ def beam_search(
     Without a length penalty a sentence's search goes on until its `n_best`-th best finished hypothesis scores
     at least as well as every unfinished one, so the first `n_best` are the best the beam can reach.
     """
-    if beam < 1:
-        raise ValueError("beam must be at least 1")
+    if beam < 1 or n_best < 1:
+        raise ValueError("beam and n_best must be at least 1")
     n = _rows(src, prompt, rows)
     device = decoder.device
     limits = _limits(max_len, n, device)
-    begin = _begin(prompt, n, device)
-    if int(limits.max()) < 1:
-        return [[Hypothesis((), 0.0, 0.0)] for _ in range(n)]
+    begin = decoder.begin(prompt, n)
     state = decoder.start(src, src_pad, capacity=begin.size(1) + int(limits.max()))
     log_probs = decoder.next_log_probs(state, begin).double()
     sentence = torch.arange(n, device=device)  # the sentences still searching
@@ -240,7 +287,7 @@ def beam_search(
         parent, token = index // vocab, index % vocab
         valid = torch.isfinite(top)
         last = limits[sentence] <= step + 1
-        ends = (token == EOS_ID) | last[:, None]
+        ends = (token == decoder.specials.eos) | last[:, None]
         rank = torch.arange(top.size(1), device=device)[None, :]
         finishing = ends & valid & (rank < beam)  # only the `beam` best may finish, so that beam 1 is greedy
         if bool(finishing.any()):

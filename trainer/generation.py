@@ -1,27 +1,52 @@
-"""Translating and generating text with a trained checkpoint: sentences in, hypotheses out, batch by batch.
+"""Translating and generating text with a trained or imported model: sentences in, hypotheses out, by batch.
 
 `Translator` reads sentences (sources of an encoder–decoder, prompts of a language model), encodes them with
-the checkpoint's vocabularies, decodes them in batches (trainer.decode) and yields each sentence's hypotheses
-as text, in the order of the input, as each batch is done. Sources of different lengths share a batch when the
-model takes a source padding mask; otherwise, and for prompts (the target side has no padding while decoding),
-a batch decodes the sentences of each length together, so that every result is the one the sentence gets alone.
+the model's text sides (a checkpoint's vocabularies, a pretrained model's tokenizers), decodes them in
+batches (trainer.decode) and yields each sentence's hypotheses as text, in the order of the input, as each
+batch is done. Sources of different lengths share a batch when the model takes a source padding mask;
+otherwise, and for prompts (the target side has no padding while decoding), a batch decodes the sentences of
+each length together, so that every result is the one the sentence gets alone.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from common.errors import DataError, Problem, UsageError
 from common.text import excerpt
 from trainer import checkpoint, decode
 from trainer.batching import pad
 from trainer.roles import Roles
-from trainer.vocab import EOS_ID, UNK_ID, tokenize
+from trainer.vocab import EOS_ID, UNK_ID, Vocab, tokenize
+
+
+@dataclass(frozen=True)
+class TextSide:
+    """Text ↔ the ids a model reads or writes on one side (source, or target)."""
+
+    encode: Callable[[str], list[int]]  # the ids as the model reads them (a source with its eos)
+    decode: Callable[[Sequence[int]], str]
+    unknown: Callable[[str], list[str]]  # the pieces of a text the vocabulary lacks
+
+    @classmethod
+    def of_vocab(cls, vocab: Vocab, *, source: bool) -> TextSide:
+        """A trainer vocabulary's side: a source ends with eos, a target starts after the decoder's bos."""
+
+        def encode(text: str) -> list[int]:
+            ids = vocab.encode_text(text)
+            return [*ids, EOS_ID] if source and ids else ids
+
+        def unknown(text: str) -> list[str]:
+            tokens = tokenize(text, vocab.tokenizer)
+            return [t for t, i in zip(tokens, vocab.encode(tokens), strict=True) if i == UNK_ID]
+
+        return cls(encode, vocab.decode_text, unknown)
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,17 @@ class Search:
     seed: int | None = None
 
 
+def _check_search(search: Search, most: int | None) -> None:
+    if most is not None and most < 1:
+        raise UsageError(Problem(f"the most new tokens must be at least 1, not {most}"))
+    if search.n_best < 1 or search.beam < 1:
+        raise UsageError(Problem("--beam and --n-best are at least 1"))
+    if search.n_best > search.beam:
+        raise UsageError(
+            Problem(f"--n-best {search.n_best} needs a beam at least as wide", hint=f"add --beam {search.n_best}")
+        )
+
+
 @dataclass
 class _Item:
     index: int
@@ -54,22 +90,37 @@ class _Item:
 
 
 class Translator:
-    """A checkpoint ready to translate (an encoder–decoder) or to continue text (a language model)."""
+    """A model ready to translate (an encoder–decoder) or to continue text (a language model)."""
 
     def __init__(
-        self, saved: checkpoint.Checkpoint, *, compiled: bool = False, note: Callable[[str], None] | None = None
+        self,
+        model: nn.Module,
+        roles: Roles,
+        target: TextSide,
+        source: TextSide | None = None,
+        *,
+        specials: decode.Specials = decode.TRAINER_SPECIALS,
+        compiled: bool = False,
+        note: Callable[[str], None] | None = None,
     ):
-        self.saved = saved
-        self.roles = Roles(**saved.info["roles"])
-        self.model = saved.model.eval()
+        self.roles, self.model, self.source, self.target = roles, model.eval(), source, target
         self.note = note or (lambda text: None)
         if self.roles.kind == "classify":
             raise DataError(Problem("a classifier's checkpoint labels texts; it does not generate"))
-        self.decoder = decode.Decoder(self.model, self.roles, compiled=compiled)
+        self.decoder = decode.Decoder(self.model, self.roles, specials=specials, compiled=compiled)
         if self.decoder.reason:
             self.note(f"decoding re-runs the whole model at every step: {self.decoder.reason}")
         self.src_most, self.tgt_most = decode.length_limits(self.model.typed_graph, self.roles)  # type: ignore[arg-type]
         self._capped = False
+
+    @classmethod
+    def of_checkpoint(
+        cls, saved: checkpoint.Checkpoint, *, compiled: bool = False, note: Callable[[str], None] | None = None
+    ) -> Translator:
+        source = TextSide.of_vocab(saved.src_vocab, source=True) if saved.src_vocab is not None else None
+        target = TextSide.of_vocab(saved.tgt_vocab, source=False)
+        roles = Roles(**saved.info["roles"])
+        return cls(saved.model, roles, target, source, compiled=compiled, note=note)
 
     @classmethod
     def load(
@@ -82,11 +133,12 @@ class Translator:
         note: Callable[[str], None] | None = None,
     ) -> Translator:
         """The checkpoint at `path` (a run directory or its checkpoint/) on `device`."""
-        return cls(checkpoint.load(path, device=device, tokenizers=tokenizers), compiled=compiled, note=note)
+        saved = checkpoint.load(path, device=device, tokenizers=tokenizers)
+        return cls.of_checkpoint(saved, compiled=compiled, note=note)
 
     @property
     def seq2seq(self) -> bool:
-        return self.saved.src_vocab is not None
+        return self.source is not None
 
     def translate(
         self,
@@ -121,46 +173,56 @@ class Translator:
         sampling = temperature is not None or top_k is not None or top_p is not None
         if sampling and beam > 1:
             raise UsageError(Problem("sampling draws one continuation per prompt: give --beam or sampling, not both"))
+        if sampling:
+            try:
+                decode.check_sampling(temperature or 1.0, top_k, top_p)
+            except ValueError as exc:
+                raise UsageError(Problem(str(exc))) from None
         search = Search(beam, alpha, n_best, sampling, temperature or 1.0, top_k, top_p, seed)
         return self._run(prompts, batch_size, max_new, search)
 
     def _run(
         self, sentences: Iterable[str], batch_size: int, most: int | None, search: Search
     ) -> Iterator[list[Output]]:
+        _check_search(search, most)
         lines = iter(sentences)
         counter = itertools.count()
+        generator = decode.seeded(search.seed, self.decoder.device) if search.sampling else None
         while batch := [self._item(next(counter), s, most) for s in itertools.islice(lines, batch_size)]:
             done: dict[int, list[Output]] = {}
-            for group in self._groups(batch):
-                done.update(self._decode(group, search))
+            for group in self._groups([item for item in batch if item.ids or not self.seq2seq]):
+                done.update(self._decode(group, search, generator))
             for item in batch:
-                yield done[item.index]
+                yield done.get(item.index, [Output("", 0.0)])  # an empty source: an empty line
 
     def _item(self, index: int, sentence: str, most: int | None) -> _Item:
-        """The sentence's ids (a source with eos, or a prompt) and its most new tokens."""
-        side = self.saved.src_vocab if self.seq2seq else self.saved.tgt_vocab
-        ids = side.encode_text(sentence)  # type: ignore[union-attr]
+        """The sentence's ids (a source, or a prompt) and its most new tokens."""
+        side = self.source or self.target
+        ids = side.encode(sentence)
+        unknown = side.unknown(sentence)
+        if unknown:
+            self.note(f"not in the {'source ' if self.seq2seq else ''}vocabulary: {' '.join(unknown)}")
         if self.seq2seq:
-            if not ids:
-                raise DataError(Problem(f"nothing to translate in {excerpt(sentence)}"))
-            if self.src_most is not None and len(ids) + 1 > self.src_most:
+            if not sentence.strip():
+                return _Item(index, [], 0)
+            if self.src_most is not None and len(ids) > self.src_most:
                 raise DataError(
                     Problem(
-                        f"{excerpt(sentence)} has {len(ids)} tokens; the model reads at most {self.src_most - 1}",
+                        f"sentence {index + 1} ({excerpt(sentence)}) has {len(ids)} tokens (its end marks included); the model reads at most "
+                        f"{self.src_most}",
                         hint="split the sentence",
                     )
                 )
-            unknown = [t for t, i in zip(tokenize(sentence, side.tokenizer), ids, strict=True) if i == UNK_ID]  # type: ignore[union-attr]
-            if unknown:
-                self.note(f"not in the source vocabulary: {' '.join(unknown)}")
-            return _Item(index, [*ids, EOS_ID], self._cap(most or 2 * len(ids) + 10, 0))
-        return _Item(index, ids, self._cap(most or 50, len(ids)))
+            return _Item(index, ids, self._cap(2 * len(ids) + 8 if most is None else most, 0))
+        if not ids and not self.decoder.specials.start:
+            raise DataError(Problem(f"prompt {index + 1} is empty, and this model has no start token to continue from"))
+        return _Item(index, ids, self._cap(50 if most is None else most, len(ids)))
 
     def _cap(self, limit: int, prompt: int) -> int:
         """`limit`, or fewer tokens where the model's positions end (said once)."""
-        if self.tgt_most is None:
+        room = self.decoder.most_new(prompt)
+        if room is None:
             return limit
-        room = self.tgt_most - prompt  # bos and the prompt, then all generated tokens but the last are read
         if room < 1:
             raise DataError(Problem(f"the prompt fills all {self.tgt_most} positions of the model", hint="shorten it"))
         if limit > room and not self._capped:
@@ -177,7 +239,7 @@ class Translator:
             by_length.setdefault(len(item.ids), []).append(item)
         return list(by_length.values())
 
-    def _decode(self, group: list[_Item], search: Search) -> dict[int, list[Output]]:
+    def _decode(self, group: list[_Item], search: Search, generator: torch.Generator | None) -> dict[int, list[Output]]:
         device = self.decoder.device
         limits = torch.tensor([item.limit for item in group])
         src = src_pad = prompt = None
@@ -188,16 +250,16 @@ class Translator:
         given = {"src": src, "src_pad": src_pad, "prompt": prompt, "rows": len(group), "max_len": limits}
         if search.sampling:
             options = {"temperature": search.temperature, "top_k": search.top_k, "top_p": search.top_p}
-            found = [[h] for h in decode.sample(self.decoder, **given, **options, seed=search.seed)]
+            found = [[h] for h in decode.sample(self.decoder, **given, **options, generator=generator)]
         elif search.beam == 1:
             found = [[h] for h in decode.greedy(self.decoder, **given)]
         else:
-            n_best = min(search.n_best, search.beam)
-            found = decode.beam_search(self.decoder, **given, beam=search.beam, alpha=search.alpha, n_best=n_best)
-        vocab = self.saved.tgt_vocab
+            found = decode.beam_search(
+                self.decoder, **given, beam=search.beam, alpha=search.alpha, n_best=search.n_best
+            )
         out = {}
         for item, hypotheses in zip(group, found, strict=True):
             before = [] if self.seq2seq else item.ids  # a language model's output starts with its prompt
-            texts = [Output(vocab.decode_text([*before, *h.tokens]), h.normalized) for h in hypotheses]
+            texts = [Output(self.target.decode([*before, *h.tokens]), h.normalized) for h in hypotheses]
             out[item.index] = texts[: search.n_best]
         return out

@@ -397,7 +397,7 @@ def corpus_bleu_of(
         chunk = examples[start : start + 64]
         batch = batching.collate(chunk).to(device)
         assert batch.src is not None
-        length = min(max_len + 1, 2 * batch.src.shape[1] + 10)
+        length = min(max_len + 1, 2 * batch.src.shape[1] + 10, decoder.most_new(0) or max_len + 1)
         for hyp in decode.greedy(decoder, batch.src, batch.src_pad, max_len=length):
             hypotheses.append(data.tgt_vocab.decode(hyp.tokens))
     return bleu.corpus_bleu(hypotheses, data.valid_refs[: len(examples)])

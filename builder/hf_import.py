@@ -1,0 +1,440 @@
+"""A Hugging Face-format model directory → the family's shipped spec, its variables read from the config, and
+the weights mapped through the family's table (builder.hf_mappings).
+
+Only what reproduces the model exactly is accepted: `config.json`'s `model_type` names a family, every option
+the family's spec fixes must have the value the spec implements (all mismatches are reported together), and
+the weights (`model.safetensors`, or the shards `model.safetensors.index.json` lists) must fill every tensor
+of the spec through the table with nothing left over. Pickle checkpoints (`pytorch_model.bin`) are refused
+unread. Nothing here runs code from the directory: the config is JSON, the weights safetensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+
+from builder.hf_mappings import FAMILIES, Family, convert
+from builder.model import GraphModel
+from builder.persist import unique_tensors
+from builder.pipeline import build
+from common.errors import CheckpointError, Location, Problem
+from common.files import FileKind, MiB, read_json
+from common.tensorfile import read_header
+from common.text import excerpt
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+CONFIG_FILE = FileKind("model config", CheckpointError, limit=16 * MiB)
+INDEX_FILE = FileKind("weights index", CheckpointError, limit=64 * MiB)
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+Config = Mapping[str, Any]
+Value = str | tuple[str, Any] | Callable[[Config], Any]  # a config key, a key with its default, or a rule
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How one family's config.json becomes its spec's variables, and which options the spec fixes."""
+
+    variables: Mapping[str, Value]
+    fixed: Mapping[str, tuple[Any, ...]]  # option → the values the spec implements (the first is the default)
+    specials: Mapping[str, Any]  # pad, bos, eos, decoder_start: their defaults where the config says nothing
+
+
+def _get(config: Config, value: Value) -> Any:
+    if callable(value):
+        return value(config)
+    key, default = (value, None) if isinstance(value, str) else value
+    return config.get(key, default)
+
+
+def _rope(key: str, default: float, legacy: str) -> Callable[[Config], Any]:
+    """A rotary setting from `rope_parameters` (transformers ≥ 5) or the older top-level key."""
+
+    def read(config: Config) -> Any:
+        parameters = config.get("rope_parameters") or {}
+        return float(parameters.get(key, config.get(legacy, default)))
+
+    return read
+
+
+def _rope_type(config: Config) -> Any:
+    scaling = config.get("rope_scaling") or {}
+    parameters = config.get("rope_parameters") or {}
+    return scaling.get("rope_type", scaling.get("type")) or parameters.get("rope_type", "default")
+
+
+def _llama(d_ff: int, eps: float, window: Value | None) -> Reading:
+    variables: dict[str, Value] = {
+        "vocab": ("vocab_size", 32000),
+        "d_model": ("hidden_size", 4096),
+        "heads": ("num_attention_heads", 32),
+        "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 32),
+        "d_ff": ("intermediate_size", d_ff),
+        "layers": ("num_hidden_layers", 32),
+        "rope_theta": _rope("rope_theta", 10000.0, "rope_theta"),
+        "eps": ("rms_norm_eps", eps),
+        "window": window if window is not None else (lambda c: None),
+    }
+    fixed = {
+        "hidden_act": ("silu",),
+        "attention_bias": (False,),
+        "mlp_bias": (False,),
+        "tie_word_embeddings": (False,),
+        "pretraining_tp": (1,),
+        "rope_type": ("default",),
+        "head_dim": (None, "hidden_size / num_attention_heads"),
+    }
+    return Reading(variables, fixed, {"bos": 1, "eos": 2, "pad": None})
+
+
+READINGS: dict[str, Reading] = {
+    "gpt2": Reading(
+        {
+            "vocab": ("vocab_size", 50257),
+            "max_len": ("n_positions", 1024),
+            "d_model": ("n_embd", 768),
+            "heads": ("n_head", 12),
+            "layers": ("n_layer", 12),
+            "dropout": ("resid_pdrop", 0.1),
+            "eps": ("layer_norm_epsilon", 1e-5),
+        },
+        {
+            "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+            "n_inner": (None, "4 × n_embd"),
+            "scale_attn_weights": (True,),
+            "scale_attn_by_inverse_layer_idx": (False,),
+            "add_cross_attention": (False,),
+            "tie_word_embeddings": (True,),
+        },
+        {"bos": 50256, "eos": 50256, "pad": None},
+    ),
+    "bert": Reading(
+        {
+            "vocab": ("vocab_size", 30522),
+            "segments": ("type_vocab_size", 2),
+            "max_len": ("max_position_embeddings", 512),
+            "d_model": ("hidden_size", 768),
+            "heads": ("num_attention_heads", 12),
+            "d_ff": ("intermediate_size", 3072),
+            "layers": ("num_hidden_layers", 12),
+            "dropout": ("hidden_dropout_prob", 0.1),
+            "eps": ("layer_norm_eps", 1e-12),
+        },
+        {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",), "is_decoder": (False,)},
+        {"pad": 0, "bos": None, "eos": None},
+    ),
+    "llama": _llama(11008, 1e-6, None),
+    "mistral": _llama(14336, 1e-5, ("sliding_window", 4096)),
+    "gpt_neox": Reading(
+        {
+            "vocab": ("vocab_size", 50432),
+            "d_model": ("hidden_size", 6144),
+            "heads": ("num_attention_heads", 64),
+            "d_ff": ("intermediate_size", 24576),
+            "layers": ("num_hidden_layers", 44),
+            "rotary_pct": _rope("partial_rotary_factor", 0.25, "rotary_pct"),
+            "rope_theta": _rope("rope_theta", 10000.0, "rotary_emb_base"),
+            "eps": ("layer_norm_eps", 1e-5),
+            "dropout": ("hidden_dropout", 0.0),
+        },
+        {
+            "hidden_act": ("gelu",),
+            "use_parallel_residual": (True,),
+            "attention_bias": (True,),
+            "tie_word_embeddings": (False,),
+            "rope_type": ("default",),
+        },
+        {"bos": 0, "eos": 2, "pad": None},
+    ),
+    "marian": Reading(
+        {
+            "vocab": ("vocab_size", 58101),
+            "max_len": ("max_position_embeddings", 1024),
+            "d_model": ("d_model", 1024),
+            "heads": ("encoder_attention_heads", 16),
+            "d_ff": ("encoder_ffn_dim", 4096),
+            "enc_layers": ("encoder_layers", 12),
+            "dec_layers": ("decoder_layers", 12),
+            "dropout": ("dropout", 0.1),
+        },
+        {
+            "activation_function": ("swish", "silu"),
+            "scale_embedding": (True,),
+            "share_encoder_decoder_embeddings": (True,),
+            "decoder_vocab_size": (None, "vocab_size"),
+            "decoder_attention_heads": ("encoder_attention_heads",),
+            "decoder_ffn_dim": ("encoder_ffn_dim",),
+            "tie_word_embeddings": (True,),
+        },
+        {"pad": 58100, "eos": 0, "bos": None, "decoder_start": 58100},
+    ),
+    "bart": Reading(
+        {
+            "vocab": ("vocab_size", 50265),
+            "max_len": ("max_position_embeddings", 1024),
+            "d_model": ("d_model", 1024),
+            "heads": ("encoder_attention_heads", 16),
+            "d_ff": ("encoder_ffn_dim", 4096),
+            "enc_layers": ("encoder_layers", 12),
+            "dec_layers": ("decoder_layers", 12),
+            "dropout": ("dropout", 0.1),
+        },
+        {
+            "activation_function": ("gelu",),
+            "scale_embedding": (False,),
+            "decoder_attention_heads": ("encoder_attention_heads",),
+            "decoder_ffn_dim": ("encoder_ffn_dim",),
+            "tie_word_embeddings": (True,),
+        },
+        {"bos": 0, "pad": 1, "eos": 2, "decoder_start": 2},
+    ),
+    "t5": Reading(
+        {
+            "vocab": ("vocab_size", 32128),
+            "d_model": ("d_model", 512),
+            "d_kv": ("d_kv", 64),
+            "heads": ("num_heads", 8),
+            "d_ff": ("d_ff", 2048),
+            "enc_layers": ("num_layers", 6),
+            "dec_layers": lambda c: c.get("num_decoder_layers") or c.get("num_layers", 6),
+            "buckets": ("relative_attention_num_buckets", 32),
+            "max_distance": ("relative_attention_max_distance", 128),
+            "dropout": ("dropout_rate", 0.1),
+            "eps": ("layer_norm_epsilon", 1e-6),
+        },
+        {"feed_forward_proj": ("relu",), "tie_word_embeddings": (True,), "is_encoder_decoder": (True,)},
+        {"pad": 0, "eos": 1, "bos": None, "decoder_start": 0},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Imported:
+    """A Hugging Face directory read into the family's spec: what to write, and the model with its weights."""
+
+    model_type: str
+    family: Family
+    variables: dict[str, Any]  # the spec's variables, from the config
+    specials: dict[str, int | None]  # pad, bos, eos, decoder_start ids
+    spec_text: str  # the family's spec with these variables: readable, editable
+    model: GraphModel
+    tensors: int  # checkpoint tensors read
+
+
+def read_config(directory: Path) -> tuple[str, dict[str, Any]]:
+    """config.json's model_type (a supported one) and the whole config."""
+    path = directory / "config.json"
+    if not path.is_file():
+        hint = "a Hugging Face model directory holds config.json and model.safetensors"
+        raise CheckpointError(Problem(f"{directory} has no config.json", Location(str(directory)), hint=hint))
+    config = read_json(path, CONFIG_FILE)
+    where = Location(str(path))
+    if not isinstance(config, dict):
+        raise CheckpointError(Problem("config.json is not a JSON object", where))
+    model_type = config.get("model_type")
+    if model_type not in READINGS:
+        shown = excerpt(str(model_type), 40) if model_type is not None else "none"
+        raise CheckpointError(
+            Problem(
+                f"model_type {shown} cannot be imported",
+                where,
+                hint=f"supported: {', '.join(READINGS)}",
+            )
+        )
+    return model_type, config
+
+
+def spec_variables(model_type: str, config: Config, where: Location) -> dict[str, Any]:
+    """The family spec's variables from `config`; every option the spec fixes otherwise is reported at once."""
+    reading = READINGS[model_type]
+    variables = {name: _get(config, value) for name, value in reading.variables.items()}
+    problems = []
+    for option, accepted in reading.fixed.items():
+        have = _rope_type(config) if option == "rope_type" else config.get(option, accepted[0])
+        if not any(_matches(have, value, config) for value in accepted):
+            shown = " or ".join(_shown(value) for value in accepted)
+            problems.append(
+                Problem(
+                    f"{option} is {excerpt(repr(have), 40)}; the {model_type} spec implements {shown}",
+                    where,
+                    hint="this variant is not supported exactly: edit the spec to match it, then load the weights",
+                )
+            )
+    for name, value in variables.items():
+        if value is not None and not isinstance(value, int | float | bool):
+            problems.append(Problem(f"{name} ({excerpt(repr(value), 40)}) is not a number", where))
+    if problems:
+        raise CheckpointError(problems)
+    return variables
+
+
+def _matches(have: Any, value: Any, config: Config) -> bool:
+    """`value` is a literal, another option's name (they must agree), or a rule such as '4 × n_embd'."""
+    if value == "hidden_size / num_attention_heads":
+        return have == config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
+    if value == "4 × n_embd":
+        return have == 4 * config.get("n_embd", 768)
+    if isinstance(value, str) and value in config and value.endswith(("_heads", "_dim", "_size")):
+        return have == config[value]
+    return have == value
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def specials(model_type: str, config: Config) -> dict[str, int | None]:
+    """The pad, bos, eos and decoder-start ids of the config (the family's defaults where it says nothing)."""
+    found: dict[str, int | None] = {}
+    for name, default in READINGS[model_type].specials.items():
+        key = "decoder_start_token_id" if name == "decoder_start" else f"{name}_token_id"
+        value = config.get(key, default)
+        if isinstance(value, list):  # several eos ids: the first ends a sequence
+            value = value[0] if value else None
+        found[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return found
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or every shard model.safetensors.index.json names (plain file names in `directory`)."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        files = _shards(index)
+    else:
+        pickled = [name for name in PICKLES if (directory / name).exists()]
+        if pickled:
+            raise CheckpointError(
+                Problem(
+                    f"{pickled[0]} is a pickle file, which can run code when read: it is not opened",
+                    Location(str(directory / pickled[0])),
+                    hint="convert it to safetensors where you trust it (transformers: "
+                    "model.save_pretrained(DIR, safe_serialization=True)), then import DIR",
+                )
+            )
+        raise CheckpointError(Problem(f"{directory} has no model.safetensors", Location(str(directory))))
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        read_header(str(path), "weights file")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not a mapping
+                    tensors[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(
+                Problem(f"cannot read the weights file: {type(exc).__name__}", Location(str(path)))
+            ) from None
+    return tensors
+
+
+def _shards(index: Path) -> list[Path]:
+    data = read_json(index, INDEX_FILE)
+    where = Location(str(index))
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(Problem("field weight_map: expected a non-empty mapping of tensor → file", where))
+    names = sorted({str(name) for name in weight_map.values()})
+    bad = [name for name in names if not re.fullmatch(r"[\w.-]+\.safetensors", name) or name.startswith(".")]
+    if bad:
+        raise CheckpointError(
+            Problem(f"field weight_map names {excerpt(bad[0], 40)}, not a .safetensors file beside it", where)
+        )
+    missing = [name for name in names if not (index.parent / name).is_file()]
+    if missing:
+        raise CheckpointError(Problem(f"shard {excerpt(missing[0], 60)} is missing", where))
+    return [index.parent / name for name in names]
+
+
+def spec_text(family: Family, variables: Mapping[str, Any], origin: str) -> str:
+    """The family's shipped spec with `variables` written into its `vars:` block, comments kept."""
+    lines = _standalone(family.spec)
+    start = lines.index("vars:")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" "))
+    for i in range(start + 1, end):
+        match = re.match(r"(  (\w+): )([^#]*?)(\s*#.*)?$", lines[i])
+        if match and match.group(2) in variables:
+            scalar = yaml.safe_dump(variables[match.group(2)], default_flow_style=True).splitlines()[0]
+            lines[i] = f"{match.group(1)}{scalar}{match.group(4) or ''}"
+    header = [
+        f"# Imported by `blockgraph import` from {origin} (model_type {family.model_type}):",
+        "# the variables below come from its config.json.",
+    ]
+    return "\n".join([*header, *lines]) + "\n"
+
+
+def _standalone(name: str) -> list[str]:
+    """A shipped spec's lines; one that `extends:` another is the base's, with its own comments, name and
+    description (a base's variables are all the extension's: the import sets every one)."""
+    lines = (SPECS / name).read_text(encoding="utf-8").splitlines()
+    base = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("extends:")), None)
+    if base is None:
+        return lines
+    own = {line.split(":", 1)[0]: line for line in lines if line.startswith(("name:", "description:"))}
+    comments = list(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    body = list(itertools.dropwhile(lambda line: line.startswith("#"), _standalone(base)))
+    return [*comments, *(own.get(line.split(":", 1)[0], line) for line in body)]
+
+
+def import_directory(directory: str | Path) -> Imported:
+    """Read a Hugging Face-format directory into the family's spec and a model holding its weights."""
+    directory = Path(directory)
+    model_type, config = read_config(directory)
+    where = Location(str(directory / "config.json"))
+    variables = spec_variables(model_type, config, where)
+    family = FAMILIES[model_type]
+    tensors = _as_today(model_type, read_weights(directory))
+    dtype = _dtype(tensors)
+    model = build(SPECS / family.spec, overrides=variables, dtype=dtype).eval()
+    state, computed = convert(family, tensors, heads=variables.get("heads"))
+    targets, _aliases = unique_tensors(model)
+    weights = Location(str(directory))
+    missing = sorted(set(targets) - set(state))
+    if missing:
+        shown = ", ".join(missing[:6]) + (" …" if len(missing) > 6 else "")
+        raise CheckpointError(Problem(f"the checkpoint lacks {len(missing)} tensor(s) of the spec: {shown}", weights))
+    for hf_name, our_name in computed:  # a table the spec computes (sinusoidal positions) must be the stored one
+        ours, theirs = model.get_buffer(our_name).squeeze(0), tensors[hf_name]
+        rows = min(len(ours), len(theirs))
+        if not torch.allclose(ours[:rows].float(), theirs[:rows].float(), atol=1e-4, rtol=0):
+            raise CheckpointError(Problem(f"{hf_name} is not the table the spec computes", weights))
+    wrong = [name for name, value in state.items() if name not in targets or targets[name].shape != value.shape]
+    if wrong:
+        name = wrong[0]
+        have = tuple(state[name].shape)
+        want = tuple(targets[name].shape) if name in targets else "nothing"
+        raise CheckpointError(Problem(f"{name}: the checkpoint's tensor is {have}, the spec's {want}", weights))
+    with torch.no_grad():
+        for name, value in state.items():
+            targets[name].copy_(value)
+    text = spec_text(family, variables, excerpt(directory.resolve().name, 60))
+    return Imported(model_type, family, variables, specials(model_type, config), text, model, len(tensors))
+
+
+def _as_today(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Older checkpoints' names as today's transformers writes them: GPT-2 without its `transformer.` prefix and
+    with its causal-mask buffers, BERT inside a `bert.` prefix, `gamma`/`beta` for LayerNorm weight and bias."""
+    if model_type == "gpt2" and "wte.weight" in tensors:
+        return {f"transformer.{k}": v for k, v in tensors.items() if not re.search(r"\.attn\.(masked_)?bias$", k)}
+    if model_type == "bert":
+        renamed = {}
+        for name, tensor in tensors.items():
+            name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name.removeprefix("bert.")))
+            if name != "embeddings.position_ids":  # a range the spec computes
+                renamed[name] = tensor
+        return renamed
+    return tensors
+
+
+def _dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The weights' floating dtype when they share one (a bfloat16 checkpoint stays bfloat16), else float32."""
+    kinds = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return kinds.pop() if len(kinds) == 1 else torch.float32
