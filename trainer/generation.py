@@ -208,8 +208,8 @@ class Translator:
             if self.src_most is not None and len(ids) > self.src_most:
                 raise DataError(
                     Problem(
-                        f"sentence {index + 1} ({excerpt(sentence)}) has {len(ids)} tokens (its end marks included); the model reads at most "
-                        f"{self.src_most}",
+                        f"sentence {index + 1} ({excerpt(sentence)}) has {len(ids)} tokens (its end marks "
+                        f"included); the model reads at most {self.src_most}",
                         hint="split the sentence",
                     )
                 )
