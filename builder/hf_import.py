@@ -263,9 +263,9 @@ def spec_variables(model_type: str, config: Config, where: Location) -> dict[str
             shown = " or ".join(_shown(value) for value in accepted)
             problems.append(
                 Problem(
-                    f"{option} is {excerpt(repr(have), 40)}; the {model_type} spec implements {shown}",
+                    f"{option} is {excerpt(_shown(have), 40)}; the {model_type} spec implements {shown}",
                     where,
-                    hint="this variant is not supported exactly: edit the spec to match it, then load the weights",
+                    hint="this variant cannot be imported exactly (see docs/pretrained.md)",
                 )
             )
     for name, value in variables.items():

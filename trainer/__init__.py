@@ -10,7 +10,7 @@ One job per module:
 - `schedule`: the Transformer learning-rate schedule, Adam, label-smoothed loss;
 - `loop`: the training loop with progress, evaluation and checkpoints;
 - `checkpoint`: atomic checkpoint directories (weights, spec, vocabularies, optimizer and RNG state);
-- `decode`: greedy and beam search; `bleu`: corpus BLEU;
+- `decode`: greedy and beam search; `bleu`: corpus BLEU and chrF (sacrebleu);
 - `distributed`: DistributedDataParallel set-up and the torchrun launcher;
 - `commands`: the Typer command functions `train` and `translate`.
 """

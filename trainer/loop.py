@@ -29,7 +29,7 @@ from common.records import check_record
 from trainer import batching, bleu, checkpoint, corpus, decode, distributed, rundir, schedule
 from trainer.config import RESUMABLE, TrainConfig
 from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
-from trainer.vocab import check_tokenizer
+from trainer.vocab import check_tokenizer, detokenize
 
 
 @dataclass
@@ -382,16 +382,16 @@ def evaluate(
     if data.labels is not None:
         del result["valid_ppl"]
     if data.src_vocab is not None and config.bleu_sentences > 0:
-        result["bleu"] = corpus_bleu_of(model, io, data, config.bleu_sentences, config.max_len, device)
+        result.update(corpus_bleu_of(model, io, data, config.bleu_sentences, config.max_len, device))
     return result
 
 
 def corpus_bleu_of(
     model: nn.Module, io: ModelIO, data: corpus.Corpus, limit: int, max_len: int, device: torch.device
-) -> float:
-    """BLEU of greedy translations of the first `limit` held-out sources against their references."""
+) -> dict[str, float]:
+    """BLEU and chrF of greedy translations of the first `limit` held-out sources against their references."""
     examples = data.valid[:limit]
-    hypotheses: list[list[str]] = []
+    hypotheses: list[str] = []
     decoder = decode.Decoder(model, io.roles)
     for start in range(0, len(examples), 64):
         chunk = examples[start : start + 64]
@@ -399,8 +399,10 @@ def corpus_bleu_of(
         assert batch.src is not None
         length = min(max_len + 1, 2 * batch.src.shape[1] + 10, decoder.most_new(0) or max_len + 1)
         for hyp in decode.greedy(decoder, batch.src, batch.src_pad, max_len=length):
-            hypotheses.append(data.tgt_vocab.decode(hyp.tokens))
-    return bleu.corpus_bleu(hypotheses, data.valid_refs[: len(examples)])
+            hypotheses.append(data.tgt_vocab.decode_text(hyp.tokens))
+    tokenizer = data.tgt_vocab.tokenizer
+    references = [detokenize(tokens, tokenizer) for tokens in data.valid_refs[: len(examples)]]
+    return bleu.corpus_scores(hypotheses, references)
 
 
 def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Path | None) -> Path | None:
@@ -444,6 +446,6 @@ def _epoch_line(record: dict[str, Any], config: TrainConfig, finished: bool) -> 
             parts.append(f"ppl {record['valid_ppl']:.2f}")
         parts.append(f"acc {100 * record['valid_acc']:.1f}%")
     if "bleu" in record:
-        parts.append(f"BLEU {record['bleu']:.1f}")
+        parts.append(f"BLEU {record['bleu']:.1f}, chrF {record['chrf']:.1f}")
     parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     return f"[bold]{where}[/]: " + ", ".join(parts)

@@ -136,10 +136,10 @@ def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
     path = Path(path)
     record = read_record(path / RECORD, PretrainedRecord, RECORD_FILE)
     where = Location(str(path / RECORD))
-    model = persist.load(path / MODEL, device=device)
-    roles = find_roles(model.typed_graph.graph, types=model.typed_graph.types)  # type: ignore[union-attr]
-    if roles.kind == "classify" or record.model_type == "bert":
+    if record.model_type == "bert":
         raise CheckpointError(Problem(f"a {record.model_type} model encodes text; it does not generate", where))
+    model = persist.load(path / MODEL, device=device).eval()  # decoding: dropout off
+    roles = find_roles(model.typed_graph.graph, types=model.typed_graph.types)  # type: ignore[union-attr]
     eos, pad = record.specials.get("eos"), record.specials.get("pad")
     if eos is None:
         raise CheckpointError(Problem("field specials.eos: the model has no end-of-sequence token", where))

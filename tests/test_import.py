@@ -1,0 +1,396 @@
+"""`blockgraph import`: Hugging Face-format directories (made here from small configs with redrawn random
+weights, `save_pretrained`; nothing is downloaded) become a spec and a saved model whose outputs equal the
+original's to 1e-5 on padded inputs, and whose greedy decoding equals `generate`'s token for token; the
+tokenizer comes along (a SentencePiece Marian trained here, a tokenizer.json); what cannot be imported exactly
+is refused by message, and a pickle file is never opened."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from conftest import SPECS, redraw
+
+import builder
+from builder import persist
+from common.errors import CheckpointError
+from trainer import decode, pretrained
+
+torch.set_num_threads(1)
+
+SEQ = {"max_position_embeddings": 32, "d_model": 24, "encoder_layers": 2, "decoder_layers": 2}
+HEADS = {"encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 40, "decoder_ffn_dim": 40}
+DROPOUTS = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+
+MODELS: dict[str, tuple[Callable[..., Any], Callable[[], Any]]] = {
+    "gpt2": (
+        transformers.GPT2LMHeadModel,
+        lambda: transformers.GPT2Config(
+            vocab_size=97, n_positions=32, n_embd=24, n_layer=2, n_head=4, bos_token_id=96, eos_token_id=96
+        ),
+    ),
+    "llama": (
+        transformers.LlamaForCausalLM,
+        lambda: transformers.LlamaConfig(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500.0,
+            max_position_embeddings=64,
+        ),
+    ),
+    "mistral": (
+        transformers.MistralForCausalLM,
+        lambda: transformers.MistralConfig(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=3,
+            max_position_embeddings=64,
+        ),
+    ),
+    "gpt_neox": (
+        transformers.GPTNeoXForCausalLM,
+        lambda: transformers.GPTNeoXConfig(
+            vocab_size=83,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            rotary_pct=0.5,
+            max_position_embeddings=64,
+        ),
+    ),
+    "bert": (
+        transformers.BertModel,
+        lambda: transformers.BertConfig(
+            vocab_size=91,
+            hidden_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=40,
+            max_position_embeddings=32,
+        ),
+    ),
+    "marian": (
+        transformers.MarianMTModel,
+        lambda: transformers.MarianConfig(
+            vocab_size=71,
+            decoder_vocab_size=71,
+            activation_function="swish",
+            scale_embedding=True,
+            pad_token_id=70,
+            decoder_start_token_id=70,
+            eos_token_id=0,
+            **SEQ,
+            **HEADS,
+            **DROPOUTS,
+        ),
+    ),
+    "bart": (
+        transformers.BartForConditionalGeneration,
+        lambda: transformers.BartConfig(vocab_size=71, activation_function="gelu", **SEQ, **HEADS, **DROPOUTS),
+    ),
+    "t5": (
+        transformers.T5ForConditionalGeneration,
+        lambda: transformers.T5Config(
+            vocab_size=71,
+            d_model=24,
+            d_kv=8,
+            d_ff=40,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=3,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=12,
+            feed_forward_proj="relu",
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+        ),
+    ),
+}
+SEQ2SEQ = ("marian", "bart", "t5")
+
+
+def _saved(model_type: str, where: Path) -> torch.nn.Module:
+    """The Hugging Face model of the type, weights redrawn, written with `save_pretrained` to `where`."""
+    model_class, config = MODELS[model_type]
+    torch.manual_seed(0)
+    reference = model_class(config()).eval()
+    redraw(reference, seed=1)
+    reference.save_pretrained(where)
+    return reference
+
+
+def _padded(batch: int, seq: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab - 1, (batch, seq), generator=generator)
+    pad = torch.zeros(batch, seq, dtype=torch.bool)
+    for b in range(1, batch):
+        pad[b, seq - b :] = True
+    return tokens, pad
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """Every model type saved by transformers and imported: (the reference, the import's directory)."""
+    found = {}
+    for model_type in MODELS:
+        root = tmp_path_factory.mktemp(model_type)
+        reference = _saved(model_type, root / "hf")
+        pretrained.import_pretrained(root / "hf", root / "out")
+        found[model_type] = (reference, root / "out")
+    return found
+
+
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_the_import_computes_what_the_original_does(imported, model_type):
+    reference, out = imported[model_type]
+    ours = persist.load(out / "model").eval()
+    vocab = reference.config.vocab_size
+    with torch.no_grad():
+        if model_type in SEQ2SEQ:
+            src, src_pad = _padded(3, 8, vocab, seed=1)
+            tgt, tgt_pad = _padded(3, 7, vocab, seed=2)
+            expected = reference(
+                input_ids=src, attention_mask=(~src_pad).long(), decoder_input_ids=tgt,
+                decoder_attention_mask=(~tgt_pad).long(),
+            ).logits  # fmt: skip
+            got, keep = ours(src=src, tgt=tgt, src_pad=src_pad, tgt_pad=tgt_pad), ~tgt_pad
+        else:
+            tokens, pad = _padded(3, 9, vocab, seed=1)
+            output = reference(input_ids=tokens, attention_mask=(~pad).long())
+            if model_type == "bert":
+                got = ours(tokens=tokens, segment=torch.zeros_like(tokens), pad=pad)["last_hidden_state"]
+                expected = output.last_hidden_state
+            else:
+                got, expected = ours(tokens=tokens, pad=pad), output.logits
+            keep = ~pad
+    assert (got - expected).abs()[keep].max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_the_written_spec_is_the_family_spec_with_the_configs_variables(imported, model_type):
+    reference, out = imported[model_type]
+    text = (out / "spec.yaml").read_text(encoding="utf-8")
+    assert text.startswith("# Imported by `blockgraph import`") and "extends:" not in text
+    rebuilt = builder.build(out / "spec.yaml")
+    saved = persist.load(out / "model")
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in saved.state_dict().items()}
+    variables = builder.load_spec(out / "spec.yaml").spec.vars
+    config = reference.config
+    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or config.d_model
+    assert variables["d_model"] == size and variables["vocab"] == config.vocab_size
+
+
+def _generated(reference: torch.nn.Module, model_type: str, inputs: dict[str, torch.Tensor], new: int) -> list:
+    """`generate`'s greedy tokens per row, up to and including eos."""
+    config = reference.config
+    options: dict[str, Any] = {"max_new_tokens": new, "do_sample": False, "num_beams": 1}
+    if model_type in SEQ2SEQ:  # what our decoder never generates, and no forced tokens
+        options.update(suppress_tokens=[config.pad_token_id], forced_bos_token_id=None, forced_eos_token_id=None)
+    with torch.no_grad():
+        sequences = reference.generate(**inputs, **options).tolist()
+    skip = 1 if model_type in SEQ2SEQ else inputs["input_ids"].size(1)  # the decoder start, or the prompt
+    rows = []
+    for row in sequences:
+        tokens = row[skip:]
+        eos = config.eos_token_id
+        rows.append(tuple(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens))
+    return rows
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODELS if t != "bert"])
+def test_greedy_decoding_equals_generate(imported, model_type):
+    reference, out = imported[model_type]
+    loaded = pretrained.load_model(out)
+    decoder = decode.Decoder(loaded.model, loaded.roles, specials=loaded.specials)
+    vocab = reference.config.vocab_size
+    if model_type in SEQ2SEQ:
+        src, src_pad = _padded(3, 7, vocab, seed=3)
+        ours = decode.greedy(decoder, src, src_pad, max_len=6)
+        inputs = {"input_ids": src, "attention_mask": (~src_pad).long()}
+    else:
+        prompt = torch.randint(3, vocab - 1, (3, 4), generator=torch.Generator().manual_seed(3))
+        ours = decode.greedy(decoder, prompt=prompt, max_len=6)
+        inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
+    assert [h.tokens for h in ours] == _generated(reference, model_type, inputs, 6)
+
+
+# --- tokenizers ------------------------------------------------------------------------------------------------
+
+
+def _sentences(side: int) -> list[str]:
+    lines = (SPECS / "data" / "zh_en.tsv").read_text(encoding="utf-8").splitlines()
+    return [line.split("\t")[side] for line in lines]
+
+
+def test_marian_with_sentencepiece_translates_as_generate_does(tmp_path, run_cli):
+    """A SentencePiece model trained here on the shipped zh sentences, a Marian directory around a random model."""
+    import sentencepiece
+
+    text = tmp_path / "zh.txt"
+    text.write_text("\n".join(_sentences(0)) + "\n", encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / "spm"), vocab_size=600, character_coverage=1.0,
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    tokens = ["</s>", "<unk>", *(p for p in pieces if p not in ("<unk>", "<s>", "</s>")), "<pad>"]
+    hf = tmp_path / "hf"
+    torch.manual_seed(0)
+    config = transformers.MarianConfig(
+        vocab_size=len(tokens), decoder_vocab_size=len(tokens), pad_token_id=len(tokens) - 1,
+        decoder_start_token_id=len(tokens) - 1, eos_token_id=0, activation_function="swish",
+        scale_embedding=True, **SEQ, **HEADS, **DROPOUTS,
+    )  # fmt: skip
+    reference = transformers.MarianMTModel(config).eval()
+    redraw(reference, seed=2)
+    reference.save_pretrained(hf)
+    for name in ("source.spm", "target.spm"):
+        shutil.copyfile(tmp_path / "spm.model", hf / name)
+    (hf / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+
+    result = run_cli("import", hf, "--out", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    assert "imported marian" in result.stderr and "tokenizer: marian" in result.stderr
+    sentence = "我们今天去公园。"
+    result = run_cli("translate", tmp_path / "out", sentence, "--max-len", "8")
+    assert result.code == 0, result.stderr
+
+    with warnings.catch_warnings():  # it recommends sacremoses, which only its punctuation normalizer uses
+        warnings.simplefilter("ignore")
+        tokenizer = transformers.MarianTokenizer(
+            source_spm=str(hf / "source.spm"), target_spm=str(hf / "target.spm"), vocab=str(hf / "vocab.json")
+        )
+    ids = tokenizer(sentence, return_tensors="pt").input_ids
+    assert pretrained.load(tmp_path / "out").source.encode(sentence) == ids[0].tolist()
+    with torch.no_grad():
+        generated = reference.generate(
+            input_ids=ids, max_new_tokens=8, do_sample=False, num_beams=1, suppress_tokens=[config.pad_token_id],
+            forced_eos_token_id=None,
+        )  # fmt: skip
+    assert result.stdout.strip() == tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+
+
+def test_a_language_model_with_a_tokenizer_json_generates_as_generate_does(tmp_path, run_cli):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted({w for s in _sentences(1) for w in s.replace(".", " .").split()})
+    vocab = {w: i for i, w in enumerate(["<unk>", *words, "<|endoftext|>"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = tmp_path / "hf"
+    eos = vocab["<|endoftext|>"]
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=len(vocab), n_positions=32, n_embd=24, n_layer=2, n_head=4, bos_token_id=eos, eos_token_id=eos
+    )
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    redraw(reference, seed=3)
+    reference.save_pretrained(hf)
+    tokenizer.save(str(hf / "tokenizer.json"))
+
+    assert run_cli("import", hf, "--out", tmp_path / "out").code == 0
+    prompt = "I want to"
+    result = run_cli("generate", tmp_path / "out", prompt, "--max-new", "5")
+    assert result.code == 0, result.stderr
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    with torch.no_grad():
+        generated = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5)
+    assert result.stdout.strip() == tokenizer.decode(generated[0].tolist(), skip_special_tokens=True)
+    assert result.stdout.startswith(prompt)
+
+
+# --- what is refused -------------------------------------------------------------------------------------------
+
+
+def _gpt2_dir(tmp_path: Path, **settings: Any) -> Path:
+    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, **settings)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_an_unknown_model_type_is_refused(tmp_path, run_cli):
+    hf = _gpt2_dir(tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
+    result = run_cli("import", hf, "--out", tmp_path / "out")
+    assert result.code == 1 and "model_type 'roberta' cannot be imported" in result.stderr
+    assert "supported: gpt2, bert, llama" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_every_option_the_spec_does_not_implement_is_reported_at_once(tmp_path):
+    hf = _gpt2_dir(tmp_path, activation_function="relu", scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(CheckpointError) as caught:
+        pretrained.import_pretrained(hf, tmp_path / "out")
+    messages = [p.message for p in caught.value.problems]
+    assert any("activation_function is 'relu'; the gpt2 spec implements gelu_new" in m for m in messages)
+    assert any("scale_attn_by_inverse_layer_idx is 'true'; the gpt2 spec implements false" in m for m in messages)
+
+
+def test_a_missing_or_extra_tensor_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _gpt2_dir(tmp_path)
+    tensors = load_file(str(hf / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "transformer.ln_f.bias"}, str(hf / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\) of the spec: ln_f\.norm\.bias"):
+        pretrained.import_pretrained(hf, tmp_path / "out")
+    save_file({**tensors, "transformer.h.0.extra": torch.zeros(2)}, str(hf / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"map to nothing: transformer\.h\.0\.extra"):
+        pretrained.import_pretrained(hf, tmp_path / "out")
+
+
+class _Planted:
+    """Unpickling this creates the marker file: proof that a pickle was opened."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_checkpoint_is_refused_unopened(tmp_path, run_cli):
+    import pickle
+
+    hf = _gpt2_dir(tmp_path)
+    (hf / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    (hf / "pytorch_model.bin").write_bytes(pickle.dumps(_Planted(marker)))
+    result = run_cli("import", hf, "--out", tmp_path / "out")
+    assert result.code == 1 and "pytorch_model.bin is a pickle file" in result.stderr
+    assert "safe_serialization" in result.stderr and not marker.exists()
+
+
+def test_an_encoder_imports_but_does_not_generate(imported, run_cli):
+    _, out = imported["bert"]
+    result = run_cli("generate", out, "hello")
+    assert result.code == 1 and "a bert model encodes text; it does not generate" in result.stderr
+
+
+def test_import_replaces_its_own_output_and_nothing_else(tmp_path, run_cli):
+    hf = _gpt2_dir(tmp_path)
+    out = tmp_path / "out"
+    assert run_cli("import", hf, "--out", out).code == 0
+    assert run_cli("import", hf, "--out", out).code == 0  # its own: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = run_cli("import", hf, "--out", mine)
+    assert result.code == 1 and (mine / "notes.txt").read_text() == "keep me"
