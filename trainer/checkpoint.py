@@ -27,10 +27,11 @@ from torch import nn
 
 from builder import persist
 from common.atomic import owned_directory, write_directory
-from common.errors import CheckpointError, Location, Problem, SpecError, UsageError
+from common.errors import CheckpointError, DataError, Location, Problem, SpecError, UsageError
 from common.files import FileKind, MiB
 from common.records import read_record
 from common.tensorfile import read_header, write_safetensors
+from trainer import subword
 from trainer.roles import ROLE_NAMES, Roles, find_roles
 from trainer.vocab import Vocab, resolve_tokenizer
 
@@ -82,6 +83,7 @@ class TrainerRecord(_Record):
 class VocabRecord(BaseModel):
     tokenizer: str
     tokens: list[str] = Field(min_length=4)
+    subword: str | None = None  # a SentencePiece tokenizer's model, base64
 
 
 class VocabsRecord(_Record):
@@ -266,6 +268,13 @@ def _check_roles(roles: Roles, model: nn.Module, where: Location) -> None:
 
 
 def _vocab(record: VocabRecord, given: str | None, where: Location, side: str) -> Vocab:
+    if record.subword is not None:  # the model this side was trained with, named by its content
+        try:
+            kind = subword.register(subword.deserialized(record.subword), f"field {side}.subword")
+        except DataError as exc:
+            raise CheckpointError([Problem(p.message, where) for p in exc.problems]) from None
+        if kind != record.tokenizer:
+            raise CheckpointError(Problem(f"field {side}.subword is not the model {side}.tokenizer names", where))
     tokenizer = resolve_tokenizer(record.tokenizer, given, where, f"{side}.tokenizer")
     try:
         return Vocab(record.tokens, tokenizer)

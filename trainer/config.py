@@ -85,8 +85,8 @@ class DataOptions(BaseModel):
     tokenizer: Annotated[
         str,
         Field(
-            description="Tokenizer of both sides: chars (Chinese), words, space, auto (guess from the data), or "
-            "MODULE:FUNCTION, a Python callable str -> list[str]."
+            description="Tokenizer of both sides: chars (Chinese), words, space, auto (guess from the data), a "
+            "SentencePiece model file (FILE.model), or MODULE:FUNCTION, a Python callable str -> list[str]."
         ),
         Cli(metavar="NAME", panel=DATA),
     ] = "auto"
@@ -98,6 +98,20 @@ class DataOptions(BaseModel):
         Field(description="As --tokenizer, for the target side only (a classifier's text)."),
         Cli(metavar="NAME", panel=DATA),
     ] = None
+    subword_vocab: Annotated[
+        int | None,
+        Field(
+            ge=8,
+            le=1_000_000,
+            description="Learn a SentencePiece tokenizer of about N pieces per side from the training data.",
+        ),
+        Cli(metavar="N", panel=DATA),
+    ] = None
+    subword_model: Annotated[
+        Literal["unigram", "bpe"],
+        Field(description="The subword algorithm of --subword-vocab: unigram or bpe."),
+        Cli(panel=DATA),
+    ] = "unigram"
     skip_bad_lines: Annotated[
         bool, Field(description="Leave out unreadable data lines (and count them)."), Cli(panel=DATA)
     ] = False

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.errors import DataError, Problem
-from trainer import data, tasks
+from trainer import data, subword, tasks
 from trainer.batching import Example
 from trainer.config import DataOptions
-from trainer.vocab import SPECIALS, Vocab, guess_tokenizer, tokenize
+from trainer.vocab import SPECIALS, Vocab, check_tokenizer, guess_tokenizer, tokenize
 
 
 @dataclass
@@ -46,6 +46,9 @@ def load(
     if kind == "classify":
         return _load_labelled(options, vocabs[1] if vocabs is not None else None, labels, notes)
     seq2seq = kind == "seq2seq"
+    if options.subword_vocab is not None and (options.task is not None or options.tokenizer != "auto"):
+        what = f"--task {options.task}" if options.task is not None else f"--tokenizer {options.tokenizer}"
+        raise DataError(Problem(f"--subword-vocab learns the tokenizer from --data: leave out {what}"))
     if options.task is not None:
         if not seq2seq:
             raise DataError(
@@ -62,10 +65,13 @@ def load(
             train_text, valid_text = records, _read(options.valid_data, seq2seq, options.skip_bad_lines, notes)
         else:
             train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
-        tokenizers = (
-            _tokenizer(options.source_tokenizer, [r[0] for r in train_text]) if seq2seq else "space",
-            _tokenizer(options.target_tokenizer, [r[-1] for r in train_text]),
-        )
+        if vocabs is not None:  # resuming: the sides tokenize as their vocabularies were built
+            tokenizers = (vocabs[0].tokenizer if vocabs[0] is not None else "space", vocabs[1].tokenizer)
+        else:
+            tokenizers = (
+                _tokenizer(options.source_tokenizer, [r[0] for r in train_text], options) if seq2seq else "space",
+                _tokenizer(options.target_tokenizer, [r[-1] for r in train_text], options),
+            )
     train_tokens = _tokenize(train_text, tokenizers, seq2seq)
     valid_tokens = _tokenize(valid_text, tokenizers, seq2seq)
     if vocabs is not None:
@@ -103,7 +109,7 @@ def _load_labelled(options: DataOptions, vocab: Vocab | None, labels: list[str] 
     else:
         train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
     if vocab is None:
-        tokenizer = _tokenizer(options.target_tokenizer, [r[1] for r in train_text])
+        tokenizer = _tokenizer(options.target_tokenizer, [r[1] for r in train_text], options)
         vocab = Vocab.build(
             [tokenize(r[1], tokenizer) for r in train_text],
             tokenizer,
@@ -153,8 +159,11 @@ def _read(path: str, seq2seq: bool, skip_bad: bool, notes: list[str]) -> list[tu
     return text.records
 
 
-def _tokenizer(kind: str, lines: list[str]) -> str:
-    return guess_tokenizer(lines) if kind == "auto" else kind
+def _tokenizer(kind: str, lines: list[str], options: DataOptions) -> str:
+    """The side's tokenizer: subwords learned from its training lines, a guess (auto), or the one named."""
+    if options.subword_vocab is not None:
+        return subword.learn(lines, options.subword_vocab, options.subword_model)
+    return guess_tokenizer(lines) if kind == "auto" else check_tokenizer(kind)
 
 
 def _tokenize(records, tokenizers: tuple[str, str], seq2seq: bool) -> list[tuple[list[str] | None, list[str]]]:

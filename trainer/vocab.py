@@ -7,6 +7,8 @@ Three tokenizers, chosen per side of the data:
 - `words`: words (letters, digits, inner apostrophes and hyphens: `don't`, `well-known`) and single
   punctuation marks. For English and other space-separated languages.
 - `space`: split on whitespace only (the synthetic tasks, pre-tokenized text).
+- `spm-<hash>`: a SentencePiece model's pieces (trainer.subword): learned from the training data with
+  `--subword-vocab N`, or given as a file, `--tokenizer FILE.model`; checkpoints carry the model.
 - `MODULE:FUNCTION`: a Python callable `str -> list[str]` the user names (`--tokenizer mytok:split`). It is
   imported only because the user named it on the command line (or in the API) in this invocation: never
   from a spec, and never from a checkpoint, which only records the name (`resolve_tokenizer`); tokens are
@@ -26,6 +28,7 @@ from typing import Any
 
 from common.errors import CheckpointError, DataError, Location, Problem
 from common.text import excerpt
+from trainer import subword
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -78,8 +81,18 @@ def user_tokenizer(name: str) -> Callable[[str], list[str]]:
     return target
 
 
+def is_model_file(kind: str) -> bool:
+    """Whether `kind` names a SentencePiece model file (`--tokenizer zh.model`)."""
+    return kind.endswith((".model", ".spm")) and not is_custom(kind)
+
+
 def check_tokenizer(kind: str, *, auto: bool = True) -> str:
-    """`kind` if it names a tokenizer (built-in, `auto` when allowed, or an importable MODULE:FUNCTION)."""
+    """The tokenizer `kind` names (built-in, `auto` when allowed, an importable MODULE:FUNCTION, a
+    SentencePiece model file: its `spm-` kind)."""
+    if is_model_file(kind):
+        return subword.register_file(kind)
+    if subword.is_subword(kind) and subword.known(kind):
+        return kind
     if is_custom(kind):
         user_tokenizer(kind)
     elif kind not in TOKENIZERS and not (auto and kind == "auto"):
@@ -105,7 +118,7 @@ def resolve_tokenizer(saved: str, given: str | None, where: Location, field: str
                 hint=f"pass --tokenizer {saved} to use it again (if you trust that module), or another tokenizer",
             )
         )
-    if saved not in TOKENIZERS:
+    if saved not in TOKENIZERS and not (subword.is_subword(saved) and subword.known(saved)):
         raise CheckpointError(
             Problem(
                 f"field {field}: not a tokenizer this blockgraph has", where, hint=f"one of {', '.join(TOKENIZERS)}"
@@ -122,6 +135,8 @@ def tokenize(text: str, kind: str) -> list[str]:
         return _WORDS.findall(text)
     if kind == "space":
         return text.split()
+    if subword.is_subword(kind):
+        return subword.pieces(text, kind)
     if is_custom(kind):
         tokens = user_tokenizer(kind)(text)
         if not isinstance(tokens, list | tuple) or not all(isinstance(t, str) for t in tokens):
@@ -133,7 +148,10 @@ def tokenize(text: str, kind: str) -> list[str]:
 
 
 def detokenize(tokens: Sequence[str], kind: str) -> str:
-    """Tokens joined back into text: no spaces between characters (`chars`), spaces mended around punctuation."""
+    """Tokens joined back into text: no spaces between characters (`chars`), spaces mended around punctuation,
+    subwords decoded by their model."""
+    if subword.is_subword(kind):
+        return subword.join(tokens, kind)
     if kind == "chars":
         out = ""
         for token in tokens:
@@ -213,4 +231,7 @@ class Vocab:
         return detokenize(self.decode(ids), self.tokenizer)
 
     def to_json(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer, "tokens": self.tokens}
+        record: dict[str, Any] = {"tokenizer": self.tokenizer, "tokens": self.tokens}
+        if subword.is_subword(self.tokenizer):
+            record["subword"] = subword.serialized(self.tokenizer)
+        return record
