@@ -109,3 +109,13 @@ def redraw(model: torch.nn.Module, seed: int) -> None:
             values = torch.randn(tensor.shape, generator=generator, dtype=torch.float64)
             gain = tensor.dim() == 1 and name.endswith("weight")
             tensor.copy_(1 + 0.1 * values if gain else 0.05 * values)
+
+
+@pytest.fixture
+def restored_registry():
+    """Blocks registered during the test (plugins, test blocks) are gone after it."""
+    from blocks import REGISTRY
+
+    entries, plugins = dict(REGISTRY._entries), dict(REGISTRY.plugins)
+    yield REGISTRY
+    REGISTRY._entries, REGISTRY.plugins = entries, plugins

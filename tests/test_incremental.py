@@ -226,9 +226,8 @@ def test_sampling_is_reproducible_by_seed_and_top_k_1_is_greedy():
 
 
 @pytest.fixture
-def unsteppable():
+def unsteppable(restored_registry):
     """A plugin block that declares no step behaviour: a learned gate on every position."""
-    entries, plugins = dict(REGISTRY._entries), dict(REGISTRY.plugins)
 
     @register("test_gate", family="test")
     class Gate(Block):
@@ -247,8 +246,7 @@ def unsteppable():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * torch.sigmoid(self.w)
 
-    yield "test_gate"
-    REGISTRY._entries, REGISTRY.plugins = entries, plugins
+    return "test_gate"
 
 
 def _language_model(*middle: tuple[str, dict]) -> dict[str, Any]:
@@ -332,18 +330,12 @@ def test_a_block_without_steps_makes_the_model_rerun_and_says_which(unsteppable,
     decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
     assert isinstance(decoder.program, Rerun)
     assert "'test_gate' (node gate)" in decoder.reason
-    tgt = torch.cat((torch.full((3, 1), BOS_ID), torch.randint(4, VOCAB, (3, 5))), dim=1)
-    full = _full(decoder, tgt, None, None)
-    full[..., [PAD_ID, BOS_ID]] = float("-inf")
-    steps = _stepped(decoder, tgt, None, None, first=2, order=_reorders(3))
-    for position, (rows, log_probs) in enumerate(steps[1:], start=2):
-        torch.testing.assert_close(log_probs, full[rows, position], atol=1e-5, rtol=0)
+    _steps_equal_a_full_run(decoder)
 
 
 @pytest.fixture
-def running_sum():
+def running_sum(restored_registry):
     """docs/writing-blocks.md's example of a block that keeps state between steps."""
-    entries, plugins = dict(REGISTRY._entries), dict(REGISTRY.plugins)
 
     @register("test_running_sum", family="test")
     class RunningSum(Block):
@@ -369,8 +361,7 @@ def running_sum():
             cache.length += x.size(1)
             return out
 
-    yield "test_running_sum"
-    REGISTRY._entries, REGISTRY.plugins = entries, plugins
+    return "test_running_sum"
 
 
 def test_a_plugin_block_that_keeps_state_steps(running_sum, write_spec):
@@ -378,12 +369,7 @@ def test_a_plugin_block_that_keeps_state_steps(running_sum, write_spec):
     model = builder.build(write_spec(_language_model(("sum", {"type": running_sum}), ("attn", attention)))).eval()
     decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
     assert isinstance(decoder.program, StepProgram) and "_m['sum'].step(caches[0], emb)" in decoder.program.code
-    tgt = torch.cat((torch.full((3, 1), BOS_ID), torch.randint(4, VOCAB, (3, 6))), dim=1)
-    full = _full(decoder, tgt, None, None)
-    full[..., [PAD_ID, BOS_ID]] = float("-inf")
-    steps = _stepped(decoder, tgt, None, None, first=3, order=_reorders(3))
-    for position, (rows, log_probs) in enumerate(steps[1:], start=3):
-        torch.testing.assert_close(log_probs, full[rows, position], atol=1e-5, rtol=0)
+    _steps_equal_a_full_run(decoder)
 
 
 @pytest.mark.parametrize(

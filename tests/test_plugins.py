@@ -41,11 +41,8 @@ class Plugged(Block):
 
 
 @pytest.fixture(autouse=True)
-def clean_registry():
+def clean_registry(restored_registry):
     """Plugins register into the one global registry; put it back as it was after each test."""
-    entries, plugins = dict(REGISTRY._entries), dict(REGISTRY.plugins)
-    yield
-    REGISTRY._entries, REGISTRY.plugins = entries, plugins
 
 
 def plugin_file(tmp_path: Path, name: str = "plugged", infer: str = "return x", forward: str = "2 * x") -> Path:
