@@ -11,9 +11,10 @@ unread. Nothing here runs code from the directory: the config is JSON, the weigh
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from builder.hf_mappings import FAMILIES, Family, convert
 from builder.model import GraphModel
 from builder.persist import unique_tensors
 from builder.pipeline import build
+from builder.spec import MAX_DIM as MAX_SIZE
 from common.errors import CheckpointError, Location, Problem
 from common.files import FileKind, MiB, read_json
-from common.tensorfile import read_header
+from common.tensorfile import TensorInfo, read_header
 from common.text import excerpt
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
@@ -44,8 +46,9 @@ class Reading:
     """How one family's config.json becomes its spec's variables, and which options the spec fixes."""
 
     variables: Mapping[str, Value]
-    fixed: Mapping[str, tuple[Any, ...]]  # option → the values the spec implements (the first is the default)
+    fixed: Mapping[str, tuple[Any, ...]]  # option → the values the spec implements (the first: transformers' default)
     specials: Mapping[str, Any]  # pad, bos, eos, decoder_start: their defaults where the config says nothing
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # transformers' defaults that the spec does not implement
 
 
 def _get(config: Config, value: Value) -> Any:
@@ -175,6 +178,14 @@ READINGS: dict[str, Reading] = {
             "tie_word_embeddings": (True,),
         },
         {"pad": 58100, "eos": 0, "bos": None, "decoder_start": 58100},
+        {
+            "activation_function": "gelu",
+            "scale_embedding": False,
+            "encoder_attention_heads": 16,
+            "decoder_attention_heads": 16,
+            "encoder_ffn_dim": 4096,
+            "decoder_ffn_dim": 4096,
+        },
     ),
     "bart": Reading(
         {
@@ -195,6 +206,12 @@ READINGS: dict[str, Reading] = {
             "tie_word_embeddings": (True,),
         },
         {"bos": 0, "pad": 1, "eos": 2, "decoder_start": 2},
+        {
+            "encoder_attention_heads": 16,
+            "decoder_attention_heads": 16,
+            "encoder_ffn_dim": 4096,
+            "decoder_ffn_dim": 4096,
+        },
     ),
     "t5": Reading(
         {
@@ -221,7 +238,6 @@ class Imported:
     """A Hugging Face directory read into the family's spec: what to write, and the model with its weights."""
 
     model_type: str
-    family: Family
     variables: dict[str, Any]  # the spec's variables, from the config
     specials: dict[str, int | None]  # pad, bos, eos, decoder_start ids
     spec_text: str  # the family's spec with these variables: readable, editable
@@ -240,7 +256,7 @@ def read_config(directory: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(config, dict):
         raise CheckpointError(Problem("config.json is not a JSON object", where))
     model_type = config.get("model_type")
-    if model_type not in READINGS:
+    if not isinstance(model_type, str) or model_type not in READINGS:
         shown = excerpt(str(model_type), 40) if model_type is not None else "none"
         raise CheckpointError(
             Problem(
@@ -252,14 +268,32 @@ def read_config(directory: Path) -> tuple[str, dict[str, Any]]:
     return model_type, config
 
 
+FLOAT_VARIABLES = {"eps", "rope_theta", "rotary_pct", "dropout"}  # the others are sizes: positive integers
+OPTIONAL_VARIABLES = {"window"}  # may be null
+
+
 def spec_variables(model_type: str, config: Config, where: Location) -> dict[str, Any]:
-    """The family spec's variables from `config`; every option the spec fixes otherwise is reported at once."""
+    """The family spec's variables from `config`; every option the spec fixes otherwise, and every value that is
+    not the number the spec needs, is reported at once."""
     reading = READINGS[model_type]
-    variables = {name: _get(config, value) for name, value in reading.variables.items()}
     problems = []
+    variables = {}
+    for name, value in reading.variables.items():
+        try:
+            variables[name] = _get(config, value)
+        except (TypeError, ValueError, AttributeError):
+            problems.append(Problem(f"cannot read the spec's {name} from this config", where))
+            continue
+        problem = _bad_number(name, variables[name])
+        if problem:
+            problems.append(Problem(problem, where))
     for option, accepted in reading.fixed.items():
-        have = _rope_type(config) if option == "rope_type" else config.get(option, accepted[0])
-        if not any(_matches(have, value, config) for value in accepted):
+        have = (
+            _rope_type(config)
+            if option == "rope_type"
+            else config.get(option, reading.defaults.get(option, accepted[0]))
+        )
+        if not any(_matches(have, value, config, reading.defaults) for value in accepted):
             shown = " or ".join(_shown(value) for value in accepted)
             problems.append(
                 Problem(
@@ -268,22 +302,34 @@ def spec_variables(model_type: str, config: Config, where: Location) -> dict[str
                     hint="this variant cannot be imported exactly (see docs/pretrained.md)",
                 )
             )
-    for name, value in variables.items():
-        if value is not None and not isinstance(value, int | float | bool):
-            problems.append(Problem(f"{name} ({excerpt(repr(value), 40)}) is not a number", where))
     if problems:
         raise CheckpointError(problems)
     return variables
 
 
-def _matches(have: Any, value: Any, config: Config) -> bool:
+def _bad_number(name: str, value: Any) -> str | None:
+    """Why `value` cannot be the spec variable `name`, or None."""
+    if value is None and name in OPTIONAL_VARIABLES:
+        return None
+    if name in FLOAT_VARIABLES:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return None if ok else f"{name} is {excerpt(_shown(value), 40)}, not a finite number ≥ 0"
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE:
+        return None
+    return f"{name} is {excerpt(_shown(value), 40)}, not a size from 1 to {MAX_SIZE:,}"
+
+
+def _matches(have: Any, value: Any, config: Config, defaults: Mapping[str, Any]) -> bool:
     """`value` is a literal, another option's name (they must agree), or a rule such as '4 × n_embd'."""
-    if value == "hidden_size / num_attention_heads":
-        return have == config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1))
-    if value == "4 × n_embd":
-        return have == 4 * config.get("n_embd", 768)
-    if isinstance(value, str) and value in config and value.endswith(("_heads", "_dim", "_size")):
-        return have == config[value]
+    try:
+        if value == "hidden_size / num_attention_heads":
+            return have == config.get("hidden_size", 0) // max(1, int(config.get("num_attention_heads", 1)))
+        if value == "4 × n_embd":
+            return have == 4 * int(config.get("n_embd", 768))
+    except (TypeError, ValueError):
+        return False
+    if isinstance(value, str) and value.endswith(("_heads", "_dim", "_size")):
+        return have == config.get(value, defaults.get(value))
     return have == value
 
 
@@ -291,40 +337,61 @@ def _shown(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def specials(model_type: str, config: Config) -> dict[str, int | None]:
-    """The pad, bos, eos and decoder-start ids of the config (the family's defaults where it says nothing)."""
+def specials(model_type: str, config: Config, vocab: int, where: Location) -> dict[str, int | None]:
+    """The pad, bos, eos and decoder-start ids of the config (the family's defaults where it says nothing); a
+    negative id means none (as some conversions write it), one past the vocabulary is an error."""
     found: dict[str, int | None] = {}
+    problems = []
     for name, default in READINGS[model_type].specials.items():
         key = "decoder_start_token_id" if name == "decoder_start" else f"{name}_token_id"
         value = config.get(key, default)
         if isinstance(value, list):  # several eos ids: the first ends a sequence
             value = value[0] if value else None
-        found[name] = value if isinstance(value, int) and not isinstance(value, bool) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            value = None
+        elif value >= vocab:
+            problems.append(Problem(f"{key} is {value}, beyond the vocabulary of {vocab}", where))
+        found[name] = value
+    if problems:
+        raise CheckpointError(problems)
     return found
 
 
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or every shard model.safetensors.index.json names (plain file names in `directory`)."""
+def weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json names (plain file names in `directory`)."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.exists():
-        files = [single]
-    elif index.exists():
-        files = _shards(index)
-    else:
-        pickled = [name for name in PICKLES if (directory / name).exists()]
-        if pickled:
-            raise CheckpointError(
-                Problem(
-                    f"{pickled[0]} is a pickle file, which can run code when read: it is not opened",
-                    Location(str(directory / pickled[0])),
-                    hint="convert it to safetensors where you trust it (transformers: "
-                    "model.save_pretrained(DIR, safe_serialization=True)), then import DIR",
-                )
+        return [single]
+    if index.exists():
+        return _shards(index)
+    pickled = [name for name in PICKLES if (directory / name).exists()]
+    if pickled:
+        raise CheckpointError(
+            Problem(
+                f"{pickled[0]} is a pickle file, which can run code when read: it is not opened",
+                Location(str(directory / pickled[0])),
+                hint="convert it to safetensors where you trust it (transformers: the class config.json's "
+                "`architectures` names, .from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)), "
+                "then import DIR",
             )
-        raise CheckpointError(Problem(f"{directory} has no model.safetensors", Location(str(directory))))
-    tensors: dict[str, torch.Tensor] = {}
+        )
+    raise CheckpointError(Problem(f"{directory} has no model.safetensors", Location(str(directory))))
+
+
+def headers(files: list[Path]) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor's file, dtype and shape, from the checked headers; a tensor in two shards is refused."""
+    found: dict[str, tuple[Path, TensorInfo]] = {}
     for path in files:
-        read_header(str(path), "weights file")
+        for name, info in read_header(str(path), "weights file").tensors.items():
+            if name in found:
+                raise CheckpointError(Problem(f"tensor {excerpt(name, 60)} is in two shards", Location(str(path))))
+            found[name] = (path, info)
+    return found
+
+
+def read_weights(found: Mapping[str, tuple[Path, TensorInfo]]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in dict.fromkeys(p for p, _ in found.values()):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not a mapping
@@ -351,7 +418,12 @@ def _shards(index: Path) -> list[Path]:
     missing = [name for name in names if not (index.parent / name).is_file()]
     if missing:
         raise CheckpointError(Problem(f"shard {excerpt(missing[0], 60)} is missing", where))
-    return [index.parent / name for name in names]
+    shards = [index.parent / name for name in names]
+    held = {name: path.name for name, (path, _) in headers(shards).items()}
+    astray = [name for name, file in weight_map.items() if held.get(str(name)) != file]
+    if astray:
+        raise CheckpointError(Problem(f"field weight_map: {excerpt(str(astray[0]), 60)} is not in its shard", where))
+    return shards
 
 
 def spec_text(family: Family, variables: Mapping[str, Any], origin: str) -> str:
@@ -385,15 +457,23 @@ def _standalone(name: str) -> list[str]:
 
 
 def import_directory(directory: str | Path) -> Imported:
-    """Read a Hugging Face-format directory into the family's spec and a model holding its weights."""
+    """Read a Hugging Face-format directory into the family's spec and a model holding its weights.
+
+    The headers are read and the spec is built on `meta` first, so that a config that does not describe the
+    weights (sizes, dtype) is refused before anything is allocated.
+    """
     directory = Path(directory)
     model_type, config = read_config(directory)
     where = Location(str(directory / "config.json"))
     variables = spec_variables(model_type, config, where)
     family = FAMILIES[model_type]
-    tensors = _as_today(model_type, read_weights(directory))
-    dtype = _dtype(tensors)
+    found = headers(weight_files(directory))
+    dtype = _dtype(found, Location(str(directory)))
+    shapes = {name: info.shape for name, (_, info) in found.items()}
+    layout = build(SPECS / family.spec, overrides=variables, dtype=dtype, device="meta")
+    _check_size(layout, shapes, Location(str(directory)))
     model = build(SPECS / family.spec, overrides=variables, dtype=dtype).eval()
+    tensors = _as_today(model_type, read_weights(found))
     state, computed = convert(family, tensors, heads=variables.get("heads"))
     targets, _aliases = unique_tensors(model)
     weights = Location(str(directory))
@@ -403,8 +483,9 @@ def import_directory(directory: str | Path) -> Imported:
         raise CheckpointError(Problem(f"the checkpoint lacks {len(missing)} tensor(s) of the spec: {shown}", weights))
     for hf_name, our_name in computed:  # a table the spec computes (sinusoidal positions) must be the stored one
         ours, theirs = model.get_buffer(our_name).squeeze(0), tensors[hf_name]
-        rows = min(len(ours), len(theirs))
-        if not torch.allclose(ours[:rows].float(), theirs[:rows].float(), atol=1e-4, rtol=0):
+        rows = min(len(ours), len(theirs)) if ours.dim() == theirs.dim() == 2 else 0
+        same = rows and ours.shape[1] == theirs.shape[1]
+        if not same or not torch.allclose(ours[:rows].float(), theirs[:rows].float(), atol=1e-4, rtol=0):
             raise CheckpointError(Problem(f"{hf_name} is not the table the spec computes", weights))
     wrong = [name for name, value in state.items() if name not in targets or targets[name].shape != value.shape]
     if wrong:
@@ -415,15 +496,35 @@ def import_directory(directory: str | Path) -> Imported:
     with torch.no_grad():
         for name, value in state.items():
             targets[name].copy_(value)
+    vocab = int(variables["vocab"])
     text = spec_text(family, variables, excerpt(directory.resolve().name, 60))
-    return Imported(model_type, family, variables, specials(model_type, config), text, model, len(tensors))
+    return Imported(model_type, variables, specials(model_type, config, vocab, where), text, model, len(tensors))
+
+
+def _check_size(layout: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], where: Location) -> None:
+    """The config's model must be about as large as the weights (ties and computed tables aside)."""
+    wanted = sum(t.numel() for t in unique_tensors(layout)[0].values())
+    held = sum(math.prod(shape) for shape in shapes.values())
+    if wanted > 1.05 * held + 4096:
+        raise CheckpointError(
+            Problem(
+                f"config.json describes a model of {wanted:,} values; the weights hold {held:,}",
+                where,
+                hint="the config does not belong to these weights",
+            )
+        )
+
+
+BUFFERS = r"\.attn\.(masked_)?bias$|\.attention\.(masked_)?bias$|rotary_emb\.inv_freq$"  # masks, frequencies
 
 
 def _as_today(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Older checkpoints' names as today's transformers writes them: GPT-2 without its `transformer.` prefix and
-    with its causal-mask buffers, BERT inside a `bert.` prefix, `gamma`/`beta` for LayerNorm weight and bias."""
+    """Older checkpoints' names as today's transformers writes them: without the causal masks and rotary
+    frequencies they used to save (the spec computes them), GPT-2 without its `transformer.` prefix, BERT inside
+    a `bert.` prefix, `gamma`/`beta` for LayerNorm weight and bias."""
+    tensors = {k: v for k, v in tensors.items() if not re.search(BUFFERS, k)}
     if model_type == "gpt2" and "wte.weight" in tensors:
-        return {f"transformer.{k}": v for k, v in tensors.items() if not re.search(r"\.attn\.(masked_)?bias$", k)}
+        return {f"transformer.{k}": v for k, v in tensors.items()}
     if model_type == "bert":
         renamed = {}
         for name, tensor in tensors.items():
@@ -434,7 +535,15 @@ def _as_today(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, to
     return tensors
 
 
-def _dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _dtype(found: Mapping[str, tuple[Path, TensorInfo]], where: Location) -> torch.dtype:
     """The weights' floating dtype when they share one (a bfloat16 checkpoint stays bfloat16), else float32."""
-    kinds = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    return kinds.pop() if len(kinds) == 1 else torch.float32
+    kinds = {info.dtype for _, info in found.values() if info.floating}
+    unusable = sorted(kinds - set(DTYPES))
+    if unusable:
+        raise CheckpointError(
+            Problem(f"weights in {unusable[0]} cannot be imported", where, hint="use F16, BF16 or F32")
+        )
+    return DTYPES[kinds.pop()] if len(kinds) == 1 else torch.float32

@@ -267,7 +267,7 @@ def convert(
     patterns = [(rule, rule.pattern()) for rule in family.rules]
     ours: dict[str, torch.Tensor] = {}
     computed: list[tuple[str, str]] = []
-    leftover, untied, twice = [], [], []
+    leftover, untied, twice, misshapen = [], [], [], []
     for name, tensor in tensors.items():
         found = next(((rule, m) for rule, p in patterns if (m := p.match(name))), None)
         if found is None:
@@ -283,7 +283,12 @@ def convert(
         if rule.transform == "computed":
             computed += [(name, target) for target in targets]
             continue
-        for target, value in zip(targets, _transform(rule.transform, tensor, heads or 0), strict=True):
+        try:
+            values = _transform(rule.transform, tensor, heads or 0)
+        except (RuntimeError, ValueError):
+            misshapen.append(f"{name} {tuple(tensor.shape)}")
+            continue
+        for target, value in zip(targets, values, strict=True):
             if target in ours:
                 twice.append(target)
             ours[target] = value
@@ -297,6 +302,8 @@ def convert(
                 hint="the checkpoint does not tie its output layer to its embedding; the spec does",
             )
         )
+    if misshapen:
+        problems.append(Problem(f"{_some(misshapen)}: not a shape the {family.model_type} table can take apart"))
     if twice:
         problems.append(Problem(f"{_some(twice)} would be filled by more than one checkpoint tensor"))
     if problems:
@@ -307,10 +314,14 @@ def convert(
 def _transform(kind: Transform, tensor: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
     """The tensor(s) of the spec that a copied rule's checkpoint tensor becomes."""
     if kind == "transpose":
+        if tensor.dim() != 2:
+            raise ValueError("not a matrix")
         return (tensor.t().contiguous(),)
     if kind == "row":
         return (tensor.reshape(-1),)
     if kind == "qkv":  # [d, 3d] (Conv1D) → three [d, d]; a bias [3d] → three [d]
+        if tensor.dim() not in (1, 2) or tensor.shape[-1] % 3:
+            raise ValueError("not three equal parts")
         parts = tensor.t().chunk(3, dim=0) if tensor.dim() == 2 else tensor.chunk(3)
         return tuple(part.contiguous() for part in parts)
     if kind == "qkv_heads":  # [heads·3·head_dim, …]: per head, its q, k, v rows one after the other

@@ -320,7 +320,8 @@ def test_a_language_model_with_a_tokenizer_json_generates_as_generate_does(tmp_p
 
 
 def _gpt2_dir(tmp_path: Path, **settings: Any) -> Path:
-    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, **settings)
+    sizes = {"vocab_size": 11, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2, "eos_token_id": 10}
+    config = transformers.GPT2Config(**{**sizes, "bos_token_id": 10, **settings})
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
 
@@ -394,3 +395,104 @@ def test_import_replaces_its_own_output_and_nothing_else(tmp_path, run_cli):
     (mine / "notes.txt").write_text("keep me")
     result = run_cli("import", hf, "--out", mine)
     assert result.code == 1 and (mine / "notes.txt").read_text() == "keep me"
+
+
+def _edited_config(hf: Path, **changes: Any) -> None:
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model_type": ["gpt2"]}, "model_type '['gpt2']' cannot be imported"),
+        ({"n_layer": True}, "layers is 'true', not a size"),
+        ({"layer_norm_epsilon": "tiny"}, "eps is 'tiny', not a finite number"),
+        ({"eos_token_id": 99}, "eos_token_id is 99, beyond the vocabulary of 11"),
+        ({"n_embd": 64}, "config.json describes a model of"),
+    ],
+)
+def test_a_malformed_config_is_a_located_error(tmp_path, run_cli, changes, message):
+    hf = _gpt2_dir(tmp_path)
+    _edited_config(hf, **changes)
+    result = run_cli("import", hf, "--out", tmp_path / "out")
+    assert result.code == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_marian_without_its_options_gets_transformers_defaults_and_is_refused(tmp_path):
+    _saved("marian", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for option in ("activation_function", "scale_embedding"):
+        del config[option]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as caught:
+        pretrained.import_pretrained(tmp_path / "hf", tmp_path / "out")
+    messages = " ".join(p.message for p in caught.value.problems)
+    assert "activation_function is 'gelu'" in messages and "scale_embedding is 'false'" in messages
+
+
+def test_sharded_weights_import_and_their_index_is_checked(tmp_path):
+    model_class, config = MODELS["llama"]
+    torch.manual_seed(0)
+    reference = model_class(config()).eval()
+    redraw(reference, seed=1)
+    hf = tmp_path / "hf"
+    reference.save_pretrained(hf, max_shard_size="20KB")
+    assert (hf / "model.safetensors.index.json").exists() and not (hf / "model.safetensors").exists()
+    pretrained.import_pretrained(hf, tmp_path / "out")
+    tokens = torch.randint(3, 80, (2, 6))
+    with torch.no_grad():
+        got = persist.load(tmp_path / "out" / "model").eval()(tokens=tokens)
+        assert (got - reference(input_ids=tokens).logits).abs().max().item() <= 1e-5
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    for file, message in (("../x.safetensors", "not a .safetensors file beside it"), (None, "is not in its shard")):
+        changed = dict(index["weight_map"])
+        changed[first] = file or next(f for f in changed.values() if f != index["weight_map"][first])
+        (hf / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": changed}))
+        with pytest.raises(CheckpointError, match=message):
+            pretrained.import_pretrained(hf, tmp_path / "again")
+
+
+def test_older_checkpoints_saved_buffers_are_dropped(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = _gpt2_dir(tmp_path)
+    tensors = load_file(str(hf / "model.safetensors"))
+    old = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    old["h.0.attn.bias"] = torch.ones(1, 1, 8, 8).tril()
+    old["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(old, str(hf / "model.safetensors"))
+    pretrained.import_pretrained(hf, tmp_path / "out")  # GPT-2 as older transformers wrote it
+
+
+def test_an_edited_spec_is_never_replaced(tmp_path, run_cli):
+    hf = _gpt2_dir(tmp_path)
+    out = tmp_path / "out"
+    assert run_cli("import", hf, "--out", out).code == 0
+    spec = out / "spec.yaml"
+    spec.write_text(spec.read_text().replace("layers: 1", "layers: 2"))
+    result = run_cli("import", hf, "--out", out)
+    assert result.code == 1 and "layers: 2" in spec.read_text()
+
+
+def test_a_tokenizer_json_cannot_truncate_or_pad_what_it_encodes(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = _gpt2_dir(tmp_path)
+    vocab = {w: i for i, w in enumerate(["<unk>", "a", "b", "c", "d", "e", "f", "g", "h", "i", "<|endoftext|>"])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.enable_truncation(max_length=2)
+    tokenizer.enable_padding(length=9, pad_id=0)
+    tokenizer.save(str(hf / "tokenizer.json"))
+    pretrained.import_pretrained(hf, tmp_path / "out")
+    translator = pretrained.load(tmp_path / "out")
+    assert translator.target.encode("a b c d") == [1, 2, 3, 4]
+
+
+def test_an_imported_model_refuses_another_tokenizer(imported, run_cli):
+    _, out = imported["gpt2"]
+    result = run_cli("generate", out, "hello", "--tokenizer", "words")
+    assert result.code == 1 and "its own tokenizer" in result.stderr

@@ -157,6 +157,7 @@ def translate(
 
     sentences = _sentences(text, file)
     if pretrained.is_pretrained(checkpoint_dir):
+        _own_tokenizer(tokenizer or src_tokenizer or tgt_tokenizer)
         translator = pretrained.load(checkpoint_dir, device=device, compiled=compile_step, note=_note)
         results = translator.translate(
             sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
@@ -219,6 +220,7 @@ def generate(
 
     prompts = _sentences(text, file)
     if pretrained.is_pretrained(checkpoint_dir):
+        _own_tokenizer(tokenizer)
         translator = pretrained.load(checkpoint_dir, device=device, compiled=compile_step, note=_note)
     else:
         translator = Translator.load(
@@ -256,7 +258,15 @@ def import_(
         f"imported {report.model_type}: {report.tensors} tensors, {report.parameters:,} parameters, "
         f"tokenizer: {report.tokenizer or 'none (translate and generate need one)'}"
     )
-    err.print(f"wrote {escape(str(out))}: spec.yaml (edit, inspect, train it), model/, pretrained.json")
+    tokenizer = ", tokenizer/" if report.tokenizer else ""
+    err.print(f"wrote {escape(str(out))}: spec.yaml (edit, inspect, build it), model/{tokenizer}, pretrained.json")
+
+
+def _own_tokenizer(given: str | None) -> None:
+    if given is not None:
+        raise UsageError(
+            Problem("an imported model decodes with its own tokenizer", hint="leave out --tokenizer options")
+        )
 
 
 def _note(text: str) -> None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import Problem, UsageError
 from common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
-from trainer import tasks
+from trainer import subword, tasks
 from trainer.roles import parse_roles
 
 
@@ -108,7 +108,7 @@ class DataOptions(BaseModel):
         Cli(metavar="N", panel=DATA),
     ] = None
     subword_model: Annotated[
-        Literal["unigram", "bpe"],
+        subword.Kind,
         Field(description="The subword algorithm of --subword-vocab: unigram or bpe."),
         Cli(panel=DATA),
     ] = "unigram"

@@ -25,7 +25,7 @@ class Corpus:
     valid: list[Example]
     src_vocab: Vocab | None
     tgt_vocab: Vocab
-    valid_refs: list[list[str]]  # held-out targets as tokens (for BLEU)
+    valid_refs: list[str]  # held-out targets as written, in the order of `valid` (for BLEU and chrF)
     notes: list[str] = field(default_factory=list)
     labels: list[str] | None = None  # a classifier's classes, in index order
 
@@ -43,12 +43,15 @@ def load(
     `kind` is the model's (seq2seq, lm or classify); `shared_vocab` builds one vocabulary of both sides.
     """
     notes: list[str] = []
+    named = [f"--{flag} {value}" for flag, value in (("tokenizer", options.tokenizer),
+             ("src-tokenizer", options.src_tokenizer), ("tgt-tokenizer", options.tgt_tokenizer))
+             if value not in (None, "auto")]  # fmt: skip
+    if options.subword_vocab is not None and vocabs is None and (options.task is not None or named):
+        what = f"--task {options.task}" if options.task is not None else named[0]
+        raise DataError(Problem(f"--subword-vocab learns the tokenizer from --data: leave out {what}"))
     if kind == "classify":
         return _load_labelled(options, vocabs[1] if vocabs is not None else None, labels, notes)
     seq2seq = kind == "seq2seq"
-    if options.subword_vocab is not None and (options.task is not None or options.tokenizer != "auto"):
-        what = f"--task {options.task}" if options.task is not None else f"--tokenizer {options.tokenizer}"
-        raise DataError(Problem(f"--subword-vocab learns the tokenizer from --data: leave out {what}"))
     if options.task is not None:
         if not seq2seq:
             raise DataError(
@@ -87,7 +90,9 @@ def load(
         notes.append(f"left out {dropped + dropped_valid} example(s) longer than --max-len {options.max_len}")
     if not train:
         raise DataError(Problem("no training examples left", hint="check the data and --max-len"))
-    refs = [tgt for src, tgt in valid_tokens if _fits(src, tgt, options.max_len)]
+    refs = [
+        text[-1] for text, (src, tgt) in zip(valid_text, valid_tokens, strict=True) if _fits(src, tgt, options.max_len)
+    ]
     return Corpus(train, valid, src_vocab, tgt_vocab, refs, notes)
 
 

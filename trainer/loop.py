@@ -29,7 +29,7 @@ from common.records import check_record
 from trainer import batching, bleu, checkpoint, corpus, decode, distributed, rundir, schedule
 from trainer.config import RESUMABLE, TrainConfig
 from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
-from trainer.vocab import check_tokenizer, detokenize
+from trainer.vocab import check_tokenizer
 
 
 @dataclass
@@ -400,9 +400,8 @@ def corpus_bleu_of(
         length = min(max_len + 1, 2 * batch.src.shape[1] + 10, decoder.most_new(0) or max_len + 1)
         for hyp in decode.greedy(decoder, batch.src, batch.src_pad, max_len=length):
             hypotheses.append(data.tgt_vocab.decode_text(hyp.tokens))
-    tokenizer = data.tgt_vocab.tokenizer
-    references = [detokenize(tokens, tokenizer) for tokens in data.valid_refs[: len(examples)]]
-    return bleu.corpus_scores(hypotheses, references)
+    chinese = data.tgt_vocab.tokenizer == "chars"
+    return bleu.corpus_scores(hypotheses, data.valid_refs[: len(examples)], tokenize="zh" if chinese else "13a")
 
 
 def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Path | None) -> Path | None:

@@ -16,24 +16,27 @@ post-processing (bos, eos) when encoding, and decoding leaves special tokens out
 
 from __future__ import annotations
 
-import shutil
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from builder import persist
 from builder.hf_import import import_directory
+from builder.pipeline import typed_graph
 from common.atomic import check_directory_target, owned_directory, write_directory
-from common.errors import CheckpointError, Location, Problem
-from common.files import FileKind, MiB, read_bytes, read_json, read_text
+from common.errors import CheckpointError, DataError, Location, Problem
+from common.files import FileKind, MiB, read_bytes
 from common.records import read_record
+from common.text import excerpt
 from trainer.decode import Specials
 from trainer.generation import TextSide, Translator
-from trainer.roles import Roles, find_roles
+from trainer.roles import Roles, find_roles, sizes
 
 FORMAT = "blockgraph-pretrained"
 RECORD = "pretrained.json"
@@ -52,20 +55,19 @@ class PretrainedRecord(BaseModel):
     format: Literal["blockgraph-pretrained"]
     format_version: int = Field(1, ge=1, le=1)
     model_type: str
-    specials: dict[Literal["pad", "bos", "eos", "decoder_start"], int | None]
+    specials: dict[Literal["pad", "bos", "eos", "decoder_start"], Annotated[int, Field(ge=0)] | None]
     tokenizer: Literal["tokenizer.json", "marian"] | None
+    spec_sha256: str  # of the spec.yaml written: an edited one is the user's, and another import keeps it
 
 
 @dataclass(frozen=True)
 class Report:
     """What an import wrote."""
 
-    out: Path
     model_type: str
     tensors: int
     parameters: int
     tokenizer: str | None
-    variables: dict[str, Any]
 
 
 def import_pretrained(directory: str | Path, out: str | Path) -> Report:
@@ -74,34 +76,52 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
     check_directory_target(out, owned=replaceable, what=WHAT)  # before the work: a wrong --out fails at once
     imported = import_directory(directory)
     kind = tokenizer_kind(directory)
-    _sides(directory, kind, imported.specials)  # parsed before anything is written: a bad file stops here
-    record = PretrainedRecord(format=FORMAT, model_type=imported.model_type, specials=imported.specials, tokenizer=kind)
+    files = {name: read_bytes(directory / name, TOKENIZER_FILE) for name in _tokenizer_files(kind)}
+    vocab = int(imported.variables["vocab"])
+    if kind is not None:  # parsed before anything is written: a bad file stops here
+        _sides(files, kind, imported.specials, vocab, Location(str(directory)))
+    digest = hashlib.sha256(imported.spec_text.encode("utf-8")).hexdigest()
+    record = PretrainedRecord(
+        format=FORMAT, model_type=imported.model_type, specials=imported.specials, tokenizer=kind, spec_sha256=digest
+    )
     write_model = persist.model_files(imported.model, Location(str(out / MODEL)))
 
     def fill(folder: Path) -> None:
         folder.mkdir(exist_ok=True)
         write_model(folder / MODEL)
         (folder / SPEC).write_text(imported.spec_text, encoding="utf-8")
-        if kind is not None:
+        standalone = imported.model.typed_graph.graph.standalone  # type: ignore[union-attr]
+        if typed_graph(folder / SPEC).graph.standalone != standalone:
+            raise CheckpointError(Problem("the written spec.yaml would not build this model", Location(str(out))))
+        if files:
             (folder / TOKENIZER).mkdir()
-            for name in _tokenizer_files(kind):
-                shutil.copyfile(directory / name, folder / TOKENIZER / name)
+            for name, data in files.items():
+                (folder / TOKENIZER / name).write_bytes(data)
         (folder / RECORD).write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
     write_directory(out, fill, owned=replaceable, what=WHAT)
     parameters = sum(p.numel() for p in imported.model.parameters())
-    return Report(out, imported.model_type, imported.tensors, parameters, kind, imported.variables)
+    return Report(imported.model_type, imported.tensors, parameters, kind)
 
 
 def replaceable(path: Path) -> bool:
-    """An imported model's directory, and nothing of the user's, may be replaced by another import."""
+    """An imported model's directory, and nothing of the user's, may be replaced by another import: not a
+    spec.yaml the user edited, nor any file of theirs."""
     files = set(_tokenizer_files("tokenizer.json")) | set(MARIAN_FILES)
-    return owned_directory(
+    owned = owned_directory(
         path,
         RECORD,
         {RECORD, SPEC},
         {MODEL: persist.replaceable, TOKENIZER: lambda p: owned_directory(p, None, files)},
     )
+    if not owned or not (path / SPEC).exists():
+        return owned
+    try:
+        record = read_record(path / RECORD, PretrainedRecord, RECORD_FILE)
+        written = hashlib.sha256(read_bytes(path / SPEC, RECORD_FILE)).hexdigest()
+    except CheckpointError:
+        return False
+    return written == record.spec_sha256
 
 
 def is_pretrained(path: str | Path) -> bool:
@@ -117,8 +137,8 @@ def tokenizer_kind(directory: Path) -> Literal["tokenizer.json", "marian"] | Non
     return None
 
 
-def _tokenizer_files(kind: str) -> tuple[str, ...]:
-    return ("tokenizer.json",) if kind == "tokenizer.json" else MARIAN_FILES
+def _tokenizer_files(kind: str | None) -> tuple[str, ...]:
+    return () if kind is None else ("tokenizer.json",) if kind == "tokenizer.json" else MARIAN_FILES
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,7 @@ class Loaded:
     roles: Roles
     specials: Specials
     record: PretrainedRecord
+    vocab: int  # the model's output vocabulary
 
 
 def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
@@ -139,7 +160,12 @@ def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
     if record.model_type == "bert":
         raise CheckpointError(Problem(f"a {record.model_type} model encodes text; it does not generate", where))
     model = persist.load(path / MODEL, device=device).eval()  # decoding: dropout off
-    roles = find_roles(model.typed_graph.graph, types=model.typed_graph.types)  # type: ignore[union-attr]
+    graph = model.typed_graph.graph  # type: ignore[union-attr]
+    roles = find_roles(graph, types=model.typed_graph.types)  # type: ignore[union-attr]
+    vocab = sizes(graph, roles).out_vocab or 0
+    beyond = [name for name, i in record.specials.items() if i is not None and i >= vocab]
+    if beyond:
+        raise CheckpointError(Problem(f"field specials.{beyond[0]}: beyond the model's {vocab} tokens", where))
     eos, pad = record.specials.get("eos"), record.specials.get("pad")
     if eos is None:
         raise CheckpointError(Problem("field specials.eos: the model has no end-of-sequence token", where))
@@ -150,7 +176,7 @@ def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
         if decoder_start is None:
             raise CheckpointError(Problem("field specials.decoder_start: needed to translate", where))
         start = (decoder_start,)
-    return Loaded(model, roles, Specials(start=start, eos=eos, never=never), record)
+    return Loaded(model, roles, Specials(start=start, eos=eos, never=never), record, vocab)
 
 
 def load(
@@ -158,7 +184,9 @@ def load(
 ) -> Translator:
     """An imported model ready to translate or generate with its own tokenizers and special tokens."""
     loaded = load_model(path, device=device)
-    if loaded.record.tokenizer is None:
+    kind = loaded.record.tokenizer
+    folder = Path(path) / TOKENIZER
+    if kind is None:
         raise CheckpointError(
             Problem(
                 "this imported model has no tokenizer",
@@ -166,82 +194,107 @@ def load(
                 hint="import a directory that holds its tokenizer files",
             )
         )
-    source, target = _sides(Path(path) / TOKENIZER, loaded.record.tokenizer, loaded.record.specials)
-    if loaded.roles.kind != "seq2seq":
-        source = None
+    files = {name: read_bytes(folder / name, TOKENIZER_FILE) for name in _tokenizer_files(kind)}
+    source, target = _sides(files, kind, loaded.record.specials, loaded.vocab, Location(str(folder)))
     options = {"specials": loaded.specials, "compiled": compiled, "note": note}
-    return Translator(loaded.model, loaded.roles, target, source, **options)  # type: ignore[arg-type]
+    seq2seq = loaded.roles.kind == "seq2seq"
+    return Translator(loaded.model, loaded.roles, target, source if seq2seq else None, **options)  # type: ignore[arg-type]
 
 
-def _sides(folder: Path, kind: str | None, specials: dict[str, int | None]) -> tuple[TextSide | None, TextSide]:
-    """The source and target text sides of a tokenizer folder (one tokenizer.json serves both)."""
-    if kind is None:
-        return None, TextSide(lambda text: [], lambda ids: "", lambda text: [])
+def _sides(
+    files: dict[str, bytes], kind: str, specials: dict[str, int | None], vocab: int, where: Location
+) -> tuple[TextSide, TextSide]:
+    """The source and target text sides of the tokenizer files (one tokenizer.json serves both); every id
+    they give is checked against the model's `vocab`."""
     if kind == "tokenizer.json":
-        side = _tokenizer_json(folder / "tokenizer.json")
-        return side, side
-    return _marian(folder, specials)
+        side = _tokenizer_json(files["tokenizer.json"], where)
+        source, target = side, side
+    else:
+        source, target = _marian(files, specials, where)
+    return _within(source, vocab), _within(target, vocab)
 
 
-def _tokenizer_json(path: Path) -> TextSide:
-    from tokenizers import Tokenizer
-
-    text = read_text(path, TOKENIZER_FILE)
-    try:
-        tokenizer = Tokenizer.from_str(text)
-    except Exception:  # the library's error quotes the file: say where instead
-        raise CheckpointError(
-            Problem("tokenizer.json is not a tokenizer the tokenizers library reads", Location(str(path)))
-        ) from None
-    unk = next((i for t in ("<unk>", "[UNK]") if (i := tokenizer.token_to_id(t)) is not None), None)
+def _within(side: TextSide, vocab: int) -> TextSide:
+    """`side`, with its ids checked to be the model's: a tokenizer with more tokens than the model is refused
+    at the first text that reaches beyond."""
 
     def encode(sentence: str) -> list[int]:
-        return tokenizer.encode(sentence).ids
+        ids = side.encode(sentence)
+        beyond = [i for i in ids if not 0 <= i < vocab]
+        if beyond:
+            raise DataError(Problem(f"the tokenizer gives id {beyond[0]}; the model has {vocab} tokens"))
+        return ids
+
+    return TextSide(encode, side.decode, side.unknown)
+
+
+def _tokenizer_json(data: bytes, where: Location) -> TextSide:
+    """A tokenizer.json read as data, with truncation and padding off and no random dropout: the ids of a text
+    are its tokens', every time."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        dropout = getattr(tokenizer.model, "dropout", None)
+    except Exception:  # the library's error quotes the file: say where instead
+        raise CheckpointError(
+            Problem("tokenizer.json is not a tokenizer the tokenizers library reads", where)
+        ) from None
+    if dropout:
+        raise CheckpointError(Problem(f"tokenizer.json samples its pieces (BPE dropout {dropout})", where))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    unk = next((i for t in ("<unk>", "[UNK]") if (i := tokenizer.token_to_id(t)) is not None), None)
+
+    def encoded(sentence: str) -> Any:
+        try:
+            return tokenizer.encode(sentence)
+        except Exception:  # a tokenizer that parses can still fail on a text (an unk token it lacks)
+            raise DataError(Problem(f"the model's tokenizer.json cannot encode {excerpt(sentence)}")) from None
 
     def decode(ids: Sequence[int]) -> str:
         return tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def unknown(sentence: str) -> list[str]:
-        found = tokenizer.encode(sentence)
+        found = encoded(sentence)
         return [t for t, i in zip(found.tokens, found.ids, strict=True) if i == unk] if unk is not None else []
 
-    return TextSide(encode, decode, unknown)
+    return TextSide(lambda sentence: encoded(sentence).ids, decode, unknown)
 
 
-def _marian(folder: Path, specials: dict[str, int | None]) -> tuple[TextSide, TextSide]:
+def _marian(files: dict[str, bytes], specials: dict[str, int | None], where: Location) -> tuple[TextSide, TextSide]:
     """Marian's tokenizer: SentencePiece pieces (source.spm, target.spm), ids from the shared vocab.json."""
     import sentencepiece
 
     processors = []
     for name in ("source.spm", "target.spm"):
-        path = folder / name
         processor = sentencepiece.SentencePieceProcessor()
         try:
-            processor.LoadFromSerializedProto(read_bytes(path, TOKENIZER_FILE))
+            processor.LoadFromSerializedProto(files[name])
         except Exception:
-            raise CheckpointError(Problem(f"{name} is not a SentencePiece model", Location(str(path)))) from None
+            raise CheckpointError(Problem(f"{name} is not a SentencePiece model", where)) from None
         processors.append(processor)
-    vocab_path = folder / "vocab.json"
-    vocab = read_json(vocab_path, TOKENIZER_FILE)
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise CheckpointError(Problem("vocab.json: expected a mapping of piece → id", Location(str(vocab_path))))
+    try:
+        vocab = json.loads(files["vocab.json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        vocab = None
+    ids_ok = isinstance(vocab, dict) and all(type(i) is int and i >= 0 for i in vocab.values())
+    if not ids_ok:
+        raise CheckpointError(Problem("vocab.json: expected a mapping of piece → id (integers ≥ 0)", where))
     pieces = {i: piece for piece, i in vocab.items()}
     unk, eos = vocab.get("<unk>"), specials.get("eos")
-    skipped = {i for i in (specials.get("pad"), eos) if i is not None}
+    skipped = {i for i in (specials.get("pad"), eos, unk) if i is not None}  # as skip_special_tokens does
     source_pieces, target_pieces = processors
 
-    def encode(sentence: str) -> list[int]:
-        ids = [vocab.get(piece, unk) for piece in source_pieces.encode(sentence, out_type=str)]
-        return [i for i in ids if i is not None] + ([eos] if eos is not None else [])
-
-    def unknown(sentence: str) -> list[str]:
-        return [piece for piece in source_pieces.encode(sentence, out_type=str) if piece not in vocab]
+    def ids_of(processor: Any, sentence: str) -> list[int]:
+        found = [vocab.get(piece, unk) for piece in processor.encode(sentence, out_type=str)]
+        return [i for i in found if i is not None]
 
     def decode(ids: Sequence[int]) -> str:
         return target_pieces.decode_pieces([pieces[i] for i in ids if i not in skipped and i in pieces])
 
-    def target_encode(sentence: str) -> list[int]:
-        ids = [vocab.get(piece, unk) for piece in target_pieces.encode(sentence, out_type=str)]
-        return [i for i in ids if i is not None]
+    def unknown(sentence: str) -> list[str]:
+        return [piece for piece in source_pieces.encode(sentence, out_type=str) if piece not in vocab]
 
-    return TextSide(encode, decode, unknown), TextSide(target_encode, decode, lambda text: [])
+    source = TextSide(lambda s: [*ids_of(source_pieces, s), *([eos] if eos is not None else [])], decode, unknown)
+    return source, TextSide(lambda s: ids_of(target_pieces, s), decode, lambda text: [])

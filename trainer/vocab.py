@@ -1,6 +1,6 @@
 """Tokenizers and vocabularies: text ↔ tokens ↔ ids, with the special tokens pad, bos, eos and unk.
 
-Three tokenizers, chosen per side of the data:
+The tokenizers, chosen per side of the data:
 
 - `chars`: one token per CJK character (Chinese, Japanese kana, Korean), runs of Latin letters or digits as one
   token, every other non-space character on its own; spaces are dropped. For Chinese.
@@ -118,7 +118,11 @@ def resolve_tokenizer(saved: str, given: str | None, where: Location, field: str
                 hint=f"pass --tokenizer {saved} to use it again (if you trust that module), or another tokenizer",
             )
         )
-    if saved not in TOKENIZERS and not (subword.is_subword(saved) and subword.known(saved)):
+    if subword.is_subword(saved) and not subword.known(saved):
+        raise CheckpointError(
+            Problem(f"field {field}: a subword tokenizer whose model the checkpoint does not hold", where)
+        )
+    if saved not in TOKENIZERS and not subword.is_subword(saved):
         raise CheckpointError(
             Problem(
                 f"field {field}: not a tokenizer this blockgraph has", where, hint=f"one of {', '.join(TOKENIZERS)}"
@@ -128,7 +132,7 @@ def resolve_tokenizer(saved: str, given: str | None, where: Location, field: str
 
 
 def tokenize(text: str, kind: str) -> list[str]:
-    """`text` split into tokens by the tokenizer `kind` (chars, words, space or MODULE:FUNCTION)."""
+    """`text` split into tokens by the tokenizer `kind` (chars, words, space, spm-<hash> or MODULE:FUNCTION)."""
     if kind == "chars":
         return _CHARS.findall(text)
     if kind == "words":
