@@ -45,13 +45,18 @@ class StepPlan:
     step_nodes: tuple[tuple[str, Stepping], ...]  # nodes of the growing inputs, and how each steps
     state_ports: tuple[dict[str, bool], ...]  # per stateful node: its connected ports, True where they grow
     carried: tuple[Endpoint, ...]  # values of `start` that the steps read
-    batch_first: tuple[bool, ...]  # per carried value: do its rows follow the batch (reordered with it)
+    batch_axes: tuple[int | None, ...]  # per carried value: its batch axis (reordered with the batch), if any
     output: Endpoint
     last_only: tuple[str, Endpoint] | None  # (node, its growing input) from which only the last position is computed
 
 
 def _dim(dims: tuple[Any, ...], axis: int) -> str | None:
     return str(dims[axis]) if len(dims) > axis else None
+
+
+def _axis(dims: tuple[Any, ...], batch: str | None) -> int | None:
+    """Where the batch dimension is in a value's shape (an initial LSTM state has it second), if anywhere."""
+    return next((i for i, d in enumerate(dims) if str(d) == batch), None) if batch is not None else None
 
 
 def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = None) -> StepPlan:
@@ -91,7 +96,7 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
         raise CannotStep(f"the output {output or 'output'} does not grow with the inputs {', '.join(growing)}")
     reads = {ep for node, _ in step_nodes for ep in graph.nodes[node].bindings.values() if ep is not None}
     carried = tuple(ep for ep in _in_order(graph, reads - grows))
-    batch_first = tuple(_dim(tuple(typed.types[ep].shape), 0) == batch for ep in carried)
+    batch_axes = tuple(_axis(tuple(typed.types[ep].shape), batch) for ep in carried)
     fixed = tuple(name for name in graph.inputs if name not in growing)
     last_only = _position_wise_tail(graph, step_nodes, grows, target)
     return StepPlan(
@@ -101,7 +106,7 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
         tuple(step_nodes),
         tuple(state_ports),
         carried,
-        batch_first,
+        batch_axes,
         target,
         last_only,
     )
@@ -218,7 +223,7 @@ class DecodeState:
 
     caches: list[StepCache]
     carried: tuple[Any, ...]
-    batch_first: tuple[bool, ...]
+    batch_axes: tuple[int | None, ...]
     prefix: dict[str, torch.Tensor] | None = None  # what a `Rerun` re-reads at every step
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -226,8 +231,8 @@ class DecodeState:
         for cache in self.caches:
             cache.reorder(index)
         self.carried = tuple(
-            value.index_select(0, index) if rows and value is not None else value
-            for value, rows in zip(self.carried, self.batch_first, strict=True)
+            value.index_select(axis, index) if axis is not None and value is not None else value
+            for value, axis in zip(self.carried, self.batch_axes, strict=True)
         )
         if self.prefix is not None:
             self.prefix = {name: value.index_select(0, index) for name, value in self.prefix.items()}
@@ -254,7 +259,7 @@ class StepProgram:
         """Run the nodes of the fixed inputs; `capacity` is the most positions the decoding will reach."""
         carried = self._start(self.model, **fixed)
         caches = [StepCache(capacity, ports) for ports in self.plan.state_ports]
-        return DecodeState(caches, carried, self.plan.batch_first)
+        return DecodeState(caches, carried, self.plan.batch_axes)
 
     def step(self, state: DecodeState, **growing: torch.Tensor | None) -> torch.Tensor:
         """The output at the new positions of the growing inputs ([batch, new, …] each); only at the last one
@@ -281,11 +286,11 @@ class Rerun:
         graph = model.typed_graph.graph  # type: ignore[union-attr]
         self.fixed = tuple(name for name in graph.inputs if name not in self.growing)
         batch = _dim(tuple(graph.inputs[self.growing[0]].shape), 0)
-        self.batch_first = tuple(_dim(tuple(graph.inputs[name].shape), 0) == batch for name in self.fixed)
+        self.batch_axes = tuple(_axis(tuple(graph.inputs[name].shape), batch) for name in self.fixed)
         self.code = ""
 
     def start(self, capacity: int, **fixed: torch.Tensor | None) -> DecodeState:
-        return DecodeState([], tuple(fixed.get(name) for name in self.fixed), self.batch_first, prefix={})
+        return DecodeState([], tuple(fixed.get(name) for name in self.fixed), self.batch_axes, prefix={})
 
     def step(self, state: DecodeState, **growing: torch.Tensor | None) -> torch.Tensor:
         """The output at the last new position, from the whole model run on the prefix so far."""
