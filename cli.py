@@ -420,8 +420,8 @@ def blocks_show(
 
 
 def _register_training() -> None:
-    """`train`, `translate` and `generate` live in the trainer package; their errors render here like every
-    command's."""
+    """`train`, `translate`, `generate` and `import` live in the trainer package; their errors render here like
+    every command's."""
     from trainer import commands
 
     app.command("train")(user_errors(commands.train))

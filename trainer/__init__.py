@@ -1,8 +1,9 @@
-"""Training and decoding for blockgraph models: `blockgraph train` and `blockgraph translate`.
+"""Training and decoding for blockgraph models: `blockgraph train`, `translate`, `generate` and `import`.
 
 One job per module:
 
 - `vocab`: tokenizers (Chinese characters, English words, whitespace) and vocabularies with special tokens;
+- `subword`: SentencePiece tokenizers learned from the data or given as a file, named by their content;
 - `data`: reading tab-separated pairs or a text file (located errors, `--skip-bad-lines`) and splitting them;
 - `tasks`: synthetic copy/reverse tasks that need no data;
 - `roles`: which spec input is the source, the target, their padding masks, and which output the log-probs;
@@ -10,7 +11,10 @@ One job per module:
 - `schedule`: the Transformer learning-rate schedule, Adam, label-smoothed loss;
 - `loop`: the training loop with progress, evaluation and checkpoints;
 - `checkpoint`: atomic checkpoint directories (weights, spec, vocabularies, optimizer and RNG state);
-- `decode`: greedy and beam search; `bleu`: corpus BLEU and chrF (sacrebleu);
+- `decode`: batched greedy, beam search and sampling over the model's step program; `bleu`: corpus BLEU and
+  chrF (sacrebleu);
+- `generation`: text in, hypotheses out, batch by batch (`Translator`);
+- `pretrained`: models imported from Hugging Face-format directories, with their tokenizers;
 - `distributed`: DistributedDataParallel set-up and the torchrun launcher;
-- `commands`: the Typer command functions `train` and `translate`.
+- `commands`: the Typer command functions `train`, `translate`, `generate` and `import`.
 """

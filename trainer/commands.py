@@ -1,6 +1,7 @@
-"""The `train` and `translate` commands as functions with Typer-annotated parameters, registered by cli.py.
+"""The `train`, `translate`, `generate` and `import` commands as functions with Typer-annotated parameters,
+registered by cli.py.
 
-`train`'s options are generated from `TrainConfig` (trainer.config), the one declaration of them. Both raise
+`train`'s options are generated from `TrainConfig` (trainer.config), the one declaration of them. All raise
 `common.errors.BlockgraphError`s for anything the user can fix; cli.py renders those and exits 1.
 """
 
