@@ -160,22 +160,18 @@ def translate(
     if pretrained.is_pretrained(checkpoint_dir):
         _own_tokenizer(tokenizer or src_tokenizer or tgt_tokenizer)
         translator = pretrained.load(checkpoint_dir, device=device, compiled=compile_step, note=_note)
-        results = translator.translate(
-            sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
+    else:
+        saved = checkpoint.load(
+            checkpoint_dir, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
         )
-        _print(results, n_best, streamed=text in (None, ["-"]))
-        return
-    saved = checkpoint.load(
-        checkpoint_dir, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
-    )
-    roles = Roles(**saved.info["roles"])
-    if roles.kind == "classify":
-        model, io = saved.model.eval(), ModelIO(roles)
-        for sentence in sentences:
-            label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
-            write_plain(f"{label}\t{probability:.3f}")
-        return
-    translator = Translator.of_checkpoint(saved, compiled=compile_step, note=_note)
+        roles = Roles(**saved.info["roles"])
+        if roles.kind == "classify":
+            model, io = saved.model.eval(), ModelIO(roles)
+            for sentence in sentences:
+                label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
+                write_plain(f"{label}\t{probability:.3f}")
+            return
+        translator = Translator.of_checkpoint(saved, compiled=compile_step, note=_note)
     results = translator.translate(
         sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
     )

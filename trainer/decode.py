@@ -64,7 +64,8 @@ class Decoder:
         growing = [roles.tgt] + ([pad] if pad is not None else [])
         self.program = step_program(model, growing, roles.output, compiled=compiled)
         self.device = next(iter(model.state_dict().values())).device
-        self.positions = length_limits(model.typed_graph, roles)[1]  # type: ignore[arg-type]
+        # the longest source and target the model's blocks allow (None: unbounded)
+        self.source_positions, self.positions = length_limits(model.typed_graph, roles)  # type: ignore[arg-type]
 
     @property
     def reason(self) -> str | None:

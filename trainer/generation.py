@@ -110,7 +110,6 @@ class Translator:
         self.decoder = decode.Decoder(self.model, self.roles, specials=specials, compiled=compiled)
         if self.decoder.reason:
             self.note(f"decoding re-runs the whole model at every step: {self.decoder.reason}")
-        self.src_most, self.tgt_most = decode.length_limits(self.model.typed_graph, self.roles)  # type: ignore[arg-type]
         self._capped = False
 
     @classmethod
@@ -205,11 +204,12 @@ class Translator:
         if self.seq2seq:
             if not sentence.strip():
                 return _Item(index, [], 0)
-            if self.src_most is not None and len(ids) > self.src_most:
+            src_most = self.decoder.source_positions
+            if src_most is not None and len(ids) > src_most:
                 raise DataError(
                     Problem(
                         f"sentence {index + 1} ({excerpt(sentence)}) has {len(ids)} tokens (its end marks "
-                        f"included); the model reads at most {self.src_most}",
+                        f"included); the model reads at most {src_most}",
                         hint="split the sentence",
                     )
                 )
@@ -224,9 +224,11 @@ class Translator:
         if room is None:
             return limit
         if room < 1:
-            raise DataError(Problem(f"the prompt fills all {self.tgt_most} positions of the model", hint="shorten it"))
+            raise DataError(
+                Problem(f"the prompt fills all {self.decoder.positions} positions of the model", hint="shorten it")
+            )
         if limit > room and not self._capped:
-            self.note(f"outputs are capped at {room} tokens: the model has {self.tgt_most} positions")
+            self.note(f"outputs are capped at {room} tokens: the model has {self.decoder.positions} positions")
             self._capped = True
         return min(limit, room)
 
