@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ def load(
         raise CheckpointError([*exc.problems, problem]) from None
     where = Location(str(weights))
     targets, aliases = unique_tensors(model)
-    names = _match_names(header, targets, aliases, where)
+    names = _matchnames_list(header, targets, aliases, where)
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as handle, torch.no_grad():
             for target_name, file_name in names.items():
@@ -129,6 +130,52 @@ def load(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(Problem(f"cannot read the weights file: {type(exc).__name__}", where)) from None
     return model
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What `load_matching` took: tensor names of the model filled from the file, of the model's own (new, or of
+    another shape in the file), and of the file's left unused."""
+
+    loaded: list[str]
+    new: list[str]
+    reshaped: list[str]
+    left: list[str]
+
+
+def load_matching(model: nn.Module, directory: str | Path) -> Transfer:
+    """Fill `model`'s tensors from the saved model at `directory` wherever a name and its shape agree (a tied
+    tensor by any of its names); the rest keep their values. The start of fine-tuning an edited spec."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    read_manifest(directory)
+    weights = directory / WEIGHTS
+    header = read_header(str(weights), "weights file")
+    targets, aliases = unique_tensors(model)
+    names_of: dict[str, list[str]] = {name: [name] for name in targets}
+    for alias, kept in aliases.items():
+        names_of[kept].append(alias)
+    loaded, new, reshaped, used = [], [], [], set()
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as handle, torch.no_grad():
+            for name, target in targets.items():
+                found = next((n for n in names_of[name] if n in header.tensors), None)
+                if found is None:
+                    new.append(name)
+                    continue
+                used.add(found)
+                info = header.tensors[found]
+                if tuple(info.shape) != tuple(target.shape) or info.floating != target.is_floating_point():
+                    reshaped.append(name)
+                    continue
+                _assign(target, handle.get_tensor(found))
+                loaded.append(name)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            Problem(f"cannot read the weights file: {type(exc).__name__}", Location(str(weights)))
+        ) from None
+    return Transfer(loaded, new, reshaped, [n for n in header.tensors if n not in used])
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -213,7 +260,7 @@ def _check_structure(standalone: dict[str, Any], model: nn.Module, where: Locati
         raise UsageError(problems)
 
 
-def _match_names(
+def _matchnames_list(
     header: Header, targets: dict[str, torch.Tensor], aliases: dict[str, str], where: Location
 ) -> dict[str, str]:
     """Target name → name in the file; refuses missing, unexpected, mis-shaped and mis-typed tensors.
@@ -235,7 +282,7 @@ def _match_names(
         ):
             kinds.append(f"{file_name}: {info.dtype} in the file, {expected} in the model")
     if kinds:
-        raise CheckpointError(Problem(f"{len(kinds)} tensor(s) have the wrong dtype: {_names(kinds)}", where))
+        raise CheckpointError(Problem(f"{len(kinds)} tensor(s) have the wrong dtype: {names_list(kinds)}", where))
     return names
 
 
@@ -265,19 +312,19 @@ def _mismatches(
     if missing:
         problems.append(
             Problem(
-                f"{what} lacks {len(missing)} tensor(s) the spec has: {_names(missing)}",
+                f"{what} lacks {len(missing)} tensor(s) the spec has: {names_list(missing)}",
                 where,
                 hint="the weights belong to another spec, or were renamed",
             )
         )
     if unexpected:
         problems.append(
-            Problem(f"{what} has {len(unexpected)} tensor(s) the spec has not: {_names(unexpected)}", where)
+            Problem(f"{what} has {len(unexpected)} tensor(s) the spec has not: {names_list(unexpected)}", where)
         )
     if shapes:
         problems.append(
             Problem(
-                f"{len(shapes)} tensor(s) differ in shape: {_names(shapes)}",
+                f"{len(shapes)} tensor(s) differ in shape: {names_list(shapes)}",
                 where,
                 hint="the spec's sizes (vars, --set) differ from those the weights were saved with",
             )
@@ -285,7 +332,7 @@ def _mismatches(
     return problems
 
 
-def _names(items: Iterable[str], limit: int = 10) -> str:
+def names_list(items: Iterable[str], limit: int = 10) -> str:
     items = list(items)
     text = ", ".join(items[:limit])
     return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -7,16 +7,16 @@ is refused by message, and a pickle file is never opened."""
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hf_dirs
 import pytest
 import torch
 import transformers
-from conftest import SPECS, redraw
+from conftest import redraw
+from hf_dirs import DROPOUTS, HEADS, SEQ
 
 import builder
 from builder import persist
@@ -25,9 +25,6 @@ from trainer import decode, pretrained
 
 torch.set_num_threads(1)
 
-SEQ = {"max_position_embeddings": 32, "d_model": 24, "encoder_layers": 2, "decoder_layers": 2}
-HEADS = {"encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 40, "decoder_ffn_dim": 40}
-DROPOUTS = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
 
 MODELS: dict[str, tuple[Callable[..., Any], Callable[[], Any]]] = {
     "gpt2": (
@@ -233,38 +230,9 @@ def test_greedy_decoding_equals_generate(imported, model_type):
 # --- tokenizers ------------------------------------------------------------------------------------------------
 
 
-def _sentences(side: int) -> list[str]:
-    lines = (SPECS / "data" / "zh_en.tsv").read_text(encoding="utf-8").splitlines()
-    return [line.split("\t")[side] for line in lines]
-
-
 def test_marian_with_sentencepiece_translates_as_generate_does(tmp_path, run_cli):
     """A SentencePiece model trained here on the shipped zh sentences, a Marian directory around a random model."""
-    import sentencepiece
-
-    text = tmp_path / "zh.txt"
-    text.write_text("\n".join(_sentences(0)) + "\n", encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(tmp_path / "spm"), vocab_size=600, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2,
-    )  # fmt: skip
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
-    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
-    tokens = ["</s>", "<unk>", *(p for p in pieces if p not in ("<unk>", "<s>", "</s>")), "<pad>"]
-    hf = tmp_path / "hf"
-    torch.manual_seed(0)
-    config = transformers.MarianConfig(
-        vocab_size=len(tokens), decoder_vocab_size=len(tokens), pad_token_id=len(tokens) - 1,
-        decoder_start_token_id=len(tokens) - 1, eos_token_id=0, activation_function="swish",
-        scale_embedding=True, **SEQ, **HEADS, **DROPOUTS,
-    )  # fmt: skip
-    reference = transformers.MarianMTModel(config).eval()
-    redraw(reference, seed=2)
-    reference.save_pretrained(hf)
-    for name in ("source.spm", "target.spm"):
-        shutil.copyfile(tmp_path / "spm.model", hf / name)
-    (hf / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-
+    reference, tokenizer, hf = hf_dirs.marian(tmp_path)
     result = run_cli("import", hf, "--out", tmp_path / "out")
     assert result.code == 0, result.stderr
     assert "imported marian" in result.stderr and "tokenizer: marian" in result.stderr
@@ -272,39 +240,19 @@ def test_marian_with_sentencepiece_translates_as_generate_does(tmp_path, run_cli
     result = run_cli("translate", tmp_path / "out", sentence, "--max-len", "8")
     assert result.code == 0, result.stderr
 
-    with warnings.catch_warnings():  # it recommends sacremoses, which only its punctuation normalizer uses
-        warnings.simplefilter("ignore")
-        tokenizer = transformers.MarianTokenizer(
-            source_spm=str(hf / "source.spm"), target_spm=str(hf / "target.spm"), vocab=str(hf / "vocab.json")
-        )
     ids = tokenizer(sentence, return_tensors="pt").input_ids
     assert pretrained.load(tmp_path / "out").source.encode(sentence) == ids[0].tolist()
     with torch.no_grad():
         generated = reference.generate(
-            input_ids=ids, max_new_tokens=8, do_sample=False, num_beams=1, suppress_tokens=[config.pad_token_id],
+            input_ids=ids, max_new_tokens=8, do_sample=False, num_beams=1,
+            suppress_tokens=[reference.config.pad_token_id],
             forced_eos_token_id=None,
         )  # fmt: skip
     assert result.stdout.strip() == tokenizer.decode(generated[0], skip_special_tokens=True).strip()
 
 
 def test_a_language_model_with_a_tokenizer_json_generates_as_generate_does(tmp_path, run_cli):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = sorted({w for s in _sentences(1) for w in s.replace(".", " .").split()})
-    vocab = {w: i for i, w in enumerate(["<unk>", *words, "<|endoftext|>"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = tmp_path / "hf"
-    eos = vocab["<|endoftext|>"]
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=len(vocab), n_positions=32, n_embd=24, n_layer=2, n_head=4, bos_token_id=eos, eos_token_id=eos
-    )
-    reference = transformers.GPT2LMHeadModel(config).eval()
-    redraw(reference, seed=3)
-    reference.save_pretrained(hf)
-    tokenizer.save(str(hf / "tokenizer.json"))
-
+    reference, tokenizer, hf = hf_dirs.gpt2(tmp_path)
     assert run_cli("import", hf, "--out", tmp_path / "out").code == 0
     prompt = "I want to"
     result = run_cli("generate", tmp_path / "out", prompt, "--max-new", "5")
@@ -383,6 +331,9 @@ def test_an_encoder_imports_but_does_not_generate(imported, run_cli):
     _, out = imported["bert"]
     result = run_cli("generate", out, "hello")
     assert result.code == 1 and "a bert model encodes text; it does not generate" in result.stderr
+    (out.parent / "lines.txt").write_text("hello\n")
+    result = run_cli("train", out, "--data", out.parent / "lines.txt", "--out", out.parent / "run")
+    assert result.code == 1 and "a bert model encodes text" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_import_replaces_its_own_output_and_nothing_else(tmp_path, run_cli):

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
+from trainer.specials import TRAINER_SPECIALS, Specials
+from trainer.vocab import PAD_ID
 
 
 @dataclass(frozen=True)
 class Example:
-    """Token ids without bos/eos: the source (None for a language model) and the target (a classifier's text).
+    """Token ids: the source as the encoder reads it, eos included (None for a language model), and the
+    target without its start and end (`Specials` frame it), or a classifier's text.
 
     A classifier's example has the index of its label in `label`.
     """
@@ -33,8 +35,8 @@ class Example:
 class Batch:
     """Padded tensors (right padding; masks True at padding) and the number of target tokens to predict.
 
-    `tgt_in` is the target shifted right (bos first), `tgt_out` the tokens to predict (eos last); the
-    source ends with eos. A classifier's batch has the text as it is in `tgt_in` (no bos or eos), the label
+    `tgt_in` is the framed target `[*start, *tokens, eos]` without its last id, `tgt_out` without its first
+    (the tokens to predict, eos last). A classifier's batch has the text as it is in `tgt_in` (no bos or eos), the label
     indices [batch] in `labels`, and `tgt_out` is the same tensor as `labels`.
     """
 
@@ -70,26 +72,28 @@ class Batch:
         )
 
 
-def pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, longest] ids padded with PAD_ID on the right, and the mask (True = padding)."""
+def pad(sequences: Sequence[Sequence[int]], fill: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, longest] ids padded with `fill` on the right, and the mask (True = padding)."""
     longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(sequences), longest), fill, dtype=torch.long)
     for i, s in enumerate(sequences):
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
     lengths = torch.tensor([len(s) for s in sequences])
     return ids, torch.arange(longest)[None, :] >= lengths[:, None]
 
 
-def collate(examples: Sequence[Example]) -> Batch:
+def collate(examples: Sequence[Example], specials: Specials = TRAINER_SPECIALS) -> Batch:
+    fill = specials.fill
     if examples[0].label is not None:
-        tokens, mask = pad([e.tgt for e in examples])
+        tokens, mask = pad([e.tgt for e in examples], fill)
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
         return Batch(tokens, labels, mask, labels=labels)
-    tgt_in, tgt_pad = pad([[BOS_ID, *e.tgt] for e in examples])
-    tgt_out, _ = pad([[*e.tgt, EOS_ID] for e in examples])
+    framed = [[*specials.start, *e.tgt, specials.eos] for e in examples]
+    tgt_in, tgt_pad = pad([f[:-1] for f in framed], fill)
+    tgt_out, _ = pad([f[1:] for f in framed], fill)
     if examples[0].src is None:
         return Batch(tgt_in, tgt_out, tgt_pad)
-    src, src_pad = pad([[*e.src, EOS_ID] for e in examples])  # type: ignore[misc]
+    src, src_pad = pad([e.src for e in examples], fill)  # type: ignore[misc]
     return Batch(tgt_in, tgt_out, tgt_pad, src, src_pad)
 
 

@@ -8,6 +8,9 @@
                           metrics history, the optimizer's hyper-parameters
       state.safetensors   Adam's moment estimates and step counts, each rank's random-number generator states
 
+A fine-tuned imported model's checkpoint has the import's pretrained.json and tokenizer/ (trainer.pretrained)
+instead of vocab.json, so that it reads as an imported model too.
+
 Everything is written to a temporary sibling directory that is swapped into place once complete (common.atomic),
 so an interrupted write (Ctrl-C, a crash, a full disk) leaves the previous checkpoint as it was. Loading
 unpickles nothing and runs nothing: every JSON file is checked field by field, and a user tokenizer
@@ -33,6 +36,7 @@ from common.records import read_record
 from common.tensorfile import read_header, write_safetensors
 from trainer import subword
 from trainer.roles import ROLE_NAMES, Roles, find_roles
+from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON
 from trainer.vocab import Vocab, resolve_tokenizer
 
 FORMAT = "blockgraph-checkpoint"
@@ -99,7 +103,7 @@ class Checkpoint:
     path: Path
     model: nn.Module
     src_vocab: Vocab | None
-    tgt_vocab: Vocab
+    tgt_vocab: Vocab | None  # None: a fine-tuned imported model, whose tokenizer reads its text
     info: dict[str, Any]  # trainer.json, checked
     tensors: dict[str, torch.Tensor]  # state.safetensors
     labels: list[str] | None = None  # a classifier's classes in index order
@@ -170,7 +174,9 @@ def is_checkpoint(path: Path) -> bool:
 
 def replaceable(path: Path) -> bool:
     """A directory `save` may replace: a checkpoint and nothing else (no file of the user's would be lost)."""
-    return owned_directory(path, TRAINER, {VOCAB, TRAINER, STATE}, {MODEL: persist.replaceable})
+    tokenizer = {*TOKENIZER_JSON, *MARIAN_FILES}
+    rules = {MODEL: persist.replaceable, TOKENIZER: lambda p: owned_directory(p, None, tokenizer)}
+    return owned_directory(path, TRAINER, {VOCAB, TRAINER, STATE, RECORD}, rules)
 
 
 def save(
@@ -178,26 +184,36 @@ def save(
     *,
     model: nn.Module,
     src_vocab: Vocab | None,
-    tgt_vocab: Vocab,
+    tgt_vocab: Vocab | None,
     info: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     labels: list[str] | None = None,
+    carried: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (replacing an older checkpoint there only once the new one is whole)."""
+    """Write a checkpoint directory atomically (replacing an older checkpoint there only once the new one is whole).
+
+    `carried`: an imported model's record and tokenizer files (relative path → bytes), written instead of the
+    vocabularies."""
     directory = Path(directory)
     rng = torch.get_rng_state()  # building the structure check must not disturb training's random numbers
     try:
         write_model = persist.model_files(model, Location(str(directory)))
     finally:
         torch.set_rng_state(rng)
-    vocabs: dict[str, Any] = {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()}
-    if labels is not None:
-        vocabs["labels"] = list(labels)
+    vocabs: dict[str, Any] | None = None
+    if tgt_vocab is not None:
+        vocabs = {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()}
+        if labels is not None:
+            vocabs["labels"] = list(labels)
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def write(folder: Path) -> None:
         write_model(folder / MODEL)
-        _write_json(folder / VOCAB, vocabs)
+        if vocabs is not None:
+            _write_json(folder / VOCAB, vocabs)
+        for name, data in (carried or {}).items():
+            (folder / name).parent.mkdir(exist_ok=True)
+            (folder / name).write_bytes(data)
         _write_json(folder / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **info})
         write_safetensors(folder / STATE, state)
 
@@ -238,10 +254,13 @@ def load(
         raise CheckpointError(
             Problem(f"checkpoint format {record.format_version} is newer than this blockgraph", where)
         )
-    vocabs = read_record(directory / VOCAB, VocabsRecord, VOCAB_FILE)
-    vocab_where = Location(str(directory / VOCAB))
-    src = _vocab(vocabs.src, tokenizers[0], vocab_where, "src") if vocabs.src is not None else None
-    tgt = _vocab(vocabs.tgt, tokenizers[1], vocab_where, "tgt")
+    src = tgt = labels = None
+    if not (directory / RECORD).is_file() or (directory / VOCAB).exists():  # else: trainer.pretrained reads it
+        vocabs = read_record(directory / VOCAB, VocabsRecord, VOCAB_FILE)
+        vocab_where = Location(str(directory / VOCAB))
+        src = _vocab(vocabs.src, tokenizers[0], vocab_where, "src") if vocabs.src is not None else None
+        tgt = _vocab(vocabs.tgt, tokenizers[1], vocab_where, "tgt")
+        labels = vocabs.labels
     rng = torch.get_rng_state()
     try:
         model = persist.load(directory / MODEL, device=device, plugins=plugins)
@@ -250,7 +269,7 @@ def load(
     _check_roles(record.roles, model, where)
     tensors = _state_tensors(directory / STATE) if (directory / STATE).exists() else {}
     info = record.model_dump()
-    return Checkpoint(directory, model, src, tgt, info, tensors, vocabs.labels)
+    return Checkpoint(directory, model, src, tgt, info, tensors, labels)
 
 
 def _check_roles(roles: Roles, model: nn.Module, where: Location) -> None:

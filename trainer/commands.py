@@ -157,9 +157,9 @@ def translate(
     from trainer.roles import ModelIO, Roles
 
     sentences = _sentences(text, file)
-    if pretrained.is_pretrained(checkpoint_dir):
+    if (imported := pretrained.locate(checkpoint_dir)) is not None:
         _own_tokenizer(tokenizer or src_tokenizer or tgt_tokenizer)
-        translator = pretrained.load(checkpoint_dir, device=device, compiled=compile_step, note=_note)
+        translator = pretrained.load(imported, device=device, compiled=compile_step, note=_note)
     else:
         saved = checkpoint.load(
             checkpoint_dir, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
@@ -216,9 +216,9 @@ def generate(
     from trainer.generation import Translator
 
     prompts = _sentences(text, file)
-    if pretrained.is_pretrained(checkpoint_dir):
+    if (imported := pretrained.locate(checkpoint_dir)) is not None:
         _own_tokenizer(tokenizer)
-        translator = pretrained.load(checkpoint_dir, device=device, compiled=compile_step, note=_note)
+        translator = pretrained.load(imported, device=device, compiled=compile_step, note=_note)
     else:
         translator = Translator.load(
             checkpoint_dir, device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note

@@ -130,7 +130,10 @@ class TrainConfig(DataOptions):
 
     spec: Annotated[
         str | None,
-        Field(description="Spec file of an encoder–decoder, a language model or a classifier."),
+        Field(
+            description="Spec file of an encoder–decoder, a language model or a classifier, or the directory of "
+            "an imported model to fine-tune (blockgraph import)."
+        ),
         Cli(argument=True, takes=Path | None, parse=lambda p: None if p is None else str(p), metavar="SPEC"),
     ] = None
     overrides: Annotated[

@@ -16,18 +16,43 @@ from common.errors import DataError, Problem
 from trainer import data, subword, tasks
 from trainer.batching import Example
 from trainer.config import DataOptions
-from trainer.vocab import SPECIALS, Vocab, check_tokenizer, guess_tokenizer, tokenize
+from trainer.specials import TRAINER_SPECIALS, Specials
+from trainer.text import ModelText
+from trainer.vocab import EOS_ID, SPECIALS, Vocab, check_tokenizer, guess_tokenizer, tokenize
 
 
 @dataclass
 class Corpus:
+    """Encoded examples and what reads and writes their text: the run's vocabularies, or an imported model's
+    tokenizers (`text`; the vocabularies are then None)."""
+
     train: list[Example]
     valid: list[Example]
     src_vocab: Vocab | None
-    tgt_vocab: Vocab
+    tgt_vocab: Vocab | None
     valid_refs: list[str]  # held-out targets as written, in the order of `valid` (for BLEU and chrF)
     notes: list[str] = field(default_factory=list)
     labels: list[str] | None = None  # a classifier's classes, in index order
+    text: ModelText | None = None
+
+    @property
+    def specials(self) -> Specials:
+        return self.text.specials if self.text is not None else TRAINER_SPECIALS
+
+    def target_text(self, ids: list[int] | tuple[int, ...]) -> str:
+        """The text of generated target ids."""
+        if self.text is not None:
+            return self.text.target.decode(ids)
+        return self.tgt_vocab.decode_text(ids)  # type: ignore[union-attr]
+
+    @property
+    def bleu_tokenize(self) -> str:
+        """sacrebleu's tokenization of the references: `zh` for Chinese targets, `13a` otherwise."""
+        if self.tgt_vocab is not None:
+            chinese = self.tgt_vocab.tokenizer == "chars"
+        else:
+            chinese = guess_tokenizer(self.valid_refs) == "chars"
+        return "zh" if chinese else "13a"
 
 
 def load(
@@ -37,12 +62,16 @@ def load(
     shared_vocab: bool = False,
     vocabs: tuple[Vocab | None, Vocab] | None = None,
     labels: list[str] | None = None,
+    text: ModelText | None = None,
 ) -> Corpus:
     """Read or generate the text, tokenize, build (or reuse) the vocabularies, encode and split.
 
-    `kind` is the model's (seq2seq, lm or classify); `shared_vocab` builds one vocabulary of both sides.
+    `kind` is the model's (seq2seq, lm or classify); `shared_vocab` builds one vocabulary of both sides;
+    `text`: an imported model's tokenizers read the data instead (no vocabulary is built).
     """
     notes: list[str] = []
+    if text is not None:
+        return _load_with(text, options, kind == "seq2seq", notes)
     named = [f"--{flag} {value}" for flag, value in (("tokenizer", options.tokenizer),
              ("src-tokenizer", options.src_tokenizer), ("tgt-tokenizer", options.tgt_tokenizer))
              if value not in (None, "auto")]  # fmt: skip
@@ -157,6 +186,76 @@ def _load_labelled(options: DataOptions, vocab: Vocab | None, labels: list[str] 
     return Corpus(train, valid, None, vocab, [], notes, labels)
 
 
+def _load_with(text: ModelText, options: DataOptions, seq2seq: bool, notes: list[str]) -> Corpus:
+    """The data read by an imported model's tokenizers: a source as its tokenizer encodes it (eos included), a
+    target as its ids without a final eos (the `Specials` frame it, as the model's own training did)."""
+    given = [flag for flag, value in (("--task", options.task), ("--tokenizer", options.tokenizer != "auto" or None),
+             ("--src-tokenizer", options.src_tokenizer), ("--tgt-tokenizer", options.tgt_tokenizer),
+             ("--subword-vocab", options.subword_vocab), ("--max-vocab", options.max_vocab),
+             ("--min-freq", options.min_freq != 1 or None)) if value is not None]  # fmt: skip
+    if given:
+        raise DataError(
+            Problem(f"an imported model reads text with its own tokenizer and vocabulary: leave out {given[0]}")
+        )
+    if options.data is None:
+        raise DataError(Problem("no training data", hint="pass --data FILE"))
+    records = _read(options.data, seq2seq, options.skip_bad_lines, notes)
+    if options.valid_data is not None:
+        train_text, valid_text = records, _read(options.valid_data, seq2seq, options.skip_bad_lines, notes)
+    else:
+        train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
+    eos = text.specials.eos
+
+    def target_ids(line: str) -> list[int]:
+        ids = text.target.encode(line)
+        return ids[:-1] if ids and ids[-1] == eos else ids
+
+    def encode(records: list[tuple[str, ...]]) -> tuple[list[Example], list[str], int]:
+        examples, refs, dropped = [], [], 0
+        for record in records:
+            src = text.source.encode(record[0]) if seq2seq and text.source is not None else None
+            tgt = target_ids(record[-1]) if record[-1].strip() else []
+            if not tgt or len(tgt) > options.max_len or (src is not None and not 0 < len(src) <= options.max_len):
+                dropped += 1
+                continue
+            examples.append(Example(tgt, src))
+            refs.append(record[-1])
+        return examples, refs, dropped
+
+    train, _, dropped = encode(train_text)
+    valid, refs, dropped_valid = encode(valid_text)
+    if dropped or dropped_valid:
+        notes.append(f"left out {dropped + dropped_valid} example(s) empty or longer than --max-len {options.max_len}")
+    if not train:
+        raise DataError(Problem("no training examples left", hint="check the data and --max-len"))
+    return Corpus(train, valid, None, None, refs, notes, text=text)
+
+
+def fit_positions(corpus: Corpus, source: int | None, target: int | None) -> None:
+    """Leave out the examples longer than the model reads (`source`, `target`: its most positions, None:
+    unbounded), with a note: a learned position table has no row for them."""
+    start = len(corpus.specials.start)
+
+    def fits(example: Example) -> bool:
+        src_ok = source is None or example.src is None or len(example.src) <= source
+        return src_ok and (target is None or start + len(example.tgt) <= target)
+
+    left = [e for e in corpus.train if not fits(e)]
+    kept_valid = [(e, r) for e, r in zip(corpus.valid, corpus.valid_refs, strict=False) if fits(e)]
+    dropped = len(left) + len(corpus.valid) - len(kept_valid)
+    if not dropped:
+        return
+    corpus.train = [e for e in corpus.train if fits(e)]
+    if corpus.valid_refs:
+        corpus.valid, corpus.valid_refs = [e for e, _ in kept_valid], [r for _, r in kept_valid]
+    else:
+        corpus.valid = [e for e in corpus.valid if fits(e)]
+    limits = ", ".join(f"{n} {side}" for side, n in (("source", source), ("target", target)) if n is not None)
+    corpus.notes.append(f"left out {dropped} example(s) longer than the model's positions ({limits})")
+    if not corpus.train:
+        raise DataError(Problem("no training examples left", hint="the model's positions are fewer than the data's"))
+
+
 def _read(path: str, seq2seq: bool, skip_bad: bool, notes: list[str]) -> list[tuple[str, ...]]:
     text = data.read_pairs(path, skip_bad=skip_bad) if seq2seq else data.read_lines(path, skip_bad=skip_bad)
     if text.bad:
@@ -201,7 +300,8 @@ def _encode(tokens, src_vocab: Vocab | None, tgt_vocab: Vocab, max_len: int) -> 
         if not _fits(src, tgt, max_len):
             dropped += 1
             continue
-        examples.append(Example(tgt_vocab.encode(tgt), src_vocab.encode(src) if src is not None else None))
+        source = [*src_vocab.encode(src), EOS_ID] if src is not None else None  # type: ignore[union-attr]
+        examples.append(Example(tgt_vocab.encode(tgt), source))
     return examples, dropped
 
 
@@ -215,5 +315,7 @@ def describe(corpus: Corpus) -> str:
             f"{len(corpus.labels)} labels ({', '.join(corpus.labels[:8])}{', …' if len(corpus.labels) > 8 else ''})"
         )
         return ", ".join(parts)
+    if corpus.tgt_vocab is None:
+        return ", ".join([*parts, "the imported model's tokenizer"])
     parts.append(f"target vocabulary {len(corpus.tgt_vocab)} ({corpus.tgt_vocab.tokenizer})")
     return ", ".join(parts)

@@ -29,19 +29,7 @@ from torch import nn
 from builder.incremental import DecodeState, step_program
 from builder.shapes import TypedGraph, largest
 from trainer.roles import ModelIO, Roles
-from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
-
-
-@dataclass(frozen=True)
-class Specials:
-    """The token ids decoding treats apart: what every output starts from, what ends it, what never comes."""
-
-    start: tuple[int, ...] = (BOS_ID,)  # read before the prompt (empty: the prompt alone, which must not be)
-    eos: int = EOS_ID
-    never: tuple[int, ...] = (PAD_ID, BOS_ID)
-
-
-TRAINER_SPECIALS = Specials()  # the trainer's vocabularies (trainer.vocab): pad, bos, eos, unk are ids 0-3
+from trainer.specials import TRAINER_SPECIALS, Specials
 
 
 @dataclass(frozen=True)

@@ -11,42 +11,19 @@ each length together, so that every result is the one the sentence gets alone.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from common.errors import DataError, Problem, UsageError
+from common.errors import CheckpointError, DataError, Location, Problem, UsageError
 from common.text import excerpt
 from trainer import checkpoint, decode
 from trainer.batching import pad
 from trainer.roles import Roles
-from trainer.vocab import EOS_ID, UNK_ID, Vocab, tokenize
-
-
-@dataclass(frozen=True)
-class TextSide:
-    """Text ↔ the ids a model reads or writes on one side (source, or target)."""
-
-    encode: Callable[[str], list[int]]  # the ids as the model reads them (a source with its eos)
-    decode: Callable[[Sequence[int]], str]
-    unknown: Callable[[str], list[str]]  # the pieces of a text the vocabulary lacks
-
-    @classmethod
-    def of_vocab(cls, vocab: Vocab, *, source: bool) -> TextSide:
-        """A trainer vocabulary's side: a source ends with eos, a target starts after the decoder's bos."""
-
-        def encode(text: str) -> list[int]:
-            ids = vocab.encode_text(text)
-            return [*ids, EOS_ID] if source and ids else ids
-
-        def unknown(text: str) -> list[str]:
-            tokens = tokenize(text, vocab.tokenizer)
-            return [t for t, i in zip(tokens, vocab.encode(tokens), strict=True) if i == UNK_ID]
-
-        return cls(encode, vocab.decode_text, unknown)
+from trainer.text import TextSide
 
 
 @dataclass(frozen=True)
@@ -116,6 +93,14 @@ class Translator:
     def of_checkpoint(
         cls, saved: checkpoint.Checkpoint, *, compiled: bool = False, note: Callable[[str], None] | None = None
     ) -> Translator:
+        if saved.tgt_vocab is None:
+            raise CheckpointError(
+                Problem(
+                    "this checkpoint fine-tuned an imported model: its tokenizer reads the text",
+                    Location(str(saved.path)),
+                    hint="load it with trainer.pretrained.load",
+                )
+            )
         source = TextSide.of_vocab(saved.src_vocab, source=True) if saved.src_vocab is not None else None
         target = TextSide.of_vocab(saved.tgt_vocab, source=False)
         roles = Roles(**saved.info["roles"])

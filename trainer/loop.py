@@ -22,11 +22,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from builder import persist
 from builder.pipeline import compile_graph, load_spec, typed_graph
+from builder.shapes import TypedGraph
 from common.console import safe_console
 from common.errors import Problem, SpecError, UsageError
 from common.records import check_record
-from trainer import batching, bleu, checkpoint, corpus, decode, distributed, rundir, schedule
+from trainer import batching, bleu, checkpoint, corpus, decode, distributed, pretrained, rundir, schedule
 from trainer.config import RESUMABLE, TrainConfig
 from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
 from trainer.vocab import check_tokenizer
@@ -122,9 +124,25 @@ def _train(
 def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     if config.spec is None:
         raise UsageError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
+    imported = pretrained.locate(config.spec)
+    typed, roles, data = _prepare(config) if imported is None else _prepare_imported(config, imported)
+    corpus.fit_positions(data, *decode.length_limits(typed, roles))
+    torch.manual_seed(config.seed)
+    model = compile_graph(typed, device=context.device)
+    if config.init == "xavier":
+        initialise(model)
+    if imported is not None:  # the import's weights over the fresh ones, wherever names and shapes agree
+        data.notes.append(_transferred(persist.load_matching(model, imported / pretrained.MODEL), imported))
+    torch.manual_seed(config.seed * 7919 + 1 + context.rank)  # dropout streams, one per rank
+    d_model = sizes(typed.graph, roles).d_model or _fallback_width(model)
+    return _Run(config, model, roles, data, schedule.adam(model), d_model)
+
+
+def _prepare(config: TrainConfig) -> tuple[TypedGraph, Roles, corpus.Corpus]:
+    """The spec sized for the data (its vocabularies, a classifier's labels), its roles, and the data."""
     check_tokenizer(config.source_tokenizer)
     check_tokenizer(config.target_tokenizer)
-    typed_base = typed_graph(config.spec, config.overrides, allow_external_files=config.allow_external_files)
+    typed_base = typed_graph(config.spec, config.overrides, allow_external_files=config.allow_external_files)  # type: ignore[arg-type]
     base = typed_base.graph
     roles = find_roles(base, config.input_roles, typed_base.types)
     variables = base.vars
@@ -138,14 +156,14 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     classes_var = class_variable(variables) if data.labels is not None else None
     if classes_var is not None and classes_var not in overrides:
         overrides[classes_var] = len(data.labels)  # type: ignore[arg-type]
-    valid = load_spec(config.spec, overrides, allow_external_files=config.allow_external_files)
+    valid = load_spec(config.spec, overrides, allow_external_files=config.allow_external_files)  # type: ignore[arg-type]
     typed = typed_graph(valid)
     found = sizes(typed.graph, roles)
     where = typed.graph.locate(("vars",))
     problems = check_sizes(
         replace(found, out_vocab=None) if data.labels is not None else found,
         len(data.src_vocab) if data.src_vocab is not None else None,
-        len(data.tgt_vocab),
+        len(data.tgt_vocab),  # type: ignore[arg-type]
         where,
     )
     if data.labels is not None:
@@ -160,12 +178,34 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
             )
     if problems:
         raise SpecError(problems)
-    torch.manual_seed(config.seed)
-    model = compile_graph(typed, device=context.device)
-    if config.init == "xavier":
-        initialise(model)
-    torch.manual_seed(config.seed * 7919 + 1 + context.rank)  # dropout streams, one per rank
-    return _Run(config, model, roles, data, schedule.adam(model), found.d_model or _fallback_width(model))
+    return typed, roles, data
+
+
+def _prepare_imported(config: TrainConfig, folder: Path) -> tuple[TypedGraph, Roles, corpus.Corpus]:
+    """An imported model's spec (as edited, with --set), its roles, and the data read by its tokenizer."""
+    pretrained.writer_record(folder)
+    spec = folder / pretrained.SPEC if (folder / pretrained.SPEC).is_file() else folder / pretrained.MODEL / "spec.yaml"
+    typed = typed_graph(spec, config.overrides, allow_external_files=config.allow_external_files)
+    roles = find_roles(typed.graph, config.input_roles, typed.types)
+    text = pretrained.model_text(folder, roles.kind, sizes(typed.graph, roles).out_vocab or 0)
+    return typed, roles, corpus.load(config, roles.kind, text=text)
+
+
+def _transferred(transfer: persist.Transfer, folder: Path) -> str:
+    """What fine-tuning starts from, in a line: the imported tensors taken, and any the spec's edits changed."""
+    total = len(transfer.loaded) + len(transfer.new) + len(transfer.reshaped)
+    if not transfer.loaded:
+        raise SpecError(
+            Problem(
+                f"none of the imported model's tensors fit this spec ({folder})",
+                hint="fine-tune the spec.yaml of the import, or edit it keeping its node names",
+            )
+        )
+    line = f"weights: {len(transfer.loaded)} of {total} tensors from the imported model"
+    for what, names in (("new", transfer.new), ("resized, so new", transfer.reshaped), ("left out", transfer.left)):
+        if names:
+            line += f"; {len(names)} {what}: {persist.names_list(names, 4)}"
+    return line
 
 
 def _output_classes(typed: Any, roles: Roles) -> int | None:
@@ -183,6 +223,10 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
         config.target_tokenizer if given & {"tokenizer", "tgt_tokenizer"} else None,
     )
     saved = checkpoint.load(resume, device=context.device, tokenizers=named)
+    if saved.tgt_vocab is None and any(named):
+        raise UsageError(
+            Problem("a fine-tuned imported model reads text with its own tokenizer: leave out --tokenizer")
+        )
     info = saved.info
     stored = check_record(
         info["config"], TrainConfig, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "config"
@@ -192,12 +236,19 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
         say(f"[yellow]note:[/] --resume keeps the checkpoint's {escape(', '.join(kept))}")
     # the data is read with the vocabularies' tokenizers, resolved by checkpoint.load: never a saved name as is
     changes = {name: getattr(config, name) for name in given & RESUMABLE}
-    changes["src_tokenizer"] = saved.src_vocab.tokenizer if saved.src_vocab is not None else "space"
-    changes["tgt_tokenizer"] = saved.tgt_vocab.tokenizer
-    stored = stored.model_copy(update=changes)
     roles = Roles(**info["roles"])
-    data = corpus.load(stored, roles.kind, vocabs=(saved.src_vocab, saved.tgt_vocab), labels=saved.labels)
     model = saved.model
+    typed = model.typed_graph
+    if saved.tgt_vocab is None:  # a fine-tuned import: its tokenizer came with the checkpoint
+        text = pretrained.model_text(saved.path, roles.kind, sizes(typed.graph, roles).out_vocab or 0)
+        data = corpus.load(stored.model_copy(update=changes), roles.kind, text=text)
+    else:
+        changes["src_tokenizer"] = saved.src_vocab.tokenizer if saved.src_vocab is not None else "space"
+        changes["tgt_tokenizer"] = saved.tgt_vocab.tokenizer
+        vocabs = (saved.src_vocab, saved.tgt_vocab)
+        data = corpus.load(stored.model_copy(update=changes), roles.kind, vocabs=vocabs, labels=saved.labels)
+    stored = stored.model_copy(update=changes)
+    corpus.fit_positions(data, *decode.length_limits(typed, roles))
     optimizer = schedule.adam(model)
     checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
     if not distributed.restore_rng(context, saved.tensors):
@@ -327,13 +378,13 @@ def _step(
     weight = 1.0
     if not local:  # fewer examples than ranks: take part in the gradient all-reduce with a zero-weight example
         local, weight = global_batch[:1], 0.0
-    batch = batching.collate([run.data.train[i] for i in local]).to(context.device)
+    batch = batching.collate([run.data.train[i] for i in local], run.data.specials).to(context.device)
     tokens = batch.tokens * weight
     (global_tokens,) = distributed.all_sum(context, tokens)
     run.step += 1
     schedule.set_lr(run.optimizer, schedule.noam_lr(run.step, run.d_model, config.warmup, factor))
     log_probs = io(wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
-    loss_sum = _loss(log_probs, batch, config.label_smoothing)
+    loss_sum = _loss(log_probs, batch, config.label_smoothing, run.data.specials.pad)
     (loss_sum * (weight * context.world / max(global_tokens, 1.0))).backward()
     if config.clip_norm > 0:
         nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_norm)
@@ -343,17 +394,18 @@ def _step(
     return float(loss_sum.detach()) * weight, tokens, correct, global_tokens
 
 
-def _loss(log_probs: torch.Tensor, batch: batching.Batch, smoothing: float) -> torch.Tensor:
-    """Summed (label-smoothed) NLL of the target tokens, or of a classifier's labels."""
+def _loss(log_probs: torch.Tensor, batch: batching.Batch, smoothing: float, pad: int | None) -> torch.Tensor:
+    """Summed (label-smoothed) NLL of the target tokens (`pad`: the token smoothing leaves out), or of a
+    classifier's labels."""
     if batch.labels is not None:
         return schedule.class_nll(log_probs, batch.labels, smoothing)
-    return schedule.smoothed_nll(log_probs, batch.tgt_out, smoothing)
+    return schedule.smoothed_nll(log_probs, batch.tgt_out, ~batch.tgt_pad, smoothing, pad)
 
 
 def _correct(log_probs: torch.Tensor, batch: batching.Batch) -> int:
     if batch.labels is not None:
         return schedule.correct_labels(log_probs, batch.labels)
-    return schedule.correct_tokens(log_probs, batch.tgt_out)
+    return schedule.correct_tokens(log_probs, batch.tgt_out, ~batch.tgt_pad)
 
 
 @torch.no_grad()
@@ -369,9 +421,9 @@ def evaluate(
     model.eval()
     loss = tokens = correct = 0.0
     for indices in batching.plan(data.valid, config.batch_size, seed=0, epoch=0, shuffle=False):
-        batch = batching.collate([data.valid[i] for i in indices]).to(device)
+        batch = batching.collate([data.valid[i] for i in indices], data.specials).to(device)
         log_probs = io(model, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
-        loss += float(_loss(log_probs, batch, 0.0))
+        loss += float(_loss(log_probs, batch, 0.0, data.specials.pad))
         tokens += batch.tokens
         correct += _correct(log_probs, batch)
     result = {
@@ -381,7 +433,7 @@ def evaluate(
     }
     if data.labels is not None:
         del result["valid_ppl"]
-    if data.src_vocab is not None and config.bleu_sentences > 0:
+    if io.roles.kind == "seq2seq" and config.bleu_sentences > 0:
         result.update(corpus_bleu_of(model, io, data, config.bleu_sentences, config.max_len, device))
     return result
 
@@ -392,16 +444,15 @@ def corpus_bleu_of(
     """BLEU and chrF of greedy translations of the first `limit` held-out sources against their references."""
     examples = data.valid[:limit]
     hypotheses: list[str] = []
-    decoder = decode.Decoder(model, io.roles)
+    decoder = decode.Decoder(model, io.roles, specials=data.specials)
     for start in range(0, len(examples), 64):
         chunk = examples[start : start + 64]
-        batch = batching.collate(chunk).to(device)
+        batch = batching.collate(chunk, data.specials).to(device)
         assert batch.src is not None
         length = min(max_len + 1, 2 * batch.src.shape[1] + 10, decoder.most_new(0) or max_len + 1)
         for hyp in decode.greedy(decoder, batch.src, batch.src_pad, max_len=length):
-            hypotheses.append(data.tgt_vocab.decode_text(hyp.tokens))
-    chinese = data.tgt_vocab.tokenizer == "chars"
-    return bleu.corpus_scores(hypotheses, data.valid_refs[: len(examples)], tokenize="zh" if chinese else "13a")
+            hypotheses.append(data.target_text(hyp.tokens))
+    return bleu.corpus_scores(hypotheses, data.valid_refs[: len(examples)], tokenize=data.bleu_tokenize)
 
 
 def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Path | None) -> Path | None:
@@ -431,6 +482,7 @@ def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Pat
             info=info,
             tensors={**tensors, **rng},
             labels=run.data.labels,
+            carried=run.data.text.files if run.data.text is not None else None,
         )
     distributed.barrier(context)
     return path

@@ -34,14 +34,14 @@ from common.errors import CheckpointError, DataError, Location, Problem
 from common.files import FileKind, MiB, read_bytes
 from common.records import read_record
 from common.text import excerpt
-from trainer.decode import Specials
-from trainer.generation import TextSide, Translator
+from trainer import checkpoint
+from trainer.generation import Translator
 from trainer.roles import Roles, find_roles, sizes
+from trainer.specials import Specials
+from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON, ModelText, TextSide
 
 FORMAT = "blockgraph-pretrained"
-RECORD = "pretrained.json"
-SPEC, MODEL, TOKENIZER = "spec.yaml", "model", "tokenizer"
-MARIAN_FILES = ("source.spm", "target.spm", "vocab.json")
+SPEC, MODEL = "spec.yaml", "model"
 TOKENIZER_FILE = FileKind("tokenizer file", CheckpointError, limit=256 * MiB)
 RECORD_FILE = FileKind("pretrained.json", CheckpointError, limit=1 * MiB)
 WHAT = "imported model"
@@ -107,7 +107,7 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
 def replaceable(path: Path) -> bool:
     """An imported model's directory, and nothing of the user's, may be replaced by another import: not a
     spec.yaml the user edited, nor any file of theirs."""
-    files = set(_tokenizer_files("tokenizer.json")) | set(MARIAN_FILES)
+    files = {*TOKENIZER_JSON, *MARIAN_FILES}
     owned = owned_directory(
         path,
         RECORD,
@@ -128,6 +128,13 @@ def is_pretrained(path: str | Path) -> bool:
     return (Path(path) / RECORD).is_file()
 
 
+def locate(path: str | Path) -> Path | None:
+    """The imported model at `path`: an import's directory, or a checkpoint of fine-tuning one (itself or the
+    run directory holding it); None for anything else."""
+    path = Path(path)
+    return next((p for p in (path, path / checkpoint.NAME) if is_pretrained(p)), None)
+
+
 def tokenizer_kind(directory: Path) -> Literal["tokenizer.json", "marian"] | None:
     """Which tokenizer the Hugging Face directory holds: tokenizer.json, Marian's SentencePiece files, or none."""
     if (directory / "tokenizer.json").is_file():
@@ -138,7 +145,7 @@ def tokenizer_kind(directory: Path) -> Literal["tokenizer.json", "marian"] | Non
 
 
 def _tokenizer_files(kind: str | None) -> tuple[str, ...]:
-    return () if kind is None else ("tokenizer.json",) if kind == "tokenizer.json" else MARIAN_FILES
+    return () if kind is None else TOKENIZER_JSON if kind == "tokenizer.json" else MARIAN_FILES
 
 
 @dataclass(frozen=True)
@@ -155,14 +162,32 @@ class Loaded:
 def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
     """The imported model at `path`, with the special tokens decoding uses (nothing of it is run)."""
     path = Path(path)
-    record = read_record(path / RECORD, PretrainedRecord, RECORD_FILE)
-    where = Location(str(path / RECORD))
-    if record.model_type == "bert":
-        raise CheckpointError(Problem(f"a {record.model_type} model encodes text; it does not generate", where))
+    record = writer_record(path)
     model = persist.load(path / MODEL, device=device).eval()  # decoding: dropout off
     graph = model.typed_graph.graph  # type: ignore[union-attr]
     roles = find_roles(graph, types=model.typed_graph.types)  # type: ignore[union-attr]
     vocab = sizes(graph, roles).out_vocab or 0
+    specials = specials_of(record, roles.kind, vocab, Location(str(path / RECORD)))
+    return Loaded(model, roles, specials, record, vocab)
+
+
+def writer_record(path: Path) -> PretrainedRecord:
+    """The record of the imported model at `path`, which must write text (an encoder alone does not)."""
+    record = read_record(path / RECORD, PretrainedRecord, RECORD_FILE)
+    where = Location(str(path / RECORD))
+    if record.model_type == "bert":
+        raise CheckpointError(
+            Problem(
+                f"a {record.model_type} model encodes text; it does not generate",
+                where,
+                hint="translate, generate and fine-tune models that write text (inspect and build this one)",
+            )
+        )
+    return record
+
+
+def specials_of(record: PretrainedRecord, kind: str, vocab: int, where: Location) -> Specials:
+    """The record's special-token ids as decoding and training use them, each within the model's `vocab`."""
     beyond = [name for name, i in record.specials.items() if i is not None and i >= vocab]
     if beyond:
         raise CheckpointError(Problem(f"field specials.{beyond[0]}: beyond the model's {vocab} tokens", where))
@@ -171,34 +196,46 @@ def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
         raise CheckpointError(Problem("field specials.eos: the model has no end-of-sequence token", where))
     never = (pad,) if pad is not None and pad != eos else ()
     start: tuple[int, ...] = ()  # a language model reads the prompt as its tokenizer encodes it (bos included)
-    if roles.kind == "seq2seq":
+    if kind == "seq2seq":
         decoder_start = record.specials.get("decoder_start")
         if decoder_start is None:
             raise CheckpointError(Problem("field specials.decoder_start: needed to translate", where))
         start = (decoder_start,)
-    return Loaded(model, roles, Specials(start=start, eos=eos, never=never), record, vocab)
+    return Specials(start=start, eos=eos, pad=pad, never=never)
+
+
+def model_text(path: str | Path, kind: str, vocab: int) -> ModelText:
+    """The tokenizers and special tokens of the imported model at `path`, for a model of `kind` (seq2seq or
+    lm) with `vocab` output tokens, and the files that carry them into a checkpoint."""
+    path = Path(path)
+    record = writer_record(path)
+    where = Location(str(path / RECORD))
+    if record.tokenizer is None:
+        raise CheckpointError(
+            Problem(
+                "this imported model has no tokenizer", where, hint="import a directory that holds its tokenizer files"
+            )
+        )
+    folder = path / TOKENIZER
+    files = {name: read_bytes(folder / name, TOKENIZER_FILE) for name in _tokenizer_files(record.tokenizer)}
+    source, target = _sides(files, record.tokenizer, record.specials, vocab, Location(str(folder)))
+    carried = {
+        RECORD: (record.model_dump_json(indent=2) + "\n").encode(),
+        **{f"{TOKENIZER}/{name}": data for name, data in files.items()},
+    }
+    specials = specials_of(record, kind, vocab, where)
+    return ModelText(target, source if kind == "seq2seq" else None, specials, carried)
 
 
 def load(
     path: str | Path, *, device: str = "cpu", compiled: bool = False, note: Callable[[str], None] | None = None
 ) -> Translator:
-    """An imported model ready to translate or generate with its own tokenizers and special tokens."""
+    """An imported (or fine-tuned imported) model ready to translate or generate with its own tokenizers and
+    special tokens."""
     loaded = load_model(path, device=device)
-    kind = loaded.record.tokenizer
-    folder = Path(path) / TOKENIZER
-    if kind is None:
-        raise CheckpointError(
-            Problem(
-                "this imported model has no tokenizer",
-                Location(str(Path(path) / RECORD)),
-                hint="import a directory that holds its tokenizer files",
-            )
-        )
-    files = {name: read_bytes(folder / name, TOKENIZER_FILE) for name in _tokenizer_files(kind)}
-    source, target = _sides(files, kind, loaded.record.specials, loaded.vocab, Location(str(folder)))
-    options = {"specials": loaded.specials, "compiled": compiled, "note": note}
-    seq2seq = loaded.roles.kind == "seq2seq"
-    return Translator(loaded.model, loaded.roles, target, source if seq2seq else None, **options)  # type: ignore[arg-type]
+    text = model_text(path, loaded.roles.kind, loaded.vocab)
+    options = {"specials": text.specials, "compiled": compiled, "note": note}
+    return Translator(loaded.model, loaded.roles, text.target, text.source, **options)  # type: ignore[arg-type]
 
 
 def _sides(

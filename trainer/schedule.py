@@ -39,28 +39,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def smoothed_nll(log_probs: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Summed label-smoothed negative log-likelihood over the target's non-pad tokens.
+def smoothed_nll(
+    log_probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, smoothing: float, pad: int | None = PAD_ID
+) -> torch.Tensor:
+    """Summed label-smoothed negative log-likelihood over the target tokens where `keep` is True.
 
     The smoothed target puts 1 - ε on the gold token and spreads ε evenly over the other tokens except
-    padding (as in the Annotated Transformer), so ε = 0 is plain cross-entropy. Returns a scalar sum; divide
-    by the token count.
+    padding (as in the Annotated Transformer; `pad` None: a model without a padding token spreads it over
+    all the others), so ε = 0 is plain cross-entropy. Returns a scalar sum; divide by the token count.
     """
     vocab = log_probs.shape[-1]
     log_probs = log_probs.reshape(-1, vocab)
     target = target.reshape(-1)
-    keep = target != PAD_ID
     gold = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
     loss = -gold
-    if smoothing > 0 and vocab > 2:
-        others = log_probs.sum(dim=1) - gold - log_probs[:, PAD_ID]
-        loss = (1 - smoothing) * loss - smoothing / (vocab - 2) * others
-    return loss.masked_fill(~keep, 0.0).sum()
+    spread = vocab - 1 - (pad is not None)
+    if smoothing > 0 and spread > 0:
+        others = log_probs.sum(dim=1) - gold - (log_probs[:, pad] if pad is not None else 0.0)
+        loss = (1 - smoothing) * loss - smoothing / spread * others
+    return loss.masked_fill(~keep.reshape(-1), 0.0).sum()
 
 
-def correct_tokens(log_probs: torch.Tensor, target: torch.Tensor) -> int:
-    """How many non-pad target tokens are the model's most likely token."""
-    keep = target != PAD_ID
+def correct_tokens(log_probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> int:
+    """How many kept target tokens are the model's most likely token."""
     return int(((log_probs.argmax(dim=-1) == target) & keep).sum())
 
 
