@@ -90,13 +90,7 @@ def load(
         train_text, valid_text = tasks.make_pairs(options.task, task_options, options.seed)
         tokenizers = ("space", "space")
     else:
-        if options.data is None:
-            raise DataError(Problem("no training data", hint="pass --data FILE, or --task copy / --task reverse"))
-        records = _read(options.data, seq2seq, options.skip_bad_lines, notes)
-        if options.valid_data is not None:
-            train_text, valid_text = records, _read(options.valid_data, seq2seq, options.skip_bad_lines, notes)
-        else:
-            train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
+        train_text, valid_text = _splits(options, seq2seq, notes, "pass --data FILE, or --task copy / --task reverse")
         if vocabs is not None:  # resuming: the sides tokenize as their vocabularies were built
             tokenizers = (vocabs[0].tokenizer if vocabs[0] is not None else "space", vocabs[1].tokenizer)
         else:
@@ -197,13 +191,7 @@ def _load_with(text: ModelText, options: DataOptions, seq2seq: bool, notes: list
         raise DataError(
             Problem(f"an imported model reads text with its own tokenizer and vocabulary: leave out {given[0]}")
         )
-    if options.data is None:
-        raise DataError(Problem("no training data", hint="pass --data FILE"))
-    records = _read(options.data, seq2seq, options.skip_bad_lines, notes)
-    if options.valid_data is not None:
-        train_text, valid_text = records, _read(options.valid_data, seq2seq, options.skip_bad_lines, notes)
-    else:
-        train_text, valid_text = data.split(records, options.valid_fraction, options.seed)
+    train_text, valid_text = _splits(options, seq2seq, notes, "pass --data FILE")
     eos = text.specials.eos
 
     def target_ids(line: str) -> list[int]:
@@ -254,6 +242,18 @@ def fit_positions(corpus: Corpus, source: int | None, target: int | None) -> Non
     corpus.notes.append(f"left out {dropped} example(s) longer than the model's positions ({limits})")
     if not corpus.train:
         raise DataError(Problem("no training examples left", hint="the model's positions are fewer than the data's"))
+
+
+def _splits(
+    options: DataOptions, seq2seq: bool, notes: list[str], hint: str
+) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """The training and held-out records: --data and --valid, or --data split."""
+    if options.data is None:
+        raise DataError(Problem("no training data", hint=hint))
+    records = _read(options.data, seq2seq, options.skip_bad_lines, notes)
+    if options.valid_data is not None:
+        return records, _read(options.valid_data, seq2seq, options.skip_bad_lines, notes)
+    return data.split(records, options.valid_fraction, options.seed)
 
 
 def _read(path: str, seq2seq: bool, skip_bad: bool, notes: list[str]) -> list[tuple[str, ...]]:
