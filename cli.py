@@ -35,15 +35,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class State:
+    """The app's own options (given before the command), for every command."""
+
     debug = False
+    plugins: list[str] = []
+    allow_override = False
 
 
 def user_errors(fn: F) -> F:
-    """Render `BlockgraphError`s as located messages and exit 1; `--debug` shows the traceback instead."""
+    """Load the plugins, then run the command; render `BlockgraphError`s as located messages and exit 1
+    (`--debug` shows the traceback instead)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            use_plugins()
             return fn(*args, **kwargs)
         except BlockgraphError as exc:
             if State.debug:
@@ -54,11 +60,34 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        write_plain(f"blockgraph {metadata.version('blockgraph')}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+    plugin: Annotated[
+        list[str],
+        typer.Option(
+            "--plugin",
+            "-p",
+            metavar="FILE_OR_MODULE",
+            help="Load blocks from a .py file or an importable module, for any command (repeatable).",
+        ),
+    ] = [],  # noqa: B006 - Typer reads the default
+    allow_override: Annotated[
+        bool, typer.Option("--allow-override", help="Let plugins replace blocks whose names are already taken.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    State.debug = debug
+    State.debug, State.plugins, State.allow_override = debug, plugin, allow_override
 
 
 def _typed_graph(spec: Path, set_: list[str], allow_external_files: bool) -> Any:
@@ -99,24 +128,17 @@ DimOpt = Annotated[
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="Treat warnings (unused nodes, inputs, variables) as errors.")
 ]
-PluginOpt = Annotated[
-    list[str],
-    typer.Option("--plugin", "-p", help="Load blocks from a .py file or an importable module (repeatable)."),
-]
-OverrideOpt = Annotated[
-    bool, typer.Option("--allow-override", help="Let plugins replace blocks whose names are already taken.")
-]
 ExternalOpt = Annotated[
     bool,
     typer.Option("--allow-external-files", help=EXTERNAL_FILES_HELP),
 ]
 
 
-def use_plugins(plugins: list[str], allow_override: bool) -> None:
+def use_plugins() -> None:
     """Installed plugin packages, $BLOCKGRAPH_PLUGINS and --plugin: named ones must load, packages only warn."""
     from builder.plugins import activate
 
-    warn(activate(plugins, allow_override=allow_override), strict=False)
+    warn(activate(State.plugins, allow_override=State.allow_override), strict=False)
 
 
 class InspectFormat(str, Enum):
@@ -138,8 +160,6 @@ def build(
         str | None, typer.Option(help="Floating dtype of the weights: float32, bfloat16, float16, ...")
     ] = None,
     strict: StrictOpt = False,
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
     allow_external_files: ExternalOpt = False,
     out_dir: Annotated[
         Path | None,
@@ -147,7 +167,6 @@ def build(
     ] = None,
 ) -> None:
     """Validate SPEC, compile it, run one forward pass on dummy inputs, and print a summary."""
-    use_plugins(plugin, allow_override)
     import torch
 
     from builder import persist, pipeline, trial, views
@@ -209,12 +228,9 @@ def inspect(
         str | None, typer.Option(help="Floating dtype activation and training memory are counted in (default float32).")
     ] = None,
     code: Annotated[bool, typer.Option("--code", help="Print the compiled forward as Python.")] = False,
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
-    use_plugins(plugin, allow_override)
     from builder import pipeline, views
 
     typed = pipeline.typed_graph(
@@ -252,12 +268,9 @@ def validate(
         ResolvedFormat | None,
         typer.Option(help="Print the resolved spec (variables substituted, extends merged, repeats expanded)."),
     ] = None,
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
-    use_plugins(plugin, allow_override)
     from builder import pipeline, views
     from builder.source import dump_json, dump_yaml
 
@@ -292,11 +305,8 @@ def schema(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="Print the spec keys as Markdown tables instead.")
     ] = False,
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
 ) -> None:
     """Print the JSON Schema of spec files (every registered block's params included) for editors."""
-    use_plugins(plugin, allow_override)
     from builder.schema import fields_markdown, spec_schema
 
     if markdown:
@@ -335,12 +345,9 @@ def export(
         bool, typer.Option("--with-optional", help="Make the optional inputs (masks) inputs of the exported model.")
     ] = False,
     strict: StrictOpt = False,
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Export SPEC or a saved model for deployment, its named dimensions (batch, seq, ...) dynamic."""
-    use_plugins(plugin, allow_override)
     from builder import export as exporting
     from builder import persist, pipeline, trial
 
@@ -371,11 +378,8 @@ def blocks_default(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="Print the built-in block reference as Markdown.")
     ] = False,
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
 ) -> None:
     """With no subcommand, list every block (built-in and from plugins)."""
-    use_plugins(plugin, allow_override)
     if markdown:
         from builder import blockdoc
 
@@ -388,11 +392,8 @@ def blocks_default(
 @user_errors
 def blocks_list(
     pattern: Annotated[str, typer.Argument(help="Wildcard on block names, e.g. '*attention*'.")] = "*",
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
 ) -> None:
     """Every registered block: name, family, source and summary."""
-    use_plugins(plugin, allow_override)
     from rich.table import Table
 
     from blocks import REGISTRY
@@ -409,11 +410,8 @@ def blocks_list(
 @user_errors
 def blocks_show(
     name: Annotated[str, typer.Argument(help="Block name.")],
-    plugin: PluginOpt = [],  # noqa: B006
-    allow_override: OverrideOpt = False,
 ) -> None:
     """A block's parameters, ports, documentation and an example spec snippet."""
-    use_plugins(plugin, allow_override)
     from builder import blockdoc
 
     out.print(blockdoc.render_block(blockdoc.lookup(name)))

@@ -31,6 +31,7 @@ from benchmarks.timing import use_clock
 
 CASES = {**cases.CASES, "decoding": decoding_case}
 RESULTS = Path(__file__).parent / "RESULTS.md"
+SCRATCH = Path(__file__).parent / "RESULTS-quick.md"  # quick or partial runs: untracked (.gitignore)
 MARKER = "<!-- analysis: hand-written, kept when the tables above are regenerated -->"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,12 +49,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="wall",
         help="wall (default) or cpu: process CPU time, steadier on a busy machine; use it with --threads 1",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown results file (default: RESULTS.md for a full run, RESULTS-quick.md with --quick or --only)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument(
         "--profile", metavar="CASE", help="print torch.profiler tables instead (encoder, encoder-inference, ...)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:  # the tracked figures come from full runs only
+        args.out = SCRATCH if args.quick or args.only else RESULTS
+    return args
 
 
 def machine() -> dict[str, str]:

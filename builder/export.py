@@ -343,4 +343,7 @@ def describe(result: Exported, typed: TypedGraph) -> list[str]:
         lines.append(f"  dynamic {name}" + (f" (at most {high})" if high is not None else ""))
     for name, size in result.static.items():
         lines.append(f"  static {name} = {size}")
+    if result.format == "exported-program":  # the program takes its inputs by name, as the model does
+        arguments = ", ".join(f"{name}=..." for name in result.inputs)
+        lines.append(f"  call: torch.export.load({str(result.path)!r}).module()({arguments})")
     return lines

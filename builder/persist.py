@@ -122,7 +122,7 @@ def load(
         raise CheckpointError([*exc.problems, problem]) from None
     where = Location(str(weights))
     targets, aliases = unique_tensors(model)
-    names = _matchnames_list(header, targets, aliases, where)
+    names = _match_names(header, targets, aliases, where)
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as handle, torch.no_grad():
             for target_name, file_name in names.items():
@@ -260,7 +260,7 @@ def _check_structure(standalone: dict[str, Any], model: nn.Module, where: Locati
         raise UsageError(problems)
 
 
-def _matchnames_list(
+def _match_names(
     header: Header, targets: dict[str, torch.Tensor], aliases: dict[str, str], where: Location
 ) -> dict[str, str]:
     """Target name → name in the file; refuses missing, unexpected, mis-shaped and mis-typed tensors.

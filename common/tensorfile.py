@@ -120,3 +120,26 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
         raise OSError(errno.EIO, str(exc).removeprefix("Error while serializing: ")) from None
+    _settle(path)
+
+
+def _settle(path: Path) -> None:
+    """Make the file a function of its contents and its mode the user's default, as for every other file written.
+
+    safetensors writes its metadata in hash-map order (it differs between runs) and creates files 0600: the
+    header is rewritten in place with the metadata sorted (the same bytes, reordered: the length is unchanged),
+    and the mode set from the umask.
+    """
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        ordered = b""
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            ordered = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if 0 < len(ordered) <= size:  # the same text reordered: never longer (checked all the same)
+            handle.seek(8)
+            handle.write(ordered.ljust(size, b" "))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

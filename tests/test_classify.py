@@ -139,3 +139,14 @@ def test_bad_tokenizer_name_is_a_clean_error(tmp_path, name, message):
     data = _labelled(tmp_path / "train.tsv", count=16)
     with pytest.raises(DataError, match=message):
         train(_config(data, epochs=1, tgt_tokenizer=name), quiet=True)
+
+
+def test_texts_that_fill_the_positions_exactly_are_kept_and_nothing_is_said(tmp_path):
+    """A classifier's text has no bos: a text as long as the position table fits, one token more does not."""
+    path = tmp_path / "train.tsv"
+    lines = [f"{'pos' if i % 2 else 'neg'}\t{' '.join(['good' if i % 2 else 'bad'] * 8)}" for i in range(20)]
+    path.write_text("\n".join([*lines, "pos\t" + " ".join(["good"] * 9)]) + "\n", encoding="utf-8")
+    config = _config(str(path), overrides={**SMALL, "max_len": 8}, epochs=1, max_steps=1, valid_fraction=0.2)
+    result = train(config, quiet=True)
+    assert len(result.corpus.train) + len(result.corpus.valid) == 20
+    assert result.corpus.notes == ["left out 1 example(s) longer than the model's positions (8 target)"]

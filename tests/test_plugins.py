@@ -63,25 +63,25 @@ def one_block_spec(block: str, width: int = 4) -> dict:
 def test_file_plugin_through_the_cli(run_cli):
     without = run_cli("build", SPEC)
     assert without.code == 1 and "unknown block type 'highway'" in without.stderr and "--plugin" in without.stderr
-    built = run_cli("build", SPEC, "--plugin", PLUGIN_FILE)
+    built = run_cli("--plugin", PLUGIN_FILE, "build", SPEC)
     assert built.code == 0, built.stderr
     assert "[4, 32]" in built.stdout
-    listing = run_cli("blocks", "list", "--plugin", PLUGIN_FILE)
+    listing = run_cli("--plugin", PLUGIN_FILE, "blocks", "list")
     row = next(line for line in listing.stdout.splitlines() if "highway" in line)
     assert "plugin blockgraph_highway.py" in row and "Gated residual" in row
-    shown = run_cli("blocks", "show", "highway", "--plugin", PLUGIN_FILE)
+    shown = run_cli("--plugin", PLUGIN_FILE, "blocks", "show", "highway")
     assert "gate_bias" in shown.stdout
 
 
 def test_plugin_block_gets_inspect_schema_and_validation(run_cli):
-    inspected = run_cli("inspect", SPEC, "--plugin", PLUGIN_FILE)
+    inspected = run_cli("--plugin", PLUGIN_FILE, "inspect", SPEC)
     assert inspected.code == 0 and "highway" in inspected.stdout and "[batch, 32]" in inspected.stdout
-    schema = run_cli("schema", "--plugin", PLUGIN_FILE)
+    schema = run_cli("--plugin", PLUGIN_FILE, "schema")
     assert '"params.highway"' in schema.stdout
     bad = SPEC.read_text().replace("{dim: 32}", "{dim: 16}")
     path = Path(inspected.stdout and os.environ.get("TMPDIR", "/tmp")) / "highway_bad.yaml"
     path.write_text(bad)
-    result = run_cli("validate", path, "--plugin", PLUGIN_FILE)
+    result = run_cli("--plugin", PLUGIN_FILE, "validate", path)
     assert result.code == 1 and "dim is 16" in " ".join(result.stderr.split())
 
 
@@ -169,22 +169,22 @@ def test_failing_plugin_is_rolled_back_and_reported_by_name(tmp_path):
 def test_plugin_with_syntax_error_points_at_the_line(tmp_path, run_cli):
     path = tmp_path / "typo.py"
     path.write_text("from blocks import register\n\ndef broken(:\n    pass\n")
-    result = run_cli("blocks", "--plugin", path)
+    result = run_cli("--plugin", path, "blocks")
     message = " ".join(result.stderr.split())
     assert result.code == 1 and "plugin typo.py has a syntax error" in message and "typo.py:3" in message
 
 
 def test_missing_plugin_file_and_module(run_cli):
-    result = run_cli("validate", ROOT / "specs" / "tiny_encoder.yaml", "--plugin", "no/such/file.py")
+    result = run_cli("--plugin", "no/such/file.py", "validate", ROOT / "specs" / "tiny_encoder.yaml")
     assert result.code == 1 and "file not found" in result.stderr
-    result = run_cli("validate", ROOT / "specs" / "tiny_encoder.yaml", "--plugin", "no_such_module_here")
+    result = run_cli("--plugin", "no_such_module_here", "validate", ROOT / "specs" / "tiny_encoder.yaml")
     assert result.code == 1 and "ModuleNotFoundError" in result.stderr and "named by --plugin" in result.stderr
 
 
 def test_a_shape_rule_that_lies_is_caught_at_build_naming_the_plugin(tmp_path, run_cli, write_spec):
     liar = plugin_file(tmp_path, "liar", infer="return x.with_last(8)", forward="x")
     spec = write_spec(one_block_spec("liar") | {"dims": {"b": 2}})
-    result = run_cli("build", spec, "--plugin", liar)
+    result = run_cli("--plugin", liar, "build", spec)
     message = " ".join(result.stderr.split())
     assert result.code == 1
     assert "block 'liar' (from plugin liar_plugin.py): produced [2, 4]" in message and "promised [2, 8]" in message
@@ -244,10 +244,10 @@ def test_a_crashing_flops_rule_costs_the_node_its_formula_not_the_report(tmp_pat
     )
     spec = write_spec(one_block_spec("badflops") | {"dims": {"b": 2}})
     for fmt in ("tree", "table", "json"):
-        result = run_cli("inspect", spec, "--plugin", path, "--format", fmt)
+        result = run_cli("--plugin", path, "inspect", spec, "--format", fmt)
         assert result.exception is None and "Traceback" not in result.stderr + result.stdout, result.exception
         assert result.code == 0, result.stderr
-    shown = " ".join(run_cli("inspect", spec, "--plugin", path).stdout.split())
+    shown = " ".join(run_cli("--plugin", path, "inspect", spec).stdout.split())
     assert "no formula for badflops" in shown and "formula of 1 node(s) failed, e.g. n (badflops): KeyError" in shown
     typed = builder.typed_graph(spec, plugins=[str(path)])
     from builder.analysis import analyse
@@ -262,7 +262,7 @@ def test_a_crashing_limits_rule_is_reported_as_the_blocks_bug(tmp_path, run_cli,
     path = rule_plugin(tmp_path, "badlimits", "@classmethod\ndef limits(cls, p, x):\n    return (x.rows,)\n")
     spec = write_spec(one_block_spec("badlimits") | {"dims": {"b": 2}})
     for command in ("build", "inspect", "validate"):
-        result = run_cli(command, spec, "--plugin", path)
+        result = run_cli("--plugin", path, command, spec)
         message = " ".join(result.stderr.split())
         assert result.exception is None and "Traceback" not in result.stderr + result.stdout, result.exception
         assert result.code == 1, result.stdout

@@ -62,7 +62,7 @@ def _train(
     check_tokenizer(config.source_tokenizer)
     check_tokenizer(config.target_tokenizer)
     if out_dir is None:
-        out_dir = checkpoint.locate(resume).parent if resume is not None else Path("runs") / Path(config.spec).stem  # type: ignore[arg-type]
+        out_dir = checkpoint.locate(resume).parent if resume is not None else Path("runs") / _run_name(config.spec)
     if nproc > 1:
         with rundir.exclusive(out_dir):  # held until the workers end: no other run takes the directory meanwhile
             err.print(f"launching {nproc} processes with torchrun (127.0.0.1)")
@@ -79,6 +79,14 @@ def _train(
         )
         err.print(f"[yellow]interrupted[/]: {escape(where)}")
         raise typer.Exit(130) from None
+
+
+def _run_name(spec: str | None) -> str:
+    """The default run directory's name: the spec's stem, or the folder of an imported model or run."""
+    from trainer.checkpoint import NAME
+
+    path = Path(spec or "run").absolute()
+    return path.parent.name if path.name == NAME else path.stem
 
 
 def _command(function: Any, parameters: list[inspect.Parameter]) -> Any:

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.errors import Problem, UsageError
 from common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
 from trainer import subword, tasks
-from trainer.roles import parse_roles
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,14 @@ class Cli:
     parse: Callable[[Any], Any] | None = None
     metavar: str | None = None
     panel: str = "Training"
+
+
+def _parse_roles(text: str | None) -> dict[str, str]:
+    """trainer.roles.parse_roles, imported when a run starts: the roles module loads torch, which `--help`
+    should not wait for."""
+    from trainer.roles import parse_roles
+
+    return parse_roles(text)
 
 
 def _resolved(path: Path | None) -> str | None:
@@ -150,7 +157,7 @@ class TrainConfig(DataOptions):
     input_roles: Annotated[
         dict[str, str],
         Field(description="Which inputs are which: src=NAME,tgt=NAME,src_pad=NAME,tgt_pad=NAME,output=NAME."),
-        Cli(takes=str | None, parse=parse_roles, metavar="ROLE=NAME,...", panel=MODEL),
+        Cli(takes=str | None, parse=_parse_roles, metavar="ROLE=NAME,...", panel=MODEL),
     ] = Field(default_factory=dict)
     allow_external_files: Annotated[
         bool,

@@ -222,22 +222,21 @@ def _load_with(text: ModelText, options: DataOptions, seq2seq: bool, notes: list
 def fit_positions(corpus: Corpus, source: int | None, target: int | None) -> None:
     """Leave out the examples longer than the model reads (`source`, `target`: its most positions, None:
     unbounded), with a note: a learned position table has no row for them."""
-    start = len(corpus.specials.start)
+    start = 0 if corpus.labels is not None else len(corpus.specials.start)  # a classifier's text has no bos
 
     def fits(example: Example) -> bool:
         src_ok = source is None or example.src is None or len(example.src) <= source
         return src_ok and (target is None or start + len(example.tgt) <= target)
 
-    left = [e for e in corpus.train if not fits(e)]
-    kept_valid = [(e, r) for e, r in zip(corpus.valid, corpus.valid_refs, strict=False) if fits(e)]
-    dropped = len(left) + len(corpus.valid) - len(kept_valid)
+    train = [e for e in corpus.train if fits(e)]
+    keep = [fits(e) for e in corpus.valid]
+    dropped = len(corpus.train) - len(train) + keep.count(False)
     if not dropped:
         return
-    corpus.train = [e for e in corpus.train if fits(e)]
+    corpus.train = train
+    corpus.valid = [e for e, kept in zip(corpus.valid, keep, strict=True) if kept]
     if corpus.valid_refs:
-        corpus.valid, corpus.valid_refs = [e for e, _ in kept_valid], [r for _, r in kept_valid]
-    else:
-        corpus.valid = [e for e in corpus.valid if fits(e)]
+        corpus.valid_refs = [r for r, kept in zip(corpus.valid_refs, keep, strict=True) if kept]
     limits = ", ".join(f"{n} {side}" for side, n in (("source", source), ("target", target)) if n is not None)
     corpus.notes.append(f"left out {dropped} example(s) longer than the model's positions ({limits})")
     if not corpus.train:

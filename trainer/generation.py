@@ -231,7 +231,7 @@ class Translator:
         limits = torch.tensor([item.limit for item in group])
         src = src_pad = prompt = None
         if self.seq2seq:
-            src, src_pad = (t.to(device) for t in pad([item.ids for item in group]))
+            src, src_pad = (t.to(device) for t in pad([item.ids for item in group], self.decoder.specials.fill))
         elif group[0].ids:
             prompt = torch.tensor([item.ids for item in group], device=device)
         given = {"src": src, "src_pad": src_pad, "prompt": prompt, "rows": len(group), "max_len": limits}

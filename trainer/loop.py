@@ -198,11 +198,15 @@ def _transferred(transfer: persist.Transfer, folder: Path) -> str:
         raise SpecError(
             Problem(
                 f"none of the imported model's tensors fit this spec ({folder})",
-                hint="fine-tune the spec.yaml of the import, or edit it keeping its node names",
+                hint="fine-tune the spec.yaml of the import, or edit it keeping its node names and sizes",
             )
         )
     line = f"weights: {len(transfer.loaded)} of {total} tensors from the imported model"
-    for what, names in (("new", transfer.new), ("resized, so new", transfer.reshaped), ("left out", transfer.left)):
+    for what, names in (
+        ("new", transfer.new),
+        ("of another shape or dtype, so new", transfer.reshaped),
+        ("left out", transfer.left),
+    ):
         if names:
             line += f"; {len(names)} {what}: {persist.names_list(names, 4)}"
     return line

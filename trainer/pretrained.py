@@ -190,7 +190,13 @@ def specials_of(record: PretrainedRecord, kind: str, vocab: int, where: Location
     """The record's special-token ids as decoding and training use them, each within the model's `vocab`."""
     beyond = [name for name, i in record.specials.items() if i is not None and i >= vocab]
     if beyond:
-        raise CheckpointError(Problem(f"field specials.{beyond[0]}: beyond the model's {vocab} tokens", where))
+        raise CheckpointError(
+            Problem(
+                f"field specials.{beyond[0]}: beyond the model's {vocab} tokens",
+                where,
+                hint="a model fine-tuned from an import keeps its vocabulary size (no --set of it)",
+            )
+        )
     eos, pad = record.specials.get("eos"), record.specials.get("pad")
     if eos is None:
         raise CheckpointError(Problem("field specials.eos: the model has no end-of-sequence token", where))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 from common.errors import Problem, UsageError
 from common.text import excerpt
 
@@ -69,6 +67,8 @@ def parse_options(text: str | None) -> TaskOptions:
 
 def make_pairs(task: str, options: TaskOptions, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Training and held-out (source, target) text pairs of the task."""
+    import torch  # here, not at the top: the command line reads TaskOptions without waiting for torch
+
     if task not in TASKS:
         raise UsageError(Problem(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}"))
     generator = torch.Generator().manual_seed(seed)
