@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -31,43 +32,66 @@ def resolve_variable(scope: Scope, name: str, source: SourceMap, problems: Probl
         return scope.raw[name]
 
 
-def substitute_located(value: Any, path: SpecPath, scope: Scope, source: SourceMap, problems: ProblemList) -> Any:
-    """`substitute`, reporting each failing `${...}` at its own line and carrying on with the rest."""
-    result = _substitute_each(value, path, scope, source, problems)
+def substitute_located(
+    value: Any,
+    path: SpecPath,
+    scope: Scope,
+    source: SourceMap,
+    problems: ProblemList,
+    failed: list[SpecPath] | None = None,
+) -> Any:
+    """`substitute`, reporting each failing `${...}` at its own line and carrying on with the rest.
+
+    A value that failed is left as written and its path appended to `failed`: checking it further would only
+    report the same mistake again (a variable whose definition failed is reported there, once)."""
+    failures: list[SpecPath] = [] if failed is None else failed
+    result = _substitute_each(value, path, scope, source, problems, failures)
     try:
         check_size(result)
     except ExpressionError as exc:
         problems.add(Problem(exc.message, source.locate(exc.path or path), hint=exc.hint))
+        failures.append(path)
         return value
     return result
 
 
-def _substitute_each(value: Any, path: SpecPath, scope: Scope, source: SourceMap, problems: ProblemList) -> Any:
+def _substitute_each(
+    value: Any, path: SpecPath, scope: Scope, source: SourceMap, problems: ProblemList, failed: list[SpecPath]
+) -> Any:
     if isinstance(value, dict):
-        return {k: _substitute_each(v, (*path, k), scope, source, problems) for k, v in value.items()}
+        return {k: _substitute_each(v, (*path, k), scope, source, problems, failed) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute_each(v, (*path, i), scope, source, problems) for i, v in enumerate(value)]
+        return [_substitute_each(v, (*path, i), scope, source, problems, failed) for i, v in enumerate(value)]
     try:
         return substitute(value, scope)
     except ReportedError:  # the variable's own definition is already reported, at its line
+        failed.append(path)
         return value
     except ExpressionError as exc:
         problems.add(Problem(exc.message, source.locate(exc.path or path), hint=exc.hint))
+        failed.append(path)
         return value
 
 
 def pydantic_problems(
-    exc: ValidationError, prefix: SpecPath, source: SourceMap, model: type[BaseModel], data: Any = None
+    exc: ValidationError,
+    prefix: SpecPath,
+    source: SourceMap,
+    model: type[BaseModel],
+    data: Any = None,
+    ignore: Collection[SpecPath] = (),
 ) -> list[Problem]:
     """Turn pydantic's errors into located problems, with did-you-mean for unknown keys.
 
     A value checked against a union (`repeat: int | ${...}`) fails once per member; those failures are
     merged into one problem about the value, located at the value (`data` tells locations from member tags).
+    Errors inside the parts `ignore` names (already reported, or left out on purpose) are not reported.
     """
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for err in exc.errors():
         loc = _value_loc(err["loc"], data)
-        groups.setdefault(loc, []).append(err)
+        if not any(loc[: len(part)] == part for part in ignore):
+            groups.setdefault(loc, []).append(err)
     problems = []
     suggested: set[tuple[Any, ...]] = set()  # `heads` suggested for `head`: "missing key 'heads'" says nothing new
     for loc, errors in groups.items():
@@ -92,6 +116,11 @@ def pydantic_problems(
         else:
             problems.extend(Problem(message, source.locate(path)) for message in _messages(errors))
     return problems
+
+
+def failed_paths(exc: ValidationError, data: Any) -> list[SpecPath]:
+    """The path in `data` of each of pydantic's errors (a missing key's path ends with its name)."""
+    return [_value_loc(err["loc"], data) for err in exc.errors()]
 
 
 _PATTERNS = {

@@ -117,7 +117,10 @@ def load(
     except SpecError as exc:
         hint = "the saved model's spec.yaml does not build"
         if manifest.plugins:
-            hint = f"this model was saved with blocks from {', '.join(manifest.plugins)}: pass them as plugins"
+            hint = (
+                f"this model was saved with blocks from {', '.join(manifest.plugins)}: load them if you trust them, "
+                "with `blockgraph --plugin FILE_OR_MODULE COMMAND ...` (plugins=[...] in Python)"
+            )
         problem = Problem("cannot rebuild the saved spec", Location(str(directory / SPEC)), hint)
         raise CheckpointError([*exc.problems, problem]) from None
     where = Location(str(weights))

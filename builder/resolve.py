@@ -273,7 +273,7 @@ class _Resolver:
             (*path, "type"),
             hint=f"did you mean {' or '.join(repr(c) for c in close)}?"
             if close
-            else "run `blockgraph blocks` to list them; a plugin's blocks need --plugin FILE_OR_MODULE",
+            else "run `blockgraph blocks` to list them; load a plugin's with `blockgraph --plugin FILE COMMAND ...`",
             node=node_id,
         )
         return None

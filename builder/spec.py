@@ -63,7 +63,9 @@ class SpecModel(BaseModel):
 class InputSpec(SpecModel):
     """A tensor the model takes when called."""
 
-    dtype: str = Field("float32", description="torch dtype name: " + ", ".join(DTYPES))
+    dtype: str = Field(
+        "float32", description="torch dtype name: " + ", ".join(DTYPES), json_schema_extra={"enum": list(DTYPES)}
+    )
     shape: list[Annotated[int, Field(gt=0, le=MAX_DIM, strict=True)] | Name] = Field(
         min_length=1, description="sizes: integers or dimension names such as batch, seq"
     )
@@ -94,6 +96,8 @@ class InputSpec(SpecModel):
         return DTYPES[self.dtype]
 
 
+_REF = {"type": "string", "pattern": REF_RE.pattern, "description": "`node`, `node.port` or a spec input"}
+
 Inputs = Annotated[
     Any,
     Field(
@@ -101,9 +105,9 @@ Inputs = Annotated[
         "or a mapping port → ref. A ref is `node`, `node.port` or a spec input",
         json_schema_extra={
             "anyOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": ["string", "null"]}},
-                {"type": "object", "additionalProperties": {"type": "string"}},
+                _REF,
+                {"type": "array", "items": {"anyOf": [_REF, {"type": "null"}]}},
+                {"type": "object", "propertyNames": {"pattern": NAME_RE}, "additionalProperties": _REF},
             ]
         },
     ),
@@ -147,7 +151,15 @@ Outputs = Annotated[
     Field(
         description="a ref (the model returns one tensor) or a mapping name → ref (the model returns a dict)",
         json_schema_extra={
-            "anyOf": [{"type": "string"}, {"type": "object", "additionalProperties": {"type": "string"}}]
+            "anyOf": [
+                _REF,
+                {
+                    "type": "object",
+                    "propertyNames": {"pattern": NAME_RE},
+                    "additionalProperties": _REF,
+                    "minProperties": 1,
+                },
+            ]
         },
     ),
 ]

@@ -11,12 +11,12 @@ from pydantic import ValidationError
 
 from blocks import REGISTRY
 from builder.expressions import Scope
-from builder.located import pydantic_problems, resolve_variable, substitute_located
+from builder.located import failed_paths, pydantic_problems, resolve_variable, substitute_located
 from builder.resolve import Level, resolve
 from builder.source import Document, SourceMap, load_file
 from builder.spec import Spec
 from builder.spec_files import FileAccess
-from common.errors import Location, Problem, ProblemList, SpecError, unquoted
+from common.errors import Location, Problem, ProblemList, SpecError, SpecPath, unquoted
 from common.text import excerpt
 
 MAX_EXTENDS = 16
@@ -72,17 +72,17 @@ def validate_document(
     scope = Scope(raw_vars)
     # variables first, so that a bad variable is reported at its definition rather than at its first use
     resolved_vars = {name: resolve_variable(scope, name, source, problems) for name in raw_vars}
+    failed: list[SpecPath] = []
     resolved = {
-        key: value if key in ("blocks", "vars") else substitute_located(value, (key,), scope, source, problems)
+        key: value if key in ("blocks", "vars") else substitute_located(value, (key,), scope, source, problems, failed)
         for key, value in data.items()
     }
     resolved["vars"] = resolved_vars
-    problems.raise_if_errors()
-    try:
-        spec = Spec.model_validate(resolved)
-    except ValidationError as exc:
-        raise SpecError(pydantic_problems(exc, (), source, Spec, resolved)) from exc
-    top = resolve(spec, source, scope, files, document.path, problems)
+    spec, left_out = _checked_spec(resolved, failed, source, problems)
+    if spec is None:
+        problems.raise_if_errors()
+        raise SpecError(Problem("the spec is incomplete", source.locate(())))  # unreachable: a failure is reported
+    top = resolve(spec, source, scope, files, document.path, problems, left_out)
     for target, tied in spec.tie.items():
         if tied in spec.tie:  # compile ties one at a time: a chain would leave `target` on a stale tensor
             problems.add(
@@ -98,6 +98,57 @@ def validate_document(
         standalone["vars"] = raw_vars
     warnings = (*problems.warnings, *_subgraphs_named_like_blocks(spec, source), *_unused_variables(scope, source))
     return ValidSpec(spec, source, top, document.path, standalone, warnings)
+
+
+REQUIRED = frozenset(name for name, info in Spec.model_fields.items() if info.is_required())
+SECTIONS = ("inputs", "nodes", "blocks", "vars", "dims", "tie")  # mappings of independent entries
+
+
+def _checked_spec(
+    data: dict[str, Any], failed: list[SpecPath], source: SourceMap, problems: ProblemList
+) -> tuple[Spec | None, frozenset[SpecPath]]:
+    """The spec validated without the parts that failed (a `${...}`, or pydantic's check of a node, an input, a
+    sub-graph, a key), so that the rest is still resolved: one node's mistake never hides another's. Refs to a
+    part left out are not reported again. None when what is left is no spec (`nodes:` itself failed)."""
+    left_out = {_part(path) for path in failed}
+    for attempt in range(2):  # pydantic reports every error at once: a second round only meets what was cut
+        candidate = _without(data, left_out)
+        try:
+            return Spec.model_validate(candidate), frozenset(left_out)
+        except ValidationError as exc:
+            for problem in pydantic_problems(exc, (), source, Spec, candidate, ignore=left_out):
+                problems.add(problem)
+            if attempt:
+                break
+            left_out |= {_part(path) for path in failed_paths(exc, candidate)}
+    return None, frozenset(left_out)
+
+
+def _part(path: SpecPath) -> SpecPath:
+    """The part of the spec that a failure at `path` leaves out: a node, an input, a sub-graph, an entry of
+    `vars`, `dims` or `tie`, or a top-level key."""
+    if path[:1] == ("blocks",) and len(path) > 3 and path[2] == "nodes":
+        return path[:4]
+    if path[:1] and path[0] in SECTIONS and len(path) > 1:
+        return path[:2]
+    return path[:1]
+
+
+def _without(data: Any, parts: set[SpecPath]) -> Any:
+    """`data` without the values at `parts` (copied where it changes); a required top-level key stays, so that
+    its failure is what pydantic reports."""
+    for part in parts:
+        if part and not (len(part) == 1 and part[0] in REQUIRED):
+            data = _remove(data, part)
+    return data
+
+
+def _remove(data: Any, path: SpecPath) -> Any:
+    if not isinstance(data, dict) or path[0] not in data:
+        return data
+    if len(path) == 1:
+        return {key: value for key, value in data.items() if key != path[0]}
+    return {**data, path[0]: _remove(data[path[0]], path[1:])}
 
 
 def _subgraphs_named_like_blocks(spec: Spec, source: SourceMap) -> list[Problem]:

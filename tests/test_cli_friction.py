@@ -16,6 +16,7 @@ PLUGIN = ROOT / "examples" / "blockgraph-highway" / "blockgraph_highway.py"
 LM_WITH_A_PLUGIN_BLOCK = """
 name: plugged-lm
 vars: {vocab: 20, d: 8}
+dims: {batch: 2, seq: 4}
 inputs:
   tokens: {dtype: int64, shape: [batch, seq], high: "${vocab}"}
 nodes:
@@ -43,6 +44,18 @@ def test_plugins_are_an_option_of_every_command_training_and_decoding_included(t
     assert generated.code == 0 and generated.stdout.startswith("a b"), generated.stderr
     translated = run_cli("--plugin", PLUGIN, "translate", tmp_path / "run", "a b", "--max-len", "2")
     assert translated.code == 0, translated.stderr
+
+
+def test_a_model_saved_with_a_plugin_block_says_how_to_load_it(tmp_path, run_cli, restored_registry):
+    spec = tmp_path / "lm.yaml"
+    spec.write_text(LM_WITH_A_PLUGIN_BLOCK)
+    assert run_cli("--plugin", PLUGIN, "build", spec, "--out", tmp_path / "saved").code == 0
+    restored_registry._entries.pop("highway")
+    restored_registry.plugins.clear()
+    result = run_cli("export", tmp_path / "saved", "--format", "exported-program", "--out", tmp_path / "m.pt2")
+    message = " ".join(result.stderr.split())
+    assert result.code == 1 and "blocks from plugin blockgraph_highway.py" in message, message
+    assert "`blockgraph --plugin FILE_OR_MODULE COMMAND ...`" in message
 
 
 def test_help_and_version_answer_without_loading_torch():
