@@ -33,6 +33,30 @@ app.add_typer(blocks_app, name="blocks")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "bool": ""}
+
+
+def _readable_types() -> None:
+    """Help shows what an option takes as the classic upper-case metavars (`PATH`, `INTEGER`, `[yaml|json]`),
+    a flag nothing: Typer 0.29 prints Python types instead (`--strict <bool>`, `<list[Path]>`)."""
+    from typer import core
+
+    def display(self: Any, ctx: Any) -> str:
+        if getattr(self, "is_flag", False):
+            return ""
+        if self.metavar is not None:
+            return self.metavar
+        shown = self.display_type(ctx).strip("<>")
+        if shown.startswith("list[") and shown.endswith("]"):
+            shown = shown[5:-1]
+        return f"[{shown}]" if "|" in shown else _TYPE_NAMES.get(shown, shown.upper())
+
+    core.TyperOption.display_type_rich = display  # type: ignore[method-assign]
+    core.TyperArgument.display_type_rich = display  # type: ignore[method-assign]
+
+
+_readable_types()
+
 
 class State:
     """The app's own options (given before the command), for every command."""
@@ -121,9 +145,10 @@ def warn(items: list[Problem], strict: bool) -> None:
 
 
 SpecArg = Annotated[Path, typer.Argument(help="Spec file (.yaml, .yml or .json).", show_default=False)]
-SetOpt = Annotated[list[str], typer.Option("--set", "-s", help=SET_HELP)]
+SetOpt = Annotated[list[str], typer.Option("--set", "-s", metavar="NAME=VALUE", help=SET_HELP)]
 DimOpt = Annotated[
-    list[str], typer.Option("--dim", "-d", help="Size of a named dimension: --dim batch=2 (repeatable).")
+    list[str],
+    typer.Option("--dim", "-d", metavar="NAME=SIZE", help="Size of a named dimension: --dim batch=2 (repeatable)."),
 ]
 StrictOpt = Annotated[
     bool, typer.Option("--strict", help="Treat warnings (unused nodes, inputs, variables) as errors.")

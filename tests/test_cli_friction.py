@@ -154,3 +154,15 @@ def test_documented_training_outputs_are_marked_examples_in_todays_format():
     printed = re.sub(r"\[/?(bold)?\]", "", _epoch_line(record, TrainConfig(epochs=60), True))
     epochs = [line for _, body in shown for line in body.splitlines() if line.startswith("epoch ")]
     assert epochs and all(_shape(line) == _shape(printed) for line in epochs), (epochs, printed)
+
+
+def test_help_shows_metavars_not_python_types_and_flags_take_none(run_cli):
+    import cli
+
+    names = [c.name or c.callback.__name__ for c in cli.app.registered_commands]
+    for args in ([], *([name] for name in names), ["blocks", "list"], ["blocks", "show"]):
+        result = run_cli(*args, "--help", env={"COLUMNS": "80"})
+        assert result.code == 0, (args, result.stderr)
+        assert "<bool>" not in result.stdout and "<list[" not in result.stdout and "<int>" not in result.stdout, args
+    shown = run_cli("validate", "--help", env={"COLUMNS": "80"}).stdout
+    assert re.search(r"--strict\s+Treat warnings", shown) and "NAME=VALUE" in shown
