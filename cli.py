@@ -244,7 +244,13 @@ def inspect(
     set_: SetOpt = [],  # noqa: B006
     dim: DimOpt = [],  # noqa: B006
     depth: Annotated[
-        int | None, typer.Option(min=1, help="Collapse repeats and sub-graphs below this depth (tree, table, graphs).")
+        int | None,
+        typer.Option(
+            min=1,
+            metavar="N",
+            help="Collapse repeats and sub-graphs below this depth (tree, table, graphs; graphs draw each repeat "
+            "once without it).",
+        ),
     ] = None,
     format: Annotated[
         InspectFormat, typer.Option("--format", "-f", help="tree, table, json, mermaid or dot.")
@@ -253,15 +259,31 @@ def inspect(
         str | None, typer.Option(help="Floating dtype activation and training memory are counted in (default float32).")
     ] = None,
     code: Annotated[bool, typer.Option("--code", help="Print the compiled forward as Python.")] = False,
+    params: Annotated[
+        bool,
+        typer.Option(
+            "--params",
+            help="List every parameter and buffer by its state_dict key (the names tie: takes), with shape and size.",
+        ),
+    ] = False,
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
     from builder import pipeline, views
 
+    if code and params:
+        raise UsageError(Problem("--code and --params print different things", hint="give one of them"))
     typed = pipeline.typed_graph(
         spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
     )
     warn(typed.graph.warnings, False)
+    if params:  # before compiling: the listing is what a broken `tie:` needs, and it builds the model untied
+        listing = views.params_report(typed, format.value)
+        if isinstance(listing, str):
+            write_plain(listing, json=True)
+        else:
+            out.print(listing)
+        return
     model = pipeline.compile_graph(typed, device="meta")
     if code:
         if out.is_terminal:  # colours on a terminal, long lines folded; plain text into a pipe or a file
@@ -296,14 +318,16 @@ def validate(
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
-    from builder import pipeline, views
+    from builder import pipeline
     from builder.source import dump_json, dump_yaml
 
     overrides = parse_pairs(set_, "--set", typed=True)
     failed = False
+    printed = False  # a resolved YAML document: the next one starts with ---
     for path in specs:
         try:
-            typed = pipeline.typed_graph(path, overrides, allow_external_files=allow_external_files)
+            valid = pipeline.load_spec(path, overrides, allow_external_files=allow_external_files)
+            typed = pipeline.typed_graph(valid)
             warn(typed.graph.warnings, strict)
             pipeline.compile_graph(typed, device="meta")
         except BlockgraphError as exc:
@@ -315,10 +339,11 @@ def validate(
             continue
         if resolved is None:
             out.print(f"[green]✓[/] {escape(str(path))}: {len(typed.graph.nodes)} blocks")
+        elif resolved is ResolvedFormat.json:
+            write_plain(dump_json(valid.resolved()), json=True)
         else:
-            data = views.resolved_spec(typed.graph)
-            is_json = resolved is ResolvedFormat.json
-            write_plain(dump_json(data) if is_json else dump_yaml(data), json=is_json)
+            write_plain(("---\n" if printed else "") + dump_yaml(valid.resolved()))
+            printed = True
     if failed:
         raise typer.Exit(1)
 
@@ -416,19 +441,18 @@ def blocks_default(
 @blocks_app.command("list")
 @user_errors
 def blocks_list(
-    pattern: Annotated[str, typer.Argument(help="Wildcard on block names, e.g. '*attention*'.")] = "*",
+    pattern: Annotated[
+        str,
+        typer.Argument(
+            help="A word matches the block names and families holding it (attention); a wildcard whole names or "
+            "families ('*attn*', 'rnn_?').",
+        ),
+    ] = "*",
 ) -> None:
     """Every registered block: name, family, source and summary."""
-    from rich.table import Table
+    from builder import blockdoc
 
-    from blocks import REGISTRY
-
-    table = Table(header_style="bold")
-    for column in ("block", "family", "source", "summary"):
-        table.add_column(column)
-    for entry in REGISTRY.list(pattern):
-        table.add_row(f"[cyan]{entry.name}[/]", escape(entry.family), escape(entry.source), escape(entry.summary))
-    out.print(table)
+    out.print(blockdoc.list_table(pattern))
 
 
 @blocks_app.command("show")
@@ -436,21 +460,22 @@ def blocks_list(
 def blocks_show(
     name: Annotated[str, typer.Argument(help="Block name.")],
 ) -> None:
-    """A block's parameters, ports, documentation and an example spec snippet."""
+    """A block's parameters, ports, state_dict keys, documentation and an example spec snippet."""
     from builder import blockdoc
 
     out.print(blockdoc.render_block(blockdoc.lookup(name)))
 
 
 def _register_training() -> None:
-    """`train`, `translate`, `generate` and `import` live in the trainer package; their errors render here like
-    every command's."""
+    """`train`, `translate`, `generate`, `import` and `consolidate` live in the trainer package; their errors
+    render here like every command's."""
     from trainer import commands
 
     app.command("train")(user_errors(commands.train))
     app.command("translate")(user_errors(commands.translate))
     app.command("generate")(user_errors(commands.generate))
     app.command("import")(user_errors(commands.import_))
+    app.command("consolidate")(user_errors(commands.consolidate))
 
 
 _register_training()

@@ -154,7 +154,9 @@ class DecoderParams(LayerParams):
 
 @register("decoder_layer", family="layer")
 class DecoderLayer(Block):
-    """Transformer decoder layer: causal self-attention → Add & Norm → cross-attention → Add & Norm → FFN → Add & Norm.
+    """Transformer decoder layer: causal self-attention, cross-attention, FFN, each Add & Norm; or decoder-only (GPT).
+
+    Post-norm: x = norm1(x + self_attn(x)); x = norm2(x + cross_attn(x, memory)); y = norm3(x + ffn(x)).
 
     The self-attention is masked so position i sees positions ≤ i only (and, with `tgt_mask`, what that mask
     allows too); the cross-attention takes queries from the decoder and keys/values from the encoder output
@@ -210,7 +212,8 @@ class DecoderLayer(Block):
         if memory is None and p.cross_attention:
             raise ShapeError(
                 "decoder_layer attends to an encoder's output: connect `memory`",
-                hint="for a decoder-only (GPT) layer, set cross_attention: false",
+                hint="for a decoder-only (GPT) layer (causal self-attention and feed-forward, no memory), set "
+                "`cross_attention: false` in its params",
             )
         if memory is not None and not p.cross_attention:
             raise ShapeError("memory is connected, but cross_attention is false", at=("params", "cross_attention"))

@@ -213,12 +213,19 @@ class Registry:
         return name in self._entries
 
     def list(self, pattern: str = "*") -> list[BlockEntry]:
-        """Blocks whose name matches a shell-style wildcard, sorted by family then name."""
-        found = [e for n, e in self._entries.items() if fnmatch.fnmatchcase(n, pattern)]
+        """Blocks whose name or family matches a shell-style wildcard, sorted by family then name; a word without
+        wildcards matches the names and families holding it (`attention` as `*attention*`)."""
+        wildcard = pattern if is_wildcard(pattern) else f"*{pattern.lower()}*"
+        found = [e for e in self._entries.values() if any(fnmatch.fnmatchcase(t, wildcard) for t in (e.name, e.family))]
         return sorted(found, key=lambda e: (e.family, e.name))
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+
+def is_wildcard(pattern: str) -> bool:
+    """Whether `pattern` holds a shell wildcard (`*`, `?`, `[...]`) rather than being a plain word."""
+    return any(c in pattern for c in "*?[")
 
 
 def _check_definition(name: str, cls: type[Block]) -> None:

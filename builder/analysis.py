@@ -134,6 +134,14 @@ class NodeCost:
             return self.flops
         return self.flops_analytic if isinstance(self.flops_analytic, int) else None
 
+    @property
+    def counted_analytic(self) -> int | sympy.Expr | None:
+        """The formula's count for the totals: a block without a formula that torch measures at 0 FLOPs (no matrix
+        multiplication, a plugin's element-wise block) counts 0 rather than leaving the analytic total unknown."""
+        if self.flops_analytic is None and self.flops_error is None and self.flops == 0:
+            return 0
+        return self.flops_analytic
+
 
 @dataclass
 class Costs:
@@ -161,7 +169,8 @@ class Costs:
 
     @property
     def flops_analytic(self) -> int | sympy.Expr | None:
-        values = [n.flops_analytic for n in self.nodes.values()]
+        """The blocks' formulas over all nodes (`NodeCost.counted_analytic`); None when one has none."""
+        values = [n.counted_analytic for n in self.nodes.values()]
         if any(v is None for v in values):
             return None
         return sum(values) if self.concrete else sympy.Add(*values)
@@ -188,11 +197,12 @@ class Costs:
         return [n for n in self.nodes.values() if n.error is not None]
 
     def weight_bytes(self) -> dict[str, int]:
-        """Parameter memory if every weight were stored in each dtype."""
+        """Parameter memory (buffers not included: `buffer_bytes`) if every parameter were stored in each dtype."""
         return {name: self.parameters * size for name, size in WEIGHT_DTYPES.items()}
 
     def training_bytes(self) -> dict[str, int] | None:
-        """One training step with Adam at `dtype`: weights, gradients, optimizer state, activations (see docs)."""
+        """One training step with Adam at `dtype`: weights (parameters and buffers), gradients, optimizer state,
+        activations (see docs)."""
         activations = self.saved_activation_bytes
         if activations is None:
             return None

@@ -109,20 +109,8 @@ def load(
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS
     header = read_header(str(weights), "weights file")
-    try:
-        dtype = manifest.dtype
-        with receiving_weights():  # the files its spec names are neither checked nor read: the weights follow
-            valid = load_spec(directory / SPEC, plugins=plugins)
-            model = build(valid, device=device, dtype=dtype if dtype in _FLOAT_NAMES else None)
-    except SpecError as exc:
-        hint = "the saved model's spec.yaml does not build"
-        if manifest.plugins:
-            hint = (
-                f"this model was saved with blocks from {', '.join(manifest.plugins)}: load them if you trust them, "
-                "with `blockgraph --plugin FILE_OR_MODULE COMMAND ...` (plugins=[...] in Python)"
-            )
-        problem = Problem("cannot rebuild the saved spec", Location(str(directory / SPEC)), hint)
-        raise CheckpointError([*exc.problems, problem]) from None
+    dtype = _FLOAT_NAMES.get(manifest.dtype or "")
+    model = rebuild(directory / SPEC, device, plugins=plugins, dtype=dtype, saved_with=manifest.plugins)
     where = Location(str(weights))
     targets, aliases = unique_tensors(model)
     names = _match_names(header, targets, aliases, where)
@@ -179,6 +167,31 @@ def load_matching(model: nn.Module, directory: str | Path) -> Transfer:
             Problem(f"cannot read the weights file: {type(exc).__name__}", Location(str(weights)))
         ) from None
     return Transfer(loaded, new, reshaped, [n for n in header.tensors if n not in used])
+
+
+def rebuild(
+    spec: Path,
+    device: str | torch.device = "cpu",
+    *,
+    plugins: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
+    saved_with: Sequence[str] = (),
+) -> nn.Module:
+    """The model of a saved standalone spec, for its weights to be filled in: the files the spec names are
+    neither checked nor read. `saved_with`: the plugins the model was saved with, named in the hint."""
+    try:
+        with receiving_weights():
+            return build(load_spec(spec, plugins=plugins), device=device, dtype=dtype)
+    except SpecError as exc:
+        hint = "the saved model's spec.yaml does not build"
+        if saved_with:
+            hint = (
+                f"this model was saved with blocks from {', '.join(saved_with)}: load them if you trust them, "
+                "with `blockgraph --plugin FILE_OR_MODULE COMMAND ...` (plugins=[...] in Python)"
+            )
+        raise CheckpointError(
+            [*exc.problems, Problem("cannot rebuild the saved spec", Location(str(spec)), hint)]
+        ) from None
 
 
 def read_manifest(directory: Path) -> Manifest:

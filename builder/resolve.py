@@ -7,6 +7,8 @@ its `in:` is bound to the level's inputs and nodes, port by port. A sub-graph is
 of params its uses give it, however many copies `repeat:` makes, so a block's params are validated once per
 distinct value. Every independent mistake of a spec is found here in one pass, each at its own line.
 
+`resolved_spec` writes the result back out as a spec of its own (`validate --resolved`).
+
 What stays for the graph stage (builder.graph) is mechanical: copies, instance names, and the tensors each
 port reads once sub-graph inputs are bound at each use.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,10 +77,19 @@ class Level:
 
 
 def resolve(
-    spec: Spec, source: SourceMap, scope: Scope, files: FileAccess, spec_file: Path | None, problems: ProblemList
+    spec: Spec,
+    source: SourceMap,
+    scope: Scope,
+    files: FileAccess,
+    spec_file: Path | None,
+    problems: ProblemList,
+    left_out: frozenset[SpecPath] = frozenset(),
 ) -> Level:
-    """The spec's top level, every sub-graph beneath it resolved; what is wrong is added to `problems`."""
-    resolver = _Resolver(spec, source, files, spec_file, problems)
+    """The spec's top level, every sub-graph beneath it resolved; what is wrong is added to `problems`.
+
+    `left_out` are the parts validation already found wrong and took out of `spec` (`("nodes", "attn")`,
+    `("inputs", "x")`, `("blocks", "enc")`, `("outputs",)`): what refers to them is not reported again."""
+    resolver = _Resolver(spec, source, files, spec_file, problems, left_out)
     return resolver.level(spec.nodes, tuple(spec.inputs), spec.outputs, scope, ("nodes",), ("outputs",), "", [])
 
 
@@ -88,8 +100,17 @@ def _reserved_names() -> frozenset[str]:
 
 
 class _Resolver:
-    def __init__(self, spec: Spec, source: SourceMap, files: FileAccess, spec_file: Path | None, problems: ProblemList):
+    def __init__(
+        self,
+        spec: Spec,
+        source: SourceMap,
+        files: FileAccess,
+        spec_file: Path | None,
+        problems: ProblemList,
+        left_out: frozenset[SpecPath],
+    ):
         self.spec = spec
+        self.left_out = left_out
         self.source = source
         self.files = files
         self.folder = spec_file.parent if spec_file is not None else Path()
@@ -131,8 +152,13 @@ class _Resolver:
                 key=True,
                 hint="nodes become submodules, which cannot hide a Module attribute; rename the node",
             )
-        order = self._order(nodes, base, clashes, prefix)
+        order, looped = self._order(nodes, base, clashes, prefix)
         ports: dict[str, list[str] | None] = {name: [] for name in inputs}  # name → its output ports (inputs: none)
+        # None: a node (or input) already reported wrong, which refs may name without a second report
+        failed = {part[-1] for part in self.left_out if part[:-1] == base} | looped
+        if base == ("nodes",):
+            failed |= {part[1] for part in self.left_out if part[0] == "inputs" and len(part) == 2}
+        ports.update(dict.fromkeys(failed))
         uses: dict[str, Use] = {}
         for name in order:
             use = self._node(name, nodes[name], scope, (*base, name), prefix + name, stack, uses, ports)
@@ -141,13 +167,18 @@ class _Resolver:
                 uses[name] = use
         single = isinstance(outputs, str)
         found = {}
-        for out, ref in ({"output": outputs} if single else outputs).items():
+        written = {} if outputs_path in self.left_out else {"output": outputs} if single else outputs
+        for out, ref in written.items():
             path = outputs_path if single else (*outputs_path, out)
             if self._ref(ref, ports, path, base):
                 found[out] = (ref, path)
         return Level(inputs, uses, found, single, base)
 
-    def _order(self, nodes: dict[str, NodeSpec], base: SpecPath, clashes: set[str], prefix: str) -> list[str]:
+    def _order(
+        self, nodes: dict[str, NodeSpec], base: SpecPath, clashes: set[str], prefix: str
+    ) -> tuple[list[str], set[str]]:
+        """The nodes in dependency order, and those on a cycle (each cycle reported): these come last, each
+        still checked on its own, their refs to one another not judged."""
         deps = nx.DiGraph()
         deps.add_nodes_from(nodes)
         for name, node in nodes.items():
@@ -157,11 +188,19 @@ class _Resolver:
                     deps.add_edge(target, name, via="in")
             if node.share in nodes:
                 deps.add_edge(node.share, name, via="share")
-        try:
-            cycle = nx.find_cycle(deps)
-        except nx.NetworkXNoCycle:
-            position = {name: i for i, name in enumerate(nodes)}
-            return list(nx.lexicographical_topological_sort(deps, key=position.__getitem__))
+        position = {name: i for i, name in enumerate(nodes)}
+        looped: set[str] = set()
+        for component in sorted(nx.strongly_connected_components(deps), key=lambda c: min(position[n] for n in c)):
+            one = next(iter(component))
+            if len(component) > 1 or deps.has_edge(one, one):
+                self._cycle(deps.subgraph(component), base, prefix)
+                looped |= component
+        deps.remove_nodes_from(looped)
+        ordered = list(nx.lexicographical_topological_sort(deps, key=position.__getitem__))
+        return ordered + [name for name in nodes if name in looped], looped
+
+    def _cycle(self, deps: nx.DiGraph, base: SpecPath, prefix: str) -> None:
+        cycle = nx.find_cycle(deps)
         names = [edge[0] for edge in cycle] + [cycle[0][0]]
         via = deps.edges[cycle[-1][:2]]["via"]  # point at the `in:` or `share:` that closes the loop
         self.error(
@@ -170,12 +209,13 @@ class _Resolver:
             hint="a model is a directed acyclic graph; break the loop (use a recurrent block for recurrence)",
             node=prefix + cycle[-1][1],
         )
-        raise SpecError(self.problems.errors)
 
     def _ref(self, ref: str, ports: dict[str, list[str] | None], path: SpecPath, base: SpecPath) -> bool:
         """Whether `ref` names an input or a node of the level `base` (and one of its output ports)."""
         name, _, port = ref.partition(".")
         outs = ports.get(name, False)
+        if outs is False and base == ("nodes",) and ("inputs",) in self.left_out:
+            return False  # the spec's inputs failed as a whole: a name that is not a node may be one of them
         if outs is False:
             inputs = self.spec.inputs if base == ("nodes",) else self.spec.blocks[str(base[1])].inputs
             known = [
@@ -226,6 +266,8 @@ class _Resolver:
         uses: dict[str, Use],
         ports: dict[str, list[str] | None],
     ) -> Use | None:
+        if ("blocks", node.type) in self.left_out:  # a sub-graph already reported wrong
+            return None
         subgraph = self.spec.blocks.get(node.type)
         entry = None if subgraph else self._entry(node.type, path, node_id)
         if subgraph is None and entry is None:
@@ -245,6 +287,10 @@ class _Resolver:
             return Use(name, path, node.type, bindings, repeat, body=body) if body is not None else None
         assert entry is not None
         if node.share is not None:
+            if ports.get(node.share, []) is None:  # the owner is already reported: this node's params are left
+                if node.params:
+                    self._block_params(entry, node, scope, path, first)
+                return None
             owner = self._owner(node, entry, path, node_id, uses)
             if owner is None:
                 return None
@@ -280,8 +326,11 @@ class _Resolver:
 
     def _repeat(self, node: NodeSpec, scope: Scope, path: SpecPath) -> int | None:
         value = node.repeat
+        failed: list[SpecPath] = []
         if isinstance(value, str):
-            value = substitute_located(value, (*path, "repeat"), scope, self.source, self.problems)
+            value = substitute_located(value, (*path, "repeat"), scope, self.source, self.problems, failed)
+        if failed:  # already reported: one copy stands for the stack
+            return 1
         if value is None:
             return None
         try:
@@ -364,9 +413,9 @@ class _Resolver:
     def _block_params(
         self, entry: BlockEntry, node: NodeSpec, scope: Scope, path: SpecPath, node_id: str
     ) -> BlockParams | None:
-        reported = len(self.problems.errors)
-        raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems)
-        if len(self.problems.errors) > reported:  # a `${...}` failed: its raw text would only fail again here
+        failed: list[SpecPath] = []
+        raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems, failed)
+        if failed:  # a `${...}` failed: its raw text would only fail again here
             return None
         raw = self._file_paths(entry, raw, path, node_id)
         if raw is None:
@@ -390,10 +439,9 @@ class _Resolver:
         if weights_follow() or not isinstance(raw, dict):
             return raw
         resolved = dict(raw)
-        for name, info in entry.cls.Params.model_fields.items():
-            extra = info.json_schema_extra
+        for name in _path_params(entry):
             value = resolved.get(name)
-            if isinstance(extra, dict) and extra.get("format") == "path" and isinstance(value, str):
+            if isinstance(value, str):
                 where = self.source.locate((*path, "params", name))
                 written_in = Path(where.file).parent if where.file and self.from_file else self.folder
                 try:
@@ -421,7 +469,10 @@ class _Resolver:
                 key=True,
             )
         known = {name: value for name, value in node.params.items() if name in subgraph.params}
-        given = substitute_located(known, (*path, "params"), scope, self.source, self.problems)
+        failed: list[SpecPath] = []
+        given = substitute_located(known, (*path, "params"), scope, self.source, self.problems, failed)
+        if failed:  # the sub-graph would be resolved with the text of a `${...}` that failed
+            return None
         key = (node.type, json.dumps(given, sort_keys=True, default=repr))
         if key in self._bodies:
             return self._bodies[key]
@@ -445,6 +496,97 @@ class _Resolver:
 
 
 _REPEAT: TypeAdapter[int] = TypeAdapter(Repeat)
+
+
+def _path_params(entry: BlockEntry) -> list[str]:
+    """The block's params that name files (`json_schema_extra={"format": "path"}`)."""
+    return [
+        name
+        for name, info in entry.cls.Params.model_fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("format") == "path"
+    ]
+
+
+def resolved_spec(spec: Spec, top: Level, folder: Path) -> dict[str, Any]:
+    """The spec as resolution read it, standalone: extends merged, no `${...}` left, every block's params written
+    out in full, file params relative to `folder` (the spec's), and each sub-graph specialised for the params its
+    uses give it (`layer`, `layer_2`, ...). Repeats and sub-graphs stay what they are, so that the document
+    validates on its own and builds the very same model: the same modules, parameter names and shapes."""
+    writer = _Writer(spec, folder)
+    nodes = writer.nodes(top)
+    data: dict[str, Any] = {"name": spec.name}
+    if spec.description is not None:
+        data["description"] = spec.description
+    if spec.dims:
+        data["dims"] = dict(spec.dims)
+    data["inputs"] = {name: given.model_dump(exclude_defaults=True) for name, given in spec.inputs.items()}
+    if writer.blocks:
+        data["blocks"] = writer.blocks
+    data["nodes"] = nodes
+    data["outputs"] = _outputs(top)
+    if spec.tie:
+        data["tie"] = dict(spec.tie)
+    return data
+
+
+class _Writer:
+    """Levels back into spec mappings; each resolved sub-graph body becomes one entry of `blocks:`."""
+
+    def __init__(self, spec: Spec, folder: Path):
+        self.spec = spec
+        self.folder = folder
+        self.blocks: dict[str, dict[str, Any]] = {}
+        self._names: dict[int, str] = {}  # id of a resolved sub-graph body → its name under blocks:
+
+    def nodes(self, level: Level) -> dict[str, Any]:
+        return {name: self._node(use) for name, use in level.uses.items()}
+
+    def _node(self, use: Use) -> dict[str, Any]:
+        node: dict[str, Any] = {"type": self._subgraph(use) if use.body is not None else use.type}
+        if use.params is not None and use.share is None:  # a sharing node takes its owner's params
+            node["params"] = self._params(use)
+        bindings = {port: ref for port, ref in use.bindings.items() if ref is not None}  # skipped: unconnected
+        if bindings:
+            node["in"] = bindings
+        if use.repeat is not None:
+            node["repeat"] = use.repeat
+        if use.share is not None:
+            node["share"] = use.share
+        written = self.spec.nodes if use.path[0] == "nodes" else self.spec.blocks[str(use.path[1])].nodes
+        if written[use.name].doc is not None:
+            node["doc"] = written[use.name].doc
+        return node
+
+    def _params(self, use: Use) -> dict[str, Any]:
+        assert use.params is not None and use.entry is not None
+        params = use.params.model_dump(mode="json")
+        for name in _path_params(use.entry):
+            if isinstance(params.get(name), str):
+                params[name] = os.path.relpath(params[name], self.folder)
+        return params
+
+    def _subgraph(self, use: Use) -> str:
+        """The name under blocks: of the sub-graph as resolved for this use's params, written once."""
+        assert use.body is not None
+        if id(use.body) not in self._names:
+            taken = {*self.spec.blocks, *REGISTRY.names()}
+            name, count = use.type, 1  # the first keeps the sub-graph's name
+            while name in self._names.values() or (name != use.type and name in taken):
+                count += 1
+                name = f"{use.type}_{count}"
+            self._names[id(use.body)] = name
+            graph = {"inputs": list(use.body.inputs), "nodes": self.nodes(use.body), "outputs": _outputs(use.body)}
+            doc = self.spec.blocks[use.type].doc
+            if doc is not None:
+                graph["doc"] = doc
+            self.blocks[name] = graph
+        return self._names[id(use.body)]
+
+
+def _outputs(level: Level) -> str | dict[str, str]:
+    if level.single:
+        return next(ref for ref, _ in level.outputs.values())
+    return {name: ref for name, (ref, _) in level.outputs.items()}
 
 
 def _refs(spec_in: Any) -> list[str]:

@@ -67,10 +67,11 @@ def _or_text(json_schema: JsonSchemaValue, core: Any, pattern: str) -> JsonSchem
 
 
 def spec_schema() -> dict[str, Any]:
+    """The schema of a spec file: a partial spec under `extends:`, else a whole one (see the module's notes)."""
     generated = Spec.model_json_schema(by_alias=True, schema_generator=_LaxSchema)
     defs: dict[str, Any] = generated.pop("$defs")
     defs["BlockType"] = {"enum": REGISTRY.names(), "description": "a registered block"}
-    params_refs = {}
+    params_refs: dict[str, dict[str, str]] = {}
     for entry in REGISTRY.list():
         key = f"params.{entry.name}"
         params = entry.cls.Params.model_json_schema(schema_generator=_LaxSchema)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from blocks import REGISTRY
 from builder.expressions import Scope
 from builder.located import failed_paths, pydantic_problems, resolve_variable, substitute_located
-from builder.resolve import Level, resolve
+from builder.resolve import Level, resolve, resolved_spec
 from builder.source import Document, SourceMap, load_file
 from builder.spec import Spec
 from builder.spec_files import FileAccess
@@ -32,6 +32,10 @@ class ValidSpec:
     file: Path | None = None
     standalone: dict[str, Any] = field(default_factory=dict)  # extends merged, overrides in vars: loads on its own
     warnings: tuple[Problem, ...] = ()
+
+    def resolved(self) -> dict[str, Any]:
+        """The spec as validation read it, as a spec of its own that builds the same model (see resolved_spec)."""
+        return resolved_spec(self.spec, self.top, self.file.parent if self.file is not None else Path())
 
 
 def validate_document(
@@ -79,9 +83,6 @@ def validate_document(
     }
     resolved["vars"] = resolved_vars
     spec, left_out = _checked_spec(resolved, failed, source, problems)
-    if spec is None:
-        problems.raise_if_errors()
-        raise SpecError(Problem("the spec is incomplete", source.locate(())))  # unreachable: a failure is reported
     top = resolve(spec, source, scope, files, document.path, problems, left_out)
     for target, tied in spec.tie.items():
         if tied in spec.tie:  # compile ties one at a time: a chain would leave `target` on a stale tensor
@@ -100,16 +101,17 @@ def validate_document(
     return ValidSpec(spec, source, top, document.path, standalone, warnings)
 
 
-REQUIRED = frozenset(name for name, info in Spec.model_fields.items() if info.is_required())
 SECTIONS = ("inputs", "nodes", "blocks", "vars", "dims", "tie")  # mappings of independent entries
+STAND_INS: dict[str, Any] = {"name": "", "inputs": {}, "outputs": "_"}  # for a required key that failed
 
 
 def _checked_spec(
     data: dict[str, Any], failed: list[SpecPath], source: SourceMap, problems: ProblemList
-) -> tuple[Spec | None, frozenset[SpecPath]]:
+) -> tuple[Spec, frozenset[SpecPath]]:
     """The spec validated without the parts that failed (a `${...}`, or pydantic's check of a node, an input, a
-    sub-graph, a key), so that the rest is still resolved: one node's mistake never hides another's. Refs to a
-    part left out are not reported again. None when what is left is no spec (`nodes:` itself failed)."""
+    sub-graph, a key), so that the rest is still resolved: one node's mistake never hides another's. A failed
+    required key is validated as a stand-in, and what refers to a part left out is not reported again. When
+    nothing is left to resolve (`nodes:` itself failed), what was found is raised."""
     left_out = {_part(path) for path in failed}
     for attempt in range(2):  # pydantic reports every error at once: a second round only meets what was cut
         candidate = _without(data, left_out)
@@ -121,7 +123,7 @@ def _checked_spec(
             if attempt:
                 break
             left_out |= {_part(path) for path in failed_paths(exc, candidate)}
-    return None, frozenset(left_out)
+    raise SpecError(problems.errors)
 
 
 def _part(path: SpecPath) -> SpecPath:
@@ -134,13 +136,12 @@ def _part(path: SpecPath) -> SpecPath:
     return path[:1]
 
 
-def _without(data: Any, parts: set[SpecPath]) -> Any:
-    """`data` without the values at `parts` (copied where it changes); a required top-level key stays, so that
-    its failure is what pydantic reports."""
+def _without(data: dict[str, Any], parts: set[SpecPath]) -> dict[str, Any]:
+    """`data` without the values at `parts` (copied where it changes), a required key given its stand-in."""
     for part in parts:
-        if part and not (len(part) == 1 and part[0] in REQUIRED):
+        if part:
             data = _remove(data, part)
-    return data
+    return {**data, **{key: value for key, value in STAND_INS.items() if (key,) in parts}}
 
 
 def _remove(data: Any, path: SpecPath) -> Any:

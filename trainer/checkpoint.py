@@ -20,6 +20,8 @@ unpickles nothing and runs nothing: every JSON file is checked field by field, a
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,10 @@ TRAINER = "trainer.json"
 STATE = "state.safetensors"
 VOCAB = "vocab.json"
 MODEL = "model"
+SHARDED, SHARDED_SPEC = "sharded", "spec.yaml"  # a sharded checkpoint's DCP folder and spec (trainer.sharded)
+METADATA = ".metadata"  # in SHARDED, with one shard file per rank and storage (DCP's names)
+SHARD_FILE = re.compile(r"__\d{1,6}_\d{1,6}\.distcp")
+WHAT = "training checkpoint"
 TRAINER_FILE = FileKind("checkpoint's trainer.json", CheckpointError, limit=64 * MiB)
 VOCAB_FILE = FileKind("checkpoint's vocab.json", CheckpointError, limit=64 * MiB)
 
@@ -107,20 +113,24 @@ class Checkpoint:
     info: dict[str, Any]  # trainer.json, checked
     tensors: dict[str, torch.Tensor]  # state.safetensors
     labels: list[str] | None = None  # a classifier's classes in index order
+    sharded: bool = False  # the weights and optimizer state are in sharded/, still to load (trainer.sharded)
 
 
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")  # per parameter, all three or none (no gradient yet)
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Adam's per-parameter state as tensors (for safetensors) and its parameter groups (for JSON)."""
-    state = optimizer.state_dict()
-    tensors = {
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state as tensors (for safetensors)."""
+    return {
         f"optimizer.{pid}.{key}": torch.as_tensor(value).detach().cpu().contiguous()
-        for pid, entries in state["state"].items()
+        for pid, entries in optimizer.state_dict()["state"].items()
         for key, value in entries.items()
     }
-    return tensors, {"param_groups": state["param_groups"]}
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's parameter groups (for trainer.json): which parameters, and the hyper-parameters."""
+    return {"param_groups": optimizer.state_dict()["param_groups"]}
 
 
 def restore_optimizer(
@@ -175,49 +185,67 @@ def is_checkpoint(path: Path) -> bool:
 def replaceable(path: Path) -> bool:
     """A directory `save` may replace: a checkpoint and nothing else (no file of the user's would be lost)."""
     tokenizer = {*TOKENIZER_JSON, *MARIAN_FILES}
-    rules = {MODEL: persist.replaceable, TOKENIZER: lambda p: owned_directory(p, None, tokenizer)}
-    return owned_directory(path, TRAINER, {VOCAB, TRAINER, STATE, RECORD}, rules)
+    rules = {
+        MODEL: persist.replaceable,
+        TOKENIZER: lambda p: owned_directory(p, None, tokenizer),
+        SHARDED: _shards_only,
+    }
+    return owned_directory(path, TRAINER, {VOCAB, TRAINER, STATE, RECORD, SHARDED_SPEC}, rules)
 
 
-def save(
-    directory: str | Path,
-    *,
-    model: nn.Module,
-    src_vocab: Vocab | None,
-    tgt_vocab: Vocab | None,
-    info: dict[str, Any],
-    tensors: dict[str, torch.Tensor],
-    labels: list[str] | None = None,
-    carried: dict[str, bytes] | None = None,
-) -> Path:
-    """Write a checkpoint directory atomically (replacing an older checkpoint there only once the new one is whole).
+def _shards_only(path: Path) -> bool:
+    """A sharded checkpoint's DCP folder: its metadata and shard files, nothing else."""
+    try:
+        return all(
+            entry.is_file(follow_symlinks=False) and (entry.name == METADATA or SHARD_FILE.fullmatch(entry.name))
+            for entry in os.scandir(path)
+        )
+    except OSError:
+        return False
 
-    `carried`: an imported model's record and tokenizer files (relative path → bytes), written instead of the
-    vocabularies."""
+
+@dataclass(frozen=True)
+class Records:
+    """What a checkpoint holds besides its tensors: the run's record (trainer.json) and what reads its text
+    (the vocabularies and a classifier's labels, or an imported model's carried record and tokenizer files,
+    relative path → bytes)."""
+
+    info: dict[str, Any]
+    src_vocab: Vocab | None
+    tgt_vocab: Vocab | None
+    labels: list[str] | None = None
+    carried: dict[str, bytes] | None = None
+
+    def write(self, folder: Path) -> None:
+        if self.tgt_vocab is not None:
+            vocabs: dict[str, Any] = {"src": self.src_vocab.to_json() if self.src_vocab else None}
+            vocabs["tgt"] = self.tgt_vocab.to_json()
+            if self.labels is not None:
+                vocabs["labels"] = list(self.labels)
+            _write_json(folder / VOCAB, vocabs)
+        for name, data in (self.carried or {}).items():
+            (folder / name).parent.mkdir(exist_ok=True)
+            (folder / name).write_bytes(data)
+        _write_json(folder / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **self.info})
+
+
+def save(directory: str | Path, *, model: nn.Module, records: Records, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a checkpoint directory atomically (replacing an older checkpoint there only once the new one is
+    whole): the model, its records, and the optimizer's and generators' `tensors`."""
     directory = Path(directory)
     rng = torch.get_rng_state()  # building the structure check must not disturb training's random numbers
     try:
         write_model = persist.model_files(model, Location(str(directory)))
     finally:
         torch.set_rng_state(rng)
-    vocabs: dict[str, Any] | None = None
-    if tgt_vocab is not None:
-        vocabs = {"src": src_vocab.to_json() if src_vocab else None, "tgt": tgt_vocab.to_json()}
-        if labels is not None:
-            vocabs["labels"] = list(labels)
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def write(folder: Path) -> None:
         write_model(folder / MODEL)
-        if vocabs is not None:
-            _write_json(folder / VOCAB, vocabs)
-        for name, data in (carried or {}).items():
-            (folder / name).parent.mkdir(exist_ok=True)
-            (folder / name).write_bytes(data)
-        _write_json(folder / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION, **info})
+        records.write(folder)
         write_safetensors(folder / STATE, state)
 
-    return write_directory(directory, write, owned=replaceable, what="training checkpoint")
+    return write_directory(directory, write, owned=replaceable, what=WHAT)
 
 
 def locate(path: str | Path) -> Path:
@@ -244,10 +272,21 @@ def load(
     *,
     tokenizers: tuple[str | None, str | None] = (None, None),
     plugins: tuple[str, ...] = (),
+    sharded_ok: bool = False,
 ) -> Checkpoint:
     """Read a checkpoint; nothing in it is run. A user tokenizer it was trained with (MODULE:FUNCTION) is used
-    only when this call names it again in `tokenizers` (source, target), as `--tokenizer` does."""
+    only when this call names it again in `tokenizers` (source, target), as `--tokenizer` does. A sharded
+    checkpoint's weights are still to load (trainer.sharded): only `sharded_ok` callers take one."""
     directory = locate(path)
+    sharded = not (directory / MODEL).exists() and (directory / SHARDED).is_dir()
+    if sharded and not sharded_ok:
+        raise CheckpointError(
+            Problem(
+                "this checkpoint is sharded (--strategy fsdp): its weights are spread over shard files",
+                Location(str(directory)),
+                hint=f"make an ordinary checkpoint of it: blockgraph consolidate {path} --out DIR",
+            )
+        )
     record = read_record(directory / TRAINER, TrainerRecord, TRAINER_FILE)
     where = Location(str(directory / TRAINER))
     if record.format_version > FORMAT_VERSION:
@@ -263,13 +302,16 @@ def load(
         labels = vocabs.labels
     rng = torch.get_rng_state()
     try:
-        model = persist.load(directory / MODEL, device=device, plugins=plugins)
+        if sharded:
+            model = persist.rebuild(directory / SHARDED_SPEC, device, plugins=plugins)
+        else:
+            model = persist.load(directory / MODEL, device=device, plugins=plugins)
     finally:
         torch.set_rng_state(rng)  # rebuilding initialises weights it then overwrites; keep the caller's stream
     _check_roles(record.roles, model, where)
     tensors = _state_tensors(directory / STATE) if (directory / STATE).exists() else {}
     info = record.model_dump()
-    return Checkpoint(directory, model, src, tgt, info, tensors, labels)
+    return Checkpoint(directory, model, src, tgt, info, tensors, labels, sharded)
 
 
 def _check_roles(roles: Roles, model: nn.Module, where: Location) -> None:

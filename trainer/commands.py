@@ -267,6 +267,24 @@ def import_(
     err.print(f"wrote {escape(str(out))}: spec.yaml (edit, inspect, build it), model/{tokenizer}, pretrained.json")
 
 
+def consolidate(
+    run: Annotated[
+        Path, typer.Argument(metavar="RUN", help="A run of --strategy fsdp: its directory or its checkpoint/.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="The ordinary checkpoint to write.")],
+) -> None:
+    """Gather a sharded checkpoint (--strategy fsdp) into an ordinary one: the whole model in safetensors.
+
+    The result translates, exports (DIR/model) and resumes as any checkpoint does; it needs the memory of the
+    whole model and its optimizer state in this one process.
+    """
+    from trainer import sharded
+
+    with err.status("consolidating …"):
+        written = sharded.consolidate(run, out)
+    err.print(f"wrote {escape(str(written))}: model/ (safetensors), state.safetensors, trainer.json")
+
+
 def _own_tokenizer(given: str | None) -> None:
     if given is not None:
         raise UsageError(

@@ -47,7 +47,7 @@ def _resolved(path: Path | None) -> str | None:
     return None if path is None else str(path.resolve())
 
 
-DATA, MODEL, RECIPE = "Data", "Model and roles", "Recipe"
+DATA, MODEL, RECIPE, PARALLEL = "Data", "Model and roles", "Recipe", "Processes"
 
 
 class DataOptions(BaseModel):
@@ -195,12 +195,31 @@ class TrainConfig(DataOptions):
         int, Field(ge=0, description="Held-out sentences translated for BLEU each epoch (0: none)."), Cli()
     ] = 200
     device: Annotated[str, Field(description="cpu or cuda (each process takes cuda:LOCAL_RANK)."), Cli()] = "cpu"
+    strategy: Annotated[
+        Literal["ddp", "fsdp"],
+        Field(
+            description="ddp: every process holds the whole model (fits one process); fsdp: parameters, gradients "
+            "and optimizer state sharded over the processes (FSDP2), each repeated layer a unit."
+        ),
+        Cli(panel=PARALLEL),
+    ] = "ddp"
+    dtype: Annotated[
+        Literal["float32", "bfloat16"],
+        Field(description="fsdp: the parameters' dtype in forward and backward (gradients reduced in float32)."),
+        Cli(panel=PARALLEL),
+    ] = "float32"
+    checkpoint_activations: Annotated[
+        bool,
+        Field(description="fsdp: recompute each repeated layer's activations in the backward pass (less memory)."),
+        Cli(panel=PARALLEL),
+    ] = False
 
 
 #: options a resumed run takes from the command line when given again; the others are the checkpoint's
 RESUMABLE = frozenset(
-    {"epochs", "max_steps", "device", "data", "valid_data", "save_every", "bleu_sentences", "skip_bad_lines"}
-)
+    {"epochs", "max_steps", "device", "data", "valid_data", "save_every", "bleu_sentences", "skip_bad_lines",
+     "checkpoint_activations"}
+)  # fmt: skip
 
 
 def command_parameters(model: type[BaseModel] = TrainConfig) -> list[inspect.Parameter]:

@@ -68,9 +68,22 @@ def setup(device: str = "cpu") -> Context:
     return Context(rank, world, where, owns)
 
 
+_SINGLE = {"group": False}  # a one-process group this module started for FSDP (see single_group)
+
+
+def single_group(context: Context) -> None:
+    """A process group of this process alone, when there is none: FSDP shards over a mesh, of one process too
+    (a sharded run resumed on one process)."""
+    if not dist.is_initialized():
+        backend = "nccl" if context.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        _SINGLE["group"] = True
+
+
 def teardown(context: Context) -> None:
-    if context.owns_group and dist.is_initialized():
+    if (context.owns_group or _SINGLE["group"]) and dist.is_initialized():
         dist.destroy_process_group()
+        _SINGLE["group"] = False
 
 
 def all_sum(context: Context, *values: float) -> list[float]:

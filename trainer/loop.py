@@ -28,7 +28,7 @@ from builder.shapes import TypedGraph
 from common.console import safe_console
 from common.errors import Problem, SpecError, UsageError
 from common.records import check_record
-from trainer import batching, bleu, checkpoint, corpus, decode, distributed, pretrained, rundir, schedule
+from trainer import batching, bleu, checkpoint, corpus, decode, distributed, pretrained, rundir, schedule, sharded
 from trainer.config import RESUMABLE, TrainConfig
 from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
 from trainer.vocab import check_tokenizer
@@ -42,6 +42,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     step: int
     checkpoint: Path | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 @dataclass
@@ -118,12 +119,13 @@ def _train(
         + (f", {context.world} processes" if context.distributed else "")
     )
     saved = _loop(run, config, context, out_dir, quiet, console, say)
-    return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved)
+    return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved, run.optimizer)
 
 
 def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     if config.spec is None:
         raise UsageError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
+    sharded.check(config)
     imported = pretrained.locate(config.spec)
     typed, roles, data = _prepare(config) if imported is None else _prepare_imported(config, imported)
     corpus.fit_positions(data, *decode.length_limits(typed, roles))
@@ -133,6 +135,8 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
         initialise(model)
     if imported is not None:  # the import's weights over the fresh ones, wherever names and shapes agree
         data.notes.append(_transferred(persist.load_matching(model, imported / pretrained.MODEL), imported))
+    if config.strategy == "fsdp":
+        sharded.shard(model, config, context)
     torch.manual_seed(config.seed * 7919 + 1 + context.rank)  # dropout streams, one per rank
     d_model = sizes(typed.graph, roles).d_model or _fallback_width(model)
     return _Run(config, model, roles, data, schedule.adam(model), d_model)
@@ -226,7 +230,7 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
         config.source_tokenizer if given & {"tokenizer", "src_tokenizer"} else None,
         config.target_tokenizer if given & {"tokenizer", "tgt_tokenizer"} else None,
     )
-    saved = checkpoint.load(resume, device=context.device, tokenizers=named)
+    saved = checkpoint.load(resume, device=context.device, tokenizers=named, sharded_ok=True)
     if saved.tgt_vocab is None and any(named):
         raise UsageError(
             Problem("a fine-tuned imported model reads text with its own tokenizer: leave out --tokenizer")
@@ -253,9 +257,15 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
         data = corpus.load(stored.model_copy(update=changes), roles.kind, vocabs=vocabs, labels=saved.labels)
     stored = stored.model_copy(update=changes)
     corpus.fit_positions(data, *decode.length_limits(typed, roles))
+    if stored.strategy == "fsdp":
+        sharded.shard(model, stored, context)
     optimizer = schedule.adam(model)
-    checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
-    if not distributed.restore_rng(context, saved.tensors):
+    if saved.sharded:
+        generators = sharded.load(saved.path, model, optimizer, distributed=True)
+    else:
+        checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
+        generators = saved.tensors
+    if not distributed.restore_rng(context, generators):
         torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
     run = _Run(stored, model, roles, data, optimizer, info["d_model"])
     run.epoch, run.batch, run.step, run.history = info["epoch"], info["batch"], info["step"], info["history"]
@@ -296,7 +306,7 @@ def _loop(
     io = ModelIO(run.roles)
     model = run.model
     wrapped: nn.Module = model
-    if context.distributed:
+    if context.distributed and config.strategy == "ddp":
         device_ids = [context.device] if context.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     factor = schedule.noam_factor(run.d_model, config.warmup, config.lr)
@@ -351,8 +361,9 @@ def _loop(
             }
             if finished:
                 run.epoch, run.batch = run.epoch + 1, 0
-            if context.main:
-                record.update(evaluate(model, io, run.data, config, context.device))
+            if context.main or config.strategy == "fsdp":  # a sharded model's forward takes every rank
+                metrics = evaluate(model, io, run.data, _evaluated(config), context.device)
+                record.update(metrics if context.main else {})
                 model.train()
             run.history.append(record)
             say(_epoch_line(record, config, finished))
@@ -362,6 +373,11 @@ def _loop(
     if saved is not None:
         say(f"checkpoint: {escape(str(saved))}")
     return saved
+
+
+def _evaluated(config: TrainConfig) -> TrainConfig:
+    """What evaluation computes: under fsdp, no BLEU (decoding step by step needs the whole model)."""
+    return config.model_copy(update={"bleu_sentences": 0}) if config.strategy == "fsdp" else config
 
 
 def _done(run: _Run, config: TrainConfig) -> bool:
@@ -460,34 +476,32 @@ def corpus_bleu_of(
 
 
 def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Path | None) -> Path | None:
-    """Checkpoint on rank 0 (all ranks contribute their random-number states); the others wait."""
+    """Checkpoint on rank 0 (all ranks contribute their random-number states; under fsdp, their shards too)."""
     if out is None:
         return None
     rng = distributed.gather_rng(context)
+    info = {
+        "config": config.model_dump(mode="json"),
+        "roles": run.roles.to_json(),
+        "epoch": run.epoch,
+        "batch": run.batch,
+        "step": run.step,
+        "world": context.world,
+        "d_model": run.d_model,
+        "history": run.history,
+        "optimizer": checkpoint.optimizer_groups(run.optimizer),
+    }
+    records = checkpoint.Records(
+        info, run.data.src_vocab, run.data.tgt_vocab, run.data.labels,
+        run.data.text.files if run.data.text is not None else None,
+    )  # fmt: skip
+    target = out / checkpoint.NAME
+    if config.strategy == "fsdp":
+        return sharded.save(target, model=run.model, optimizer=run.optimizer, records=records, rng=rng, context=context)
     path = None
     if context.main:
-        tensors, optimizer_meta = checkpoint.optimizer_state(run.optimizer)
-        info = {
-            "config": config.model_dump(mode="json"),
-            "roles": run.roles.to_json(),
-            "epoch": run.epoch,
-            "batch": run.batch,
-            "step": run.step,
-            "world": context.world,
-            "d_model": run.d_model,
-            "history": run.history,
-            "optimizer": optimizer_meta,
-        }
-        path = checkpoint.save(
-            out / checkpoint.NAME,
-            model=run.model,
-            src_vocab=run.data.src_vocab,
-            tgt_vocab=run.data.tgt_vocab,
-            info=info,
-            tensors={**tensors, **rng},
-            labels=run.data.labels,
-            carried=run.data.text.files if run.data.text is not None else None,
-        )
+        tensors = {**checkpoint.optimizer_state(run.optimizer), **rng}
+        path = checkpoint.save(target, model=run.model, records=records, tensors=tensors)
     distributed.barrier(context)
     return path
 

@@ -4,9 +4,12 @@
 - units: the graph folded into items below a depth, with their numbers summed;
 - tables: Rich renderings (the build summary, the tree, the table, the totals);
 - as_json: the JSON format of `inspect` and the resolved spec;
-- drawings: Mermaid and Graphviz.
+- drawings: Mermaid and Graphviz;
+- state: the state_dict keys (`inspect --params`);
+- fitted: a Rich table that never breaks a word on a narrow terminal.
 
-`inspect_report` runs the analysis (builder.analysis) and hands its costs to the format asked for.
+`inspect_report` runs the analysis (builder.analysis) and hands its costs to the format asked for;
+`params_report` lists the state_dict keys.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from builder.shapes import TypedGraph
 from builder.views.as_json import architecture_json, resolved_spec
 from builder.views.drawings import architecture_dot, architecture_mermaid
 from builder.views.numbers import bytes_text, flops_text
+from builder.views.state import state_json, state_table
 from builder.views.tables import architecture_table, architecture_tree, build_summary, inspect_totals
 from builder.views.units import node_params
+from common.errors import Problem, UsageError
 
 __all__ = [
     "INSPECT_FORMATS",
@@ -39,6 +44,7 @@ __all__ = [
     "inspect_report",
     "inspect_totals",
     "node_params",
+    "params_report",
     "resolved_spec",
 ]
 
@@ -74,3 +80,14 @@ def inspect_report(
     else:
         body = architecture_tree(typed, params, depth, costs)
     return RichGroup(body, inspect_totals(typed, costs))
+
+
+def params_report(typed: TypedGraph, fmt: str = "table") -> RenderableType | str:
+    """What `blockgraph inspect --params` prints: every state_dict key with its shape and size, as a table (tree or
+    table) or JSON; the model is built on meta, without allocating a weight."""
+    fmt = getattr(fmt, "value", fmt)
+    if fmt == "json":
+        return json.dumps(state_json(typed), indent=2, ensure_ascii=False)
+    if fmt not in ("tree", "table"):
+        raise UsageError(Problem(f"--params lists keys: --format {fmt} draws the graph", hint="use table or json"))
+    return state_table(typed)

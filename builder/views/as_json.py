@@ -65,7 +65,7 @@ def architecture_json(typed: TypedGraph, params: dict[str, int], costs: Costs | 
         members = [n for n in graph.nodes.values() if n.id.startswith(group.id + ".")]
         unit = Unit(group.id, group.type, members)
         total, trainable, flops, activations = unit_numbers(unit, params, costs)
-        analytic = [costs.nodes[n.id].flops_analytic for n in members] if costs else [None]
+        analytic = [costs.nodes[n.id].counted_analytic for n in members] if costs else [None]
         groups.append(
             {
                 "id": group.id,

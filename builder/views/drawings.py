@@ -6,9 +6,12 @@ import re
 from dataclasses import dataclass
 
 from blocks.types import format_shape
+from builder.graph import Graph
 from builder.shapes import TypedGraph
 from builder.views.numbers import count
 from builder.views.units import fold
+
+FONT = '"Helvetica"'  # one family for every label of the Graphviz drawing (clusters default to Times otherwise)
 
 
 @dataclass
@@ -22,10 +25,37 @@ class _Drawing:
     outputs: list[str]
 
 
+def _first_copy(node_id: str, graph: Graph) -> str:
+    """The node's counterpart in the first copy of every repeat holding it (`decoder.3.attn` → `decoder.0.attn`)."""
+    parts = node_id.split(".")
+    for level in range(1, len(parts)):
+        group = graph.groups.get(".".join(parts[:level]))
+        if group is not None and group.kind == "repeat":
+            parts[level] = "0"
+    return ".".join(parts)
+
+
+def _between_copies(a: str, b: str, graph: Graph) -> bool:
+    """Whether nodes `a` and `b` lie in different copies of one repeat (the chaining of copy k into k+1)."""
+    pa, pb = a.split("."), b.split(".")
+    for level in range(1, min(len(pa), len(pb))):
+        if pa[:level] != pb[:level]:
+            return False
+        group = graph.groups.get(".".join(pa[:level]))
+        if group is not None and group.kind == "repeat" and pa[level] != pb[level]:
+            return True
+    return False
+
+
 def _drawing(typed: TypedGraph, depth: int | None, params: dict[str, int] | None) -> _Drawing:
+    """Without `depth`, each repeat is drawn once (its first copy, titled ×N); with it, every copy, folded below."""
     graph = typed.graph
+    once = depth is None
     units = fold(graph, depth)
     owner = {inst.id: key for key, unit in units.items() for inst in unit.members}
+    if once:
+        owner = {node: _first_copy(node, graph) for node in owner}
+        units = {key: unit for key, unit in units.items() if _first_copy(key, graph) == key}
     inputs = []
     for name, spec in graph.inputs.items():
         label = f"{name}\n{format_shape(spec.shape)} {spec.dtype}" + ("\n(optional)" if spec.optional else "")
@@ -33,11 +63,13 @@ def _drawing(typed: TypedGraph, depth: int | None, params: dict[str, int] | None
     boxes = {}
     for key, unit in units.items():
         outs = ", ".join(format_shape(typed.types[ep].shape) for ep in unit.outputs)
-        lines = [key, unit.label, outs]
+        copies = graph.groups.get(key.rpartition(".")[0]) if once else None
+        times = copies.count if copies is not None and copies.kind == "repeat" else 0
+        lines = [key, unit.label + (f" ×{times}" if times else ""), outs]
         if params is not None:
             total = sum(params[inst.id] for inst in unit.members)
             if total:
-                lines.append(f"{count(total)} params")
+                lines.append(f"{count(total)} params" + (" each" if times else ""))
         boxes[key] = "\n".join(line for line in lines if line)
     clusters = {}
     for key in units:
@@ -45,8 +77,15 @@ def _drawing(typed: TypedGraph, depth: int | None, params: dict[str, int] | None
         for level in range(1, len(parts)):
             prefix = ".".join(parts[:level])
             group = graph.groups.get(prefix)
-            if group is not None and prefix not in clusters:
-                clusters[prefix] = f"{prefix}: {group.type}" + (f" ×{group.count}" if group.kind == "repeat" else "")
+            parent = graph.groups.get(".".join(parts[: level - 1]))
+            if group is None or prefix in clusters:
+                continue
+            if once and ((parent is not None and parent.kind == "repeat") or key == f"{prefix}.0"):
+                continue  # drawn once, a copy is its repeat's cluster, and a one-block copy a box of its own (×N)
+            title = f"{prefix}: {group.type}"
+            if group.kind == "repeat":
+                title += f" ×{group.count}" + (" (one copy drawn)" if once and group.count > 1 else "")
+            clusters[prefix] = title
     merged: dict[tuple[str, str], list[str]] = {}
     for inst in graph.nodes.values():
         target = owner[inst.id]
@@ -54,7 +93,7 @@ def _drawing(typed: TypedGraph, depth: int | None, params: dict[str, int] | None
             if ep is None:
                 continue
             source = f"in:{ep.node}" if not ep.port else owner[ep.node]
-            if source == target:
+            if source == target or (once and ep.port and _between_copies(ep.node, inst.id, graph)):
                 continue
             label = port
             if ep.port and len(graph.nodes[ep.node].out_ports) > 1:
@@ -181,8 +220,9 @@ def architecture_dot(typed: TypedGraph, params: dict[str, int] | None = None, de
     lines = [
         f"digraph {_dot_string(typed.graph.name)} {{",
         "  rankdir=TB;",
-        '  node [shape=box, style=rounded, fontname="Helvetica", fontsize=11];',
-        '  edge [fontname="Helvetica", fontsize=9];',
+        f"  graph [fontname={FONT}, fontsize=11];",  # cluster titles: the same family as boxes and edges
+        f"  node [shape=box, style=rounded, fontname={FONT}, fontsize=11];",
+        f"  edge [fontname={FONT}, fontsize=9];",
     ]
     for name, label in drawing.inputs:
         lines.append(f"  {ref('in:' + name)} [shape=parallelogram, label={_dot_string(label)}];")

@@ -26,3 +26,8 @@ def flops_text(n: int | None) -> str:
 def bytes_text(n: int | None) -> str:
     """Binary units: 1536 → 1.50 KiB; None → –."""
     return "–" if n is None else binary_size(n)
+
+
+def plural(n: int, noun: str) -> str:
+    """1 → "1 block", 3 → "3 blocks" (the count with thousands separators)."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")

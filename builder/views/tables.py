@@ -17,7 +17,8 @@ from blocks.types import format_shape
 from builder.analysis import Costs
 from builder.model import GraphModel
 from builder.shapes import TypedGraph
-from builder.views.numbers import bytes_text, count, flops_text
+from builder.views.fitted import FittedTable
+from builder.views.numbers import bytes_text, count, flops_text, plural
 from builder.views.units import Unit, add, fold, shape_lookup, unit_numbers
 from common.text import sizes_text
 
@@ -131,6 +132,8 @@ def architecture_tree(
     head = Text.assemble((root.name, "bold"), f"  {count(root.params)} parameters")
     if costs is not None and costs.concrete:
         head.append(f"  {flops_text(root.flops)} FLOPs", style="blue")
+    elif costs is not None and costs.flops_analytic is not None:  # no sizes: the formulas' expression
+        head.append(f"  {_short(str(costs.flops_analytic), 60)} FLOPs", style="blue")
     tree = Tree(head)
 
     def add(branch: Tree, row: _Row, level: int) -> None:
@@ -158,12 +161,16 @@ def architecture_table(
     units = fold(typed.graph, depth)
     types = typed.types
     concrete = costs is not None and costs.concrete
-    table = Table(title=Text(typed.graph.name), header_style="bold")
-    columns = [("node", "left"), ("block", "left"), ("inputs", "left"), ("outputs", "left"), ("params", "right")]
-    if costs is not None:
-        columns += [("trainable", "right"), ("FLOPs", "right"), ("activations", "right")]
-    for column, justify in columns:  # on a narrow terminal: fold, never cut with an ellipsis
-        table.add_column(column, justify=justify, overflow="fold")
+    numbers = ["params", "trainable", "FLOPs", "activations"] if costs is not None else ["params"]
+    # on a narrow terminal the numbers move under the shapes, rather than any name or number breaking
+    table = FittedTable(
+        title=Text(typed.graph.name), header_style="bold", groups=[["block", "inputs", "outputs"], numbers]
+    )
+    for column in ("node", "block", "inputs", "outputs", *numbers):
+        shapes = column in ("inputs", "outputs")
+        table.add_column(
+            column, justify="left" if shapes or column in ("node", "block") else "right", no_wrap=not shapes
+        )
     shape_of = shape_lookup(typed, costs)
     sums = [0, 0, 0, 0]
     for unit in units.values():
@@ -198,7 +205,8 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
     total = costs.parameters
     grid.add_row(
         "total",
-        f"{total:,} parameters ({count(total)}), {costs.trainable:,} trainable, {len(typed.graph.nodes)} blocks",
+        f"{total:,} parameters ({count(total)}), {costs.trainable:,} trainable, "
+        f"{plural(len(typed.graph.nodes), 'block')}",
     )
     analytic = costs.flops_analytic
     if not costs.concrete:
@@ -217,7 +225,7 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
             elif analytic is not None:
                 line.append(f"  (torch's count; analytic {flops_text(analytic)})", style="yellow")
             else:
-                unknown = sorted({n.block for n in costs.nodes.values() if n.flops_analytic is None})
+                unknown = sorted({n.block for n in costs.nodes.values() if n.counted_analytic is None})
                 line.append(f"  (torch's count; no formula for {', '.join(unknown)})", style="dim")
         elif analytic is not None:
             line = Text.assemble(
@@ -248,9 +256,10 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
         )
         grid.add_row("", Text(message, style="yellow"))
     weights = " · ".join(f"{name} {bytes_text(size)}" for name, size in costs.weight_bytes().items())
-    grid.add_row("weights", weights)
+    dtype = str(costs.dtype).removeprefix("torch.")
+    buffers = f"buffers {bytes_text(costs.buffer_bytes)} more ({dtype})" if costs.buffer_bytes else "no buffers"
+    grid.add_row("weights", f"parameters {weights}; {buffers}")
     if costs.concrete:
-        dtype = str(costs.dtype).removeprefix("torch.")
         grid.add_row(
             "activations",
             f"{bytes_text(costs.activation_bytes)} of node outputs ({dtype}), "
@@ -258,11 +267,14 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
         )
         training = costs.training_bytes()
         if training is not None:
-            parts = [("weights", "weights"), ("gradients", "gradients"), ("Adam", "optimizer")]
+            sizes = {"parameters": training["weights"] - costs.buffer_bytes}
+            if costs.buffer_bytes:
+                sizes["buffers"] = costs.buffer_bytes
+            sizes |= {"gradients": training["gradients"], "Adam": training["optimizer"]}
             if training["master_weights"]:
-                parts.append(("float32 master", "master_weights"))
-            parts.append(("activations", "activations"))
-            breakdown = " + ".join(f"{label} {bytes_text(training[key])}" for label, key in parts)
+                sizes["float32 master"] = training["master_weights"]
+            sizes["activations"] = training["activations"]
+            breakdown = " + ".join(f"{label} {bytes_text(size)}" for label, size in sizes.items())
             grid.add_row("training", f"≈ {bytes_text(training['total'])} = {breakdown}")
             grid.add_row("", Text(training_assumptions(costs), style="dim"))
     return grid

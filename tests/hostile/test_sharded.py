@@ -1,0 +1,88 @@
+"""A sharded checkpoint (--strategy fsdp) is read without running code: its pickled metadata builds DCP's own
+records only, holds tensors only, and names shard files of the checkpoint within their sizes."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from harness import assert_clean, bounded, train_tiny
+
+pytest_plugins = ("harness",)
+
+METADATA = Path("checkpoint") / "sharded" / ".metadata"
+
+
+@pytest.fixture(scope="module")
+def _sharded(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("sharded") / "run", strategy="fsdp")
+
+
+@pytest.fixture
+def sharded_run(_sharded, tmp_path) -> Path:
+    return Path(shutil.copytree(_sharded, tmp_path / "run"))
+
+
+def _rewrite(run: Path, change) -> None:
+    """Change the metadata as a hostile writer would (the file is ours here, so reading it with pickle is safe)."""
+    metadata = pickle.loads((run / METADATA).read_bytes())
+    (run / METADATA).write_bytes(pickle.dumps(change(metadata)))
+
+
+class _Import:
+    def __init__(self, module: str):
+        self.module = module
+
+    def __reduce__(self):
+        return (__import__, (self.module,))
+
+
+def test_the_sharded_checkpoint_consolidates(sharded_run, tmp_path):
+    outcome = bounded("sharded-ok", "consolidate", sharded_run, "--out", tmp_path / "merged")
+    assert_clean(outcome, 0, "wrote")
+
+
+def test_metadata_that_would_import_a_module_imports_nothing(sharded_run, canary, tmp_path):
+    (sharded_run / METADATA).write_bytes(pickle.dumps(_Import("evilmod")))
+    outcome = bounded("sharded-pickle", "consolidate", sharded_run, "--out", tmp_path / "merged")
+    assert_clean(outcome, 1, "builtins.__import__, which is not DCP's metadata")
+    assert not canary.exists() and "evilmod" not in sys.modules
+    assert not (tmp_path / "merged").exists()
+
+
+def _bytes_entry(metadata):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata.state_dict_metadata["model.extra"] = BytesStorageMetadata()
+    return metadata
+
+
+def _outside(metadata):
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../../etc/passwd"
+    return metadata
+
+
+def _beyond(metadata):
+    for info in metadata.storage_data.values():
+        info.length = 1 << 40
+    return metadata
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_bytes_entry, "model.extra is a pickled object; a checkpoint holds tensors only"),
+        (_outside, "the metadata names a shard file that is not the checkpoint's"),
+        (_beyond, "the metadata reads beyond the end of"),
+        (lambda metadata: {"not": "metadata"}, "not a sharded checkpoint's metadata"),
+    ],
+)
+def test_metadata_that_reaches_beyond_the_checkpoint_is_refused(sharded_run, tmp_path, change, message):
+    _rewrite(sharded_run, change)
+    for command in (("consolidate", sharded_run, "--out", tmp_path / "merged"), ("train", "--resume", sharded_run)):
+        outcome = bounded(f"sharded-{command[0]}", *command)
+        assert_clean(outcome, 1, message)

@@ -1,0 +1,159 @@
+"""FSDP2 (--strategy fsdp): 2 CPU processes (gloo) follow the one-process run with about half the memory each,
+their sharded checkpoint resumes on 1 or 2 processes alike and consolidates into the trained model, and a rank
+killed mid-checkpoint leaves the previous checkpoint whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import SPECS
+
+from trainer import batching, checkpoint, sharded
+from trainer.distributed import free_port
+from trainer.loop import TrainConfig, train
+from trainer.roles import ModelIO, Roles
+
+torch.set_num_threads(1)
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+SETTINGS = {
+    "spec": str(SPECS / "transformer.yaml"),
+    "overrides": {"d_model": 16, "heads": 2, "enc_layers": 2, "dec_layers": 2, "d_ff": 32, "dropout": 0.0},
+    "task": "reverse",
+    "task_options": {"symbols": 6, "min_len": 2, "max_len": 5, "train": 48, "valid": 8},
+    "batch_size": 16,
+    "epochs": 2,
+    "max_steps": 5,
+    "lr": 2e-3,
+    "warmup": 4,
+    "seed": 3,
+    "bleu_sentences": 0,
+}
+# softmax ignores a shift shared by all keys: the key biases' gradients are rounding noise, which Adam turns
+# into steps of the learning rate's size, differently in 1 and 2 processes (see tests/test_ddp.py)
+NOISE = "w_k.bias"
+
+
+def _worker(rank: int, world: int, port: int, folder: str, changes: dict, resume: str | None, kill_at: int) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})  # fmt: skip
+    torch.set_num_threads(1)
+    if kill_at and rank == 1:  # a kill of this rank in the middle of its kill_at-th checkpoint write
+        import torch.distributed.checkpoint as dcp
+
+        calls, save = [0], dcp.save
+
+        def dying(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == kill_at:
+                os._exit(9)
+            return save(*args, **kwargs)
+
+        dcp.save = dying
+    config = TrainConfig(**changes) if resume else TrainConfig(**{**SETTINGS, **changes})
+    result = train(config, None if resume else os.path.join(folder, "run"), resume=resume, quiet=True)
+    params, state = sharded.local_bytes(result.model, result.optimizer)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump({"history": result.history, "params": params, "state": state}, handle)
+
+
+def _spawn(folder, changes: dict, *, resume=None, kill_at: int = 0) -> list[dict]:
+    mp.spawn(_worker, args=(2, free_port(), str(folder), changes, resume, kill_at), nprocs=2, join=True)
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def _close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if not name.endswith(NOISE):
+            torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-process FSDP run and the one-process run of the same global batches."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    ranks = _spawn(folder, {"strategy": "fsdp"})
+    single = train(TrainConfig(**SETTINGS), folder / "one", quiet=True)
+    return folder, ranks, single
+
+
+def test_two_sharded_processes_follow_one_with_half_the_memory_each(runs, tmp_path):
+    folder, ranks, single = runs
+    for fsdp, one in zip(ranks[0]["history"], single.history, strict=True):
+        assert fsdp["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+        assert fsdp["valid_loss"] == pytest.approx(one["valid_loss"], abs=1e-5)
+    whole = sum(sharded.local_bytes(single.model, single.optimizer))
+    for rank in ranks:
+        assert rank["params"] + rank["state"] <= 0.6 * whole, (rank, whole)
+
+    merged = sharded.consolidate(folder / "run", tmp_path / "merged")
+    saved = checkpoint.load(merged)
+    _close(saved.model.state_dict(), single.model.state_dict())
+    batch = batching.collate(single.corpus.valid)
+    io = ModelIO(Roles(**saved.info["roles"]))
+    with torch.no_grad():
+        ours = io(saved.model.eval(), batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
+        reference = io(single.model.eval(), batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert saved.info["config"]["strategy"] == "ddp"  # an ordinary checkpoint resumes data-parallel
+
+
+def test_a_sharded_checkpoint_resumes_on_one_or_two_processes_alike(runs, tmp_path):
+    folder, _, _ = runs
+    for name in ("one", "two"):
+        shutil.copytree(folder / "run", tmp_path / name)
+    once = train(TrainConfig(max_steps=6), resume=tmp_path / "one", quiet=True)
+    (twice, _) = _spawn(tmp_path, {"max_steps": 6}, resume=str(tmp_path / "two"))
+    assert once.step == 6 and once.history[-1]["step"] == twice["history"][-1]["step"] == 6
+    assert once.history[-1]["train_loss"] == pytest.approx(twice["history"][-1]["train_loss"], abs=1e-5)
+    one = sharded.consolidate(tmp_path / "one", tmp_path / "merged-one")
+    two = sharded.consolidate(tmp_path / "two", tmp_path / "merged-two")
+    _close(checkpoint.load(one).model.state_dict(), checkpoint.load(two).model.state_dict())
+
+
+def test_a_rank_killed_mid_checkpoint_leaves_the_previous_one(tmp_path):
+    with pytest.raises(mp.ProcessExitedException):
+        _spawn(tmp_path, {"strategy": "fsdp", "save_every": 1, "max_steps": 3}, kill_at=3)
+    saved = checkpoint.load(tmp_path / "run", sharded_ok=True)
+    assert saved.sharded and saved.info["step"] == 2
+    merged = checkpoint.load(sharded.consolidate(tmp_path / "run", tmp_path / "merged"))
+    assert merged.info["step"] == 2
+
+
+def test_sharding_options_need_the_fsdp_strategy(tmp_path, run_cli):
+    result = run_cli("train", SPECS / "transformer.yaml", "--task", "copy", "--dtype", "bfloat16", "--out", tmp_path)
+    assert result.code == 1 and "--dtype applies to --strategy fsdp" in result.stderr, result.stderr
+
+
+def test_a_sharded_checkpoint_points_translate_to_consolidate(runs, run_cli):
+    folder, _, _ = runs
+    result = run_cli("translate", folder / "run", "1 2 3")
+    assert result.code == 1 and "blockgraph consolidate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recomputed_activations_change_nothing_and_bfloat16_stays_close(tmp_path):
+    """One process under fsdp: with --checkpoint-activations every repeated layer recomputes its forward in the
+    backward pass (registered with torch's checkpoint) and the run is the same; bfloat16 parameters follow the
+    float32 run to bfloat16's precision."""
+    from torch.distributed._composable.contract import _get_registry
+
+    plain = train(TrainConfig(**{**SETTINGS, "max_steps": 3}, strategy="fsdp"), quiet=True)
+    recomputed = train(
+        TrainConfig(**{**SETTINGS, "max_steps": 3}, strategy="fsdp", checkpoint_activations=True), quiet=True
+    )
+    layers = [m for m in recomputed.model.modules() if isinstance(m, torch.nn.ModuleList)]
+    assert layers and all("checkpoint" in (_get_registry(layer) or {}) for stack in layers for layer in stack)
+    for a, b in zip(plain.history, recomputed.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    half = train(TrainConfig(**{**SETTINGS, "max_steps": 3}, strategy="fsdp", dtype="bfloat16"), quiet=True)
+    for a, b in zip(plain.history, half.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
+        assert a["train_loss"] != b["train_loss"]  # it did compute in bfloat16
