@@ -33,7 +33,15 @@ app.add_typer(blocks_app, name="blocks")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "bool": ""}
+_TYPE_NAMES = {
+    "str": "TEXT",
+    "int": "N",
+    "int range": "N",
+    "float": "X",
+    "float range": "X",
+    "Path": "PATH",
+    "bool": "",
+}
 
 
 def _readable_types() -> None:
@@ -166,6 +174,17 @@ def use_plugins() -> None:
     warn(activate(State.plugins, allow_override=State.allow_override), strict=False)
 
 
+class Strategy(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+def torch_float32() -> Any:
+    import torch
+
+    return torch.float32
+
+
 class InspectFormat(str, Enum):
     tree = "tree"
     table = "table"
@@ -266,6 +285,14 @@ def inspect(
             help="List every parameter and buffer by its state_dict key (the names tie: takes), with shape and size.",
         ),
     ] = False,
+    ranks: Annotated[
+        int,
+        typer.Option(min=1, metavar="N", help="Also show what each of N training processes holds (with --strategy)."),
+    ] = 1,
+    strategy: Annotated[
+        Strategy | None,
+        typer.Option(help="How the processes share the model: ddp (each holds it all) or fsdp (sharded)."),
+    ] = None,
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
@@ -291,13 +318,26 @@ def inspect(
         else:
             write_plain(model.code)
         return
+    compute_dtype = pipeline.parse_dtype(dtype)
     report = views.inspect_report(
-        typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=pipeline.parse_dtype(dtype)
+        typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=compute_dtype
     )
+    per_rank = None
+    if ranks > 1 or strategy is not None:
+        from builder.views import per_rank as shares
+
+        chosen = (strategy or Strategy.fsdp).value
+        size = (compute_dtype or torch_float32()).itemsize
+        if format is InspectFormat.json:
+            report = json.dumps({**json.loads(report), "per_process": shares.ranks_json(model, ranks, chosen, size)})
+        elif format in (InspectFormat.tree, InspectFormat.table):
+            per_rank = shares.ranks_table(model, ranks, chosen, size)
     if isinstance(report, str):  # json, mermaid, dot: as is, never wrapped or read as Rich markup
         write_plain(report, json=format is InspectFormat.json)
     else:
         out.print(report)
+    if per_rank is not None:
+        out.print(per_rank)
 
 
 class ResolvedFormat(str, Enum):
@@ -313,7 +353,10 @@ def validate(
     strict: StrictOpt = False,
     resolved: Annotated[
         ResolvedFormat | None,
-        typer.Option(help="Print the resolved spec (variables substituted, extends merged, repeats expanded)."),
+        typer.Option(
+            help="Print the resolved spec: standalone (extends merged, variables substituted); it validates and "
+            "builds the same model."
+        ),
     ] = None,
     allow_external_files: ExternalOpt = False,
 ) -> None:

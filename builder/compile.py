@@ -99,7 +99,11 @@ def _tie(model: nn.Module, graph: Graph) -> None:
             current = model.get_parameter(target)
         except AttributeError as exc:
             problems.add(
-                Problem(f"tie {target} → {source}: {exc}", where, hint="names are state_dict keys; see inspect")
+                Problem(
+                    f"tie {target} → {source}: {exc}",
+                    where,
+                    hint="names are state_dict keys: `blockgraph inspect SPEC --params` lists them",
+                )
             )
             continue
         if current.shape != shared.shape:

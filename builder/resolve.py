@@ -157,7 +157,7 @@ class _Resolver:
         # None: a node (or input) already reported wrong, which refs may name without a second report
         failed = {part[-1] for part in self.left_out if part[:-1] == base} | looped
         if base == ("nodes",):
-            failed |= {part[1] for part in self.left_out if part[0] == "inputs" and len(part) == 2}
+            failed |= {part[1] for part in self.left_out if part[:1] == ("inputs",) and len(part) == 2}
         ports.update(dict.fromkeys(failed))
         uses: dict[str, Use] = {}
         for name in order:

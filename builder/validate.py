@@ -122,7 +122,7 @@ def _checked_spec(
                 problems.add(problem)
             if attempt:
                 break
-            left_out |= {_part(path) for path in failed_paths(exc, candidate)}
+            left_out |= {_part(path) for path in failed_paths(exc, candidate) if path}
     raise SpecError(problems.errors)
 
 
@@ -139,8 +139,7 @@ def _part(path: SpecPath) -> SpecPath:
 def _without(data: dict[str, Any], parts: set[SpecPath]) -> dict[str, Any]:
     """`data` without the values at `parts` (copied where it changes), a required key given its stand-in."""
     for part in parts:
-        if part:
-            data = _remove(data, part)
+        data = _remove(data, part)
     return {**data, **{key: value for key, value in STAND_INS.items() if (key,) in parts}}
 
 

@@ -166,3 +166,23 @@ def test_help_shows_metavars_not_python_types_and_flags_take_none(run_cli):
         assert "<bool>" not in result.stdout and "<list[" not in result.stdout and "<int>" not in result.stdout, args
     shown = run_cli("validate", "--help", env={"COLUMNS": "80"}).stdout
     assert re.search(r"--strict\s+Treat warnings", shown) and "NAME=VALUE" in shown
+
+
+def test_a_broken_tie_points_to_the_parameter_listing(run_cli, write_spec):
+    spec = write_spec(
+        {
+            "name": "tied",
+            "dims": {"b": 2},
+            "inputs": {"x": {"shape": ["b", 4]}},
+            "nodes": {
+                "a": {"type": "linear", "params": {"in_features": 4, "out_features": 4}, "in": "x"},
+                "c": {"type": "linear", "params": {"in_features": 4, "out_features": 4}, "in": "a"},
+            },
+            "tie": {"c.weigth": "a.weight"},
+            "outputs": "c",
+        }
+    )
+    result = run_cli("build", spec)
+    assert result.code == 1 and "`blockgraph inspect SPEC --params` lists them" in " ".join(result.stderr.split())
+    listing = run_cli("inspect", spec, "--params")
+    assert listing.code == 0 and "c.proj.weight" in listing.stdout and "did you mean c.proj.weight" in listing.stdout

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import SPECS
 
+from builder import sharding
 from trainer import batching, checkpoint, sharded
 from trainer.distributed import free_port
 from trainer.loop import TrainConfig, train
@@ -93,6 +94,10 @@ def test_two_sharded_processes_follow_one_with_half_the_memory_each(runs, tmp_pa
     whole = sum(sharded.local_bytes(single.model, single.optimizer))
     for rank in ranks:
         assert rank["params"] + rank["state"] <= 0.6 * whole, (rank, whole)
+    # what `inspect --ranks 2 --strategy fsdp` says is what the processes held
+    expected, ddp = sharding.per_rank(single.model, 2, "fsdp"), sharding.per_rank(single.model, 2, "ddp")
+    assert (ranks[0]["params"], ranks[0]["state"]) == (expected.parameters, expected.optimizer)
+    assert ddp.parameters + ddp.optimizer == whole
 
     merged = sharded.consolidate(folder / "run", tmp_path / "merged")
     saved = checkpoint.load(merged)
@@ -126,6 +131,22 @@ def test_a_rank_killed_mid_checkpoint_leaves_the_previous_one(tmp_path):
     assert saved.sharded and saved.info["step"] == 2
     merged = checkpoint.load(sharded.consolidate(tmp_path / "run", tmp_path / "merged"))
     assert merged.info["step"] == 2
+
+
+def test_inspect_shows_what_each_process_would_hold(runs, run_cli):
+    """The per-process figures of `inspect --ranks 2 --strategy fsdp` for the spec the 2 processes trained."""
+    _, ranks, _ = runs
+    sets = [f"{name}={value}" for name, value in SETTINGS["overrides"].items()]
+    dims = ["--dim", "batch=2", "--dim", "src_len=5", "--dim", "tgt_len=5"]
+    args = ["inspect", SETTINGS["spec"], *[a for s in sets for a in ("--set", s)], *dims, "--ranks", "2"]
+    extra = ["--set", "src_vocab=10", "--set", "tgt_vocab=10"]  # the task's 6 symbols and the 4 specials
+    result = run_cli(*args, *extra, "--strategy", "fsdp", "--format", "json")
+    assert result.code == 0, result.stderr
+    shown = json.loads(result.stdout)["per_process"]
+    assert shown["strategy"] == "fsdp" and shown["parameters_bytes"] == ranks[0]["params"]
+    assert shown["optimizer_bytes"] == ranks[0]["state"]
+    table = run_cli(*args, *extra, "--strategy", "fsdp", env={"COLUMNS": "100"})
+    assert table.code == 0 and "per process, 2 processes" in table.stdout and "fsdp" in table.stdout
 
 
 def test_sharding_options_need_the_fsdp_strategy(tmp_path, run_cli):

@@ -77,6 +77,8 @@ def test_inspect_params_lists_every_key_with_shape_and_count(run_cli):
     )
     refused = run_cli("inspect", TINY, "--params", "--format", "dot")
     assert refused.code == 1 and "--params" in refused.stderr and refused.exception is None
+    both = run_cli("inspect", TINY, "--params", "--code")
+    assert both.code == 1 and "give one of them" in both.stderr and both.exception is None
 
 
 def test_inspect_params_serves_a_spec_whose_tie_names_no_key(run_cli, write_spec):

@@ -351,8 +351,9 @@ def test_cli_set_values_are_typed(run_cli, write_spec):
     params = resolved["nodes"]["l0"]["params"]
     assert params["in_features"] == 32 and params["bias"] is True
     tiny = run_cli("validate", TINY, "--resolved", "json", "--set", "d_model=32", "--set", "layers=1")
-    nodes = json.loads(tiny.stdout)["nodes"]
-    assert nodes["encoder.0.attn"]["params"]["d_model"] == 32 and "encoder.1.attn" not in nodes
+    resolved_tiny = json.loads(tiny.stdout)
+    attn = resolved_tiny["blocks"]["encoder_block"]["nodes"]["attn"]
+    assert attn["params"]["d_model"] == 32 and resolved_tiny["nodes"]["encoder"]["repeat"] == 1
 
 
 def test_cli_unknown_set_name_is_exit_1_with_did_you_mean(run_cli):
@@ -680,17 +681,16 @@ def test_warnings_pass_validate_but_fail_strict(write_spec, run_cli):
 
 
 @pytest.mark.parametrize("fmt", ["json", "yaml"])
-def test_validate_resolved_prints_expanded_substituted_spec(run_cli, fmt):
+def test_validate_resolved_prints_a_substituted_standalone_spec(run_cli, fmt):
     result = run_cli("validate", TINY, "--resolved", fmt)
     assert result.code == 0, result.stderr
     data = json.loads(result.stdout) if fmt == "json" else yaml.safe_load(result.stdout)
-    nodes = data["nodes"]
-    assert "encoder.0.attn" in nodes and "encoder.1.norm2" in nodes and "encoder" not in nodes
-    attn = nodes["encoder.1.attn"]
+    assert data["nodes"]["encoder"] == {"type": "encoder_block", "in": {"x": "position", "pad": "pad"}, "repeat": 2}
+    attn = data["blocks"]["encoder_block"]["nodes"]["attn"]
     assert attn["type"] == "multi_head_attention"
     assert attn["params"]["d_model"] == 64 and attn["params"]["heads"] == 4 and attn["params"]["dropout"] == 0.1
-    assert attn["in"]["query"].startswith("encoder.0.norm2") and attn["in"]["key_padding_mask"] == "pad"
-    assert "${" not in result.stdout
+    assert attn["in"] == {"query": "x", "key_padding_mask": "pad"}
+    assert "${" not in result.stdout and "vars" not in data
 
 
 # --- JSON Schema --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from rich.console import RenderableType
 from builder.analysis import analyse
 from builder.model import GraphModel
 from builder.shapes import TypedGraph
-from builder.views.as_json import architecture_json, resolved_spec
+from builder.views.as_json import architecture_json
 from builder.views.drawings import architecture_dot, architecture_mermaid
 from builder.views.numbers import bytes_text, flops_text
 from builder.views.state import state_json, state_table
@@ -45,7 +45,6 @@ __all__ = [
     "inspect_totals",
     "node_params",
     "params_report",
-    "resolved_spec",
 ]
 
 INSPECT_FORMATS = ("tree", "table", "json", "mermaid", "dot")

@@ -147,26 +147,3 @@ def _totals_json(costs: Costs | None, params: dict[str, int]) -> dict:
         "weight_bytes": costs.weight_bytes(),
         "training_bytes": costs.training_bytes(),
     }
-
-
-def resolved_spec(graph: Graph) -> dict:
-    """The spec as the builder sees it: variables substituted, extends merged, sub-graphs and repeats expanded.
-
-    A flat, readable view (node ids are module paths such as `encoder.0.attn`), not a spec to load back.
-    """
-    nodes = {}
-    for inst in graph.nodes.values():
-        node: dict = {"type": inst.entry.name, "params": inst.params.model_dump(mode="json")}
-        node["in"] = {port: str(ep) for port, ep in inst.bindings.items() if ep is not None}
-        if inst.module_id != inst.id:
-            node["share"] = inst.module_id
-        nodes[inst.id] = node
-    return {
-        "name": graph.name,
-        "inputs": {n: s.model_dump(exclude_defaults=True) for n, s in graph.inputs.items()},
-        "nodes": nodes,
-        "outputs": str(graph.outputs["output"])
-        if graph.single_output
-        else {n: str(e) for n, e in graph.outputs.items()},
-        **({"tie": dict(graph.ties)} if graph.ties else {}),
-    }

@@ -9,6 +9,7 @@ column (the row's name) so that every row can still be read across.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
@@ -19,18 +20,20 @@ class FittedTable(Table):
     """A `Table` whose columns after the first are dealt, in `groups` that stay together when they fit, into as many
     tables as the width needs; each column is as wide as its longest word at least."""
 
-    def __init__(self, *args: object, groups: Sequence[Sequence[str]] = (), **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *headers: str | Column, groups: Sequence[Sequence[str]] = (), **settings: Any) -> None:
+        super().__init__(*headers, **settings)
         self.groups = [list(g) for g in groups]  # column headers, e.g. [["block", "inputs"], ["params", "FLOPs"]]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if not self.columns:
             return
         spans = [self._span(console, options, column) for column in self.columns]
-        for n, indices in enumerate(self._deal(spans, options.max_width)):
+        parts = self._deal(spans, options.max_width)
+        for n, indices in enumerate(parts):
             if n:
                 yield ""
-            yield self._part(indices, self._widths(indices, spans, options.max_width), first=n == 0)
+            widths = self._widths(indices, spans, options.max_width)
+            yield self._part(indices, widths, first=n == 0, last=n == len(parts) - 1)
 
     def _span(self, console: Console, options: ConsoleOptions, column: Column) -> tuple[int, int]:
         """(narrowest, widest) content width of a column: its longest word (whole cells when `no_wrap`), its
@@ -87,10 +90,11 @@ class FittedTable(Table):
             excess -= 1
         return widths
 
-    def _part(self, indices: list[int], widths: list[int], *, first: bool) -> Table:
+    def _part(self, indices: list[int], widths: list[int], *, first: bool, last: bool) -> Table:
+        """One of the tables: these columns at these widths, the title over the first, the caption under the last."""
         part = Table(
             title=self.title if first else None,
-            caption=self.caption,
+            caption=self.caption if last else None,
             box=self.box,
             show_header=self.show_header,
             show_edge=self.show_edge,

@@ -76,4 +76,4 @@ def test_escapes_in_a_plugins_block(tmp_path):
         "class Evil(Block):\n    '''\\x1b]0;pwned\\x07 summary [/x]'''\n"
         "    def forward(self, x):\n        return x\n"
     )
-    assert_clean(bounded("escape-plugin", "blocks", "list", "--plugin", plugin), 0, "evil_block")
+    assert_clean(bounded("escape-plugin", "--plugin", plugin, "blocks", "list"), 0, "evil_block")
