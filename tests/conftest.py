@@ -119,3 +119,18 @@ def restored_registry():
     entries, plugins = dict(REGISTRY._entries), dict(REGISTRY.plugins)
     yield REGISTRY
     REGISTRY._entries, REGISTRY.plugins = entries, plugins
+
+
+def assert_well_formed_dot(text: str):
+    """Parse a Graphviz drawing with pydot and check that every edge joins drawn nodes; returns the graph."""
+    import pydot
+
+    (graph,) = pydot.graph_from_dot_data(text)
+    names, pending = set(), [graph]
+    while pending:
+        sub = pending.pop()
+        names |= {n.get_name().strip('"') for n in sub.get_nodes()}
+        pending += sub.get_subgraphs()
+    edges = [(e.get_source().strip('"'), e.get_destination().strip('"')) for e in graph.get_edges()]
+    assert edges and all(s in names and d in names for s, d in edges)
+    return graph

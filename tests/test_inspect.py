@@ -14,7 +14,7 @@ import pytest
 import sympy
 import torch
 import yaml
-from conftest import SPECS
+from conftest import SPECS, assert_well_formed_dot
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -463,17 +463,10 @@ def test_dot_renders_with_graphviz(tiny, every_block):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydot's use of pyparsing
 def test_dot_parses_with_pydot(tiny, every_block):
-    pydot = pytest.importorskip("pydot")
+    pytest.importorskip("pydot")
     texts = [*_dot_outputs(*tiny).values(), views.inspect_report(*every_block[:2], fmt="dot")]
     for text in texts:
-        (graph,) = pydot.graph_from_dot_data(text)
-        names, pending = set(), [graph]
-        while pending:
-            sub = pending.pop()
-            names |= {n.get_name().strip('"') for n in sub.get_nodes()}
-            pending += sub.get_subgraphs()
-        edges = [(e.get_source().strip('"'), e.get_destination().strip('"')) for e in graph.get_edges()]
-        assert edges and all(s in names and d in names for s, d in edges)
+        graph = assert_well_formed_dot(text)
     assert graph.get_name() == '"every \\"block\\""'  # the spec's name, quotes escaped
     collapsed = views.inspect_report(*tiny, fmt="dot", depth=1)
     assert '"in:pad" -> "encoder" [label="key_padding_mask"];' in collapsed
