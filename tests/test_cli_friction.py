@@ -3,6 +3,7 @@ start, Ctrl-C, exported programs' calls, quick benchmarks, the plugin example, r
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -186,3 +187,16 @@ def test_a_broken_tie_points_to_the_parameter_listing(run_cli, write_spec):
     assert result.code == 1 and "`blockgraph inspect SPEC --params` lists them" in " ".join(result.stderr.split())
     listing = run_cli("inspect", spec, "--params")
     assert listing.code == 0 and "c.proj.weight" in listing.stdout and "did you mean c.proj.weight" in listing.stdout
+
+
+def test_the_plugins_reach_every_process_of_a_parallel_run(tmp_path):
+    spec = tmp_path / "lm.yaml"
+    spec.write_text(LM_WITH_A_PLUGIN_BLOCK)
+    (tmp_path / "lines.txt").write_text("a b c\nb c d\nc d e\nd e f\n")
+    command = [sys.executable, "-m", "cli", "--plugin", str(PLUGIN), "train", str(spec), "--data",
+               str(tmp_path / "lines.txt"), "--max-steps", "1", "--valid-fraction", "0", "--batch-size", "4",
+               "--nproc", "2", "--strategy", "fsdp", "--quiet", "--out", str(tmp_path / "run")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "run" / "checkpoint" / "sharded" / ".metadata").is_file()

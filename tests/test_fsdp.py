@@ -178,3 +178,50 @@ def test_recomputed_activations_change_nothing_and_bfloat16_stays_close(tmp_path
     for a, b in zip(plain.history, half.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
         assert a["train_loss"] != b["train_loss"]  # it did compute in bfloat16
+
+
+GPT = {
+    "spec": str(SPECS / "gpt_decoder.yaml"),
+    "overrides": {"d_model": 16, "heads": 2, "layers": 3, "d_ff": 32, "max_len": 32, "dropout": 0.0},
+    "max_steps": 3,
+    "batch_size": 8,
+    "lr": 2e-3,
+    "warmup": 2,
+    "seed": 1,
+    "valid_fraction": 0.0,
+}
+
+
+def test_repeated_sub_graphs_are_units_and_recompute_in_the_backward(tmp_path):
+    """A GPT's layers are sub-graph copies (no forward of their own): each copy's blocks are one unit, and
+    with --checkpoint-activations each block runs its forward twice a step, the second time in backward."""
+    lines = [" ".join(f"w{(i * 7 + j) % 11}" for j in range(3 + i % 5)) for i in range(24)]
+    (tmp_path / "lm.txt").write_text("\n".join(lines) + "\n")
+    settings = {**GPT, "data": str(tmp_path / "lm.txt")}
+    plain = train(TrainConfig(**settings), quiet=True)
+    shard = train(TrainConfig(**settings, strategy="fsdp"), quiet=True)
+    for a, b in zip(plain.history, shard.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    groups = sharded.units(shard.model)
+    assert len(groups) == 3 and all(len(group) > 1 for group in groups)  # 3 layers, several blocks each
+
+    assert _block_forwards(settings, checkpoint_activations=False) == 1
+    assert _block_forwards(settings, checkpoint_activations=True) == 2
+
+
+def _block_forwards(settings: dict, **options) -> int:
+    """How many times the first layer's first block runs in one training step (one batch)."""
+    from trainer import loop
+
+    calls, original = [], loop.initialise
+
+    def counted(model):  # after the model is built, before it is sharded
+        original(model)
+        model.decoder[0].ln1.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    loop.initialise = counted
+    try:
+        train(TrainConfig(**{**settings, "max_steps": 1}, strategy="fsdp", **options), quiet=True)
+    finally:
+        loop.initialise = original
+    return len(calls)

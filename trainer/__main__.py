@@ -2,6 +2,7 @@
 
 import sys
 
+from builder.plugins import activate
 from common.console import report
 from common.errors import BlockgraphError, UsageError
 from common.files import FileKind, MiB
@@ -16,6 +17,7 @@ try:
     kind = FileKind("training job", UsageError, limit=16 * MiB)
     job = read_record(sys.argv[1], Job, kind)
     config = check_record(job.config, TrainConfig, kind, sys.argv[1], field="config")
+    activate(job.plugins)  # the blocks the launcher had: named by the user who started it
     train(config, job.out, resume=job.resume, quiet=job.quiet, locked=job.locked)
 except BlockgraphError as error:
     report(error)

@@ -6,7 +6,8 @@ N processes start; each reads RANK, WORLD_SIZE and LOCAL_RANK from its
 environment, joins the process group, trains on its shard of every global batch (see trainer.batching) and
 all-reduces gradients. The loss of a rank is its summed token loss divided by the *global* token count and
 multiplied by N, so DDP's gradient average equals the single-process gradient of the same global batch.
-Only rank 0 evaluates, prints and writes checkpoints.
+Only rank 0 prints and writes checkpoints; it evaluates alone under DDP, with the others under FSDP
+(trainer.sharded), whose forward takes every rank. The workers load the plugins the launcher was given.
 """
 
 from __future__ import annotations
@@ -150,12 +151,16 @@ class Job(BaseModel):
     resume: str | None = None
     quiet: bool = False
     locked: bool = False  # the launcher holds the run directory's lock until every worker has ended
+    plugins: list[str] = []  # what the user named (--plugin, $BLOCKGRAPH_PLUGINS): the workers load them too
 
     @classmethod
     def of(cls, config: TrainConfig, out: Path, resume: Path | None, quiet: bool) -> Job:
+        from blocks import REGISTRY
+
         given = config.model_dump(mode="json", exclude_unset=True)
         resumed = None if resume is None else str(resume)
-        return cls(config=given, out=str(out), resume=resumed, quiet=quiet, locked=True)
+        plugins = list(REGISTRY.plugins)
+        return cls(config=given, out=str(out), resume=resumed, quiet=quiet, locked=True, plugins=plugins)
 
 
 def launch(nproc: int, job: Job, *, port: int | None = None) -> int:

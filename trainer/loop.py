@@ -26,7 +26,7 @@ from builder import persist
 from builder.pipeline import compile_graph, load_spec, typed_graph
 from builder.shapes import TypedGraph
 from common.console import safe_console
-from common.errors import Problem, SpecError, UsageError
+from common.errors import CheckpointError, Location, Problem, SpecError, UsageError
 from common.records import check_record
 from trainer import batching, bleu, checkpoint, corpus, decode, distributed, pretrained, rundir, schedule, sharded
 from trainer.config import RESUMABLE, TrainConfig
@@ -257,6 +257,15 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
         data = corpus.load(stored.model_copy(update=changes), roles.kind, vocabs=vocabs, labels=saved.labels)
     stored = stored.model_copy(update=changes)
     corpus.fit_positions(data, *decode.length_limits(typed, roles))
+    sharded.check(stored)
+    if stored.strategy == "fsdp" and not saved.sharded:
+        raise CheckpointError(
+            Problem(
+                "this checkpoint is not sharded, but its options say --strategy fsdp",
+                Location(str(saved.path / checkpoint.TRAINER)),
+                hint="the checkpoint is corrupt, or was edited",
+            )
+        )
     if stored.strategy == "fsdp":
         sharded.shard(model, stored, context)
     optimizer = schedule.adam(model)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import Context
 from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON
 
+RNG = re.compile(r"rng\.(cpu|cuda)\.\d{1,6}")  # the generator states a checkpoint may hold (distributed.gather_rng)
 METADATA_FILE = FileKind("sharded checkpoint's .metadata", CheckpointError, limit=256 * MiB)
 
 
@@ -61,7 +63,7 @@ def check(config: TrainConfig) -> None:
 
 
 def shard(model: nn.Module, config: TrainConfig, context: Context) -> None:
-    """Shard `model` in place over the processes: each repeated layer a unit, then the root."""
+    """Shard `model` in place over the processes: each repeated layer a unit (innermost first), then the root."""
     from torch.distributed._composable import checkpoint as recompute
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -69,15 +71,34 @@ def shard(model: nn.Module, config: TrainConfig, context: Context) -> None:
     if not context.distributed:
         distributed.single_group(context)
     mesh = init_device_mesh(context.device.type, (context.world,))
-    policy = MixedPrecisionPolicy()
-    if config.dtype == "bfloat16":
+    policy, root = MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    if config.dtype == "bfloat16":  # the loss is computed from float32 outputs
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    layers = [layer for module in model.modules() if isinstance(module, nn.ModuleList) for layer in module]
-    for layer in layers:
+        root = MixedPrecisionPolicy(torch.bfloat16, torch.float32, output_dtype=torch.float32)
+    for blocks in units(model):
         if config.checkpoint_activations:
-            recompute(layer)
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+            for block in blocks:
+                recompute(block)
+        fully_shard(blocks, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=root)
+
+
+def units(model: nn.Module) -> list[list[nn.Module]]:
+    """The blocks of each repeated layer, deepest repeats first (FSDP wraps inside out). A layer is one block,
+    or a sub-graph's copy (a ModuleDict, which has no forward of its own): its blocks, those of repeats nested
+    in it left to their own units."""
+    copies = [(name.count("."), copy) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
+              for copy in module]  # fmt: skip
+    nested = {id(copy) for _, copy in copies}
+
+    def blocks(module: nn.Module) -> list[nn.Module]:
+        if not isinstance(module, nn.ModuleDict | nn.ModuleList):
+            return [module]
+        return [b for child in module.children() if id(child) not in nested for b in blocks(child)]
+
+    found = [[copy] if not isinstance(copy, nn.ModuleDict) else blocks(copy)
+             for _, copy in sorted(copies, key=lambda item: -item[0])]  # fmt: skip
+    return [group for group in found if group]
 
 
 def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
@@ -92,10 +113,6 @@ def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int
     return parameters, state
 
 
-def is_sharded(directory: Path) -> bool:
-    return (directory / SHARDED / METADATA).is_file()
-
-
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, *, prime: bool = False) -> dict[str, Any]:
     """The model's and optimizer's state dicts as DCP writes and reads them (the optimizer's hyper-parameters
     are the schedule's, in trainer.json). `prime`: create a fresh optimizer's state first, to load into (a step
@@ -105,7 +122,8 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, *, prime: bool = 
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         for parameter in model.parameters():
-            parameter.grad = torch.zeros_like(parameter)
+            if parameter.requires_grad:  # a frozen one has no state, in training as here
+                parameter.grad = torch.zeros_like(parameter)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for group, rate in zip(optimizer.param_groups, rates, strict=True):
@@ -122,8 +140,9 @@ def save(
     records: checkpoint.Records,
     rng: dict[str, torch.Tensor],
     context: Context,
-) -> Path:
-    """Every rank: write the sharded checkpoint `directory` (see the module notes); returns its path."""
+) -> Path | None:
+    """Every rank: write the sharded checkpoint `directory` (see the module notes); its path, or None on the
+    ranks whose rank 0 could not write it (rank 0 raises the error)."""
     state = {**_state(model, optimizer), **rng}
     spec_text = dump_yaml(model.typed_graph.graph.standalone)  # type: ignore[union-attr]
     if not context.main:
@@ -131,23 +150,24 @@ def save(
         if folder is not None:
             dcp.save(state, checkpoint_id=Path(folder) / SHARDED)
         dist.barrier()
-        return directory
+        return None if folder is None else directory
+    sent = []
 
     def fill(tmp: Path) -> None:
         tmp.mkdir(exist_ok=True)
-        _broadcast([str(tmp)])
+        sent.append(_broadcast([str(tmp)]))
         dcp.save(state, checkpoint_id=tmp / SHARDED)
         dist.barrier()
         records.write(tmp)
         (tmp / SPEC).write_text(spec_text, encoding="utf-8")
 
     try:
-        check_directory_target(directory, owned=checkpoint.replaceable, what=checkpoint.WHAT)
-    except Exception:
-        _broadcast([None])  # the others stop waiting; the error is rank 0's to report
-        dist.barrier()
+        return write_directory(directory, fill, owned=checkpoint.replaceable, what=checkpoint.WHAT)
+    except BaseException:
+        if not sent:  # refused before the shards were asked for: the others stop waiting
+            _broadcast([None])
+            dist.barrier()
         raise
-    return write_directory(directory, fill, owned=checkpoint.replaceable, what=checkpoint.WHAT)
 
 
 def _broadcast(values: list[Any]) -> list[Any]:
@@ -155,22 +175,19 @@ def _broadcast(values: list[Any]) -> list[Any]:
     return values
 
 
-def load(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, distributed: bool
-) -> dict[str, torch.Tensor]:
+def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, distributed: bool) -> dict:
     """Fill `model` (sharded or whole) and `optimizer` from the sharded checkpoint `directory`; returns the
-    saved random-number generator states. Every rank calls it when `distributed`."""
+    saved random-number generator states of the ranks. Every rank calls it when `distributed`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     folder = directory / SHARDED
     reader = SafeReader(folder)
     metadata = reader.read_metadata()
-    if optimizer is None:
-        model_state, _ = get_state_dict(model, [])
-        state: dict[str, Any] = {"model": model_state}
-    else:
-        state = _state(model, optimizer, prime=True)
-    saved = metadata.state_dict_metadata
-    rng = {name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in saved.items()
-           if name.startswith("rng.") and isinstance(meta, dcp_metadata.TensorStorageMetadata)}  # fmt: skip
+    state = _state(model, optimizer, prime=True)
+    generator = torch.get_rng_state()  # a saved generator state has this one's shape and dtype, or is ignored
+    rng = {name: torch.empty_like(generator) for name, meta in metadata.state_dict_metadata.items()
+           if RNG.fullmatch(name) and tuple(meta.size) == tuple(generator.shape)
+           and meta.properties.dtype == generator.dtype}  # fmt: skip
     state.update(rng)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -178,16 +195,19 @@ def load(
             dcp.load(state, storage_reader=reader, no_dist=not distributed)
     except CheckpointError:
         raise
-    except Exception as exc:  # DCP's messages name what is missing or mis-shaped: keep that, say where
-        message = f"the sharded checkpoint does not fit this model: {type(exc).__name__}: {str(exc)[:300]}"
+    except CheckpointException as exc:  # a rank failed to read: its error quotes tracebacks and torch's advice
+        first = next(iter(getattr(exc, "failures", {}).values()), None)
+        kind = type(getattr(first, "exc", first)).__name__
+        message = f"the sharded checkpoint does not fit this model: a shard cannot be read ({kind})"
+        raise CheckpointError(Problem(message, Location(str(folder)), hint="it is corrupt or truncated")) from None
+    except Exception as exc:  # DCP's message names what is missing or mis-shaped: keep that
+        text = " ".join(str(exc).split())[:300]
+        message = f"the sharded checkpoint does not fit this model: {type(exc).__name__}: {text}"
         hint = "it is corrupt, or of another spec"
         raise CheckpointError(Problem(message, Location(str(folder)), hint=hint)) from None
-    if optimizer is None:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
-    else:
-        groups = get_state_dict(model, optimizer)[1]["param_groups"]
-        optimizer_state = {"state": state["optim"]["state"], "param_groups": groups}
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optimizer_state)
+    groups = get_state_dict(model, optimizer)[1]["param_groups"]
+    optimizer_state = {"state": state["optim"]["state"], "param_groups": groups}
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optimizer_state)
     return rng
 
 
@@ -206,21 +226,54 @@ class SafeReader(FileSystemReader):
             metadata = None
         if not isinstance(metadata, dcp_metadata.Metadata):
             raise CheckpointError(Problem("not a sharded checkpoint's metadata", where))
-        objects = [name for name, meta in metadata.state_dict_metadata.items()
-                   if not isinstance(meta, dcp_metadata.TensorStorageMetadata)]  # fmt: skip
-        if objects:
-            raise CheckpointError(Problem(f"{objects[0]} is a pickled object; a checkpoint holds tensors only", where))
-        for info in (metadata.storage_data or {}).values():
-            name = str(getattr(info, "relative_path", ""))
-            shard = folder / name
-            if not SHARD_FILE.fullmatch(name) or not shard.is_file() or shard.is_symlink():
-                raise CheckpointError(Problem("the metadata names a shard file that is not the checkpoint's", where))
-            if not (info.offset >= 0 and info.length >= 0 and info.offset + info.length <= shard.stat().st_size):
-                raise CheckpointError(Problem(f"the metadata reads beyond the end of {name}", where))
+        _check_tensors(metadata.state_dict_metadata, where)
+        _check_storage(metadata.storage_data, folder, where)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _sizes(value: object) -> bool:
+    return isinstance(value, torch.Size) and all(type(d) is int and d >= 0 for d in value)
+
+
+def _check_tensors(entries: object, where: Location) -> None:
+    """Every entry a tensor's, with sizes, dtype and chunks of the right types (DCP trusts them)."""
+    if not isinstance(entries, dict) or not all(isinstance(name, str) for name in entries):
+        raise CheckpointError(Problem("the metadata's entries are not a mapping of names", where))
+    for name, meta in entries.items():
+        if not isinstance(meta, dcp_metadata.TensorStorageMetadata):
+            raise CheckpointError(Problem(f"{name} is a pickled object; a checkpoint holds tensors only", where))
+        properties, chunks = meta.properties, meta.chunks
+        well_formed = (
+            _sizes(meta.size)
+            and isinstance(properties, dcp_metadata.TensorProperties)
+            and isinstance(properties.dtype, torch.dtype)
+            and isinstance(chunks, list)
+            and all(isinstance(c, dcp_metadata.ChunkStorageMetadata) and _sizes(c.offsets) and _sizes(c.sizes)
+                    for c in chunks)
+        )  # fmt: skip
+        if not well_formed:
+            raise CheckpointError(Problem(f"the metadata of {name} is not a tensor's", where))
+
+
+def _check_storage(storage: object, folder: Path, where: Location) -> None:
+    """Every read in a shard file of the checkpoint, within the file, as it was written (no transforms)."""
+    if not isinstance(storage, dict):
+        raise CheckpointError(Problem("the metadata's storage is not a mapping", where))
+    for info in storage.values():
+        name = getattr(info, "relative_path", None)
+        shard = folder / name if isinstance(name, str) else folder
+        if not isinstance(name, str) or not SHARD_FILE.fullmatch(name) or not shard.is_file() or shard.is_symlink():
+            raise CheckpointError(Problem("the metadata names a shard file that is not the checkpoint's", where))
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if type(offset) is not int or type(length) is not int or not 0 <= offset <= offset + length:
+            raise CheckpointError(Problem(f"the metadata's byte range in {name} is not a range", where))
+        if offset + length > shard.stat().st_size:
+            raise CheckpointError(Problem(f"the metadata reads beyond the end of {name}", where))
+        if getattr(info, "transform_descriptors", None):  # blockgraph never writes compressed shards
+            raise CheckpointError(Problem(f"the metadata transforms what it reads from {name}", where))
 
 
 _DCP_CLASSES = {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -234,7 +287,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         allowed = (
             (module == "torch.distributed.checkpoint.metadata" and name in _DCP_CLASSES)
             or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch" and (name == "Size" or isinstance(vars(torch).get(name), torch.dtype)))
             or (module == "torch.serialization" and name == "_get_layout")
             or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
         )

@@ -72,9 +72,69 @@ def _beyond(metadata):
     return metadata
 
 
+def _first_tensor(metadata):
+    return next(meta for name, meta in metadata.state_dict_metadata.items() if name.startswith("model."))
+
+
+def _no_properties(metadata):
+    _first_tensor(metadata).properties = None
+    return metadata
+
+
+def _negative_size(metadata):
+    import torch
+
+    _first_tensor(metadata).size = torch.Size([-4])
+    return metadata
+
+
+def _entries_list(metadata):
+    metadata.state_dict_metadata = list(metadata.state_dict_metadata)
+    return metadata
+
+
+def _text_offset(metadata):
+    for info in metadata.storage_data.values():
+        info.offset = "0"
+    return metadata
+
+
+def _compressed(metadata):
+    for info in metadata.storage_data.values():
+        info.transform_descriptors = ["stream.zstd/1"]
+    return metadata
+
+
+def _huge_generator_state(metadata):
+    import torch
+
+    name = next(name for name in metadata.state_dict_metadata if name.startswith("rng."))
+    metadata.state_dict_metadata[name].size = torch.Size([1 << 42])
+    return metadata
+
+
+def test_a_generator_state_of_another_size_is_ignored_not_allocated(sharded_run, tmp_path):
+    _rewrite(sharded_run, _huge_generator_state)
+    outcome = bounded("sharded-rng", "consolidate", sharded_run, "--out", tmp_path / "merged")
+    assert_clean(outcome, 0, "wrote")
+
+
+def test_a_corrupt_shard_is_a_located_error(sharded_run, tmp_path):
+    shard = next((sharded_run / "checkpoint" / "sharded").glob("__*.distcp"))
+    shard.write_bytes(bytes(shard.stat().st_size))
+    for command in (("consolidate", sharded_run, "--out", tmp_path / "merged"), ("train", "--resume", sharded_run)):
+        outcome = bounded(f"sharded-zeroed-{command[0]}", *command)
+        assert_clean(outcome, 1, "the sharded checkpoint does not fit this model", absent=("weights_only=False",))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        (_no_properties, "is not a tensor's"),
+        (_negative_size, "is not a tensor's"),
+        (_entries_list, "the metadata's entries are not a mapping of names"),
+        (_text_offset, "is not a range"),
+        (_compressed, "the metadata transforms what it reads from"),
         (_bytes_entry, "model.extra is a pickled object; a checkpoint holds tensors only"),
         (_outside, "the metadata names a shard file that is not the checkpoint's"),
         (_beyond, "the metadata reads beyond the end of"),
