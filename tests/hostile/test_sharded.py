@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,3 +147,20 @@ def test_metadata_that_reaches_beyond_the_checkpoint_is_refused(sharded_run, tmp
     for command in (("consolidate", sharded_run, "--out", tmp_path / "merged"), ("train", "--resume", sharded_run)):
         outcome = bounded(f"sharded-{command[0]}", *command)
         assert_clean(outcome, 1, message)
+
+
+def test_naming_a_torch_module_in_the_metadata_imports_nothing():
+    """`torch.onnx` named by a two-opcode pickle: refused before torch would import it on attribute access."""
+    code = (
+        "import io, sys\n"
+        "from trainer import sharded\n"
+        "data = b'\\x80\\x04\\x8c\\x05torch\\x94\\x8c\\x04onnx\\x94\\x93\\x94.'\n"
+        "try:\n"
+        "    sharded._MetadataUnpickler(io.BytesIO(data)).load()\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__)\n"
+        "print('torch.onnx' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["CheckpointError", "False"], done.stdout + done.stderr
