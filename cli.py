@@ -179,12 +179,6 @@ class Strategy(str, Enum):
     fsdp = "fsdp"
 
 
-def torch_float32() -> Any:
-    import torch
-
-    return torch.float32
-
-
 class InspectFormat(str, Enum):
     tree = "tree"
     table = "table"
@@ -327,7 +321,7 @@ def inspect(
         from builder.views import per_rank as shares
 
         chosen = (strategy or Strategy.fsdp).value
-        size = (compute_dtype or torch_float32()).itemsize
+        size = compute_dtype.itemsize if compute_dtype is not None else 4  # float32
         if format is InspectFormat.json:
             report = json.dumps({**json.loads(report), "per_process": shares.ranks_json(model, ranks, chosen, size)})
         elif format in (InspectFormat.tree, InspectFormat.table):

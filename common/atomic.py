@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from common.errors import Location, Problem, WriteError
-from common.files import kind_of, reason
+from common.files import created_mode, kind_of, reason
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -181,9 +181,7 @@ def _parent(path: Path) -> Path:
 def _temporary(path: Path) -> Path:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_stem(path)}.tmp-{os.getpid()}-", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # what a plain mkdir gives; mkdtemp's is private to its owner
+        os.chmod(tmp, created_mode(0o777))  # what a plain mkdir gives; mkdtemp's is private to its owner
     except OSError as exc:
         raise WriteError(Problem(f"cannot write in {path.parent}: {reason(exc)}", Location(str(path)))) from None
     return tmp

@@ -94,6 +94,13 @@ def _require_regular(path: Path, mode: int, kind: FileKind) -> None:
     )
 
 
+def created_mode(bits: int) -> int:
+    """The mode a plain create gives: `bits` (0o666 for a file, 0o777 for a directory) less the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return bits & ~umask
+
+
 def reason(exc: BaseException) -> str:
     """Why an operation failed, for messages: the system's words ("No space left on device"), no path."""
     return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or type(exc).__name__

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common.errors import BlockgraphError, CheckpointError
-from common.files import FileKind, MiB, open_file
+from common.files import FileKind, MiB, created_mode, open_file
 from common.text import excerpt
 
 MAX_HEADER = 100 * MiB  # the safetensors library's own bound
@@ -140,6 +140,4 @@ def _settle(path: Path) -> None:
         if 0 < len(ordered) <= size:  # the same text reordered: never longer (checked all the same)
             handle.seek(8)
             handle.write(ordered.ljust(size, b" "))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, created_mode(0o666))

@@ -38,7 +38,7 @@ from common.records import read_record
 from common.tensorfile import read_header, write_safetensors
 from trainer import subword
 from trainer.roles import ROLE_NAMES, Roles, find_roles
-from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON
+from trainer.text import RECORD, TOKENIZER, tokenizer_folder
 from trainer.vocab import Vocab, resolve_tokenizer
 
 FORMAT = "blockgraph-checkpoint"
@@ -184,12 +184,7 @@ def is_checkpoint(path: Path) -> bool:
 
 def replaceable(path: Path) -> bool:
     """A directory `save` may replace: a checkpoint and nothing else (no file of the user's would be lost)."""
-    tokenizer = {*TOKENIZER_JSON, *MARIAN_FILES}
-    rules = {
-        MODEL: persist.replaceable,
-        TOKENIZER: lambda p: owned_directory(p, None, tokenizer),
-        SHARDED: _shards_only,
-    }
+    rules = {MODEL: persist.replaceable, TOKENIZER: tokenizer_folder, SHARDED: _shards_only}
     return owned_directory(path, TRAINER, {VOCAB, TRAINER, STATE, RECORD, SHARDED_SPEC}, rules)
 
 

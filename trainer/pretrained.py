@@ -38,7 +38,7 @@ from trainer import checkpoint
 from trainer.generation import Translator
 from trainer.roles import Roles, find_roles, sizes
 from trainer.specials import Specials
-from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON, ModelText, TextSide
+from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON, ModelText, TextSide, tokenizer_folder
 
 FORMAT = "blockgraph-pretrained"
 SPEC, MODEL = "spec.yaml", "model"
@@ -107,13 +107,7 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
 def replaceable(path: Path) -> bool:
     """An imported model's directory, and nothing of the user's, may be replaced by another import: not a
     spec.yaml the user edited, nor any file of theirs."""
-    files = {*TOKENIZER_JSON, *MARIAN_FILES}
-    owned = owned_directory(
-        path,
-        RECORD,
-        {RECORD, SPEC},
-        {MODEL: persist.replaceable, TOKENIZER: lambda p: owned_directory(p, None, files)},
-    )
+    owned = owned_directory(path, RECORD, {RECORD, SPEC}, {MODEL: persist.replaceable, TOKENIZER: tokenizer_folder})
     if not owned or not (path / SPEC).exists():
         return owned
     try:

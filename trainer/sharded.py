@@ -47,7 +47,7 @@ from trainer.checkpoint import METADATA, SHARD_FILE, SHARDED
 from trainer.checkpoint import SHARDED_SPEC as SPEC
 from trainer.config import TrainConfig
 from trainer.distributed import Context
-from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON
+from trainer.text import RECORD, TOKENIZER, TOKENIZER_FILES
 
 RNG = re.compile(r"rng\.(cpu|cuda)\.\d{1,6}")  # the generator states a checkpoint may hold (distributed.gather_rng)
 METADATA_FILE = FileKind("sharded checkpoint's .metadata", CheckpointError, limit=256 * MiB)
@@ -99,18 +99,6 @@ def units(model: nn.Module) -> list[list[nn.Module]]:
     found = [[copy] if not isinstance(copy, nn.ModuleDict) else blocks(copy)
              for _, copy in sorted(copies, key=lambda item: -item[0])]  # fmt: skip
     return [group for group in found if group]
-
-
-def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """The bytes this process holds of the parameters and of the optimizer state (its shards only)."""
-
-    def size(tensor: torch.Tensor) -> int:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        return local.numel() * local.element_size()
-
-    parameters = sum(size(p) for p in model.parameters())
-    state = sum(size(v) for entries in optimizer.state.values() for v in entries.values() if torch.is_tensor(v))
-    return parameters, state
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, *, prime: bool = False) -> dict[str, Any]:
@@ -315,7 +303,7 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     info["config"] = {**info["config"], "strategy": "ddp", "dtype": "float32", "checkpoint_activations": False}
     carried = {
         name: read_bytes(saved.path / name, checkpoint.VOCAB_FILE)
-        for name in (RECORD, *(f"{TOKENIZER}/{n}" for n in (*TOKENIZER_JSON, *MARIAN_FILES)))
+        for name in (RECORD, *(f"{TOKENIZER}/{n}" for n in TOKENIZER_FILES))
         if (saved.path / name).is_file()
     }
     records = checkpoint.Records(info, saved.src_vocab, saved.tgt_vocab, saved.labels, carried or None)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from common.atomic import owned_directory
 from trainer.specials import Specials
 from trainer.vocab import EOS_ID, UNK_ID, Vocab, tokenize
 
@@ -18,6 +20,12 @@ RECORD = "pretrained.json"  # model type, special-token ids, which tokenizer
 TOKENIZER = "tokenizer"  # the folder of the tokenizer's files
 TOKENIZER_JSON = ("tokenizer.json",)
 MARIAN_FILES = ("source.spm", "target.spm", "vocab.json")
+TOKENIZER_FILES = (*TOKENIZER_JSON, *MARIAN_FILES)
+
+
+def tokenizer_folder(path: Path) -> bool:
+    """A tokenizer/ folder as blockgraph writes it (the files of one of the layouts above, nothing else)."""
+    return owned_directory(path, None, set(TOKENIZER_FILES))
 
 
 @dataclass(frozen=True)
