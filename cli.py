@@ -15,10 +15,10 @@ import typer
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from common.console import err, out, problems_view, report, write_plain
-from common.errors import BlockgraphError, Problem, UsageError
-from common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
-from common.text import clean_json
+from blockgraph.common.console import err, out, problems_view, report, write_plain
+from blockgraph.common.errors import BlockgraphError, Problem, UsageError
+from blockgraph.common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
+from blockgraph.common.text import clean_json
 
 app = typer.Typer(
     name="blockgraph",
@@ -124,14 +124,14 @@ def main_options(
 
 def _typed_graph(spec: Path, set_: list[str], allow_external_files: bool) -> Any:
     """The spec validated, wired and shape-checked, with its --set overrides."""
-    from builder import pipeline
+    from blockgraph.builder import pipeline
 
     overrides = parse_pairs(set_, "--set", typed=True)
     return pipeline.typed_graph(spec, overrides, allow_external_files=allow_external_files)
 
 
 def parse_dims(values: list[str]) -> dict[str, int]:
-    from builder.spec import MAX_DIM
+    from blockgraph.builder.spec import MAX_DIM
 
     dims = {}
     for name, raw in parse_pairs(values, "--dim", typed=False).items():
@@ -143,7 +143,7 @@ def parse_dims(values: list[str]) -> dict[str, int]:
 
 
 def warn(items: list[Problem], strict: bool) -> None:
-    from common.errors import SpecError
+    from blockgraph.common.errors import SpecError
 
     if not items:
         return
@@ -169,7 +169,7 @@ ExternalOpt = Annotated[
 
 def use_plugins() -> None:
     """Installed plugin packages, $BLOCKGRAPH_PLUGINS and --plugin: named ones must load, packages only warn."""
-    from builder.plugins import activate
+    from blockgraph.builder.plugins import activate
 
     warn(activate(State.plugins, allow_override=State.allow_override), strict=False)
 
@@ -207,7 +207,7 @@ def build(
     """Validate SPEC, compile it, run one forward pass on dummy inputs, and print a summary."""
     import torch
 
-    from builder import persist, pipeline, trial, views
+    from blockgraph.builder import persist, pipeline, trial, views
 
     if out_dir is not None:
         persist.check_destination(out_dir)
@@ -290,7 +290,7 @@ def inspect(
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Show the architecture (blocks, shapes, parameters, FLOPs, memory) without allocating any weight."""
-    from builder import pipeline, views
+    from blockgraph.builder import pipeline, views
 
     if code and params:
         raise UsageError(Problem("--code and --params print different things", hint="give one of them"))
@@ -318,7 +318,7 @@ def inspect(
     )
     per_rank = None
     if ranks > 1 or strategy is not None:
-        from builder.views import per_rank as shares
+        from blockgraph.builder.views import per_rank as shares
 
         chosen = (strategy or Strategy.fsdp).value
         size = compute_dtype.itemsize if compute_dtype is not None else 4  # float32
@@ -355,8 +355,8 @@ def validate(
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Check specs without allocating weights: exit 0 when all are valid, 1 otherwise."""
-    from builder import pipeline
-    from builder.source import dump_json, dump_yaml
+    from blockgraph.builder import pipeline
+    from blockgraph.builder.source import dump_json, dump_yaml
 
     overrides = parse_pairs(set_, "--set", typed=True)
     failed = False
@@ -394,7 +394,7 @@ def schema(
     ] = False,
 ) -> None:
     """Print the JSON Schema of spec files (every registered block's params included) for editors."""
-    from builder.schema import fields_markdown, spec_schema
+    from blockgraph.builder.schema import fields_markdown, spec_schema
 
     if markdown:
         write_plain(fields_markdown())
@@ -404,7 +404,7 @@ def schema(
     if output is None:
         write_plain(text)
     else:
-        from common.atomic import write_text
+        from blockgraph.common.atomic import write_text
 
         write_text(output, text + "\n", what="schema file")
         err.print(f"wrote {output}", markup=False)
@@ -435,8 +435,8 @@ def export(
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Export SPEC or a saved model for deployment, its named dimensions (batch, seq, ...) dynamic."""
-    from builder import export as exporting
-    from builder import persist, pipeline, trial
+    from blockgraph.builder import export as exporting
+    from blockgraph.builder import persist, pipeline, trial
 
     if persist.is_saved_model(spec):
         if set_:
@@ -468,7 +468,7 @@ def blocks_default(
 ) -> None:
     """With no subcommand, list every block (built-in and from plugins)."""
     if markdown:
-        from builder import blockdoc
+        from blockgraph.builder import blockdoc
 
         write_plain(blockdoc.markdown_reference())
     elif ctx.invoked_subcommand is None:
@@ -487,7 +487,7 @@ def blocks_list(
     ] = "*",
 ) -> None:
     """Every registered block: name, family, source and summary."""
-    from builder import blockdoc
+    from blockgraph.builder import blockdoc
 
     out.print(blockdoc.list_table(pattern))
 
@@ -498,7 +498,7 @@ def blocks_show(
     name: Annotated[str, typer.Argument(help="Block name.")],
 ) -> None:
     """A block's parameters, ports, state_dict keys, documentation and an example spec snippet."""
-    from builder import blockdoc
+    from blockgraph.builder import blockdoc
 
     out.print(blockdoc.render_block(blockdoc.lookup(name)))
 
@@ -506,7 +506,7 @@ def blocks_show(
 def _register_training() -> None:
     """`train`, `translate`, `generate`, `import` and `consolidate` live in the trainer package; their errors
     render here like every command's."""
-    from trainer import commands
+    from blockgraph.trainer import commands
 
     app.command("train")(user_errors(commands.train))
     app.command("translate")(user_errors(commands.translate))

@@ -36,7 +36,7 @@ def sinusoids(max_len, dim):
 
 which = sys.argv[1]
 if which == "blockgraph":
-    import builder
+    from blockgraph import builder
     typed = builder.typed_graph(sys.argv[2])
 gc.collect()
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -65,7 +65,7 @@ def measure(which: str, arg: str) -> dict:
 
 
 def main() -> None:
-    import builder
+    from blockgraph import builder
 
     config = builder.load_spec(SPEC).spec.vars
     runs = [(measure("torch.nn", json.dumps(config)), measure("blockgraph", str(SPEC))) for _ in range(3)]

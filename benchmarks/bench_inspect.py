@@ -60,7 +60,7 @@ def work(case: str, fmt: str) -> tuple[dict[str, float], int]:
     """Run one case after the imports; (seconds per stage, blocks)."""
     from rich.console import Console
 
-    from builder import pipeline, views
+    from blockgraph.builder import pipeline, views
 
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def child(case: str, fmt: str, trace: bool) -> None:
     started = time.perf_counter()
     import torch  # noqa: F401 - the import is part of what a user waits for
 
-    import builder.views  # noqa: F401
+    import blockgraph.builder.views  # noqa: F401
 
     imported = time.perf_counter() - started
     if trace:
@@ -121,7 +121,7 @@ def run_child(case: str, fmt: str, trace: bool) -> dict:
 
 def profile(case: str, fmt: str) -> None:
     profiler = cProfile.Profile()
-    import builder.views  # noqa: F401 - imports outside the profile
+    import blockgraph.builder.views  # noqa: F401 - imports outside the profile
 
     profiler.enable()
     work(case, fmt)

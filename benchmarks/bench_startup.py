@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "import cli; cli.app()"]
+CLI = [sys.executable, "-c", "from blockgraph import cli; cli.app()"]
 CASES = {
     "blockgraph --help": [*CLI, "--help"],
     "blockgraph --version": [*CLI, "--version"],

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import builder
 from benchmarks import references as refs
 from benchmarks.timing import Timing, compare, paired_ratios
+from blockgraph import builder
 
 SPECS = Path(__file__).parent / "specs"
 
@@ -298,7 +298,7 @@ def check_encoders(models: dict[str, nn.Module], x: torch.Tensor, pad: torch.Ten
 
 def mask_cost(cfg: Config, pad: torch.Tensor) -> float:
     """Seconds to turn the [batch, seq] padding mask into the SDPA mask, what each attention does per call."""
-    from blocks.attention import combine_masks
+    from blockgraph.blocks.attention import combine_masks
 
     n = 2000
     start = time.perf_counter()

@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import transformers
 
-import builder
 from benchmarks.cases import Config, Row, compiler_unavailable, row
 from benchmarks.timing import compare
-from builder.hf_mappings import FAMILIES, convert
-from builder.persist import unique_tensors
-from trainer import decode
-from trainer.roles import find_roles
-from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
+from blockgraph import builder
+from blockgraph.builder.hf_mappings import FAMILIES, convert
+from blockgraph.builder.persist import unique_tensors
+from blockgraph.trainer import decode
+from blockgraph.trainer.roles import find_roles
+from blockgraph.trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 BATCH, SOURCE, NEW, VOCAB = 8, 32, 40, 8000

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocks.positional import sinusoid_table
+from blockgraph.blocks.positional import sinusoid_table
 
 # --- an Annotated-Transformer-style encoder, hand-tuned: SDPA, the mask built once per call ----------------------
 

@@ -7,13 +7,21 @@ so adding a family is adding a file.
 import importlib
 import pkgutil
 
-from blocks.registry import REGISTRY, Block, BlockEntry, BlockParams, Port, RegistrationError, register
-from blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, expect_same_shape, format_shape
+from blockgraph.blocks.registry import REGISTRY, Block, BlockEntry, BlockParams, Port, RegistrationError, register
+from blockgraph.blocks.types import (
+    Dim,
+    ShapeError,
+    TensorType,
+    dims_equal,
+    expect_last,
+    expect_same_shape,
+    format_shape,
+)
 
 _INFRASTRUCTURE = {"registry", "stepping", "types"}
 for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
-        importlib.import_module(f"blocks.{_module.name}")
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "REGISTRY",

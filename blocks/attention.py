@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from blocks.flops import linear, multi_head
-from blocks.positional import apply_rotary, rotary_angles
-from blocks.registry import Block, BlockParams, Port, register
-from blocks.stepping import StepCache, Stepping
-from blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
+from blockgraph.blocks.flops import linear, multi_head
+from blockgraph.blocks.positional import apply_rotary, rotary_angles
+from blockgraph.blocks.registry import Block, BlockParams, Port, register
+from blockgraph.blocks.stepping import StepCache, Stepping
+from blockgraph.blocks.types import Dim, ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
 
 
 def masked_softmax(scores: torch.Tensor) -> torch.Tensor:

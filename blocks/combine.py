@@ -7,11 +7,11 @@ import sympy
 import torch
 from pydantic import Field
 
-from blocks.activations import ACTIVATIONS, ActivationName
-from blocks.flops import no_flops
-from blocks.registry import Block, BlockParams, Port, register
-from blocks.stepping import by_position
-from blocks.types import Dim, ShapeError, TensorType, dims_equal, format_dim, format_shape
+from blockgraph.blocks.activations import ACTIVATIONS, ActivationName
+from blockgraph.blocks.flops import no_flops
+from blockgraph.blocks.registry import Block, BlockParams, Port, register
+from blockgraph.blocks.stepping import by_position
+from blockgraph.blocks.types import Dim, ShapeError, TensorType, dims_equal, format_dim, format_shape
 
 
 @register("concat", family="combine")

@@ -11,12 +11,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from blocks.flops import no_flops
-from blocks.registry import Block, BlockParams, Port, register, weights_follow
-from blocks.stepping import by_position
-from blocks.types import TensorType
-from common.errors import BlockgraphError, SpecError
-from common.files import FileKind, GiB, KiB, MiB, read_lines
+from blockgraph.blocks.flops import no_flops
+from blockgraph.blocks.registry import Block, BlockParams, Port, register, weights_follow
+from blockgraph.blocks.stepping import by_position
+from blockgraph.blocks.types import TensorType
+from blockgraph.common.errors import BlockgraphError, SpecError
+from blockgraph.common.files import FileKind, GiB, KiB, MiB, read_lines
 
 VECTORS_FILE = FileKind("pretrained vectors file", SpecError, limit=64 * GiB, max_line=1 * MiB)
 VOCAB_FILE = FileKind("vocabulary file", SpecError, limit=1 * GiB, max_line=64 * KiB)

@@ -8,11 +8,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from blocks.activations import ACTIVATIONS, ActivationName
-from blocks.flops import linear, tokens
-from blocks.registry import Block, BlockParams, Port, register
-from blocks.stepping import by_position
-from blocks.types import TensorType, expect_last
+from blockgraph.blocks.activations import ACTIVATIONS, ActivationName
+from blockgraph.blocks.flops import linear, tokens
+from blockgraph.blocks.registry import Block, BlockParams, Port, register
+from blockgraph.blocks.stepping import by_position
+from blockgraph.blocks.types import TensorType, expect_last
 
 
 class FeedForwardParams(BlockParams):

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from blocks.flops import linear, tokens
-from blocks.registry import Block, BlockParams, register
-from blocks.stepping import by_position
-from blocks.types import TensorType, expect_last
+from blockgraph.blocks.flops import linear, tokens
+from blockgraph.blocks.registry import Block, BlockParams, register
+from blockgraph.blocks.stepping import by_position
+from blockgraph.blocks.types import TensorType, expect_last
 
 
 @register("generator", family="head")

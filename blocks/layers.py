@@ -9,13 +9,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from blocks.activations import ActivationName
-from blocks.attention import MultiHeadAttention
-from blocks.feedforward import FeedForward
-from blocks.flops import linear, multi_head, tokens
-from blocks.registry import Block, BlockParams, Port, register
-from blocks.stepping import StepCache, Stepping
-from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim
+from blockgraph.blocks.activations import ActivationName
+from blockgraph.blocks.attention import MultiHeadAttention
+from blockgraph.blocks.feedforward import FeedForward
+from blockgraph.blocks.flops import linear, multi_head, tokens
+from blockgraph.blocks.registry import Block, BlockParams, Port, register
+from blockgraph.blocks.stepping import StepCache, Stepping
+from blockgraph.blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim
 
 
 class LayerParams(BlockParams):

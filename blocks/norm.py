@@ -8,10 +8,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from blocks.flops import no_flops
-from blocks.registry import Block, BlockParams, Port, register
-from blocks.stepping import by_position
-from blocks.types import TensorType, expect_last, expect_same_shape
+from blockgraph.blocks.flops import no_flops
+from blockgraph.blocks.registry import Block, BlockParams, Port, register
+from blockgraph.blocks.stepping import by_position
+from blockgraph.blocks.types import TensorType, expect_last, expect_same_shape
 
 
 @register("layer_norm", family="norm")

@@ -11,10 +11,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from blocks.flops import no_flops
-from blocks.registry import Block, BlockParams, Port, register
-from blocks.stepping import StepCache, Stepping
-from blocks.types import Limit, TensorType, expect_last
+from blockgraph.blocks.flops import no_flops
+from blockgraph.blocks.registry import Block, BlockParams, Port, register
+from blockgraph.blocks.stepping import StepCache, Stepping
+from blockgraph.blocks.types import Limit, TensorType, expect_last
 
 
 def sinusoid_table(max_len: int, dim: int, layout: str = "interleaved") -> torch.Tensor:

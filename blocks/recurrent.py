@@ -25,11 +25,11 @@ from pydantic import Field
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from blocks.attention import GlobalAttention
-from blocks.flops import linear
-from blocks.registry import Block, BlockParams, Port, register
-from blocks.stepping import StepCache, Stepping
-from blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
+from blockgraph.blocks.attention import GlobalAttention
+from blockgraph.blocks.flops import linear
+from blockgraph.blocks.registry import Block, BlockParams, Port, register
+from blockgraph.blocks.stepping import StepCache, Stepping
+from blockgraph.blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim, format_shape
 
 State = tuple[torch.Tensor, ...]
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from blocks.stepping import StepCache, Stepping
-from blocks.types import DtypeKind, Limit, TensorType
+from blockgraph.blocks.stepping import StepCache, Stepping
+from blockgraph.blocks.types import DtypeKind, Limit, TensorType
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 

@@ -1,13 +1,13 @@
 """blockgraph's builder: spec file → validated graph → shapes → compiled `nn.Module`."""
 
-from builder.compile import compile_graph
-from builder.graph import Graph, assemble
-from builder.model import GraphModel
-from builder.persist import load, save
-from builder.pipeline import build, load_spec, typed_graph
-from builder.shapes import TypedGraph, infer_shapes
-from builder.trial import dummy_inputs, resolve_dims, trial_run
-from common.errors import BlockgraphError, Location, PluginError, Problem, SpecError
+from blockgraph.builder.compile import compile_graph
+from blockgraph.builder.graph import Graph, assemble
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.persist import load, save
+from blockgraph.builder.pipeline import build, load_spec, typed_graph
+from blockgraph.builder.shapes import TypedGraph, infer_shapes
+from blockgraph.builder.trial import dummy_inputs, resolve_dims, trial_run
+from blockgraph.common.errors import BlockgraphError, Location, PluginError, Problem, SpecError
 
 __all__ = [
     "BlockgraphError",

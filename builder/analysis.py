@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from blocks.types import TensorType, symbol
-from builder.graph import Endpoint, Graph, NodeInstance
-from builder.shapes import TypedGraph, check_bounds
-from builder.trial import known_dims
+from blockgraph.blocks.types import TensorType, symbol
+from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
+from blockgraph.builder.shapes import TypedGraph, check_bounds
+from blockgraph.builder.trial import known_dims
 
 Shape = tuple[Any, ...]  # ints, or sympy expressions when no sizes are given
 

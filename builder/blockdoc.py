@@ -16,10 +16,10 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from blocks import REGISTRY, BlockEntry
-from blocks.registry import UnknownBlockError, is_wildcard
-from builder.views.fitted import FittedTable
-from common.errors import Problem, UsageError
+from blockgraph.blocks import REGISTRY, BlockEntry
+from blockgraph.blocks.registry import UnknownBlockError, is_wildcard
+from blockgraph.builder.views.fitted import FittedTable
+from blockgraph.common.errors import Problem, UsageError
 
 
 def lookup(name: str) -> BlockEntry:

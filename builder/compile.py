@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from builder.graph import Endpoint, Graph, NodeInstance
-from builder.model import GraphModel
-from builder.shapes import TypedGraph
-from common.errors import Problem, ProblemList, SpecError
+from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.common.errors import Problem, ProblemList, SpecError
 
 
 def compile_graph(

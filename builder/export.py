@@ -21,11 +21,11 @@ from typing import Any, Literal
 
 import torch
 
-from blocks.types import format_shape
-from builder.shapes import TypedGraph
-from builder.trial import dummy_inputs
-from common.atomic import check_file_target, write_file
-from common.errors import ExportError, Location, Problem
+from blockgraph.blocks.types import format_shape
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.builder.trial import dummy_inputs
+from blockgraph.common.atomic import check_file_target, write_file
+from blockgraph.common.errors import ExportError, Location, Problem
 
 Format = Literal["exported-program", "onnx"]
 FORMATS: tuple[str, ...] = ("exported-program", "onnx")

@@ -15,12 +15,12 @@ from typing import Any, Literal
 
 import networkx as nx
 
-from blocks import BlockEntry, BlockParams, Port
-from builder.resolve import Level, Use, unconnected
-from builder.source import SourceMap
-from builder.spec import InputSpec
-from builder.validate import ValidSpec
-from common.errors import Location, Problem, ProblemList, SpecError, SpecPath
+from blockgraph.blocks import BlockEntry, BlockParams, Port
+from blockgraph.builder.resolve import Level, Use, unconnected
+from blockgraph.builder.source import SourceMap
+from blockgraph.builder.spec import InputSpec
+from blockgraph.builder.validate import ValidSpec
+from blockgraph.common.errors import Location, Problem, ProblemList, SpecError, SpecPath
 
 MAX_EXPANDED = 100_000  # block instances and sub-graph instances in one expanded graph
 

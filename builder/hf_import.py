@@ -22,15 +22,15 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from builder.hf_mappings import FAMILIES, Family, convert
-from builder.model import GraphModel
-from builder.persist import unique_tensors
-from builder.pipeline import build
-from builder.spec import MAX_DIM as MAX_SIZE
-from common.errors import CheckpointError, Location, Problem
-from common.files import FileKind, MiB, read_json
-from common.tensorfile import TensorInfo, read_header
-from common.text import excerpt
+from blockgraph.builder.hf_mappings import FAMILIES, Family, convert
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.persist import unique_tensors
+from blockgraph.builder.pipeline import build
+from blockgraph.builder.spec import MAX_DIM as MAX_SIZE
+from blockgraph.common.errors import CheckpointError, Location, Problem
+from blockgraph.common.files import FileKind, MiB, read_json
+from blockgraph.common.tensorfile import TensorInfo, read_header
+from blockgraph.common.text import excerpt
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 CONFIG_FILE = FileKind("model config", CheckpointError, limit=16 * MiB)

@@ -27,7 +27,7 @@ from typing import Literal, cast
 
 import torch
 
-from common.errors import CheckpointError, Problem
+from blockgraph.common.errors import CheckpointError, Problem
 
 Transform = Literal["copy", "transpose", "row", "qkv", "qkv_heads", "computed", "tied"]
 

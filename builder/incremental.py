@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from blocks.registry import Block
-from blocks.stepping import StepCache, Stepping
-from builder.compile import Emitter, last_uses, load_source, signature
-from builder.graph import Endpoint, Graph
-from builder.shapes import TypedGraph
-from common.errors import Problem, UsageError
+from blockgraph.blocks.registry import Block
+from blockgraph.blocks.stepping import StepCache, Stepping
+from blockgraph.builder.compile import Emitter, last_uses, load_source, signature
+from blockgraph.builder.graph import Endpoint, Graph
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.common.errors import Problem, UsageError
 
 
 class CannotStep(Exception):

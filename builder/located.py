@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from builder.expressions import ExpressionError, ReportedError, Scope, check_size, substitute
-from builder.source import SourceMap
-from builder.spec import EXPR_RE, NAME_RE, PARAM_PATH_RE
-from common.errors import Problem, ProblemList, SpecPath
+from blockgraph.builder.expressions import ExpressionError, ReportedError, Scope, check_size, substitute
+from blockgraph.builder.source import SourceMap
+from blockgraph.builder.spec import EXPR_RE, NAME_RE, PARAM_PATH_RE
+from blockgraph.common.errors import Problem, ProblemList, SpecPath
 
 
 def resolve_variable(scope: Scope, name: str, source: SourceMap, problems: ProblemList) -> Any:

@@ -24,15 +24,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from blocks.registry import receiving_weights
-from builder.graph import Graph
-from builder.pipeline import build, load_spec
-from builder.source import dump_yaml
-from common.atomic import check_directory_target, owned_directory, write_directory
-from common.errors import CheckpointError, Location, Problem, SpecError, UsageError
-from common.files import FileKind, MiB
-from common.records import read_record
-from common.tensorfile import Header, read_header, write_safetensors
+from blockgraph.blocks.registry import receiving_weights
+from blockgraph.builder.graph import Graph
+from blockgraph.builder.pipeline import build, load_spec
+from blockgraph.builder.source import dump_yaml
+from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
+from blockgraph.common.errors import CheckpointError, Location, Problem, SpecError, UsageError
+from blockgraph.common.files import FileKind, MiB
+from blockgraph.common.records import read_record
+from blockgraph.common.tensorfile import Header, read_header, write_safetensors
 
 FORMAT = "blockgraph-model"
 FORMAT_VERSION = 1

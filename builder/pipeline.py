@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from builder.compile import compile_graph
-from builder.graph import assemble
-from builder.model import GraphModel
-from builder.plugins import activate
-from builder.shapes import TypedGraph, infer_shapes
-from builder.source import Document, SourceMap, load_file
-from builder.spec import DTYPES
-from builder.validate import ValidSpec, validate_document
-from common.errors import Problem, UsageError
+from blockgraph.builder.compile import compile_graph
+from blockgraph.builder.graph import assemble
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.plugins import activate
+from blockgraph.builder.shapes import TypedGraph, infer_shapes
+from blockgraph.builder.source import Document, SourceMap, load_file
+from blockgraph.builder.spec import DTYPES
+from blockgraph.builder.validate import ValidSpec, validate_document
+from blockgraph.common.errors import Problem, UsageError
 
 SpecSource = str | Path | dict[str, Any] | ValidSpec
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from blocks import REGISTRY
-from blocks.registry import RegistrationError
-from common.errors import Location, PluginError, Problem
+from blockgraph.blocks import REGISTRY
+from blockgraph.blocks.registry import RegistrationError
+from blockgraph.common.errors import Location, PluginError, Problem
 
 ENTRY_POINT_GROUP = "blockgraph.blocks"
 ENV_VAR = "BLOCKGRAPH_PLUGINS"

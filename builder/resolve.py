@@ -27,15 +27,15 @@ import networkx as nx
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from blocks import REGISTRY, BlockEntry, BlockParams
-from blocks.registry import weights_follow
-from builder.expressions import Scope
-from builder.located import pydantic_problems, resolve_variable, substitute_located
-from builder.model import GraphModel
-from builder.source import SourceMap
-from builder.spec import GraphSpec, NodeSpec, Repeat, Spec
-from builder.spec_files import FileAccess
-from common.errors import Problem, ProblemList, SpecError, SpecPath
+from blockgraph.blocks import REGISTRY, BlockEntry, BlockParams
+from blockgraph.blocks.registry import weights_follow
+from blockgraph.builder.expressions import Scope
+from blockgraph.builder.located import pydantic_problems, resolve_variable, substitute_located
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.source import SourceMap
+from blockgraph.builder.spec import GraphSpec, NodeSpec, Repeat, Spec
+from blockgraph.builder.spec_files import FileAccess
+from blockgraph.common.errors import Problem, ProblemList, SpecError, SpecPath
 
 
 def unconnected(block: str, port: str) -> tuple[str, str]:

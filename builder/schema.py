@@ -21,8 +21,8 @@ from typing import Any
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from blocks import REGISTRY
-from builder.spec import EXPR_RE, NAME_RE, Spec
+from blockgraph.blocks import REGISTRY
+from blockgraph.builder.spec import EXPR_RE, NAME_RE, Spec
 
 EXPRESSION = {"type": "string", "pattern": EXPR_RE, "description": "a ${...} expression"}
 NULL = {"type": "null"}
@@ -222,7 +222,7 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 def fields_markdown() -> str:
     """The spec's keys as Markdown tables, generated from the pydantic models (docs/spec.md embeds them)."""
-    from builder.spec import GraphSpec, InputSpec, NodeSpec
+    from blockgraph.builder.spec import GraphSpec, InputSpec, NodeSpec
 
     sections = [
         ("Top level", Spec),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from blocks.registry import Port
-from blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, symbol
-from builder.graph import Endpoint, Graph, NodeInstance
-from common.errors import Location, Problem, ProblemList, SpecError
-from common.text import sizes_text
+from blockgraph.blocks.registry import Port
+from blockgraph.blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, symbol
+from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
+from blockgraph.common.errors import Location, Problem, ProblemList, SpecError
+from blockgraph.common.text import sizes_text
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from common.errors import Location, Problem, SpecError, SpecPath
-from common.files import FileKind, MiB, read_text
+from blockgraph.common.errors import Location, Problem, SpecError, SpecPath
+from blockgraph.common.files import FileKind, MiB, read_text
 
 MAX_BYTES = 2 * MiB
 MAX_DEPTH = 64

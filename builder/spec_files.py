@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import Location, Problem, SpecError
-from common.files import inside
-from common.text import excerpt
+from blockgraph.common.errors import Location, Problem, SpecError
+from blockgraph.common.files import inside
+from blockgraph.common.text import excerpt
 
 HINT = (
     "a spec may name files in its own folder and below; pass --allow-external-files "

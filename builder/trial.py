@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from blocks.types import TensorType, format_shape, symbol
-from builder.graph import Graph
-from builder.model import GraphModel
-from builder.shapes import block_bug, check_bounds
-from common.errors import Problem, SpecError, UsageError
-from common.files import GiB, size_text
-from common.text import sizes_text
+from blockgraph.blocks.types import TensorType, format_shape, symbol
+from blockgraph.builder.graph import Graph
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.shapes import block_bug, check_bounds
+from blockgraph.common.errors import Problem, SpecError, UsageError
+from blockgraph.common.files import GiB, size_text
+from blockgraph.common.text import sizes_text
 
 MAX_TRIAL_BYTES = 2 * GiB
 

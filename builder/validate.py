@@ -9,15 +9,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from blocks import REGISTRY
-from builder.expressions import Scope
-from builder.located import failed_paths, pydantic_problems, resolve_variable, substitute_located
-from builder.resolve import Level, resolve, resolved_spec
-from builder.source import Document, SourceMap, load_file
-from builder.spec import Spec
-from builder.spec_files import FileAccess
-from common.errors import Location, Problem, ProblemList, SpecError, SpecPath, unquoted
-from common.text import excerpt
+from blockgraph.blocks import REGISTRY
+from blockgraph.builder.expressions import Scope
+from blockgraph.builder.located import failed_paths, pydantic_problems, resolve_variable, substitute_located
+from blockgraph.builder.resolve import Level, resolve, resolved_spec
+from blockgraph.builder.source import Document, SourceMap, load_file
+from blockgraph.builder.spec import Spec
+from blockgraph.builder.spec_files import FileAccess
+from blockgraph.common.errors import Location, Problem, ProblemList, SpecError, SpecPath, unquoted
+from blockgraph.common.text import excerpt
 
 MAX_EXTENDS = 16
 

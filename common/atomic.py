@@ -28,8 +28,8 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from common.errors import Location, Problem, WriteError
-from common.files import created_mode, kind_of, reason
+from blockgraph.common.errors import Location, Problem, WriteError
+from blockgraph.common.files import created_mode, kind_of, reason
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

@@ -14,8 +14,8 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderH
 from rich.segment import Segment
 from rich.text import Text
 
-from common.errors import BlockgraphError, Problem
-from common.text import clean, clean_json
+from blockgraph.common.errors import BlockgraphError, Problem
+from blockgraph.common.text import clean, clean_json
 
 
 class _Cleaned:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from common.errors import BlockgraphError, Location, Problem
-from common.text import binary_size
+from blockgraph.common.errors import BlockgraphError, Location, Problem
+from blockgraph.common.text import binary_size
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-from common.errors import Problem, UsageError
+from blockgraph.common.errors import Problem, UsageError
 
 #: the help of options that `train` (trainer.config) and the other commands (cli) both take
 SET_HELP = "Override a spec variable: --set d_model=256 (repeatable)."

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
-from common.errors import Location, Problem
-from common.files import FileKind, read_json
+from blockgraph.common.errors import Location, Problem
+from blockgraph.common.files import FileKind, read_json
 
 R = TypeVar("R")
 

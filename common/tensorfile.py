@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import BlockgraphError, CheckpointError
-from common.files import FileKind, MiB, created_mode, open_file
-from common.text import excerpt
+from blockgraph.common.errors import BlockgraphError, CheckpointError
+from blockgraph.common.files import FileKind, MiB, created_mode, open_file
+from blockgraph.common.text import excerpt
 
 MAX_HEADER = 100 * MiB  # the safetensors library's own bound
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 pytest.register_assert_rewrite("harness")  # the hostile corpus' helpers (tests/hostile/harness.py)
 
-import cli  # noqa: E402
+from blockgraph import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -114,7 +114,7 @@ def redraw(model: torch.nn.Module, seed: int) -> None:
 @pytest.fixture
 def restored_registry():
     """Blocks registered during the test (plugins, test blocks) are gone after it."""
-    from blocks import REGISTRY
+    from blockgraph.blocks import REGISTRY
 
     entries, plugins = dict(REGISTRY._entries), dict(REGISTRY.plugins)
     yield REGISTRY

@@ -36,6 +36,7 @@ def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
                 base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
         for target in targets:
+            target = target.removeprefix("blockgraph.")
             while target and target not in modules:
                 target = target.rpartition(".")[0]
             if target and target != name:

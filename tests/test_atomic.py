@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import atomic
+from blockgraph.common import atomic
 
 
 def _dead_pid() -> int:

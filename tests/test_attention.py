@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-import builder
-from blocks import REGISTRY
-from blocks.attention import (
+from blockgraph import builder
+from blockgraph.blocks import REGISTRY
+from blockgraph.blocks.attention import (
     GlobalAttention,
     HardAttention,
     LocalAttention,

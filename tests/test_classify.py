@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import SPECS
 
-from common.errors import CheckpointError, DataError, SpecError
-from trainer import checkpoint
-from trainer.commands import classify
-from trainer.loop import TrainConfig, train
-from trainer.roles import ModelIO, Roles
+from blockgraph.common.errors import CheckpointError, DataError, SpecError
+from blockgraph.trainer import checkpoint
+from blockgraph.trainer.commands import classify
+from blockgraph.trainer.loop import TrainConfig, train
+from blockgraph.trainer.roles import ModelIO, Roles
 
 torch.set_num_threads(1)
 

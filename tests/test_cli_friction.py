@@ -60,12 +60,13 @@ def test_a_model_saved_with_a_plugin_block_says_how_to_load_it(tmp_path, run_cli
 
 
 def test_help_and_version_answer_without_loading_torch():
-    code = "import sys, cli; print(sorted(m for m in ('torch', 'builder.graph', 'blocks') if m in sys.modules))"
+    watched = ("torch", "blockgraph.builder.graph", "blockgraph.blocks")
+    code = f"import sys; from blockgraph import cli; print(sorted(m for m in {watched} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
     version = subprocess.run(
-        [sys.executable, "-c", "import cli; cli.app()", "--version"], cwd=ROOT, capture_output=True, text=True,
-        timeout=120,
+        [sys.executable, "-c", "from blockgraph import cli; cli.app()", "--version"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert version.returncode == 0 and re.fullmatch(r"blockgraph \d+\.\d+\.\d+\S*\n", version.stdout)
 
@@ -74,7 +75,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_none(tmp_path, run_cli
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("trainer.loop.train", interrupted)
+    monkeypatch.setattr("blockgraph.trainer.loop.train", interrupted)
     spec = ROOT / "specs" / "transformer.yaml"
     result = run_cli("train", spec, "--task", "copy", "--out", tmp_path / "run")
     assert result.code == 130 and "interrupted: no checkpoint yet" in result.stderr, result.stderr
@@ -114,8 +115,8 @@ def test_the_writing_blocks_example_works_as_a_plugin_as_written(tmp_path, run_c
 
 
 def test_saved_models_are_byte_reproducible_with_the_users_file_modes(tmp_path):
-    import builder
-    from builder import persist
+    from blockgraph import builder
+    from blockgraph.builder import persist
 
     model = builder.build(ROOT / "specs" / "tiny_encoder.yaml")
     for name in ("a", "b", "c"):
@@ -142,8 +143,8 @@ def _shape(line: str) -> str:
 def test_documented_training_outputs_are_marked_examples_in_todays_format():
     """Outputs with figures in docs/training.md come from no seeded run here: each is marked as an example, and
     its lines have the shape the code prints today."""
-    from trainer.config import TrainConfig
-    from trainer.loop import _epoch_line
+    from blockgraph.trainer.config import TrainConfig
+    from blockgraph.trainer.loop import _epoch_line
 
     text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     blocks = re.findall(r"(<!-- output: example -->\n)?```[a-z]*\n(.*?)```", text, re.S)
@@ -158,7 +159,7 @@ def test_documented_training_outputs_are_marked_examples_in_todays_format():
 
 
 def test_help_shows_metavars_not_python_types_and_flags_take_none(run_cli):
-    import cli
+    from blockgraph import cli
 
     names = [c.name or c.callback.__name__ for c in cli.app.registered_commands]
     for args in ([], *([name] for name in names), ["blocks", "list"], ["blocks", "show"]):
@@ -193,7 +194,7 @@ def test_the_plugins_reach_every_process_of_a_parallel_run(tmp_path):
     spec = tmp_path / "lm.yaml"
     spec.write_text(LM_WITH_A_PLUGIN_BLOCK)
     (tmp_path / "lines.txt").write_text("a b c\nb c d\nc d e\nd e f\n")
-    command = [sys.executable, "-m", "cli", "--plugin", str(PLUGIN), "train", str(spec), "--data",
+    command = [sys.executable, "-m", "blockgraph.cli", "--plugin", str(PLUGIN), "train", str(spec), "--data",
                str(tmp_path / "lines.txt"), "--max-steps", "1", "--valid-fraction", "0", "--batch-size", "4",
                "--nproc", "2", "--strategy", "fsdp", "--quiet", "--out", str(tmp_path / "run")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

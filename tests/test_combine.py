@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import builder
-from blocks import REGISTRY, ShapeError, TensorType
-from blocks.combine import Activation, Concat, MeanPool
-from blocks.types import symbol
-from builder import SpecError
+from blockgraph import builder
+from blockgraph.blocks import REGISTRY, ShapeError, TensorType
+from blockgraph.blocks.combine import Activation, Concat, MeanPool
+from blockgraph.blocks.types import symbol
+from blockgraph.builder import SpecError
 
 B, T = symbol("batch"), symbol("seq")
 

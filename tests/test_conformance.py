@@ -19,10 +19,10 @@ import torch
 import transformers
 from conftest import ROOT, SPECS, redraw
 
-import builder
-from builder.hf_mappings import FAMILIES, Family, Rule, convert
-from builder.persist import unique_tensors
-from common.errors import CheckpointError
+from blockgraph import builder
+from blockgraph.builder.hf_mappings import FAMILIES, Family, Rule, convert
+from blockgraph.builder.persist import unique_tensors
+from blockgraph.common.errors import CheckpointError
 
 torch.set_num_threads(1)
 TOLERANCE = 1e-5

@@ -15,10 +15,10 @@ from conftest import ROOT, SPECS
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cli import app
-from trainer import checkpoint
-from trainer.distributed import free_port
-from trainer.loop import TrainConfig, train
+from blockgraph.cli import app
+from blockgraph.trainer import checkpoint
+from blockgraph.trainer.distributed import free_port
+from blockgraph.trainer.loop import TrainConfig, train
 
 torch.set_num_threads(1)
 
@@ -89,7 +89,16 @@ def test_nproc_runs_torchrun(tmp_path):
         "--set", "d_ff=32", "--set", "dropout=0.0", "--batch-size", "16", "--epochs", "2",
         "--lr", "2e-3", "--warmup", "4", "--bleu-sentences", "0", "--quiet",
     ]  # fmt: skip
-    command = [sys.executable, "-m", "cli", *map(str, common), "--out", str(tmp_path / "two"), "--nproc", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "blockgraph.cli",
+        *map(str, common),
+        "--out",
+        str(tmp_path / "two"),
+        "--nproc",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -10,12 +10,12 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-import builder
-from blocks.embedding import PretrainedFileError, TokenEmbedding
-from blocks.positional import LearnedPosition, SinusoidalPosition, sinusoid_table
-from blocks.types import ShapeError, TensorType, symbol
-from builder.shapes import check_bounds, largest
-from common.errors import SpecError
+from blockgraph import builder
+from blockgraph.blocks.embedding import PretrainedFileError, TokenEmbedding
+from blockgraph.blocks.positional import LearnedPosition, SinusoidalPosition, sinusoid_table
+from blockgraph.blocks.types import ShapeError, TensorType, symbol
+from blockgraph.builder.shapes import check_bounds, largest
+from blockgraph.common.errors import SpecError
 
 # --- pretrained vectors ------------------------------------------------------------------------------------------
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import builder
-from builder import export as exporting
-from builder.pipeline import compile_graph, typed_graph
-from builder.trial import resolve_dims
+from blockgraph import builder
+from blockgraph.builder import export as exporting
+from blockgraph.builder.pipeline import compile_graph, typed_graph
+from blockgraph.builder.trial import resolve_dims
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "specs" / "tiny_encoder.yaml"

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from hf_dirs import gpt2, marian, sentences
 
-from builder import persist
-from trainer import pretrained, schedule
+from blockgraph.builder import persist
+from blockgraph.trainer import pretrained, schedule
 
 torch.set_num_threads(1)
 

@@ -14,11 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import SPECS
 
-from builder import sharding
-from trainer import batching, checkpoint, sharded
-from trainer.distributed import free_port
-from trainer.loop import TrainConfig, train
-from trainer.roles import ModelIO, Roles
+from blockgraph.builder import sharding
+from blockgraph.trainer import batching, checkpoint, sharded
+from blockgraph.trainer.distributed import free_port
+from blockgraph.trainer.loop import TrainConfig, train
+from blockgraph.trainer.roles import ModelIO, Roles
 
 torch.set_num_threads(1)
 
@@ -224,7 +224,7 @@ def test_repeated_sub_graphs_are_units_and_recompute_in_the_backward(tmp_path):
 
 def _block_forwards(settings: dict, **options) -> int:
     """How many times the first layer's first block runs in one training step (one batch)."""
-    from trainer import loop
+    from blockgraph.trainer import loop
 
     calls, original = [], loop.initialise
 

@@ -20,12 +20,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import builder
-import cli
-from builder import BlockgraphError
-from builder.compile import compile_graph
-from builder.source import load_text
-from builder.validate import validate_document
+from blockgraph import builder, cli
+from blockgraph.builder import BlockgraphError
+from blockgraph.builder.compile import compile_graph
+from blockgraph.builder.source import load_text
+from blockgraph.builder.validate import validate_document
 
 CHAIN = """
 name: chain

@@ -18,10 +18,10 @@ import transformers
 from conftest import redraw
 from hf_dirs import DROPOUTS, HEADS, SEQ
 
-import builder
-from builder import persist
-from common.errors import CheckpointError
-from trainer import decode, pretrained
+from blockgraph import builder
+from blockgraph.builder import persist
+from blockgraph.common.errors import CheckpointError
+from blockgraph.trainer import decode, pretrained
 
 torch.set_num_threads(1)
 

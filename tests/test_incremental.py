@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import SPECS
 
-import builder
-from blocks import REGISTRY, Block, Port, TensorType, register
-from blocks.stepping import StepCache
-from builder.incremental import Rerun, StepProgram
-from trainer import decode
-from trainer.roles import ModelIO, find_roles
-from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
+from blockgraph import builder
+from blockgraph.blocks import REGISTRY, Block, Port, TensorType, register
+from blockgraph.blocks.stepping import StepCache
+from blockgraph.builder.incremental import Rerun, StepProgram
+from blockgraph.trainer import decode
+from blockgraph.trainer.roles import ModelIO, find_roles
+from blockgraph.trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 
 torch.set_num_threads(1)
 
@@ -384,7 +384,7 @@ def test_a_wrong_stepping_rule_reruns_and_says_why(unsteppable, write_spec, answ
 
 
 def test_causal_attention_to_a_fixed_memory_does_not_step():
-    from blocks.attention import MultiHeadAttention
+    from blockgraph.blocks.attention import MultiHeadAttention
 
     params = MultiHeadAttention.Params(d_model=8, heads=2, causal=True)
     assert MultiHeadAttention.stepping(params, {"query": True, "key": False}) is None
@@ -393,9 +393,9 @@ def test_causal_attention_to_a_fixed_memory_does_not_step():
 
 
 def test_the_rerun_is_noted_once_naming_the_block(unsteppable, write_spec, tmp_path):
-    from trainer.checkpoint import Checkpoint
-    from trainer.generation import Translator
-    from trainer.vocab import SPECIALS, Vocab
+    from blockgraph.trainer.checkpoint import Checkpoint
+    from blockgraph.trainer.generation import Translator
+    from blockgraph.trainer.vocab import SPECIALS, Vocab
 
     model = builder.build(write_spec(_language_model(("gate", {"type": unsteppable})))).eval()
     roles = find_roles(model.typed_graph.graph)

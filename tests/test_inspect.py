@@ -18,13 +18,12 @@ from conftest import SPECS, assert_well_formed_dot
 from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
-import builder
-import cli
-from blocks import REGISTRY, Block, BlockParams, TensorType, register
-from blocks.types import symbol
-from builder import pipeline, trial, views
-from builder.analysis import analyse
-from builder.graph import Graph
+from blockgraph import builder, cli
+from blockgraph.blocks import REGISTRY, Block, BlockParams, TensorType, register
+from blockgraph.blocks.types import symbol
+from blockgraph.builder import pipeline, trial, views
+from blockgraph.builder.analysis import analyse
+from blockgraph.builder.graph import Graph
 
 TINY = SPECS / "tiny_encoder.yaml"
 GPT3 = SPECS / "gpt3_175b.yaml"

@@ -7,9 +7,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-import builder
-from blocks.layers import DecoderLayer, EncoderLayer
-from blocks.types import ShapeError, TensorType, symbol
+from blockgraph import builder
+from blockgraph.blocks.layers import DecoderLayer, EncoderLayer
+from blockgraph.blocks.types import ShapeError, TensorType, symbol
 
 B, S, T, D, H, F_ = 2, 5, 4, 8, 2, 16
 

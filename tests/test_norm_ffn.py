@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import builder
-from blocks.feedforward import FeedForward, SwiGLU
-from blocks.norm import AddNorm, BatchNorm, LayerNorm, RMSNorm
-from blocks.types import ShapeError, TensorType
+from blockgraph import builder
+from blockgraph.blocks.feedforward import FeedForward, SwiGLU
+from blockgraph.blocks.norm import AddNorm, BatchNorm, LayerNorm, RMSNorm
+from blockgraph.blocks.types import ShapeError, TensorType
 
 B, T, D, F_ = 3, 5, 6, 10
 

@@ -14,11 +14,11 @@ from rich.cells import cell_len
 from rich.console import Console
 from torch import nn
 
-from blocks import REGISTRY, Block, BlockParams, register
-from blocks.layers import DecoderLayer
-from blocks.types import ShapeError, TensorType
-from builder import pipeline, views
-from builder.analysis import analyse
+from blockgraph.blocks import REGISTRY, Block, BlockParams, register
+from blockgraph.blocks.layers import DecoderLayer
+from blockgraph.blocks.types import ShapeError, TensorType
+from blockgraph.builder import pipeline, views
+from blockgraph.builder.analysis import analyse
 
 TINY = SPECS / "tiny_encoder.yaml"
 TRANSFORMER = SPECS / "transformer.yaml"

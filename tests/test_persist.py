@@ -10,8 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-import builder
-from common.errors import CheckpointError, WriteError
+from blockgraph import builder
+from blockgraph.common.errors import CheckpointError, WriteError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "specs" / "tiny_encoder.yaml"

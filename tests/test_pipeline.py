@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import SPECS
 
-import builder
-from builder import SpecError
+from blockgraph import builder
+from blockgraph.builder import SpecError
 
 TINY = SPECS / "tiny_encoder.yaml"
 

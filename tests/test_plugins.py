@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-import builder
-from blocks import REGISTRY
-from builder import PluginError, SpecError
-from builder.plugins import load_plugin
+from blockgraph import builder
+from blockgraph.blocks import REGISTRY
+from blockgraph.builder import PluginError, SpecError
+from blockgraph.builder.plugins import load_plugin
 
 EXAMPLE = ROOT / "examples" / "blockgraph-highway"
 PLUGIN_FILE = EXAMPLE / "blockgraph_highway.py"
@@ -23,7 +23,7 @@ SPEC = EXAMPLE / "highway.yaml"
 
 BLOCK_TEMPLATE = """
 import torch
-from blocks import Block, BlockParams, Port, TensorType, register
+from blockgraph.blocks import Block, BlockParams, Port, TensorType, register
 
 @register({name!r}, family="test")
 class Plugged(Block):
@@ -114,11 +114,13 @@ def test_installed_package_is_found_through_its_entry_point(tmp_path):
     (dist / "entry_points.txt").write_text("[blockgraph.blocks]\nhighway = blockgraph_highway\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "COLUMNS": "200"}
     listing = subprocess.run(
-        [sys.executable, "-m", "cli", "blocks", "list", "highway"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "blockgraph.cli", "blocks", "list", "highway"], env=env, capture_output=True, text=True
     )
     assert listing.returncode == 0, listing.stderr
     assert "package blockgraph-highway" in listing.stdout
-    built = subprocess.run([sys.executable, "-m", "cli", "build", str(SPEC)], env=env, capture_output=True, text=True)
+    built = subprocess.run(
+        [sys.executable, "-m", "blockgraph.cli", "build", str(SPEC)], env=env, capture_output=True, text=True
+    )
     assert built.returncode == 0, built.stderr
     assert "[4, 32]" in built.stdout
 
@@ -133,7 +135,7 @@ def test_broken_installed_package_warns_and_builtins_keep_working(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "COLUMNS": "200"}
     spec = ROOT / "specs" / "tiny_encoder.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "validate", str(spec)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "blockgraph.cli", "validate", str(spec)], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert "package broken-blocks failed to load: RuntimeError: half-installed" in " ".join(result.stderr.split())
@@ -215,7 +217,7 @@ def test_registration_rejects_malformed_blocks(tmp_path):
         textwrap.dedent(
             '''
             import torch
-            from blocks import Block, Port, register
+            from blockgraph.blocks import Block, Port, register
 
             @register("malformed")
             class Malformed(Block):
@@ -250,8 +252,8 @@ def test_a_crashing_flops_rule_costs_the_node_its_formula_not_the_report(tmp_pat
     shown = " ".join(run_cli("--plugin", path, "inspect", spec).stdout.split())
     assert "no formula for badflops" in shown and "formula of 1 node(s) failed, e.g. n (badflops): KeyError" in shown
     typed = builder.typed_graph(spec, plugins=[str(path)])
-    from builder.analysis import analyse
-    from builder.pipeline import compile_graph
+    from blockgraph.builder.analysis import analyse
+    from blockgraph.builder.pipeline import compile_graph
 
     cost = analyse(typed, compile_graph(typed, device="meta")).nodes["n"]
     assert cost.flops_analytic is None and cost.flops == 0

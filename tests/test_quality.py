@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from builder import blockdoc
-from builder.schema import fields_markdown
+from blockgraph.builder import blockdoc
+from blockgraph.builder.schema import fields_markdown
 
 
 @pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
@@ -33,7 +33,7 @@ def test_spec_reference_is_generated_from_the_models():
 
 
 def test_the_architecture_page_shows_the_generated_forward():
-    import builder
+    from blockgraph import builder
 
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     shown = text.split("<!-- generated: tiny_encoder forward -->\n```python\n", 1)[1].split("```\n<!-- end", 1)[0]

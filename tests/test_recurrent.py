@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import builder
-from blocks import REGISTRY
-from builder import SpecError
+from blockgraph import builder
+from blockgraph.blocks import REGISTRY
+from blockgraph.builder import SpecError
 
 B, T, IN, H = 3, 5, 4, 6
 TOL = {"atol": 1e-5, "rtol": 1e-5}

@@ -15,9 +15,9 @@ import yaml
 from conftest import SPECS
 from pydantic import TypeAdapter, ValidationError
 
-import builder
-from builder import SpecError
-from builder.schema import spec_schema
+from blockgraph import builder
+from blockgraph.builder import SpecError
+from blockgraph.builder.schema import spec_schema
 
 SHIPPED = sorted(SPECS.glob("*.yaml"))
 

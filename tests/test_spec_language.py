@@ -13,10 +13,10 @@ import torch
 import yaml
 from conftest import SPECS
 
-import builder
-from builder import SpecError
-from builder.schema import spec_schema
-from builder.source import MAX_BYTES, MAX_DEPTH, load_text
+from blockgraph import builder
+from blockgraph.builder import SpecError
+from blockgraph.builder.schema import spec_schema
+from blockgraph.builder.source import MAX_BYTES, MAX_DEPTH, load_text
 
 TINY = SPECS / "tiny_encoder.yaml"
 

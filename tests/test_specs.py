@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import SPECS
 from torch import nn
 
-import builder
-from blocks.attention import GlobalAttention, HardAttention, LocalAttention
+from blockgraph import builder
+from blockgraph.blocks.attention import GlobalAttention, HardAttention, LocalAttention
 
 SPEC_FILES = sorted(p for p in SPECS.iterdir() if p.suffix in {".yaml", ".yml", ".json"})
 TRANSFORMER = SPECS / "transformer.yaml"

@@ -9,9 +9,9 @@ import pytest
 import sentencepiece
 from conftest import SPECS
 
-from common.errors import CheckpointError, DataError
-from trainer import checkpoint, subword
-from trainer.loop import TrainConfig, train
+from blockgraph.common.errors import CheckpointError, DataError
+from blockgraph.trainer import checkpoint, subword
+from blockgraph.trainer.loop import TrainConfig, train
 
 SMALL = {"d_model": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1, "d_ff": 64, "dropout": 0.0}
 SENTENCES = ["我们今天去公园。", "他在看书。"]

@@ -10,11 +10,11 @@ import yaml
 from conftest import SPECS
 from typer.testing import CliRunner
 
-from builder import persist
-from cli import app
-from common.errors import DataError, SpecError, UsageError
-from trainer import checkpoint, data
-from trainer.loop import TrainConfig, train
+from blockgraph.builder import persist
+from blockgraph.cli import app
+from blockgraph.common.errors import DataError, SpecError, UsageError
+from blockgraph.trainer import checkpoint, data
+from blockgraph.trainer.loop import TrainConfig, train
 
 torch.set_num_threads(1)
 
@@ -257,8 +257,8 @@ def _renamed_spec() -> dict:
 
 
 def test_input_roles_by_convention_and_by_name(tmp_path):
-    from builder.pipeline import typed_graph
-    from trainer.roles import find_roles, parse_roles
+    from blockgraph.builder.pipeline import typed_graph
+    from blockgraph.trainer.roles import find_roles, parse_roles
 
     roles = find_roles(typed_graph(TRANSFORMER, SMALL_TRANSFORMER).graph)
     assert (roles.kind, roles.src, roles.tgt, roles.src_pad, roles.tgt_pad) == (

@@ -11,11 +11,11 @@ from conftest import SPECS
 from torch import nn
 from typer.testing import CliRunner
 
-from builder import build
-from cli import app
-from trainer import checkpoint, decode
-from trainer.roles import ModelIO, find_roles
-from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
+from blockgraph.builder import build
+from blockgraph.cli import app
+from blockgraph.trainer import checkpoint, decode
+from blockgraph.trainer.roles import ModelIO, find_roles
+from blockgraph.trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 
 torch.set_num_threads(1)
 
@@ -177,7 +177,7 @@ def test_file_mistakes_are_clear(copy_run, tmp_path):
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     """A one-layer LSTM language model trained a few epochs on the shipped English sentences (seconds)."""
-    from trainer.loop import TrainConfig, train
+    from blockgraph.trainer.loop import TrainConfig, train
 
     out = tmp_path_factory.mktemp("lm")
     lines = [line.split("\t")[1] for line in (SPECS / "data" / "zh_en.tsv").read_text(encoding="utf-8").splitlines()]
@@ -225,7 +225,7 @@ def test_generate_samples_reproducibly_and_searches_beams(lm_run):
 
 
 def test_translator_api_yields_each_sentence_in_order(lm_run):
-    from trainer.generation import Translator
+    from blockgraph.trainer.generation import Translator
 
     notes: list[str] = []
     translator = Translator.load(lm_run, note=notes.append)
@@ -253,7 +253,7 @@ def test_blank_lines_give_blank_lines_and_bad_settings_are_clear(copy_run, lm_ru
 
 def test_sampling_draws_one_stream_across_batches(lm_run):
     """The same prompt twice in one run gets two draws (not the same one per batch); the seed fixes the run."""
-    from trainer.generation import Translator
+    from blockgraph.trainer.generation import Translator
 
     translator = Translator.load(lm_run)
     runs = [

@@ -1,18 +1,18 @@
-"""`python -m trainer JOB.json`: the entry point `train --nproc N` starts in every process (see trainer.distributed)."""
+"""`python -m blockgraph.trainer JOB.json`: what `train --nproc N` starts in every process (see trainer.distributed)."""
 
 import sys
 
-from builder.plugins import activate
-from common.console import report
-from common.errors import BlockgraphError, UsageError
-from common.files import FileKind, MiB
-from common.records import check_record, read_record
-from trainer.config import TrainConfig
-from trainer.distributed import Job
-from trainer.loop import train
+from blockgraph.builder.plugins import activate
+from blockgraph.common.console import report
+from blockgraph.common.errors import BlockgraphError, UsageError
+from blockgraph.common.files import FileKind, MiB
+from blockgraph.common.records import check_record, read_record
+from blockgraph.trainer.config import TrainConfig
+from blockgraph.trainer.distributed import Job
+from blockgraph.trainer.loop import train
 
 if len(sys.argv) != 2:
-    sys.exit("usage: python -m trainer JOB.json (written by `blockgraph train --nproc N`)")
+    sys.exit("usage: python -m blockgraph.trainer JOB.json (written by `blockgraph train --nproc N`)")
 try:
     kind = FileKind("training job", UsageError, limit=16 * MiB)
     job = read_record(sys.argv[1], Job, kind)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.specials import TRAINER_SPECIALS, Specials
-from trainer.vocab import PAD_ID
+from blockgraph.trainer.specials import TRAINER_SPECIALS, Specials
+from blockgraph.trainer.vocab import PAD_ID
 
 
 @dataclass(frozen=True)

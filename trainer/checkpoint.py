@@ -30,16 +30,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from builder import persist
-from common.atomic import owned_directory, write_directory
-from common.errors import CheckpointError, DataError, Location, Problem, SpecError, UsageError
-from common.files import FileKind, MiB
-from common.records import read_record
-from common.tensorfile import read_header, write_safetensors
-from trainer import subword
-from trainer.roles import ROLE_NAMES, Roles, find_roles
-from trainer.text import RECORD, TOKENIZER, tokenizer_folder
-from trainer.vocab import Vocab, resolve_tokenizer
+from blockgraph.builder import persist
+from blockgraph.common.atomic import owned_directory, write_directory
+from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, SpecError, UsageError
+from blockgraph.common.files import FileKind, MiB
+from blockgraph.common.records import read_record
+from blockgraph.common.tensorfile import read_header, write_safetensors
+from blockgraph.trainer import subword
+from blockgraph.trainer.roles import ROLE_NAMES, Roles, find_roles
+from blockgraph.trainer.text import RECORD, TOKENIZER, tokenizer_folder
+from blockgraph.trainer.vocab import Vocab, resolve_tokenizer
 
 FORMAT = "blockgraph-checkpoint"
 FORMAT_VERSION = 1

@@ -16,11 +16,11 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from common.console import err, write_plain
-from common.errors import DataError, Problem, UsageError
-from common.files import FileKind, GiB, read_lines, stream_lines
-from common.text import excerpt
-from trainer.config import RESUMABLE, command_parameters
+from blockgraph.common.console import err, write_plain
+from blockgraph.common.errors import DataError, Problem, UsageError
+from blockgraph.common.files import FileKind, GiB, read_lines, stream_lines
+from blockgraph.common.text import excerpt
+from blockgraph.trainer.config import RESUMABLE, command_parameters
 
 
 def _run_option(name: str, kind: Any, default: Any, *flags: str, **option: Any) -> inspect.Parameter:
@@ -48,10 +48,10 @@ def _train(
     ctx: typer.Context, *, out_dir: Path | None, resume: Path | None, nproc: int, quiet: bool, **options: Any
 ) -> None:
     """Train SPEC on tab-separated source/target pairs (or a synthetic task) and write checkpoints."""
-    from trainer import checkpoint, distributed, rundir
-    from trainer.config import config_from_command_line
-    from trainer.loop import train as run_training
-    from trainer.vocab import check_tokenizer
+    from blockgraph.trainer import checkpoint, distributed, rundir
+    from blockgraph.trainer.config import config_from_command_line
+    from blockgraph.trainer.loop import train as run_training
+    from blockgraph.trainer.vocab import check_tokenizer
 
     given = {name for name in options if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
     config = config_from_command_line({name: options[name] for name in given})
@@ -83,7 +83,7 @@ def _train(
 
 def _run_name(spec: str | None) -> str:
     """The default run directory's name: the spec's stem, or the folder of an imported model or run."""
-    from trainer.checkpoint import NAME
+    from blockgraph.trainer.checkpoint import NAME
 
     path = Path(spec or "run").absolute()
     return path.parent.name if path.name == NAME else path.stem
@@ -160,9 +160,9 @@ def translate(
     One line out per line in, in order, decoded `--batch-size` at a time. A classifier's checkpoint prints
     each text's most likely label and its probability.
     """
-    from trainer import checkpoint, pretrained
-    from trainer.generation import Translator
-    from trainer.roles import ModelIO, Roles
+    from blockgraph.trainer import checkpoint, pretrained
+    from blockgraph.trainer.generation import Translator
+    from blockgraph.trainer.roles import ModelIO, Roles
 
     sentences = _sentences(text, file)
     if (imported := pretrained.locate(checkpoint_dir)) is not None:
@@ -220,8 +220,8 @@ def generate(
     Sampling (with --temperature, --top-k or --top-p) draws each token from the model's distribution, so the
     same --seed gives the same text. Each prompt's continuation is printed after the prompt, one line per prompt.
     """
-    from trainer import pretrained
-    from trainer.generation import Translator
+    from blockgraph.trainer import pretrained
+    from blockgraph.trainer.generation import Translator
 
     prompts = _sentences(text, file)
     if (imported := pretrained.locate(checkpoint_dir)) is not None:
@@ -255,7 +255,7 @@ def import_(
     reproduced exactly (another model type, an option the spec does not implement, a tensor left over or
     missing) is refused; pickle files (pytorch_model.bin) are never opened.
     """
-    from trainer import pretrained
+    from blockgraph.trainer import pretrained
 
     with err.status("importing …"):
         report = pretrained.import_pretrained(directory, out)
@@ -278,7 +278,7 @@ def consolidate(
     The result translates, exports (DIR/model) and resumes as any checkpoint does; it needs the memory of the
     whole model and its optimizer state in this one process.
     """
-    from trainer import sharded
+    from blockgraph.trainer import sharded
 
     with err.status("consolidating …"):
         written = sharded.consolidate(run, out)
@@ -347,7 +347,7 @@ def classify(model, io, vocab, labels: list[str], sentence: str, device: str = "
     """A classifier's most likely label for `sentence` and its probability."""
     import torch
 
-    from trainer.vocab import UNK_ID, tokenize
+    from blockgraph.trainer.vocab import UNK_ID, tokenize
 
     ids = vocab.encode_text(sentence)
     if not ids:

@@ -18,9 +18,9 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.errors import Problem, UsageError
-from common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
-from trainer import subword, tasks
+from blockgraph.common.errors import Problem, UsageError
+from blockgraph.common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
+from blockgraph.trainer import subword, tasks
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Cli:
 def _parse_roles(text: str | None) -> dict[str, str]:
     """trainer.roles.parse_roles, imported when a run starts: the roles module loads torch, which `--help`
     should not wait for."""
-    from trainer.roles import parse_roles
+    from blockgraph.trainer.roles import parse_roles
 
     return parse_roles(text)
 

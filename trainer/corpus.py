@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.errors import DataError, Problem
-from trainer import data, subword, tasks
-from trainer.batching import Example
-from trainer.config import DataOptions
-from trainer.specials import TRAINER_SPECIALS, Specials
-from trainer.text import ModelText
-from trainer.vocab import EOS_ID, SPECIALS, Vocab, check_tokenizer, guess_tokenizer, tokenize
+from blockgraph.common.errors import DataError, Problem
+from blockgraph.trainer import data, subword, tasks
+from blockgraph.trainer.batching import Example
+from blockgraph.trainer.config import DataOptions
+from blockgraph.trainer.specials import TRAINER_SPECIALS, Specials
+from blockgraph.trainer.text import ModelText
+from blockgraph.trainer.vocab import EOS_ID, SPECIALS, Vocab, check_tokenizer, guess_tokenizer, tokenize
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from common import files
-from common.errors import DataError, Location, Problem
-from common.files import FileKind, GiB
+from blockgraph.common import files
+from blockgraph.common.errors import DataError, Location, Problem
+from blockgraph.common.files import FileKind, GiB
 
 MAX_SHOWN = 10  # bad lines listed in one error
 DATA_FILE = FileKind("data file", DataError, limit=4 * GiB)

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from builder.incremental import DecodeState, step_program
-from builder.shapes import TypedGraph, largest
-from trainer.roles import ModelIO, Roles
-from trainer.specials import TRAINER_SPECIALS, Specials
+from blockgraph.builder.incremental import DecodeState, step_program
+from blockgraph.builder.shapes import TypedGraph, largest
+from blockgraph.trainer.roles import ModelIO, Roles
+from blockgraph.trainer.specials import TRAINER_SPECIALS, Specials
 
 
 @dataclass(frozen=True)

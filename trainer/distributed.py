@@ -1,6 +1,6 @@
 """Data-parallel training over processes: DistributedDataParallel with gloo (CPU) or nccl (CUDA).
 
-`blockgraph train ... --nproc N` runs `python -m trainer JOB.json` under torchrun on the loopback interface
+`blockgraph train ... --nproc N` runs `python -m blockgraph.trainer JOB.json` under torchrun on the loopback interface
 (`torchrun --nproc-per-node N --no-python blockgraph train ...` does the same by hand, on any number of nodes):
 N processes start; each reads RANK, WORLD_SIZE and LOCAL_RANK from its
 environment, joins the process group, trains on its shard of every global batch (see trainer.batching) and
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
-from common.errors import Problem, UsageError
-from trainer.config import TrainConfig
+from blockgraph.common.errors import Problem, UsageError
+from blockgraph.trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ class Job(BaseModel):
 
     @classmethod
     def of(cls, config: TrainConfig, out: Path, resume: Path | None, quiet: bool) -> Job:
-        from blocks import REGISTRY
+        from blockgraph.blocks import REGISTRY
 
         given = config.model_dump(mode="json", exclude_unset=True)
         resumed = None if resume is None else str(resume)
@@ -164,7 +164,7 @@ class Job(BaseModel):
 
 
 def launch(nproc: int, job: Job, *, port: int | None = None) -> int:
-    """Run `job` in `nproc` processes under torchrun on 127.0.0.1 (`python -m trainer JOB.json`); their exit status."""
+    """Run `job` in `nproc` processes under torchrun on 127.0.0.1 (`python -m blockgraph.trainer JOB.json`)."""
     handle, name = tempfile.mkstemp(prefix="blockgraph-job-", suffix=".json")
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(job.model_dump_json())
@@ -188,7 +188,7 @@ def _torchrun(nproc: int, args: list[str], port: int | None) -> int:
         "--master-port",
         str(port or free_port()),
         "-m",
-        "trainer",
+        "blockgraph.trainer",
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.errors import CheckpointError, DataError, Location, Problem, UsageError
-from common.text import excerpt
-from trainer import checkpoint, decode
-from trainer.batching import pad
-from trainer.roles import Roles
-from trainer.text import TextSide
+from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, UsageError
+from blockgraph.common.text import excerpt
+from blockgraph.trainer import checkpoint, decode
+from blockgraph.trainer.batching import pad
+from blockgraph.trainer.roles import Roles
+from blockgraph.trainer.text import TextSide
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,27 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from builder import persist
-from builder.pipeline import compile_graph, load_spec, typed_graph
-from builder.shapes import TypedGraph
-from common.console import safe_console
-from common.errors import CheckpointError, Location, Problem, SpecError, UsageError
-from common.records import check_record
-from trainer import batching, bleu, checkpoint, corpus, decode, distributed, pretrained, rundir, schedule, sharded
-from trainer.config import RESUMABLE, TrainConfig
-from trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
-from trainer.vocab import check_tokenizer
+from blockgraph.builder import persist
+from blockgraph.builder.pipeline import compile_graph, load_spec, typed_graph
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.common.console import safe_console
+from blockgraph.common.errors import CheckpointError, Location, Problem, SpecError, UsageError
+from blockgraph.common.records import check_record
+from blockgraph.trainer import (
+    batching,
+    bleu,
+    checkpoint,
+    corpus,
+    decode,
+    distributed,
+    pretrained,
+    rundir,
+    schedule,
+    sharded,
+)
+from blockgraph.trainer.config import RESUMABLE, TrainConfig
+from blockgraph.trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
+from blockgraph.trainer.vocab import check_tokenizer
 
 
 @dataclass

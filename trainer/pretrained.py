@@ -26,19 +26,27 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from builder import persist
-from builder.hf_import import import_directory
-from builder.pipeline import typed_graph
-from common.atomic import check_directory_target, owned_directory, write_directory
-from common.errors import CheckpointError, DataError, Location, Problem
-from common.files import FileKind, MiB, read_bytes
-from common.records import read_record
-from common.text import excerpt
-from trainer import checkpoint
-from trainer.generation import Translator
-from trainer.roles import Roles, find_roles, sizes
-from trainer.specials import Specials
-from trainer.text import MARIAN_FILES, RECORD, TOKENIZER, TOKENIZER_JSON, ModelText, TextSide, tokenizer_folder
+from blockgraph.builder import persist
+from blockgraph.builder.hf_import import import_directory
+from blockgraph.builder.pipeline import typed_graph
+from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
+from blockgraph.common.errors import CheckpointError, DataError, Location, Problem
+from blockgraph.common.files import FileKind, MiB, read_bytes
+from blockgraph.common.records import read_record
+from blockgraph.common.text import excerpt
+from blockgraph.trainer import checkpoint
+from blockgraph.trainer.generation import Translator
+from blockgraph.trainer.roles import Roles, find_roles, sizes
+from blockgraph.trainer.specials import Specials
+from blockgraph.trainer.text import (
+    MARIAN_FILES,
+    RECORD,
+    TOKENIZER,
+    TOKENIZER_JSON,
+    ModelText,
+    TextSide,
+    tokenizer_folder,
+)
 
 FORMAT = "blockgraph-pretrained"
 SPEC, MODEL = "spec.yaml", "model"

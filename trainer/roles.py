@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 from pydantic import ConfigDict
 
-from builder.graph import Endpoint, Graph
-from common.errors import Location, Problem, SpecError, UsageError
+from blockgraph.builder.graph import Endpoint, Graph
+from blockgraph.common.errors import Location, Problem, SpecError, UsageError
 
 ROLE_NAMES = ("src", "tgt", "src_pad", "tgt_pad", "output")
 ALIASES = {"source": "src", "target": "tgt", "tokens": "tgt", "pad": "tgt_pad", "out": "output"}

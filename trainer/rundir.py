@@ -16,9 +16,9 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.atomic import check_directory_target, owned_directory
-from common.errors import Location, Problem, UsageError, WriteError
-from trainer import checkpoint
+from blockgraph.common.atomic import check_directory_target, owned_directory
+from blockgraph.common.errors import Location, Problem, UsageError, WriteError
+from blockgraph.trainer import checkpoint
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"

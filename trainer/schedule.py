@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.vocab import PAD_ID
+from blockgraph.trainer.vocab import PAD_ID
 
 BETAS = (0.9, 0.98)
 EPS = 1e-9

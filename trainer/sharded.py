@@ -38,16 +38,16 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from builder.source import dump_yaml
-from common.atomic import check_directory_target, write_directory
-from common.errors import CheckpointError, Location, Problem, UsageError
-from common.files import FileKind, MiB, read_bytes
-from trainer import checkpoint, distributed
-from trainer.checkpoint import METADATA, SHARD_FILE, SHARDED
-from trainer.checkpoint import SHARDED_SPEC as SPEC
-from trainer.config import TrainConfig
-from trainer.distributed import Context
-from trainer.text import RECORD, TOKENIZER, TOKENIZER_FILES
+from blockgraph.builder.source import dump_yaml
+from blockgraph.common.atomic import check_directory_target, write_directory
+from blockgraph.common.errors import CheckpointError, Location, Problem, UsageError
+from blockgraph.common.files import FileKind, MiB, read_bytes
+from blockgraph.trainer import checkpoint, distributed
+from blockgraph.trainer.checkpoint import METADATA, SHARD_FILE, SHARDED
+from blockgraph.trainer.checkpoint import SHARDED_SPEC as SPEC
+from blockgraph.trainer.config import TrainConfig
+from blockgraph.trainer.distributed import Context
+from blockgraph.trainer.text import RECORD, TOKENIZER, TOKENIZER_FILES
 
 RNG = re.compile(r"rng\.(cpu|cuda)\.\d{1,6}")  # the generator states a checkpoint may hold (distributed.gather_rng)
 METADATA_FILE = FileKind("sharded checkpoint's .metadata", CheckpointError, limit=256 * MiB)
@@ -290,7 +290,7 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     """Write the sharded checkpoint at `path` (a run directory or its checkpoint/) as an ordinary checkpoint at
     `out`: the whole model in safetensors, Adam's state, the records; it translates, exports and resumes (with
     DDP) as any checkpoint does."""
-    from trainer import schedule
+    from blockgraph.trainer import schedule
 
     out = Path(out)
     check_directory_target(out, owned=checkpoint.replaceable, what=checkpoint.WHAT)

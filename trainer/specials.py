@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.vocab import BOS_ID, EOS_ID, PAD_ID
+from blockgraph.trainer.vocab import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from common.errors import DataError, Problem
-from common.files import FileKind, MiB, read_bytes
+from blockgraph.common.errors import DataError, Problem
+from blockgraph.common.files import FileKind, MiB, read_bytes
 
 PREFIX = "spm-"
 MODEL_FILE = FileKind("SentencePiece model", DataError, limit=16 * MiB)  # two, in base64, fit in a vocab.json

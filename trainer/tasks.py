@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from common.errors import Problem, UsageError
-from common.text import excerpt
+from blockgraph.common.errors import Problem, UsageError
+from blockgraph.common.text import excerpt
 
 TASKS = ("copy", "reverse")
 

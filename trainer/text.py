@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.atomic import owned_directory
-from trainer.specials import Specials
-from trainer.vocab import EOS_ID, UNK_ID, Vocab, tokenize
+from blockgraph.common.atomic import owned_directory
+from blockgraph.trainer.specials import Specials
+from blockgraph.trainer.vocab import EOS_ID, UNK_ID, Vocab, tokenize
 
 # the files that make a directory holding a model readable as an imported one (trainer.pretrained)
 RECORD = "pretrained.json"  # model type, special-token ids, which tokenizer

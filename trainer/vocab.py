@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.errors import CheckpointError, DataError, Location, Problem
-from common.text import excerpt
-from trainer import subword
+from blockgraph.common.errors import CheckpointError, DataError, Location, Problem
+from blockgraph.common.text import excerpt
+from blockgraph.trainer import subword
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)

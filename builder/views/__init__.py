@@ -20,16 +20,16 @@ import torch
 from rich.console import Group as RichGroup
 from rich.console import RenderableType
 
-from builder.analysis import analyse
-from builder.model import GraphModel
-from builder.shapes import TypedGraph
-from builder.views.as_json import architecture_json
-from builder.views.drawings import architecture_dot, architecture_mermaid
-from builder.views.numbers import bytes_text, flops_text
-from builder.views.state import state_json, state_table
-from builder.views.tables import architecture_table, architecture_tree, build_summary, inspect_totals
-from builder.views.units import node_params
-from common.errors import Problem, UsageError
+from blockgraph.builder.analysis import analyse
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.builder.views.as_json import architecture_json
+from blockgraph.builder.views.drawings import architecture_dot, architecture_mermaid
+from blockgraph.builder.views.numbers import bytes_text, flops_text
+from blockgraph.builder.views.state import state_json, state_table
+from blockgraph.builder.views.tables import architecture_table, architecture_tree, build_summary, inspect_totals
+from blockgraph.builder.views.units import node_params
+from blockgraph.common.errors import Problem, UsageError
 
 __all__ = [
     "INSPECT_FORMATS",

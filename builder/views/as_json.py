@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from builder.analysis import Costs
-from builder.graph import Endpoint, Graph
-from builder.shapes import TypedGraph
-from builder.views.units import Unit, shape_lookup, unit_numbers
+from blockgraph.builder.analysis import Costs
+from blockgraph.builder.graph import Endpoint, Graph
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.builder.views.units import Unit, shape_lookup, unit_numbers
 
 
 def _jsonable(value: Any) -> Any:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from blocks.types import format_shape
-from builder.graph import Graph
-from builder.shapes import TypedGraph
-from builder.views.numbers import count
-from builder.views.units import fold
+from blockgraph.blocks.types import format_shape
+from blockgraph.builder.graph import Graph
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.builder.views.numbers import count
+from blockgraph.builder.views.units import fold
 
 FONT = '"Helvetica"'  # one family for every label of the Graphviz drawing (clusters default to Times otherwise)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.text import binary_size
+from blockgraph.common.text import binary_size
 
 
 def _scaled(n: int, units: tuple[tuple[str, float], ...]) -> str:

@@ -7,8 +7,8 @@ from typing import Any
 from rich.table import Table
 from torch import nn
 
-from builder.sharding import RankMemory, Strategy, per_rank
-from builder.views.numbers import bytes_text
+from blockgraph.builder.sharding import RankMemory, Strategy, per_rank
+from blockgraph.builder.views.numbers import bytes_text
 
 
 def ranks_table(model: nn.Module, ranks: int, strategy: Strategy, compute_bytes: int) -> Table:

@@ -15,10 +15,10 @@ from rich.console import Group as RichGroup
 from rich.console import RenderableType
 from rich.text import Text
 
-from builder.compile import compile_graph
-from builder.shapes import TypedGraph
-from builder.views.fitted import FittedTable
-from builder.views.numbers import count, plural
+from blockgraph.builder.compile import compile_graph
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.builder.views.fitted import FittedTable
+from blockgraph.builder.views.numbers import count, plural
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from blocks.types import format_shape
-from builder.analysis import Costs
-from builder.model import GraphModel
-from builder.shapes import TypedGraph
-from builder.views.fitted import FittedTable
-from builder.views.numbers import bytes_text, count, flops_text, plural
-from builder.views.units import Unit, add, fold, shape_lookup, unit_numbers
-from common.text import sizes_text
+from blockgraph.blocks.types import format_shape
+from blockgraph.builder.analysis import Costs
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.shapes import TypedGraph
+from blockgraph.builder.views.fitted import FittedTable
+from blockgraph.builder.views.numbers import bytes_text, count, flops_text, plural
+from blockgraph.builder.views.units import Unit, add, fold, shape_lookup, unit_numbers
+from blockgraph.common.text import sizes_text
 
 
 def build_summary(

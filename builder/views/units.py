@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from builder.analysis import Costs
-from builder.graph import Endpoint, Graph, NodeInstance
-from builder.model import GraphModel
-from builder.shapes import TypedGraph
+from blockgraph.builder.analysis import Costs
+from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
+from blockgraph.builder.model import GraphModel
+from blockgraph.builder.shapes import TypedGraph
 
 
 def node_params(model: GraphModel) -> dict[str, int]:

@@ -4,8 +4,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from blocks import Block, BlockParams, Port, TensorType, expect_last, expect_same_shape, register
-from blocks.stepping import by_position
+from blockgraph.blocks import Block, BlockParams, Port, TensorType, expect_last, expect_same_shape, register
+from blockgraph.blocks.stepping import by_position
 
 
 @register("highway", family="residual")

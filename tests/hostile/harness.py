@@ -27,8 +27,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import builder
-import cli
+from blockgraph import builder, cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0  # seconds for one case
@@ -104,7 +103,7 @@ def bounded(case: str, *args: Any, env: dict[str, str] | None = None, stdin: str
 
 def in_process(case: str, call: Callable[[], Any], timeout: float = TIMEOUT) -> Outcome:
     """`call()` under the caps; a BlockgraphError it raises is the outcome (code 1), anything else escapes."""
-    from common.errors import BlockgraphError
+    from blockgraph.common.errors import BlockgraphError
 
     value, error, code = None, None, 0
     with _caps(case, timeout) as figures:
@@ -136,7 +135,7 @@ def spawn(*args: Any, cwd: Path | None = None, env: dict[str, str] | None = None
     def limits() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
-    command = [sys.executable, "-c", "import cli; cli.main()", *map(str, args)]
+    command = [sys.executable, "-c", "from blockgraph import cli; cli.main()", *map(str, args)]
     return subprocess.Popen(
         command,
         cwd=cwd or ROOT,
@@ -197,7 +196,7 @@ def tiny_spec(
 
 def train_tiny(out: Path, **changes: Any) -> Path:
     """A two-step copy-task checkpoint of a 1+1-layer Transformer (a few seconds)."""
-    from trainer.loop import TrainConfig, train
+    from blockgraph.trainer.loop import TrainConfig, train
 
     settings = {
         "spec": str(TRANSFORMER),

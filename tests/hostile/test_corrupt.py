@@ -10,7 +10,7 @@ import torch
 from harness import assert_clean, bounded, tiny_spec
 from safetensors.torch import load_file, save_file
 
-import builder
+from blockgraph import builder
 
 pytest_plugins = ("harness",)
 

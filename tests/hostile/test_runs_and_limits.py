@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from harness import ROOT, TRANSFORMER, assert_clean, bounded, tiny_spec, train_tiny
 
-from trainer import rundir
+from blockgraph.trainer import rundir
 
 pytest_plugins = ("harness",)
 
@@ -180,8 +180,8 @@ def test_translate_caps_its_output_at_the_models_positions(tmp_path):
 @pytest.mark.parametrize("spec", sorted((ROOT / "specs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_spec_inspects_at_the_largest_sizes(spec):
     """Every named dimension at 2³¹ − 1: a located limit, or figures; never torch's overflow as a traceback."""
-    import builder
-    from builder.spec import MAX_DIM
+    from blockgraph import builder
+    from blockgraph.builder.spec import MAX_DIM
 
     graph = builder.typed_graph(spec).graph
     names = sorted({d for s in graph.inputs.values() for d in s.shape if isinstance(d, str)})

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from harness import NOTES, TRANSFORMER, assert_clean, bounded, finish, spawn, tiny_spec
 
-import builder
+from blockgraph import builder
 
 pytest_plugins = ("harness",)
 
