@@ -14,14 +14,48 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.markup import escape
 from rich.syntax import Syntax
+from typer.core import TyperGroup
 
 from blockgraph.common.console import err, out, problems_view, report, write_plain
 from blockgraph.common.errors import BlockgraphError, Problem, UsageError
 from blockgraph.common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
 from blockgraph.common.text import clean_json
 
+_APP_OPTIONS = {"--plugin": True, "-p": True, "--allow-override": False}  # the app's options: takes a value?
+
+
+def _app_options_first(args: list[str]) -> list[str]:
+    """The app's `--plugin`/`--allow-override` moved before the command, where the app parses them, so that
+    `blockgraph build SPEC --plugin x.py` works as `blockgraph --plugin x.py build SPEC` (up to a `--`)."""
+    front: list[str] = []
+    rest: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rest.extend(args[index:])
+            break
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        takes_value = _APP_OPTIONS.get(name)
+        if takes_value is None:
+            rest.append(arg)
+        elif takes_value and "=" not in arg and index + 1 < len(args):
+            front += [arg, args[index + 1]]
+            index += 1
+        else:
+            front.append(arg)
+        index += 1
+    return front + rest
+
+
+class _Group(TyperGroup):
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _app_options_first(args))
+
+
 app = typer.Typer(
     name="blockgraph",
+    cls=_Group,
     help="Turn an architecture written as a YAML/JSON spec into a runnable PyTorch model.",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -59,8 +93,16 @@ def _readable_types() -> None:
             shown = shown[5:-1]
         return f"[{shown}]" if "|" in shown else _TYPE_NAMES.get(shown, shown.upper())
 
+    def usage(self: Any) -> str:
+        """`SPEC`, `[SENTENCE]...`, `SPECS...` in usage lines (Typer 0.29 writes `{spec}`, `[[SENTENCE]...]...`)."""
+        name = self.metavar or (self.name or "").upper()
+        if not self.required and not name.startswith("["):
+            name = f"[{name}]"
+        return name if self.nargs == 1 or name.endswith("...") else f"{name}..."
+
     core.TyperOption.display_type_rich = display  # type: ignore[method-assign]
     core.TyperArgument.display_type_rich = display  # type: ignore[method-assign]
+    core.TyperArgument._usage_display_name = usage  # type: ignore[method-assign]
 
 
 _readable_types()

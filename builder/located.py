@@ -114,8 +114,14 @@ def pydantic_problems(
             if loc not in suggested:
                 problems.append(Problem(f"missing required key {loc[-1]!r}", source.locate(path[:-1])))
         else:
-            problems.extend(Problem(message, source.locate(path)) for message in _messages(errors))
+            hint = _HINTS.get(err["type"])
+            problems.extend(Problem(message, source.locate(path), hint=hint) for message in _messages(errors))
     return problems
+
+
+_HINTS = {  # pydantic error type → what to do about it
+    "int_from_float": "sizes are whole numbers: `/` divides to a fraction, `//` to a whole number (`${d_model // 3}`)",
+}
 
 
 def failed_paths(exc: ValidationError, data: Any) -> list[SpecPath]:

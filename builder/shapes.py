@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blockgraph.blocks.registry import Port
-from blockgraph.blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, symbol
+from blockgraph.blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, format_shape, symbol
 from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
 from blockgraph.common.errors import Location, Problem, ProblemList, SpecError
 from blockgraph.common.text import sizes_text
@@ -67,7 +67,8 @@ def infer_shapes(graph: Graph) -> TypedGraph:
             result = inst.entry.cls.infer(inst.params, **inputs)
         except ShapeError as exc:
             at = exc.at or ("in",)  # a rule that names no param is about how the inputs fit: point at `in:`
-            problems.add(Problem(exc.message, graph.locate((*inst.spec_path, *at)), hint=exc.hint, node=inst.id))
+            hint = _repeat_changes_shape(graph, inst, types) or exc.hint
+            problems.add(Problem(exc.message, graph.locate((*inst.spec_path, *at)), hint=hint, node=inst.id))
             continue
         except Exception as exc:  # a shape rule is user code when it comes from a plugin
             problems.add(block_bug(graph, inst, f"its shape rule crashed: {type(exc).__name__}: {exc}"))
@@ -111,6 +112,25 @@ def _exceeded(bound: Bound, value: int, where: str = "") -> Problem:
         hint=f"raise {limit.param} to at least {value}, or use shorter inputs",
         node=bound.node,
     )
+
+
+def _repeat_changes_shape(graph: Graph, inst: NodeInstance, types: dict[Endpoint, TensorType]) -> str | None:
+    """Why copy k of a repeat cannot take copy k-1's output, when that is the trouble: the repeated block gives
+    another shape than it takes, and no value of its params fits every copy (fixing one copy breaks the other)."""
+    for group in graph.groups.values():
+        copy, _, _ = inst.id.removeprefix(group.id + ".").partition(".")
+        if group.kind != "repeat" or not inst.id.startswith(group.id + ".") or not copy.isdigit() or copy == "0":
+            continue
+        previous = f"{group.id}.{int(copy) - 1}"
+        for endpoint in inst.bindings.values():
+            if endpoint is not None and (endpoint.node == previous or endpoint.node.startswith(previous + ".")):
+                given = types[endpoint].shape
+                return (
+                    f"each copy of `repeat: {group.count}` feeds the next, so a repeated block must give the shape it "
+                    f"takes, and {group.id!r} does not (copy {previous} gives {format_shape(given)}): repeat a block "
+                    "that keeps its shape, and change the shape in a node of its own before or after the repeat"
+                )
+    return None
 
 
 def block_bug(graph: Graph, inst: NodeInstance, message: str, hint: str | None = None) -> Problem:

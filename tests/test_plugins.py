@@ -170,7 +170,7 @@ def test_failing_plugin_is_rolled_back_and_reported_by_name(tmp_path):
 
 def test_plugin_with_syntax_error_points_at_the_line(tmp_path, run_cli):
     path = tmp_path / "typo.py"
-    path.write_text("from blocks import register\n\ndef broken(:\n    pass\n")
+    path.write_text("from blockgraph.blocks import register\n\ndef broken(:\n    pass\n")
     result = run_cli("--plugin", path, "blocks")
     message = " ".join(result.stderr.split())
     assert result.code == 1 and "plugin typo.py has a syntax error" in message and "typo.py:3" in message

@@ -71,7 +71,7 @@ def test_escapes_in_sentences_and_vocabularies(run_dir, text):
 def test_escapes_in_a_plugins_block(tmp_path):
     plugin = tmp_path / "plug.py"
     plugin.write_text(
-        "from blocks import Block, register\n\n"
+        "from blockgraph.blocks import Block, register\n\n"
         "@register('evil_block', family='\\x1b[2Jfam')\n"
         "class Evil(Block):\n    '''\\x1b]0;pwned\\x07 summary [/x]'''\n"
         "    def forward(self, x):\n        return x\n"

@@ -153,7 +153,7 @@ def test_naming_a_torch_module_in_the_metadata_imports_nothing():
     """`torch.onnx` named by a two-opcode pickle: refused before torch would import it on attribute access."""
     code = (
         "import io, sys\n"
-        "from trainer import sharded\n"
+        "from blockgraph.trainer import sharded\n"
         "data = b'\\x80\\x04\\x8c\\x05torch\\x94\\x8c\\x04onnx\\x94\\x93\\x94.'\n"
         "try:\n"
         "    sharded._MetadataUnpickler(io.BytesIO(data)).load()\n"

