@@ -75,8 +75,8 @@ def list_table(pattern: str = "*") -> RenderableType:
     if not entries:
         raise UsageError(Problem(f"no block matches {pattern!r}", hint=_no_match_hint(pattern)))
     table = FittedTable(header_style="bold", groups=[["family", "source"], ["summary"]])
-    for column in ("block", "family", "source", "summary"):
-        table.add_column(column, no_wrap=column in ("block", "family"))
+    for column in ("block", "family", "source", "summary"):  # a summary moves under the names rather than squeeze
+        table.add_column(column, no_wrap=column in ("block", "family"), min_width=40 if column == "summary" else None)
     for entry in entries:
         table.add_row(f"[cyan]{entry.name}[/]", escape(entry.family), escape(entry.source), escape(entry.summary))
     return table

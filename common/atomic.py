@@ -149,9 +149,9 @@ def _check_target(path: Path, *, directory: bool, owned: Callable[[Path], bool] 
         if not (_empty(path) or (owned is not None and owned(path))):
             raise WriteError(
                 Problem(
-                    f"{path} exists and is not a {what}",
+                    f"{path} exists and is not {_a(what)}",
                     where,
-                    f"choose a new or empty directory: a directory is replaced only if it holds a {what} alone",
+                    f"choose a new or empty directory: a directory is replaced only if it holds {_a(what)} alone",
                 )
             )
         return
@@ -159,6 +159,10 @@ def _check_target(path: Path, *, directory: bool, owned: Callable[[Path], bool] 
         raise WriteError(Problem(f"{path} is {kind_of(mode)}; it is never replaced by the {what}", where, hint))
     if directory:
         raise WriteError(Problem(f"{path} is a file; the {what} is a directory", where, hint))
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
 
 
 def _empty(path: Path) -> bool:

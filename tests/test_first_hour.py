@@ -98,3 +98,60 @@ def test_a_misspelt_variable_gets_a_did_you_mean_wherever_it_is_used(run_cli, wr
     checked = run_cli("validate", write_spec(LM.replace(old, new)))
     message = " ".join(checked.stderr.split())
     assert checked.code == 1 and "unknown variable" in message and "did you mean" in message, message
+
+
+def test_an_edited_import_is_named_as_one_and_decoding_says_the_edit_waits_for_train(tmp_path, run_cli):
+    import hf_dirs
+
+    _, _, hf = hf_dirs.gpt2(tmp_path)
+    out = tmp_path / "opus"
+    assert run_cli("import", hf, "--out", out).code == 0
+    generated = run_cli("generate", out, "I want", "--max-new", "2")
+    assert generated.code == 0 and "edited" not in generated.stderr, generated.stderr
+    spec = out / "spec.yaml"
+    spec.write_text(spec.read_text().replace("dropout: 0.1", "dropout: 0.2"))
+    again = run_cli("import", hf, "--out", out)
+    message = " ".join(again.stderr.split())
+    assert again.code == 1 and "is an imported model whose spec.yaml you edited" in message, message
+    assert "dropout: 0.2" in spec.read_text()
+    generated = run_cli("generate", out, "I want", "--max-new", "2")
+    message = " ".join(generated.stderr.split())
+    assert generated.code == 0 and "was edited after the import" in message and "blockgraph train" in message
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("spec", ["tiny_encoder.yaml", "transformer.yaml"])
+def test_at_80_columns_the_tree_breaks_between_fields_never_inside_one(run_cli, spec):
+    shown = run_cli("inspect", ROOT / "specs" / spec, env={"COLUMNS": "80"})
+    assert shown.code == 0, shown.stderr
+    tree = _lines(shown.stdout.split("\ntotal ")[0])
+    assert len(tree) > 10 and all(len(line) <= 80 for line in tree)
+    for line in tree:
+        content = line.lstrip("│├└─ ")
+        assert not content.startswith("FLOPs"), line  # `0 FLOPs` split over two lines
+        assert line.count("[") == line.count("]"), line  # a shape split over two lines
+
+
+def test_at_80_columns_the_table_keeps_shapes_whole_and_totals_with_their_numbers(run_cli):
+    shown = run_cli("inspect", ROOT / "specs" / "transformer.yaml", "--format", "table", env={"COLUMNS": "80"})
+    assert shown.code == 0, shown.stderr
+    parts = shown.stdout.split("\n\n")
+    table = [part for part in parts if "┃ node" in part]
+    assert len(table) >= 2, shown.stdout
+    for part in table:
+        rows = [line for line in _lines(part) if line.startswith("│")]
+        assert all(row.count("[") == row.count("]") for row in rows), part
+        totals = [row for row in rows if row.startswith("│ total ")]
+        cells = [cell.strip() for total in totals for cell in total.strip("│").split("│")[1:]]
+        assert all(cells), f"a total row with nothing in it:\n{part}"
+    assert sum("│ total " in part for part in table) == 1
+
+
+def test_at_80_columns_block_summaries_get_room_to_read(run_cli):
+    shown = run_cli("blocks", "list", env={"COLUMNS": "80"})
+    assert shown.code == 0, shown.stderr
+    header = next(line for line in shown.stdout.splitlines() if "summary" in line)
+    assert len(header.split("┃")[-2]) >= 40, header

@@ -30,7 +30,7 @@ from blockgraph.builder import persist
 from blockgraph.builder.hf_import import import_directory
 from blockgraph.builder.pipeline import typed_graph
 from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
-from blockgraph.common.errors import CheckpointError, DataError, Location, Problem
+from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, WriteError
 from blockgraph.common.files import FileKind, MiB, read_bytes
 from blockgraph.common.records import read_record
 from blockgraph.common.text import excerpt
@@ -81,6 +81,7 @@ class Report:
 def import_pretrained(directory: str | Path, out: str | Path) -> Report:
     """Import the Hugging Face-format `directory` into `out` (see the module's docstring): complete, or nothing."""
     directory, out = Path(directory), Path(out)
+    _refuse_edited(out)
     check_directory_target(out, owned=replaceable, what=WHAT)  # before the work: a wrong --out fails at once
     imported = import_directory(directory)
     kind = tokenizer_kind(directory)
@@ -116,14 +117,31 @@ def replaceable(path: Path) -> bool:
     """An imported model's directory, and nothing of the user's, may be replaced by another import: not a
     spec.yaml the user edited, nor any file of theirs."""
     owned = owned_directory(path, RECORD, {RECORD, SPEC}, {MODEL: persist.replaceable, TOKENIZER: tokenizer_folder})
-    if not owned or not (path / SPEC).exists():
-        return owned
+    return owned and not spec_edited(path)
+
+
+def spec_edited(path: Path) -> bool:
+    """Whether `path`'s spec.yaml is another than the one the import wrote (an unreadable record counts)."""
+    if not (path / SPEC).exists():
+        return False
     try:
         record = read_record(path / RECORD, PretrainedRecord, RECORD_FILE)
         written = hashlib.sha256(read_bytes(path / SPEC, RECORD_FILE)).hexdigest()
     except CheckpointError:
-        return False
-    return written == record.spec_sha256
+        return True
+    return written != record.spec_sha256
+
+
+def _refuse_edited(out: Path) -> None:
+    """A re-import over an import whose spec.yaml the user edited would lose the edit: say so, not "not ours"."""
+    if is_pretrained(out) and spec_edited(out):
+        raise WriteError(
+            Problem(
+                f"{out} is an imported model whose spec.yaml you edited: importing again would replace the edit",
+                Location(str(out / SPEC)),
+                hint="import into another directory, or move the edited spec.yaml away first",
+            )
+        )
 
 
 def is_pretrained(path: str | Path) -> bool:
@@ -241,6 +259,11 @@ def load(
     """An imported (or fine-tuned imported) model ready to translate or generate with its own tokenizers and
     special tokens."""
     loaded = load_model(path, device=device)
+    if note is not None and not (Path(path) / checkpoint.TRAINER).exists() and spec_edited(Path(path)):
+        note(
+            f"{Path(path) / SPEC} was edited after the import; this runs the model as imported (model/): "
+            f"`blockgraph train {path} --data FILE` trains the edited spec from the imported weights"
+        )
     text = model_text(path, loaded.roles.kind, loaded.vocab)
     options = {"specials": text.specials, "compiled": compiled, "note": note}
     return Translator(loaded.model, loaded.roles, text.target, text.source, **options)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from typing import Any
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.table import Column, Table
+from rich.text import Text
 
 
 class FittedTable(Table):
@@ -36,14 +37,14 @@ class FittedTable(Table):
             yield self._part(indices, widths, first=n == 0, last=n == len(parts) - 1)
 
     def _span(self, console: Console, options: ConsoleOptions, column: Column) -> tuple[int, int]:
-        """(narrowest, widest) content width of a column: its longest word (whole cells when `no_wrap`), its
-        longest line."""
+        """(narrowest, widest) content width of a column: its longest word (whole cells when `no_wrap`) or its
+        `min_width` (a column of prose that would read a few words a line), its longest line."""
         narrowest = widest = 1
         for cell in (column.header, *column.cells):
             measured = Measurement.get(console, options, cell)
             narrowest = max(narrowest, measured.maximum if column.no_wrap else measured.minimum)
             widest = max(widest, measured.maximum)
-        return narrowest, widest
+        return max(narrowest, min(column.min_width or 0, widest)), widest  # prose below min_width moves instead
 
     def _overhead(self, columns: int) -> int:
         """Borders and padding of a table of `columns` columns."""
@@ -116,6 +117,42 @@ class FittedTable(Table):
                 width=width,
             )
         cells = [list(self.columns[i].cells) for i in indices]
-        for r, row in enumerate(self.rows):
-            part.add_row(*(column[r] for column in cells), style=row.style, end_section=row.end_section)
+        rows = [r for r in range(len(self.rows)) if r == 0 or not all(_blank(c[r]) for c in cells[1:])]
+        for n, r in enumerate(rows):  # a row with nothing in these columns (a total of the numbers) is left out
+            section = self.rows[r].end_section and n + 1 < len(rows)
+            part.add_row(*(column[r] for column in cells), style=self.rows[r].style, end_section=section)
         return part
+
+
+def _blank(cell: Any) -> bool:
+    return isinstance(cell, str | Text) and not str(cell).strip()
+
+
+class Flow:
+    """Lines of pieces that break only between pieces: the shapes `[batch, seq, 64], [batch, seq]` of a table cell
+    fold after a comma, never inside a shape. Each line starts a new line; its pieces fill the width."""
+
+    def __init__(self, lines: Sequence[Sequence[str]], style: str = "") -> None:
+        self.lines = [list(line) for line in lines if line]
+        self.style = style
+
+    def __str__(self) -> str:
+        return "\n".join(" ".join(line) for line in self.lines)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        pieces = [piece for line in self.lines for piece in line]
+        widest = max((len(line) for line in str(self).splitlines()), default=0)
+        return Measurement(max((len(piece) for piece in pieces), default=0), widest)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        out: list[str] = []
+        for line in self.lines:
+            current = ""
+            for piece in line:
+                if current and len(current) + 1 + len(piece) > options.max_width:
+                    out.append(current)
+                    current = piece
+                else:
+                    current = f"{current} {piece}" if current else piece
+            out.append(current)
+        yield Text("\n".join(out), style=self.style)

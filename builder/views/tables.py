@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.console import Group as RichGroup
-from rich.console import RenderableType
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -17,7 +17,7 @@ from blockgraph.blocks.types import format_shape
 from blockgraph.builder.analysis import Costs
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.shapes import TypedGraph
-from blockgraph.builder.views.fitted import FittedTable
+from blockgraph.builder.views.fitted import FittedTable, Flow
 from blockgraph.builder.views.numbers import bytes_text, count, flops_text, plural
 from blockgraph.builder.views.units import Unit, add, fold, shape_lookup, unit_numbers
 from blockgraph.common.text import sizes_text
@@ -65,12 +65,18 @@ def _shapes(shapes: Iterable[tuple]) -> str:
     return ", ".join(format_shape(s) for s in shapes)
 
 
-def _concrete(symbolic: list[tuple], concrete: list[tuple] | None) -> str:
-    """`[batch, seq, 64]`, and `= [2, 16, 64]` under it when sizes are known and differ."""
-    text = _shapes(symbolic)
+def _concrete(symbolic: list[tuple], concrete: list[tuple] | None) -> Flow:
+    """`[batch, seq, 64]`, and `= [2, 16, 64]` under it when sizes are known and differ; folded between shapes."""
+    lines = [_pieces(symbolic)]
     if concrete is not None and concrete != symbolic:
-        text += "\n= " + _shapes(concrete)
-    return text
+        first, *rest = _pieces(concrete)
+        lines.append([f"= {first}", *rest])
+    return Flow(lines)
+
+
+def _pieces(shapes: list[tuple]) -> list[str]:
+    texts = [format_shape(s) for s in shapes]
+    return [text + ("," if n + 1 < len(texts) else "") for n, text in enumerate(texts)]
 
 
 # --- tree ---------------------------------------------------------------------------------------------------------
@@ -125,32 +131,66 @@ def _sum(row: _Row) -> int:
 
 def architecture_tree(
     typed: TypedGraph, params: dict[str, int], depth: int | None = None, costs: Costs | None = None
-) -> Tree:
+) -> RenderableType:
     """node → block → input shapes → output shapes → parameters (→ FLOPs, activations with `costs`), as a tree;
     `depth` collapses deeper levels into their group (`encoder  encoder_block ×6`), which sums its children."""
-    root = _rows(typed, params, costs)
-    head = Text.assemble((root.name, "bold"), f"  {count(root.params)} parameters")
-    if costs is not None and costs.concrete:
-        head.append(f"  {flops_text(root.flops)} FLOPs", style="blue")
-    elif costs is not None and costs.flops_analytic is not None:  # no sizes: the formulas' expression
-        head.append(f"  {_short(str(costs.flops_analytic), 60)} FLOPs", style="blue")
-    tree = Tree(head)
+    return _FittedTree(_rows(typed, params, costs), depth, costs)
 
-    def add(branch: Tree, row: _Row, level: int) -> None:
-        for child in row.children.values():
-            text = Text.assemble((child.name, "bold cyan"), "  ", (child.label, "magenta"))
-            if child.outputs:
-                text.append(f"  {child.inputs} → {child.outputs}", style="green")
-            text.append(f"  {child.params:,}" if child.params else "  0", style="yellow")
-            if costs is not None and costs.concrete:
-                text.append(f"  {flops_text(child.flops)} FLOPs", style="blue")
-                text.append(f"  {bytes_text(child.activations)}", style="dim")
-            sub = branch.add(text)
-            if child.children and (depth is None or level < depth):
-                add(sub, child, level + 1)
 
-    add(tree, root, 1)
-    return tree
+class _FittedTree:
+    """A Rich tree whose labels break between their fields (name, block, shapes, numbers) and never inside one:
+    at 80 columns Rich's own wrapping split `0 FLOPs` and `[batch, seq, 64]` over two lines."""
+
+    INDENT = 4  # the width of one level of the tree's guides
+
+    def __init__(self, root: _Row, depth: int | None, costs: Costs | None) -> None:
+        self.root, self.depth, self.costs = root, depth, costs
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        root, costs, width = self.root, self.costs, options.max_width
+        head = [(2, Text(root.name, "bold")), (2, Text(f"{count(root.params)} parameters"))]
+        if costs is not None and costs.concrete:
+            head.append((2, Text(f"{flops_text(root.flops)} FLOPs", "blue")))
+        elif costs is not None and costs.flops_analytic is not None:  # no sizes: the formulas' expression
+            head.append((2, Text(f"{_short(str(costs.flops_analytic), 60)} FLOPs", "blue")))
+        tree = Tree(_fitted(head, width))
+
+        def add(branch: Tree, row: _Row, level: int) -> None:
+            for child in row.children.values():
+                fields = [(2, Text(child.name, "bold cyan")), (2, Text(child.label, "magenta"))]
+                if child.outputs:
+                    shapes = [*_split_shapes(child.inputs), "→", *_split_shapes(child.outputs)]
+                    fields += [(2 if n == 0 else 1, Text(shape, "green")) for n, shape in enumerate(shapes)]
+                fields.append((2, Text(f"{child.params:,}" if child.params else "0", "yellow")))
+                if costs is not None and costs.concrete:
+                    fields.append((2, Text(f"{flops_text(child.flops)} FLOPs", "blue")))
+                    fields.append((2, Text(bytes_text(child.activations), "dim")))
+                sub = branch.add(_fitted(fields, width - self.INDENT * level))
+                if child.children and (self.depth is None or level < self.depth):
+                    add(sub, child, level + 1)
+
+        add(tree, root, 1)
+        yield tree
+
+
+def _fitted(fields: list[tuple[int, Text]], width: int) -> Text:
+    """Each field after its gap of spaces, or on a new line when it would pass `width`."""
+    text, used = Text(), 0
+    for gap, part in fields:
+        if used and used + gap + part.cell_len > width:
+            text.append("\n")
+            used = 0
+        elif used:
+            text.append(" " * gap)
+            used += gap
+        text.append_text(part)
+        used += part.cell_len
+    return text
+
+
+def _split_shapes(shapes: str) -> list[str]:
+    """`[a, b], [c]` → `[a, b],` `[c]`: the places a line of shapes may break."""
+    return [piece + "]," for piece in shapes.split("], ")[:-1]] + shapes.split("], ")[-1:]
 
 
 def architecture_table(
@@ -187,7 +227,7 @@ def architecture_table(
         ]
         if costs is not None:
             cells += [f"{trainable:,}", flops_text(flops), bytes_text(activations)]
-        table.add_row(*(Text(c) for c in cells))  # Text: no markup or emoji parsing, 580 rows print fast
+        table.add_row(*(c if isinstance(c, Flow) else Text(c) for c in cells))  # Text: no markup parsing
         sums = [sums[0] + total, sums[1] + trainable, add(sums[2], flops), add(sums[3], activations)]
     table.add_section()
     footer = ["total", "", "", "", f"{sums[0]:,}"]
