@@ -24,15 +24,20 @@ def sinusoid_table(max_len: int, dim: int, layout: str = "interleaved") -> torch
     Computed as in the Annotated Transformer (div_term = exp(2i · −ln(10000)/d)) but in float64, so the
     float32 result is the closed form correctly rounded even at large positions.
     """
-    position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
-    div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * -(math.log(10000.0) / dim))
-    sines, cosines = torch.sin(position * div_term), torch.cos(position * div_term[: dim // 2])
-    if layout == "halves":
-        return torch.cat((sines, cosines), dim=1).float()
-    pe = torch.zeros(max_len, dim, dtype=torch.float64)
-    pe[:, 0::2] = sines
-    pe[:, 1::2] = cosines
-    return pe.float()
+    target = torch.get_default_device()
+    if target.type == "meta":  # no values to compute; the ops' meta decompositions would import torch._dynamo
+        return torch.empty(max_len, dim)
+    with torch.device("cpu"):  # computed where it can be (float64), then moved
+        position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * -(math.log(10000.0) / dim))
+        sines, cosines = torch.sin(position * div_term), torch.cos(position * div_term[: dim // 2])
+        if layout == "halves":
+            pe = torch.cat((sines, cosines), dim=1)
+        else:
+            pe = torch.zeros(max_len, dim, dtype=torch.float64)
+            pe[:, 0::2] = sines
+            pe[:, 1::2] = cosines
+    return pe.float().to(target)
 
 
 @register("sinusoidal_position", family="positional")

@@ -155,3 +155,20 @@ def test_at_80_columns_block_summaries_get_room_to_read(run_cli):
     assert shown.code == 0, shown.stderr
     header = next(line for line in shown.stdout.splitlines() if "summary" in line)
     assert len(header.split("┃")[-2]) >= 40, header
+
+
+def test_validate_compiles_nothing_so_loads_no_compiler():
+    """`validate` builds every block on `meta` to check it; nothing of that may pull in torch._dynamo (a second of
+    start-up): a table computed on meta goes through decompositions that import it."""
+    import subprocess
+    import sys
+
+    specs = sorted(str(path) for path in (ROOT / "specs").glob("*.yaml"))
+    code = (
+        "import sys; from blockgraph import cli\n"
+        f"sys.argv = ['blockgraph', 'validate', *{specs!r}]\n"
+        "try:\n    cli.main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+        "print('exit', code, 'dynamo', 'torch._dynamo' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines()[-1] == "exit 0 dynamo False", done.stdout + done.stderr
