@@ -18,10 +18,11 @@ from typer.core import TyperGroup
 
 from blockgraph.common.console import err, out, problems_view, report, write_plain
 from blockgraph.common.errors import BlockgraphError, Problem, UsageError
+from blockgraph.common.memory import SKIP_FLAG, SKIP_HELP, skip_checks
 from blockgraph.common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
 from blockgraph.common.text import clean_json
 
-_APP_OPTIONS = {"--plugin": True, "-p": True, "--allow-override": False}  # the app's options: takes a value?
+_APP_OPTIONS = {"--plugin": True, "-p": True, "--allow-override": False, SKIP_FLAG: False}  # takes a value?
 
 
 def _app_options_first(args: list[str]) -> list[str]:
@@ -160,16 +161,10 @@ def main_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    skip_memory_check: Annotated[bool, typer.Option(SKIP_FLAG, help=SKIP_HELP)] = False,
 ) -> None:
     State.debug, State.plugins, State.allow_override = debug, plugin, allow_override
-
-
-def _typed_graph(spec: Path, set_: list[str], allow_external_files: bool) -> Any:
-    """The spec validated, wired and shape-checked, with its --set overrides."""
-    from blockgraph.builder import pipeline
-
-    overrides = parse_pairs(set_, "--set", typed=True)
-    return pipeline.typed_graph(spec, overrides, allow_external_files=allow_external_files)
+    skip_checks(skip_memory_check)  # for every command, those of the trainer included (common.memory)
 
 
 def parse_dims(values: list[str]) -> dict[str, int]:
@@ -194,7 +189,11 @@ def warn(items: list[Problem], strict: bool) -> None:
     err.print(problems_view(items))
 
 
-SpecArg = Annotated[Path, typer.Argument(help="Spec file (.yaml, .yml or .json).", show_default=False)]
+MODEL_HELP = (
+    "A spec file (.yaml, .yml or .json), or a model directory: saved by build --out, a training run or its "
+    "checkpoint/, a consolidated checkpoint, an imported model."
+)
+SpecArg = Annotated[Path, typer.Argument(help=MODEL_HELP, show_default=False)]
 SetOpt = Annotated[list[str], typer.Option("--set", "-s", metavar="NAME=VALUE", help=SET_HELP)]
 DimOpt = Annotated[
     list[str],
@@ -207,6 +206,13 @@ ExternalOpt = Annotated[
     bool,
     typer.Option("--allow-external-files", help=EXTERNAL_FILES_HELP),
 ]
+
+
+def model_path(path: Path) -> Any:
+    """What `path` holds (trainer.model_path): a spec file or a model directory, each command takes its part."""
+    from blockgraph.trainer.model_path import resolve
+
+    return resolve(path)
 
 
 def use_plugins() -> None:
@@ -246,30 +252,52 @@ def build(
         typer.Option("--out", "-o", help="Save the model (weights, resolved spec, manifest) to this directory."),
     ] = None,
 ) -> None:
-    """Validate SPEC, compile it, run one forward pass on dummy inputs, and print a summary."""
+    """Validate SPEC, compile it, run one forward pass on dummy inputs, and print a summary.
+
+    A model directory is loaded with its saved weights (in --dtype, when given) instead.
+    """
     import torch
 
-    from blockgraph.builder import persist, pipeline, trial, views
+    from blockgraph.builder import footprint, persist, pipeline, trial, views
 
+    weights = pipeline.parse_dtype(dtype)
+    given = model_path(spec)
     if out_dir is not None:
         persist.check_destination(out_dir)
     started = time.perf_counter()
-    typed = pipeline.typed_graph(
-        spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
-    )
-    warn(typed.graph.warnings, strict)
-    checked = time.perf_counter()
-    _check_device(device)
-    model = pipeline.compile_graph(typed, device=device, dtype=pipeline.parse_dtype(dtype))
-    built = time.perf_counter()
-    dims = trial.resolve_dims(typed.graph, parse_dims(dim))
+    overrides = parse_pairs(set_, "--set", typed=True)
+    saved = given.saved_model()
+    if saved is None:
+        typed = pipeline.typed_graph(given.load_spec(overrides, allow_external_files=allow_external_files))
+        warn(typed.graph.warnings, strict)
+        checked = time.perf_counter()
+        _check_device(device)
+        dims = trial.resolve_dims(typed.graph, parse_dims(dim))
+        need = footprint.build_need(typed, dims, device=device, dtype=weights)
+        footprint.check(need, hint=footprint.build_advice(spec))  # before allocating anything
+        model = pipeline.compile_graph(typed, device=device, dtype=weights)
+        built = time.perf_counter()
+        seconds = {"validate": checked - started, "compile": built - checked}
+    else:
+        given.no_overrides(overrides)
+        _check_device(device)
+        model = persist.load(saved, device=device)
+        if dtype is not None:
+            model.to(pipeline.parse_dtype(dtype))
+        typed = model.typed_graph
+        warn(typed.graph.warnings, strict)
+        dims = trial.resolve_dims(typed.graph, parse_dims(dim))
+        held = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        footprint.check(footprint.trial_need(typed, dims, device=device, dtype=held), hint=footprint.build_advice(spec))
+        built = time.perf_counter()
+        seconds = {"load": built - started}
     inputs = trial.dummy_inputs(typed.graph, dims, device=device, dtype=pipeline.parse_dtype(dtype))
     model.eval()
     outputs = trial.trial_run(model, inputs, dims)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     ran = time.perf_counter()
-    seconds = {"validate": checked - started, "compile": built - checked, "forward": ran - built}
+    seconds["forward"] = ran - built
     weights_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     out.print(views.build_summary(model, outputs, device=device, dtype=weights_dtype, seconds=seconds))
     if out_dir is not None:
@@ -302,6 +330,7 @@ def inspect(
         int | None,
         typer.Option(
             min=1,
+            max=1000,
             metavar="N",
             help="Collapse repeats and sub-graphs below this depth (tree, table, graphs; graphs draw each repeat "
             "once without it).",
@@ -323,7 +352,9 @@ def inspect(
     ] = False,
     ranks: Annotated[
         int,
-        typer.Option(min=1, metavar="N", help="Also show what each of N training processes holds (with --strategy)."),
+        typer.Option(
+            min=1, max=65536, metavar="N", help="Also show what each of N training processes holds (with --strategy)."
+        ),
     ] = 1,
     strategy: Annotated[
         Strategy | None,
@@ -336,9 +367,10 @@ def inspect(
 
     if code and params:
         raise UsageError(Problem("--code and --params print different things", hint="give one of them"))
-    typed = pipeline.typed_graph(
-        spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
+    valid = model_path(spec).load_spec(
+        parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
     )
+    typed = pipeline.typed_graph(valid)
     warn(typed.graph.warnings, False)
     if params:  # before compiling: the listing is what a broken `tie:` needs, and it builds the model untied
         listing = views.params_report(typed, format.value)
@@ -384,7 +416,10 @@ class ResolvedFormat(str, Enum):
 @app.command()
 @user_errors
 def validate(
-    specs: Annotated[list[Path], typer.Argument(help="Spec files to check.", show_default=False)],
+    specs: Annotated[
+        list[Path],
+        typer.Argument(help="Spec files to check, or model directories (their saved specs).", show_default=False),
+    ],
     set_: SetOpt = [],  # noqa: B006
     strict: StrictOpt = False,
     resolved: Annotated[
@@ -405,7 +440,7 @@ def validate(
     printed = False  # a resolved YAML document: the next one starts with ---
     for path in specs:
         try:
-            valid = pipeline.load_spec(path, overrides, allow_external_files=allow_external_files)
+            valid = model_path(path).load_spec(overrides, allow_external_files=allow_external_files)
             typed = pipeline.typed_graph(valid)
             warn(typed.graph.warnings, strict)
             pipeline.compile_graph(typed, device="meta")
@@ -460,10 +495,7 @@ class ExportFormat(str, Enum):
 @app.command()
 @user_errors
 def export(
-    spec: Annotated[
-        Path,
-        typer.Argument(help="Spec file, or a model directory saved by build --out (its weights).", show_default=False),
-    ],
+    spec: Annotated[Path, typer.Argument(help=MODEL_HELP + " A directory's weights are exported.", show_default=False)],
     format: Annotated[
         ExportFormat, typer.Option("--format", "-f", help="exported-program (torch.export, .pt2) or onnx.")
     ],
@@ -476,25 +508,30 @@ def export(
     strict: StrictOpt = False,
     allow_external_files: ExternalOpt = False,
 ) -> None:
-    """Export SPEC or a saved model for deployment, its named dimensions (batch, seq, ...) dynamic."""
+    """Export SPEC (or a model directory's weights) for deployment, its named dimensions (batch, seq, ...) dynamic."""
     from blockgraph.builder import export as exporting
-    from blockgraph.builder import persist, pipeline, trial
+    from blockgraph.builder import footprint, persist, pipeline, trial
 
-    if persist.is_saved_model(spec):
-        if set_:
-            raise UsageError(Problem("--set does not apply to a saved model", hint="its spec.yaml fixes the sizes"))
-        model = persist.load(spec)
+    given = model_path(spec)
+    overrides = parse_pairs(set_, "--set", typed=True)
+    saved = given.saved_model()
+    if saved is not None:
+        given.no_overrides(overrides)
+        model = persist.load(saved)
         typed = model.typed_graph
+        dims = trial.resolve_dims(typed.graph, parse_dims(dim))
+        footprint.check(footprint.trial_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
     else:
-        typed = pipeline.typed_graph(
-            spec, parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
-        )
+        typed = pipeline.typed_graph(given.load_spec(overrides, allow_external_files=allow_external_files))
         warn(typed.graph.warnings, strict)
+        dims = trial.resolve_dims(typed.graph, parse_dims(dim))
+        footprint.check(footprint.build_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
         model = pipeline.compile_graph(typed, device="cpu")
-    dims = trial.resolve_dims(typed.graph, parse_dims(dim))
     model.eval()
     trial.trial_run(model, trial.dummy_inputs(typed.graph, dims), dims)  # what `build` refuses is not exported
-    result = exporting.export(model, typed, dims, format.value, out_file, include_optional=with_optional)
+    result = exporting.export(
+        model, typed, dims, format.value, out_file, include_optional=with_optional, torch_output=State.debug
+    )
     warn(result.warnings, strict=False)
     for line in exporting.describe(result, typed):
         out.print(line, markup=False)

@@ -29,7 +29,10 @@ from blockgraph.common.errors import Problem, ProblemList, SpecError
 def compile_graph(
     typed: TypedGraph, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> GraphModel:
-    """Instantiate every block (on `device`, or `meta` for a weightless model) and bind the generated forward."""
+    """Instantiate every block (on `device`, or `meta` for a weightless model) and bind the generated forward.
+
+    With `dtype`, each block is converted as soon as it is built, so that the model never exists whole in the
+    dtype its blocks make (a 7B model in bfloat16 never takes its float32 size; builder.footprint counts it)."""
     graph = typed.graph
     cls = model_class(typed)
     model = cls()
@@ -37,10 +40,9 @@ def compile_graph(
     with torch.device(target), _SkipInitOnMeta() if target.type == "meta" else contextlib.nullcontext():
         for inst in graph.nodes.values():
             if inst.module_id == inst.id:
-                _install(model, inst.id, _instantiate(inst, graph))
+                module = _instantiate(inst, graph)
+                _install(model, inst.id, module if dtype is None else module.to(dtype))
     _tie(model, graph)
-    if dtype is not None:
-        model.to(dtype)
     return model
 
 

@@ -3,7 +3,8 @@
 Every symbolic dimension name of the spec's inputs (`batch`, `seq`, ...) becomes one `torch.export.Dim`, shared
 by every input that uses it. When tracing shows a block needs a narrower range (a positional table of 5000
 rows bounds `seq`) the range is narrowed; when a block needs an exact size, that dimension falls back to the
-trial size, with a warning (a `Problem` of severity "warning" in `Exported.warnings`).
+trial size, with a warning (a `Problem` of severity "warning" in `Exported.warnings`). Optional inputs (padding
+masks) left out of the program are warnings too: the program runs without them, whatever the batch holds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,12 +55,15 @@ def export(
     path: str | Path,
     *,
     include_optional: bool | Sequence[str] = False,
+    torch_output: bool = False,
 ) -> Exported:
     """Export `model` (in eval mode) to `path` as `fmt` ("exported-program" or "onnx").
 
     `dims` are the trial sizes of the spec's named dimensions (see `resolve_dims`); each becomes dynamic where
     the blocks allow. Optional inputs are left out of the exported signature unless `include_optional` is
-    True or names them (then they are required there; a boolean mask of all False means "none").
+    True or names them (then they are required there; a boolean mask of all False means "none"); each one left
+    out is a warning. torch's own output while exporting (its logs, warnings, the partial graph it prints when
+    tracing fails) is kept back unless `torch_output` (`blockgraph --debug`): a failure is an `ExportError`.
     """
     if fmt not in FORMATS:
         raise ExportError(Problem(f"unknown export format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}"))
@@ -75,16 +79,19 @@ def export(
     was_training = model.training
     model.eval()
     try:
-        with _quiet("torch"):  # its failed guesses log tracebacks; what fails for good is reported below
+        with _torch_output(torch_output):  # its failed guesses log tracebacks; what fails for good is reported
             program, dynamic, static, notes = _trace(model, typed, dims, names, device)
     finally:
         model.train(was_training)
+    left_out = [n for n, s in graph.inputs.items() if s.optional and n not in names]
+    if left_out:
+        notes.append(_left_out(left_out, typed))
     outputs = list(graph.outputs)
     result = Exported(path, fmt, names, ["output"] if graph.single_output else outputs, dynamic, static, notes)
     if fmt == "exported-program":
         write_file(path, lambda tmp: _save_program(program, tmp), what="exported model")
     else:
-        _write_onnx(program, result, typed)
+        _write_onnx(program, result, typed, torch_output)
     return result
 
 
@@ -272,6 +279,18 @@ def _static(names: Sequence[str], sizes: dict[str, int], guards: list[str], type
     )
 
 
+def _left_out(names: list[str], typed: TypedGraph) -> Problem:
+    """The optional inputs an export leaves out: its program always runs as the model does without them."""
+    inputs = typed.graph.inputs
+    listed = ", ".join(f"{n} ({inputs[n].dtype} {format_shape(inputs[n].shape)})" for n in names)
+    return Problem(
+        f"optional input(s) left out of the export: {listed}; the exported program always runs without them, "
+        "so a padded batch is computed as if none of it were padding",
+        severity="warning",
+        hint="export with --with-optional to make them inputs (include_optional=True in Python)",
+    )
+
+
 def _trace_error(exc: Exception, typed: TypedGraph) -> ExportError:
     return ExportError(
         Problem(
@@ -287,13 +306,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _write_onnx(program: Any, result: Exported, typed: TypedGraph) -> None:
+def _write_onnx(program: Any, result: Exported, typed: TypedGraph, torch_output: bool) -> None:
     """The exported program through the dynamo ONNX exporter; dynamic axes keep the spec's names."""
     path = result.path
     big = sum(v.numel() * v.element_size() for v in program.state_dict.values()) > 1_800_000_000
     try:
-        with warnings.catch_warnings(), _quiet("torch.onnx"):
-            warnings.simplefilter("ignore")
+        with _torch_output(torch_output):  # it reports every optional torchvision op it skips
             onnx_program = torch.onnx.export(
                 program, (), None, output_names=result.outputs, dynamo=True, verbose=False, external_data=big
             )
@@ -322,15 +340,21 @@ def _name_axes(onnx_program: Any, result: Exported, typed: TypedGraph) -> None:
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str):
-    """Silence a logger below critical (torch.onnx reports every optional torchvision op it skips)."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
+def _torch_output(shown: bool) -> Iterator[None]:
+    """Keep torch's own output from the terminal unless `shown`: it logs, warns and prints (a failed trace's
+    partial graph, to stderr) through channels of its own, and the error that counts is raised as ours."""
+    if shown:
         yield
+        return
+    disabled = logging.root.manager.disable  # torch's handlers hold the real stderr: redirecting misses them
+    logging.disable(logging.CRITICAL)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        logger.setLevel(level)
+        logging.disable(disabled)
 
 
 def describe(result: Exported, typed: TypedGraph) -> list[str]:

@@ -10,25 +10,28 @@ unread. Nothing here runs code from the directory: the config is JSON, the weigh
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from blockgraph.builder.hf_mappings import FAMILIES, Family, convert
+from blockgraph.builder import footprint
+from blockgraph.builder.hf_mappings import FAMILIES, Family, convert, names_text, plan
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.persist import unique_tensors
 from blockgraph.builder.pipeline import build
 from blockgraph.builder.spec import MAX_DIM as MAX_SIZE
 from blockgraph.common.errors import CheckpointError, Location, Problem
 from blockgraph.common.files import FileKind, MiB, read_json
+from blockgraph.common.native import guarded
 from blockgraph.common.tensorfile import TensorInfo, read_header
 from blockgraph.common.text import excerpt
 
@@ -38,6 +41,7 @@ INDEX_FILE = FileKind("weights index", CheckpointError, limit=64 * MiB)
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 Config = Mapping[str, Any]
+T = TypeVar("T")
 Value = str | tuple[str, Any] | Callable[[Config], Any]  # a config key, a key with its default, or a rule
 
 
@@ -58,19 +62,26 @@ def _get(config: Config, value: Value) -> Any:
     return config.get(key, default)
 
 
+MAPPINGS = ("rope_scaling", "rope_parameters")  # the config's options that are mappings of options
+
+
+def _mapping(config: Config, key: str) -> Mapping[str, Any]:
+    """One of the MAPPINGS, {} where absent (or not a mapping, which `spec_variables` reports)."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _rope(key: str, default: float, legacy: str) -> Callable[[Config], Any]:
     """A rotary setting from `rope_parameters` (transformers ≥ 5) or the older top-level key."""
 
     def read(config: Config) -> Any:
-        parameters = config.get("rope_parameters") or {}
-        return float(parameters.get(key, config.get(legacy, default)))
+        return float(_mapping(config, "rope_parameters").get(key, config.get(legacy, default)))
 
     return read
 
 
 def _rope_type(config: Config) -> Any:
-    scaling = config.get("rope_scaling") or {}
-    parameters = config.get("rope_parameters") or {}
+    scaling, parameters = _mapping(config, "rope_scaling"), _mapping(config, "rope_parameters")
     return scaling.get("rope_type", scaling.get("type")) or parameters.get("rope_type", "default")
 
 
@@ -276,12 +287,16 @@ def spec_variables(model_type: str, config: Config, where: Location) -> dict[str
     """The family spec's variables from `config`; every option the spec fixes otherwise, and every value that is
     not the number the spec needs, is reported at once."""
     reading = READINGS[model_type]
-    problems = []
+    problems = [
+        Problem(f"{key} is not a mapping of options", where)
+        for key in MAPPINGS
+        if config.get(key) is not None and not isinstance(config.get(key), dict)
+    ]
     variables = {}
     for name, value in reading.variables.items():
         try:
             variables[name] = _get(config, value)
-        except (TypeError, ValueError, AttributeError):
+        except (TypeError, ValueError, AttributeError, ArithmeticError):  # a text, a list, an int beyond floats
             problems.append(Problem(f"cannot read the spec's {name} from this config", where))
             continue
         problem = _bad_number(name, variables[name])
@@ -312,11 +327,18 @@ def _bad_number(name: str, value: Any) -> str | None:
     if value is None and name in OPTIONAL_VARIABLES:
         return None
     if name in FLOAT_VARIABLES:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and _finite(value) and value >= 0
         return None if ok else f"{name} is {excerpt(_shown(value), 40)}, not a finite number ≥ 0"
     if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIZE:
         return None
     return f"{name} is {excerpt(_shown(value), 40)}, not a size from 1 to {MAX_SIZE:,}"
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer that no float holds
+        return False
 
 
 def _matches(have: Any, value: Any, config: Config, defaults: Mapping[str, Any]) -> bool:
@@ -326,7 +348,7 @@ def _matches(have: Any, value: Any, config: Config, defaults: Mapping[str, Any])
             return have == config.get("hidden_size", 0) // max(1, int(config.get("num_attention_heads", 1)))
         if value == "4 × n_embd":
             return have == 4 * int(config.get("n_embd", 768))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):
         return False
     if isinstance(value, str) and value.endswith(("_heads", "_dim", "_size")):
         return have == config.get(value, defaults.get(value))
@@ -389,18 +411,40 @@ def headers(files: list[Path]) -> dict[str, tuple[Path, TensorInfo]]:
     return found
 
 
-def read_weights(found: Mapping[str, tuple[Path, TensorInfo]]) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for path in dict.fromkeys(p for p, _ in found.values()):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not a mapping
-                    tensors[name] = handle.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(
-                Problem(f"cannot read the weights file: {type(exc).__name__}", Location(str(path)))
-            ) from None
-    return tensors
+class Weights(Mapping[str, torch.Tensor]):
+    """The checkpoint's tensors by name (today's, see `_as_today`), each read from its file when first asked for:
+    what is never asked for is never read. Use it as a context: the files are closed after."""
+
+    def __init__(self, found: Mapping[str, tuple[Path, TensorInfo, str]]):
+        self._found = found  # name → (file, header entry, name in the file)
+        self._read: dict[str, torch.Tensor] = {}
+        self._files = contextlib.ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._read:
+            path, _, stored = self._found[name]
+
+            def failed(failure: str) -> CheckpointError:
+                return CheckpointError(Problem(f"cannot read the weights file ({failure})", Location(str(path))))
+
+            with guarded(failed):
+                if path not in self._handles:
+                    self._handles[path] = self._files.enter_context(safe_open(str(path), framework="pt"))
+                self._read[name] = self._handles[path].get_tensor(stored)
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._found)
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    def __enter__(self) -> Weights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._files.close()
 
 
 def _shards(index: Path) -> list[Path]:
@@ -459,46 +503,83 @@ def _standalone(name: str) -> list[str]:
 def import_directory(directory: str | Path) -> Imported:
     """Read a Hugging Face-format directory into the family's spec and a model holding its weights.
 
-    The headers are read and the spec is built on `meta` first, so that a config that does not describe the
-    weights (sizes, dtype) is refused before anything is allocated.
+    Everything is checked from the config and the weights' headers first, on a model built on `meta`: the
+    sizes, every tensor's name, dtype and size against the place the family's table gives it. Only then is
+    anything allocated, and only the tensors the model takes are read.
     """
     directory = Path(directory)
     model_type, config = read_config(directory)
-    where = Location(str(directory / "config.json"))
+    where, weights = Location(str(directory / "config.json")), Location(str(directory))
     variables = spec_variables(model_type, config, where)
     family = FAMILIES[model_type]
-    found = headers(weight_files(directory))
-    dtype = _dtype(found, Location(str(directory)))
-    shapes = {name: info.shape for name, (_, info) in found.items()}
+    found = _as_today(
+        model_type, {name: (path, info, name) for name, (path, info) in headers(weight_files(directory)).items()}
+    )
+    plan(family, found)  # names first: a tensor no rule places, or two in one place, is refused before all else
+    dtype = _dtype(found, weights)
     layout = build(SPECS / family.spec, overrides=variables, dtype=dtype, device="meta")
-    _check_size(layout, shapes, Location(str(directory)))
-    model = build(SPECS / family.spec, overrides=variables, dtype=dtype).eval()
-    tensors = _as_today(model_type, read_weights(found))
-    state, computed = convert(family, tensors, heads=variables.get("heads"))
-    targets, _aliases = unique_tensors(model)
-    weights = Location(str(directory))
-    missing = sorted(set(targets) - set(state))
-    if missing:
-        shown = ", ".join(missing[:6]) + (" …" if len(missing) > 6 else "")
-        raise CheckpointError(Problem(f"the checkpoint lacks {len(missing)} tensor(s) of the spec: {shown}", weights))
-    for hf_name, our_name in computed:  # a table the spec computes (sinusoidal positions) must be the stored one
-        ours, theirs = model.get_buffer(our_name).squeeze(0), tensors[hf_name]
-        rows = min(len(ours), len(theirs)) if ours.dim() == theirs.dim() == 2 else 0
-        same = rows and ours.shape[1] == theirs.shape[1]
-        if not same or not torch.allclose(ours[:rows].float(), theirs[:rows].float(), atol=1e-4, rtol=0):
-            raise CheckpointError(Problem(f"{hf_name} is not the table the spec computes", weights))
-    wrong = [name for name, value in state.items() if name not in targets or targets[name].shape != value.shape]
+    _check_size(layout, {name: info.shape for name, (_, info, _) in found.items()}, weights)
+    _check_places(family, found, layout, weights)
+    need = footprint.import_need(layout, [info for _, info, _ in found.values()])
+    footprint.check(need, hint=footprint.IMPORT_ADVICE)  # before anything is allocated
+    model = build(SPECS / family.spec, overrides=variables, dtype=dtype, check_memory=False).eval()
+    targets = unique_tensors(model)[0]
+    with Weights(found) as tensors:
+        state, computed = convert(family, tensors, heads=variables.get("heads"))
+        for hf_name, our_name in computed:  # a table the spec computes (sinusoidal positions) must be the stored one
+            ours, theirs = model.get_buffer(our_name).squeeze(0), tensors[hf_name]
+            rows = min(len(ours), len(theirs)) if ours.dim() == theirs.dim() == 2 else 0
+            same = rows and ours.shape[1] == theirs.shape[1]
+            if not same or not torch.allclose(ours[:rows].float(), theirs[:rows].float(), atol=1e-4, rtol=0):
+                raise CheckpointError(Problem(f"{hf_name} is not the table the spec computes", weights))
+    wrong = [name for name, value in state.items() if targets[name].shape != value.shape]
     if wrong:
         name = wrong[0]
-        have = tuple(state[name].shape)
-        want = tuple(targets[name].shape) if name in targets else "nothing"
+        have, want = tuple(state[name].shape), tuple(targets[name].shape)
         raise CheckpointError(Problem(f"{name}: the checkpoint's tensor is {have}, the spec's {want}", weights))
     with torch.no_grad():
         for name, value in state.items():
             targets[name].copy_(value)
     vocab = int(variables["vocab"])
     text = spec_text(family, variables, excerpt(directory.resolve().name, 60))
-    return Imported(model_type, variables, specials(model_type, config, vocab, where), text, model, len(tensors))
+    return Imported(model_type, variables, specials(model_type, config, vocab, where), text, model, len(found))
+
+
+def _check_places(family: Family, found: Mapping[str, tuple[Path, TensorInfo, str]], layout: torch.nn.Module,
+                  where: Location) -> None:  # fmt: skip
+    """From the names and headers alone (nothing is read): every checkpoint tensor has a place in the model of
+    the spec (`layout`, on meta) and the size of that place; every tensor of the model has a source."""
+    targets = {name: t.numel() for name, t in unique_tensors(layout)[0].items()}
+    filled: set[str] = set()
+    astray, misfit = [], []
+    for name, (rule, groups) in plan(family, found).items():
+        shape = found[name][1].shape
+        ours = [target.format(**groups) for target in rule.ours]
+        if rule.transform == "tied":  # the same as its source, which is compared, not copied
+            source = rule.source.format(**groups)
+            fits = source in found and found[source][1].shape == shape
+        elif rule.transform == "computed":  # held against the table the spec computes
+            fits = math.prod(shape) <= sum(b.numel() for n, b in layout.named_buffers() if n in ours)
+        else:
+            astray += [target for target in ours if target not in targets]
+            filled.update(ours)
+            fits = math.prod(shape) == sum(targets.get(target, 0) for target in ours)
+        if not fits:
+            misfit.append(f"{name} {tuple(shape)}")
+    missing = sorted(set(targets) - filled)
+    problems = []
+    if astray:
+        problems.append(
+            Problem(f"{len(astray)} tensor(s) of the checkpoint have no place in the spec: {names_text(astray)}", where)
+        )
+    if missing:
+        problems.append(
+            Problem(f"the checkpoint lacks {len(missing)} tensor(s) of the spec: {names_text(missing)}", where)
+        )
+    if misfit:
+        problems.append(Problem(f"{names_text(misfit)}: not the size of its place in the spec", where))
+    if problems:
+        raise CheckpointError(problems)
 
 
 def _check_size(layout: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], where: Location) -> None:
@@ -518,7 +599,7 @@ def _check_size(layout: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], 
 BUFFERS = r"\.attn\.(masked_)?bias$|\.attention\.(masked_)?bias$|rotary_emb\.inv_freq$"  # masks, frequencies
 
 
-def _as_today(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _as_today(model_type: str, tensors: dict[str, T]) -> dict[str, T]:
     """Older checkpoints' names as today's transformers writes them: without the causal masks and rotary
     frequencies they used to save (the spec computes them), GPT-2 without its `transformer.` prefix, BERT inside
     a `bert.` prefix, `gamma`/`beta` for LayerNorm weight and bias."""
@@ -538,12 +619,19 @@ def _as_today(model_type: str, tensors: dict[str, torch.Tensor]) -> dict[str, to
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
-def _dtype(found: Mapping[str, tuple[Path, TensorInfo]], where: Location) -> torch.dtype:
-    """The weights' floating dtype when they share one (a bfloat16 checkpoint stays bfloat16), else float32."""
-    kinds = {info.dtype for _, info in found.values() if info.floating}
-    unusable = sorted(kinds - set(DTYPES))
+def _dtype(found: Mapping[str, tuple[Path, TensorInfo, str]], where: Location) -> torch.dtype:
+    """The weights' floating dtype when they share one (a bfloat16 checkpoint stays bfloat16), else float32.
+    Every tensor the model takes is a parameter: one in another dtype (integers, booleans, 8-bit floats) is
+    refused by name, not cast."""
+    unusable = sorted((name, info.dtype) for name, (_, info, _) in found.items() if info.dtype not in DTYPES)
     if unusable:
+        name, kind = unusable[0]
         raise CheckpointError(
-            Problem(f"weights in {unusable[0]} cannot be imported", where, hint="use F16, BF16 or F32")
+            Problem(
+                f"tensor {excerpt(name, 60)} is {kind}: weights in {kind} cannot be imported",
+                where,
+                hint="the spec's tensors are floating: F16, BF16, F32 or F64",
+            )
         )
+    kinds = {info.dtype for _, info, _ in found.values()}
     return DTYPES[kinds.pop()] if len(kinds) == 1 else torch.float32

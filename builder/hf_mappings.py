@@ -21,7 +21,7 @@ conformance tests hold each table against the reference models; an importer of c
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -254,58 +254,75 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def plan(family: Family, names: Iterable[str]) -> dict[str, tuple[Rule, dict[str, str]]]:
+    """Each checkpoint tensor's rule and layer numbers, from the names alone (nothing is read): a name no rule
+    matches, and two names that would fill the same tensor of the spec, are refused, all of them at once."""
+    patterns = [(rule, rule.pattern()) for rule in family.rules]
+    found: dict[str, tuple[Rule, dict[str, str]]] = {}
+    filled: set[str] = set()
+    leftover, twice = [], []
+    for name in names:
+        match = next(((rule, m) for rule, p in patterns if (m := p.match(name))), None)
+        if match is None:
+            leftover.append(name)
+            continue
+        rule, groups = match[0], match[1].groupdict()
+        found[name] = (rule, groups)
+        if rule.transform not in ("tied", "computed"):
+            targets = [target.format(**groups) for target in rule.ours]
+            twice += [target for target in targets if target in filled]
+            filled.update(targets)
+    problems = []
+    if leftover:
+        problems.append(Problem(f"{len(leftover)} tensor(s) of the checkpoint map to nothing: {names_text(leftover)}"))
+    if twice:
+        problems.append(Problem(f"{names_text(twice)} would be filled by more than one checkpoint tensor"))
+    if problems:
+        raise CheckpointError(problems)
+    return found
+
+
 def convert(
     family: Family, tensors: Mapping[str, torch.Tensor], heads: int | None = None
 ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
     """The spec's tensors from a checkpoint's, and the (checkpoint, spec) names of the `computed` ones to check.
 
-    Every checkpoint tensor must match one rule; a tensor that matches none is refused by name, and so are a
-    `tied` one that differs from its source and two that land on the same tensor. `qkv_heads` needs `heads`.
+    The names are `plan`ned first, so that a mapping that reads its tensors when asked (an import) reads none of
+    a checkpoint it refuses; then a `tied` tensor that differs from its source is refused by name. `qkv_heads`
+    needs `heads`.
     """
     if heads is None and any(rule.transform == "qkv_heads" for rule in family.rules):
         raise CheckpointError([Problem(f"the {family.model_type} table splits fused q/k/v per head: give `heads`")])
-    patterns = [(rule, rule.pattern()) for rule in family.rules]
     ours: dict[str, torch.Tensor] = {}
     computed: list[tuple[str, str]] = []
-    leftover, untied, twice, misshapen = [], [], [], []
-    for name, tensor in tensors.items():
-        found = next(((rule, m) for rule, p in patterns if (m := p.match(name))), None)
-        if found is None:
-            leftover.append(name)
-            continue
-        rule, match = found
-        targets = [target.format(**match.groupdict()) for target in rule.ours]
+    untied, misshapen = [], []
+    for name, (rule, groups) in plan(family, tensors).items():
+        targets = [target.format(**groups) for target in rule.ours]
         if rule.transform == "tied":
-            source = rule.source.format(**match.groupdict())
-            if source not in tensors or not torch.equal(tensors[source], tensor):
+            source = rule.source.format(**groups)
+            if source not in tensors or not torch.equal(tensors[source], tensors[name]):
                 untied.append(name)
             continue
         if rule.transform == "computed":
             computed += [(name, target) for target in targets]
             continue
+        tensor = tensors[name]
         try:
             values = _transform(rule.transform, tensor, heads or 0)
         except (RuntimeError, ValueError):
             misshapen.append(f"{name} {tuple(tensor.shape)}")
             continue
-        for target, value in zip(targets, values, strict=True):
-            if target in ours:
-                twice.append(target)
-            ours[target] = value
+        ours.update(zip(targets, values, strict=True))
     problems = []
-    if leftover:
-        problems.append(Problem(f"{len(leftover)} tensor(s) of the checkpoint map to nothing: {_some(leftover)}"))
     if untied:
         problems.append(
             Problem(
-                f"{_some(untied)} differ(s) from the tensor the {family.model_type} spec ties it to",
+                f"{names_text(untied)} differ(s) from the tensor the {family.model_type} spec ties it to",
                 hint="the checkpoint does not tie its output layer to its embedding; the spec does",
             )
         )
     if misshapen:
-        problems.append(Problem(f"{_some(misshapen)}: not a shape the {family.model_type} table can take apart"))
-    if twice:
-        problems.append(Problem(f"{_some(twice)} would be filled by more than one checkpoint tensor"))
+        problems.append(Problem(f"{names_text(misshapen)}: not a shape the {family.model_type} table can take apart"))
     if problems:
         raise CheckpointError(problems)
     return ours, computed
@@ -330,5 +347,6 @@ def _transform(kind: Transform, tensor: torch.Tensor, heads: int) -> tuple[torch
     return (tensor,)  # copy
 
 
-def _some(names: list[str], limit: int = 6) -> str:
+def names_text(names: list[str], limit: int = 6) -> str:
+    """The first `limit` names, and how many more: a message names what is wrong, however much is."""
     return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")

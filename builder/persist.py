@@ -28,6 +28,7 @@ from blockgraph.blocks.registry import receiving_weights
 from blockgraph.builder.graph import Graph
 from blockgraph.builder.pipeline import build, load_spec
 from blockgraph.builder.source import dump_yaml
+from blockgraph.builder.validate import ValidSpec
 from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
 from blockgraph.common.errors import CheckpointError, Location, Problem, SpecError, UsageError
 from blockgraph.common.files import FileKind, MiB
@@ -97,11 +98,13 @@ def load(
     device: str | torch.device = "cpu",
     *,
     plugins: Sequence[str] = (),
+    check_memory: bool = True,
 ) -> nn.Module:
     """Rebuild a saved model from its `spec.yaml` on `device` and fill in its weights bit-exactly.
 
     The weights file must hold exactly the spec's tensors (names, shapes, and dtypes of their kind); anything
-    else is a `CheckpointError` naming the file and the tensors. `plugins` provide blocks the spec needs.
+    else is a `CheckpointError` naming the file and the tensors. `plugins` provide blocks the spec needs. A
+    model that would not fit in the memory left on `device` is refused first, unless `check_memory` is False.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -110,7 +113,9 @@ def load(
     weights = directory / WEIGHTS
     header = read_header(str(weights), "weights file")
     dtype = _FLOAT_NAMES.get(manifest.dtype or "")
-    model = rebuild(directory / SPEC, device, plugins=plugins, dtype=dtype, saved_with=manifest.plugins)
+    model = rebuild(
+        directory / SPEC, device, plugins=plugins, dtype=dtype, saved_with=manifest.plugins, check_memory=check_memory
+    )
     where = Location(str(weights))
     targets, aliases = unique_tensors(model)
     names = _match_names(header, targets, aliases, where)
@@ -176,22 +181,37 @@ def rebuild(
     plugins: Sequence[str] = (),
     dtype: torch.dtype | None = None,
     saved_with: Sequence[str] = (),
+    check_memory: bool = True,
 ) -> nn.Module:
     """The model of a saved standalone spec, for its weights to be filled in: the files the spec names are
-    neither checked nor read. `saved_with`: the plugins the model was saved with, named in the hint."""
+    neither checked nor read. `saved_with`: the plugins the model was saved with, named in the hint;
+    `check_memory`: refuse a model that would not fit in the memory left (builder.footprint)."""
     try:
         with receiving_weights():
-            return build(load_spec(spec, plugins=plugins), device=device, dtype=dtype)
+            valid = load_spec(spec, plugins=plugins)
+            return build(valid, device=device, dtype=dtype, check_memory=check_memory, action="loading the model")
     except SpecError as exc:
-        hint = "the saved model's spec.yaml does not build"
-        if saved_with:
-            hint = (
-                f"this model was saved with blocks from {', '.join(saved_with)}: load them if you trust them, "
-                "with `blockgraph --plugin FILE_OR_MODULE COMMAND ...` (plugins=[...] in Python)"
-            )
-        raise CheckpointError(
-            [*exc.problems, Problem("cannot rebuild the saved spec", Location(str(spec)), hint)]
-        ) from None
+        raise _unbuildable(exc, spec, saved_with) from None
+
+
+def saved_spec(spec: Path, *, saved_with: Sequence[str] = ()) -> ValidSpec:
+    """A saved standalone spec (of a saved model, a checkpoint, an import) validated as `rebuild` reads it: the
+    files it names are neither checked nor read, for they served weights that are saved."""
+    try:
+        with receiving_weights():
+            return load_spec(spec)
+    except SpecError as exc:
+        raise _unbuildable(exc, spec, saved_with) from None
+
+
+def _unbuildable(exc: SpecError, spec: Path, saved_with: Sequence[str]) -> CheckpointError:
+    hint = "the saved model's spec.yaml does not build"
+    if saved_with:
+        hint = (
+            f"this model was saved with blocks from {', '.join(saved_with)}: load them if you trust them, "
+            "with `blockgraph --plugin FILE_OR_MODULE COMMAND ...` (plugins=[...] in Python)"
+        )
+    return CheckpointError([*exc.problems, Problem("cannot rebuild the saved spec", Location(str(spec)), hint)])
 
 
 def read_manifest(directory: Path) -> Manifest:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from blockgraph.builder import footprint
 from blockgraph.builder.compile import compile_graph
 from blockgraph.builder.graph import assemble
 from blockgraph.builder.model import GraphModel
@@ -66,14 +67,21 @@ def build(
     overrides: dict[str, Any] | None = None,
     plugins: Sequence[str] = (),
     allow_external_files: bool = False,
+    check_memory: bool = True,
+    action: str = "building the model",
 ) -> GraphModel:
     """Build a spec into an ordinary `nn.Module` (weights on `device`; `meta` allocates none).
 
     `plugins` are files or modules whose blocks the spec may use (see docs/plugins.md); `allow_external_files`
-    lets the spec name files outside its own folder (docs/security.md).
+    lets the spec name files outside its own folder (docs/security.md). A model that would not fit in the
+    memory left on `device` is refused first (`MemoryLimitError`, builder.footprint) unless `check_memory` is
+    False; `action` names the work in that message.
     """
     typed = typed_graph(source, overrides, plugins=plugins, allow_external_files=allow_external_files)
-    return compile_graph(typed, device=device, dtype=parse_dtype(dtype))
+    dtype = parse_dtype(dtype)
+    if check_memory and torch.device(device).type != "meta":
+        footprint.check(footprint.weights_need(typed, device=device, dtype=dtype, action=action))
+    return compile_graph(typed, device=device, dtype=dtype)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -115,6 +115,11 @@ class WriteError(BlockgraphError):
     """An output could not be written (a full disk, a read-only directory, a target that is not ours)."""
 
 
+class MemoryLimitError(BlockgraphError):
+    """A model (its weights, training state or a run's activations) would not fit in the memory available:
+    refused before anything was allocated, instead of ending in the kernel's OOM killer."""
+
+
 class ProblemList:
     """Collects problems across a pass so that all independent errors are reported together."""
 

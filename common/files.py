@@ -170,18 +170,61 @@ def stream_lines(handle: BinaryIO, path: str | Path, kind: FileKind) -> Iterator
 
 
 def read_json(path: str | Path, kind: FileKind) -> Any:
-    """The file parsed as JSON; a syntax error is reported with its line and column, not with the text."""
-    text = read_text(path, kind)
+    """The file parsed as JSON (see `parse_json`)."""
+    return parse_json(read_text(path, kind), path, kind)
+
+
+class _Unreadable(ValueError):
+    """A JSON value that parses but that no reader of the file could use the same way (see `parse_json`)."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise _Unreadable("a key twice in one object")
+    return found
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _Unreadable("a number beyond the range of a float")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise _Unreadable(f"{name}, which is not JSON")
+
+
+def parse_json(data: str | bytes, path: str | Path, kind: FileKind, hint: str | None = None) -> Any:
+    """JSON text read from `path` (already bounded in size), the one way every JSON file is parsed; `hint`
+    is added to its errors.
+
+    Errors say where (line, column) and what, never the text. What would read differently elsewhere is refused:
+    a key given twice in one object (Python keeps the last, other parsers the first), a number that overflows a
+    float (`1e400`), NaN and Infinity (not JSON), nesting deeper than Python recurses, integers longer than
+    Python converts.
+    """
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise kind.fail(path, f"the {kind.what} is not UTF-8 text (byte {exc.start})", hint, line) from None
     try:
-        return json.loads(text)
+        return json.loads(data, object_pairs_hook=_no_duplicates, parse_float=_finite, parse_constant=_constant)
     except json.JSONDecodeError as exc:
-        raise kind.fail(
-            path, f"the {kind.what} is not valid JSON ({exc.msg}, column {exc.colno})", line=exc.lineno
-        ) from None
+        message = f"the {kind.what} is not valid JSON ({exc.msg}, column {exc.colno})"
+        raise kind.fail(path, message, hint, exc.lineno) from None
     except RecursionError:
-        raise kind.fail(path, f"the {kind.what} is nested too deeply to be read") from None
+        raise kind.fail(path, f"the {kind.what} is nested too deeply to be read", hint) from None
+    except MemoryError:  # a file within its limit can still hold more values than memory (a list of 0s)
+        raise kind.fail(path, f"the {kind.what} holds more values than memory does", hint) from None
+    except _Unreadable as exc:
+        raise kind.fail(path, f"the {kind.what} holds {exc}", hint) from None
     except ValueError as exc:  # an integer literal beyond Python's digit limit
-        raise kind.fail(path, f"the {kind.what} holds a value that cannot be read: {type(exc).__name__}") from None
+        message = f"the {kind.what} holds a value that cannot be read: {type(exc).__name__}"
+        raise kind.fail(path, message, hint) from None
 
 
 def size_text(n: int) -> str:

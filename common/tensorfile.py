@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from blockgraph.common.errors import BlockgraphError, CheckpointError
-from blockgraph.common.files import FileKind, MiB, created_mode, open_file
+from blockgraph.common.files import FileKind, MiB, created_mode, open_file, parse_json
 from blockgraph.common.text import excerpt
 
 MAX_HEADER = 100 * MiB  # the safetensors library's own bound
@@ -72,10 +72,7 @@ def read_header(path: str, what: str = "weights file", error: type[BlockgraphErr
         if length > MAX_HEADER or length > size - 8:
             raise kind.fail(path, f"the {what} is truncated or not a safetensors file (header of {length:,} bytes)")
         raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
-        raise kind.fail(path, f"the {what}'s header is not valid JSON: the file is corrupt") from None
+    header = parse_json(raw, path, FileKind(f"{what}'s header", error, MAX_HEADER), "the file is corrupt")
     if not isinstance(header, dict):
         raise kind.fail(path, f"the {what}'s header is not a JSON object: the file is corrupt")
     data_bytes = size - 8 - length

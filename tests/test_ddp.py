@@ -75,8 +75,8 @@ def test_two_processes_match_one(tmp_path):
     assert all(torch.equal(saved.model.state_dict()[k], rank0[k]) for k in rank0)
 
 
-def test_nproc_runs_torchrun(tmp_path):
-    """`train --nproc 2` launches torchrun; a Transformer follows the one-process loss curve.
+def test_nproc_launches_the_processes(tmp_path):
+    """`train --nproc 2` starts 2 processes; a Transformer follows the one-process loss curve.
 
     The attention's key-projection biases are left out of the weight comparison: softmax ignores a shift shared
     by all keys, so their gradient is zero up to rounding, and Adam (ε = 1e-9) turns that rounding noise, which

@@ -110,3 +110,42 @@ def test_onnx_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(exporting.ExportError, match=r"pip install 'blockgraph\[onnx\]'"):
         exporting.export(model, typed, resolve_dims(typed.graph), "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+RNN_ATTENTION = ROOT / "specs" / "rnn_seq2seq_attention.yaml"
+SMALL_RNN = [f"--set={pair}" for pair in ("emb=8", "hidden=8", "layers=1", "src_vocab=20", "tgt_vocab=20")]
+
+
+def test_a_failed_export_says_only_its_error_and_debug_shows_what_torch_printed(run_cli, tmp_path):
+    """The LSTM encoder's padding mask makes torch.export fail: the error alone, torch's graph under --debug."""
+    args = ("export", RNN_ATTENTION, "-f", "exported-program", "-o", tmp_path / "m.pt2", "--with-optional", *SMALL_RNN)
+    result = run_cli(*args)
+    assert result.code == 1 and "torch.export cannot trace" in result.stderr, result.stderr
+    assert "def forward" not in result.stderr and "torch.ops.aten" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") < 12, result.stderr  # the located error and its hint
+    debugged = run_cli("--debug", *args)
+    assert debugged.code != 0 and "def forward" in debugged.stderr  # the partial graph torch printed
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_export_names_the_optional_inputs_it_leaves_out(run_cli, tmp_path):
+    spec = [f"--set={name}={value}" for name, value in SMALL.items()]
+    left = run_cli("export", TINY, "-f", "exported-program", "-o", tmp_path / "a.pt2", *spec)
+    assert left.code == 0, left.stderr
+    message = " ".join(left.stderr.split())
+    assert "warning: optional input(s) left out of the export: pad (bool [batch, seq])" in message, message
+    assert "--with-optional" in message
+    assert "input pad" not in left.stdout
+    taken = run_cli("export", TINY, "-f", "exported-program", "-o", tmp_path / "b.pt2", *spec, "--with-optional")
+    assert taken.code == 0 and "left out" not in taken.stderr, taken.stderr
+    assert "input pad: bool [batch, seq]" in taken.stdout
+
+
+def test_the_export_api_warns_of_each_optional_input_left_out(tmp_path):
+    model, typed = tiny()
+    dims = resolve_dims(typed.graph)
+    result = exporting.export(model, typed, dims, "exported-program", tmp_path / "m.pt2")
+    (warning,) = result.warnings
+    assert warning.severity == "warning" and "pad (bool [batch, seq])" in warning.message
+    named = exporting.export(model, typed, dims, "exported-program", tmp_path / "n.pt2", include_optional=["pad"])
+    assert named.inputs == ["tokens", "pad"] and not named.warnings

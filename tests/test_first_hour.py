@@ -172,3 +172,15 @@ def test_validate_compiles_nothing_so_loads_no_compiler():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.splitlines()[-1] == "exit 0 dynamo False", done.stdout + done.stderr
+
+
+def test_warm_up_longer_than_the_run_is_warned_about(tmp_path, run_cli):
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a b c\nb c d\nc d e\n")
+    spec = ROOT / "specs" / "tiny_encoder.yaml"
+    common = ("train", spec, "--data", lines, "--valid-fraction", "0", "--set", "layers=1")
+    short = run_cli(*common, "--max-steps", "3", "--out", tmp_path / "short")
+    message = " ".join(short.stderr.split())
+    assert short.code == 0 and "--warmup 4000 outlasts the run (3 steps)" in message, short.stderr
+    fitting = run_cli(*common, "--max-steps", "3", "--warmup", "2", "--out", tmp_path / "fitting")
+    assert fitting.code == 0 and "outlasts" not in fitting.stderr, fitting.stderr

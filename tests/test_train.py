@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -105,6 +106,11 @@ def test_resume_continues_exactly(tmp_path):
     assert checkpoint.load(tmp_path / "part").info["batch"] == 3
     mid = train(TrainConfig(epochs=2, max_steps=None), resume=tmp_path / "part", quiet=True)  # the run had max 3
     assert _same_weights(full.model, mid.model)
+    # the epoch resumed midway reports all its batches (its sums before the resume came with the checkpoint)
+    figures = [(h["epoch"], h["train_loss"], h["train_acc"]) for h in full.history]
+    assert [(h["epoch"], h["train_loss"], h["train_acc"]) for h in mid.history[1:]] == figures
+    logged = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [(h["epoch"], h["train_loss"], h["train_acc"]) for h in logged[1:]] == figures
 
     # the checkpoints on disk agree too: weights, and Adam's moments
     a, b = checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "half")

@@ -78,7 +78,7 @@ def test_beam_of_one_is_greedy(copy_run):
 
 def test_unknown_checkpoint_is_a_clear_error(tmp_path):
     code, _, stderr = _cli("translate", tmp_path, "hello")
-    assert code == 1 and "not a training checkpoint" in stderr
+    assert code == 1 and "holds no model" in stderr
 
 
 def _tiny_model(seed: int):

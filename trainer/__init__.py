@@ -11,10 +11,12 @@ One job per module:
 - `schedule`: the Transformer learning-rate schedule, Adam, label-smoothed loss;
 - `loop`: the training loop with progress, evaluation and checkpoints;
 - `checkpoint`: atomic checkpoint directories (weights, spec, vocabularies, optimizer and RNG state);
+- `model_path`: what a path given for a model holds (a spec file, a saved model, a run or checkpoint, an import),
+  resolved one way for every command;
 - `decode`: batched greedy, beam search and sampling over the model's step program; `bleu`: corpus BLEU and
   chrF (sacrebleu);
 - `generation`: text in, hypotheses out, batch by batch (`Translator`);
 - `pretrained`: models imported from Hugging Face-format directories, with their tokenizers;
-- `distributed`: DistributedDataParallel set-up and the torchrun launcher;
+- `distributed`: DistributedDataParallel set-up and the launcher that starts and supervises `--nproc` workers;
 - `commands`: the Typer command functions `train`, `translate`, `generate` and `import`.
 """

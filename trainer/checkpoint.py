@@ -243,13 +243,33 @@ def save(directory: str | Path, *, model: nn.Module, records: Records, tensors: 
     return write_directory(directory, write, owned=replaceable, what=WHAT)
 
 
+def find(path: Path) -> Path | None:
+    """The checkpoint directory `path` itself, or the one in the run directory `path` (`--out` of train)."""
+    return next((p for p in (path, path / NAME) if is_checkpoint(p)), None)
+
+
+def is_sharded(directory: Path) -> bool:
+    """Whether the checkpoint `directory` holds shards (--strategy fsdp) instead of a whole model."""
+    return not (directory / MODEL).exists() and (directory / SHARDED).is_dir()
+
+
+def consolidate_first(given: str | Path, directory: Path) -> CheckpointError:
+    """What refuses a sharded checkpoint where the whole model is needed: the command that gathers it."""
+    return CheckpointError(
+        Problem(
+            "this checkpoint is sharded (--strategy fsdp): its weights are spread over shard files",
+            Location(str(directory)),
+            hint=f"consolidate it first: blockgraph consolidate {given} --out DIR, then give DIR",
+        )
+    )
+
+
 def locate(path: str | Path) -> Path:
     """A checkpoint directory from itself or from the run directory holding it (`--out` of train)."""
     path = Path(path)
-    if is_checkpoint(path):
-        return path
-    if is_checkpoint(path / NAME):
-        return path / NAME
+    found = find(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise CheckpointError(Problem(f"checkpoint {path} does not exist", Location(str(path))))
     raise CheckpointError(
@@ -273,15 +293,9 @@ def load(
     only when this call names it again in `tokenizers` (source, target), as `--tokenizer` does. A sharded
     checkpoint's weights are still to load (trainer.sharded): only `sharded_ok` callers take one."""
     directory = locate(path)
-    sharded = not (directory / MODEL).exists() and (directory / SHARDED).is_dir()
+    sharded = is_sharded(directory)
     if sharded and not sharded_ok:
-        raise CheckpointError(
-            Problem(
-                "this checkpoint is sharded (--strategy fsdp): its weights are spread over shard files",
-                Location(str(directory)),
-                hint=f"make an ordinary checkpoint of it: blockgraph consolidate {path} --out DIR",
-            )
-        )
+        raise consolidate_first(path, directory)
     record = read_record(directory / TRAINER, TrainerRecord, TRAINER_FILE)
     where = Location(str(directory / TRAINER))
     if record.format_version > FORMAT_VERSION:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -20,7 +21,10 @@ from blockgraph.common.console import err, write_plain
 from blockgraph.common.errors import DataError, Problem, UsageError
 from blockgraph.common.files import FileKind, GiB, read_lines, stream_lines
 from blockgraph.common.text import excerpt
-from blockgraph.trainer.config import RESUMABLE, command_parameters
+from blockgraph.trainer.config import MAX_SEED, RESUMABLE, command_parameters
+
+if TYPE_CHECKING:
+    from blockgraph.trainer.distributed import Ending
 
 
 def _run_option(name: str, kind: Any, default: Any, *flags: str, **option: Any) -> inspect.Parameter:
@@ -39,7 +43,9 @@ RUN_OPTIONS = [  # how this invocation runs, not what the run is: not saved, not
         + ", ".join(f"--{name.replace('_', '-')}" for name in sorted(RESUMABLE))
         + " and the tokenizers replace them.",
     ),
-    _run_option("nproc", int, 1, min=1, metavar="N", help="Train data-parallel in N processes (torchrun, 127.0.0.1)."),
+    _run_option(
+        "nproc", int, 1, min=1, max=1024, metavar="N", help="Train data-parallel in N processes (on 127.0.0.1)."
+    ),
     _run_option("quiet", bool, False, "--quiet", "-q", help="No progress bar or epoch lines."),
 ]  # fmt: skip
 
@@ -48,7 +54,7 @@ def _train(
     ctx: typer.Context, *, out_dir: Path | None, resume: Path | None, nproc: int, quiet: bool, **options: Any
 ) -> None:
     """Train SPEC on tab-separated source/target pairs (or a synthetic task) and write checkpoints."""
-    from blockgraph.trainer import checkpoint, distributed, rundir
+    from blockgraph.trainer import distributed, model_path, rundir
     from blockgraph.trainer.config import config_from_command_line
     from blockgraph.trainer.loop import train as run_training
     from blockgraph.trainer.vocab import check_tokenizer
@@ -61,24 +67,70 @@ def _train(
         raise UsageError(Problem("--task and --data both given", hint="train on one of them"))
     check_tokenizer(config.source_tokenizer)
     check_tokenizer(config.target_tokenizer)
+    resumed = model_path.resolve(resume).run("--resume") if resume is not None else None
     if out_dir is None:
-        out_dir = checkpoint.locate(resume).parent if resume is not None else Path("runs") / _run_name(config.spec)
+        out_dir = resumed.parent if resumed is not None else Path("runs") / _run_name(config.spec)
     if nproc > 1:
-        with rundir.exclusive(out_dir):  # held until the workers end: no other run takes the directory meanwhile
-            err.print(f"launching {nproc} processes with torchrun (127.0.0.1)")
-            code = distributed.launch(nproc, distributed.Job.of(config, out_dir, resume, quiet))
-        if code:
-            raise typer.Exit(code)
+        debug = bool(ctx.find_root().params.get("debug"))
+        job = distributed.Job.of(config, out_dir, resume, quiet, debug=debug)
+        try:
+            with rundir.exclusive(out_dir) as lock:  # the workers share it: no other run takes the directory meanwhile
+                err.print(f"launching {nproc} processes (127.0.0.1)")
+                ending = distributed.launch(nproc, job, lock=lock)
+        except KeyboardInterrupt:  # before the launch took the signals over (it kills any worker it started)
+            err.print(f"[yellow]interrupted[/]: {escape(_last_checkpoint(out_dir))}")
+            raise typer.Exit(130) from None
+        _launch_ended(ending, out_dir)
         return
     try:
-        run_training(config, out_dir, resume=resume, quiet=quiet, console=err)
-    except KeyboardInterrupt:
-        saved = out_dir / checkpoint.NAME
-        where = (
-            f"the last complete checkpoint is in {saved}" if checkpoint.is_checkpoint(saved) else "no checkpoint yet"
-        )
-        err.print(f"[yellow]interrupted[/]: {escape(where)}")
-        raise typer.Exit(130) from None
+        with distributed.interruptible():
+            run_training(config, out_dir, resume=resume, quiet=quiet, console=err)
+    except KeyboardInterrupt as stop:
+        if os.environ.get("RANK", "0") in ("", "0"):  # one line for a run torchrun started by hand too
+            err.print(f"[yellow]interrupted[/]: {escape(_last_checkpoint(out_dir))}")
+        raise typer.Exit(128 + getattr(stop, "signum", 2)) from None  # 130 for SIGINT
+
+
+def _last_checkpoint(out_dir: Path) -> str:
+    from blockgraph.trainer import checkpoint
+
+    saved = out_dir / checkpoint.NAME
+    return f"the last complete checkpoint is in {saved}" if checkpoint.is_checkpoint(saved) else "no checkpoint yet"
+
+
+def _launch_ended(ending: Ending, out_dir: Path) -> None:
+    """Say, in one line, why a run of `--nproc N` ended early and where its last checkpoint is; exit non-zero.
+
+    A worker that reported an error of the user's (exit status 1) has said why: only the status follows.
+    """
+    import signal
+
+    from blockgraph.trainer.distributed import STOPPED
+
+    if ending.killed and err.is_terminal:  # rank 0's progress bar had no time to restore the terminal
+        err.file.write("\r\x1b[2K\x1b[?25h")
+        err.file.flush()
+    if ending.signal is not None and not ending.finished:
+        err.print(f"[yellow]interrupted[/]: {escape(_last_checkpoint(out_dir))}")
+        raise typer.Exit(128 + ending.signal)
+    if ending.failed is None:
+        return
+    rank, code = ending.failed, ending.codes[ending.failed]
+    if code == 1:
+        raise typer.Exit(1)
+    if code == STOPPED:  # a worker was signalled, not the launcher: all stopped together
+        err.print(f"[yellow]interrupted[/]: {escape(_last_checkpoint(out_dir))}")
+        raise typer.Exit(130)
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"failed (exit status {code})"
+    processes = len(ending.codes)
+    err.print(f"[red]stopped[/]: process {rank} of {processes} {how}; {escape(_last_checkpoint(out_dir))}")
+    raise typer.Exit(1)
 
 
 def _run_name(spec: str | None) -> str:
@@ -107,7 +159,9 @@ train = _command(_train, [*RUN_OPTIONS, *command_parameters()])
 CheckpointArg = Annotated[
     Path,
     typer.Argument(
-        metavar="MODEL", help="A run directory of `train` (or its checkpoint/), or a model of `blockgraph import`."
+        metavar="MODEL",
+        help="A run directory of `train`, its checkpoint/ or a consolidated checkpoint, or a model of "
+        "`blockgraph import`.",
     ),
 ]
 TextArg = Annotated[
@@ -117,10 +171,15 @@ TextArg = Annotated[
     ),
 ]
 FileOpt = Annotated[Path | None, typer.Option("--file", "-f", metavar="IN.txt", help="Sentences, one per line.")]
-BatchOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Sentences decoded together.")]
-BeamOpt = Annotated[int, typer.Option(min=1, metavar="K", help="Beam size; 1 decodes greedily.")]
-AlphaOpt = Annotated[float, typer.Option(min=0.0, metavar="A", help="GNMT length penalty α of beam search (0: none).")]
-NBestOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Print this many beam hypotheses with their scores.")]
+MOST_TOKENS = 100_000  # the longest output a flag may ask for (a model's positions cap it further)
+BatchOpt = Annotated[int, typer.Option(min=1, max=1_000_000, metavar="N", help="Sentences decoded together.")]
+BeamOpt = Annotated[int, typer.Option(min=1, max=1024, metavar="K", help="Beam size; 1 decodes greedily.")]
+AlphaOpt = Annotated[
+    float, typer.Option(min=0.0, max=10.0, metavar="A", help="GNMT length penalty α of beam search (0: none).")
+]
+NBestOpt = Annotated[
+    int, typer.Option(min=1, max=1024, metavar="N", help="Print this many beam hypotheses with their scores.")
+]
 DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="cpu or cuda.")]
 CompileOpt = Annotated[
     bool,
@@ -145,7 +204,8 @@ def translate(
     batch_size: BatchOpt = 32,
     beam: BeamOpt = 1,
     max_len: Annotated[
-        int | None, typer.Option(min=1, metavar="N", help="Longest output in tokens (default: 2 × source + 10).")
+        int | None,
+        typer.Option(min=1, max=MOST_TOKENS, metavar="N", help="Longest output in tokens (default: 2 × source + 10)."),
     ] = None,
     alpha: AlphaOpt = 0.0,
     n_best: NBestOpt = 1,
@@ -160,17 +220,18 @@ def translate(
     One line out per line in, in order, decoded `--batch-size` at a time. A classifier's checkpoint prints
     each text's most likely label and its probability.
     """
-    from blockgraph.trainer import checkpoint, pretrained
+    from blockgraph.trainer import checkpoint, model_path, pretrained
     from blockgraph.trainer.generation import Translator
     from blockgraph.trainer.roles import ModelIO, Roles
 
+    given = model_path.resolve(checkpoint_dir).trained("translate")
     sentences = _sentences(text, file)
-    if (imported := pretrained.locate(checkpoint_dir)) is not None:
+    if given.imported is not None:
         _own_tokenizer(tokenizer or src_tokenizer or tgt_tokenizer)
-        translator = pretrained.load(imported, device=device, compiled=compile_step, note=_note)
+        translator = pretrained.load(given.imported, device=device, compiled=compile_step, note=_note)
     else:
         saved = checkpoint.load(
-            checkpoint_dir, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
+            given.checkpoint, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
         )
         roles = Roles(**saved.info["roles"])
         if roles.kind == "classify":
@@ -190,13 +251,15 @@ def generate(
     checkpoint_dir: CheckpointArg,
     text: TextArg = None,
     file: FileOpt = None,
-    max_new: Annotated[int, typer.Option(min=1, metavar="N", help="Most new tokens per prompt.")] = 50,
+    max_new: Annotated[int, typer.Option(min=1, max=MOST_TOKENS, metavar="N", help="Most new tokens per prompt.")] = 50,
     temperature: Annotated[
         float | None,
-        typer.Option(min=0.01, metavar="T", help="Sample at this temperature (1: the model's own distribution)."),
+        typer.Option(
+            min=0.01, max=100.0, metavar="T", help="Sample at this temperature (1: the model's own distribution)."
+        ),
     ] = None,
     top_k: Annotated[
-        int | None, typer.Option(min=1, metavar="K", help="Sample among the K most likely tokens only.")
+        int | None, typer.Option(min=1, max=2**31 - 1, metavar="K", help="Sample among the K most likely tokens only.")
     ] = None,
     top_p: Annotated[
         float | None,
@@ -205,7 +268,8 @@ def generate(
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(metavar="SEED", help="Seed of the sampling (default: a fresh one each run).")
+        int | None,
+        typer.Option(min=0, max=MAX_SEED, metavar="SEED", help="Seed of the sampling (default: a fresh one each run)."),
     ] = None,
     beam: BeamOpt = 1,
     alpha: AlphaOpt = 0.0,
@@ -220,16 +284,17 @@ def generate(
     Sampling (with --temperature, --top-k or --top-p) draws each token from the model's distribution, so the
     same --seed gives the same text. Each prompt's continuation is printed after the prompt, one line per prompt.
     """
-    from blockgraph.trainer import pretrained
+    from blockgraph.trainer import model_path, pretrained
     from blockgraph.trainer.generation import Translator
 
+    given = model_path.resolve(checkpoint_dir).trained("generate")
     prompts = _sentences(text, file)
-    if (imported := pretrained.locate(checkpoint_dir)) is not None:
+    if given.imported is not None:
         _own_tokenizer(tokenizer)
-        translator = pretrained.load(imported, device=device, compiled=compile_step, note=_note)
+        translator = pretrained.load(given.imported, device=device, compiled=compile_step, note=_note)
     else:
         translator = Translator.load(
-            checkpoint_dir, device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
+            given.checkpoint, device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
         )
     if translator.seq2seq:
         raise UsageError(Problem("this checkpoint is an encoder–decoder", hint="translate with `blockgraph translate`"))
@@ -275,11 +340,12 @@ def consolidate(
 ) -> None:
     """Gather a sharded checkpoint (--strategy fsdp) into an ordinary one: the whole model in safetensors.
 
-    The result translates, exports (DIR/model) and resumes as any checkpoint does; it needs the memory of the
+    The result translates, exports, inspects and resumes as any checkpoint does; it needs the memory of the
     whole model and its optimizer state in this one process.
     """
-    from blockgraph.trainer import sharded
+    from blockgraph.trainer import model_path, sharded
 
+    model_path.resolve(run).run("consolidate")
     with err.status("consolidating …"):
         written = sharded.consolidate(run, out)
     err.print(f"wrote {escape(str(written))}: model/ (safetensors), state.safetensors, trainer.json")

@@ -49,6 +49,10 @@ def _resolved(path: Path | None) -> str | None:
 
 DATA, MODEL, RECIPE, PARALLEL = "Data", "Model and roles", "Recipe", "Processes"
 
+#: the largest seed (of training, and of sampling): the trainer derives further seeds by arithmetic on it
+#: (seed × 1,000,003 + epoch), which must stay within the 64 bits torch's generators take
+MAX_SEED = 2**32 - 1
+
 
 class DataOptions(BaseModel):
     """What decides the training and held-out examples and their vocabularies (trainer.corpus reads these)."""
@@ -78,16 +82,18 @@ class DataOptions(BaseModel):
         Field(description="Synthetic task sizes: symbols=10,min_len=3,max_len=8,train=2000,valid=200."),
         Cli(takes=str | None, parse=lambda text: tasks.parse_options(text).to_json(), metavar="N=V,...", panel=DATA),
     ] = Field(default_factory=lambda: tasks.TaskOptions().to_json())
-    seed: Annotated[int, Field(description="Seed of weights, data split, batch order and dropout."), Cli()] = 0
+    seed: Annotated[
+        int, Field(ge=0, le=MAX_SEED, description="Seed of weights, data split, batch order and dropout."), Cli()
+    ] = 0
     valid_fraction: Annotated[
         float, Field(ge=0.0, le=0.9, description="Share of --data held out for evaluation."), Cli(panel=DATA)
     ] = 0.05
     max_len: Annotated[
-        int, Field(ge=1, description="Leave out sentences longer than this (tokens)."), Cli(panel=DATA)
+        int, Field(ge=1, le=1_000_000, description="Leave out sentences longer than this (tokens)."), Cli(panel=DATA)
     ] = 100
-    min_freq: Annotated[int, Field(ge=1, description="Rarer tokens become <unk>."), Cli(panel=DATA)] = 1
+    min_freq: Annotated[int, Field(ge=1, le=10**9, description="Rarer tokens become <unk>."), Cli(panel=DATA)] = 1
     max_vocab: Annotated[
-        int | None, Field(ge=5, description="At most this many tokens per vocabulary."), Cli(panel=DATA)
+        int | None, Field(ge=5, le=2**31 - 1, description="At most this many tokens per vocabulary."), Cli(panel=DATA)
     ] = None
     tokenizer: Annotated[
         str,
@@ -169,30 +175,34 @@ class TrainConfig(DataOptions):
         Field(description="xavier: Xavier-uniform weight matrices; spec: the blocks' own initialisation."),
         Cli(panel=MODEL),
     ] = "xavier"
-    epochs: Annotated[int, Field(ge=1, description="Epochs to train (in all, when resuming)."), Cli()] = 10
-    max_steps: Annotated[int | None, Field(ge=1, description="Stop after this many optimizer steps in all."), Cli()] = (
-        None
-    )
+    epochs: Annotated[int, Field(ge=1, le=10**6, description="Epochs to train (in all, when resuming)."), Cli()] = 10
+    max_steps: Annotated[
+        int | None, Field(ge=1, le=10**12, description="Stop after this many optimizer steps in all."), Cli()
+    ] = None
     batch_size: Annotated[
-        int, Field(ge=1, description="Sentences per (global) batch, across all processes."), Cli()
+        int, Field(ge=1, le=1_000_000, description="Sentences per (global) batch, across all processes."), Cli()
     ] = 32
     lr: Annotated[
         float | None,
-        Field(ge=0.0, description="Peak learning rate, reached after --warmup steps (default: d_model^-0.5 schedule)."),
+        Field(
+            ge=0.0,
+            le=100.0,
+            description="Peak learning rate, reached after --warmup steps (default: d_model^-0.5 schedule).",
+        ),
         Cli(panel=RECIPE),
     ] = None
     warmup: Annotated[
-        int, Field(ge=1, description="Warm-up steps of the learning-rate schedule."), Cli(panel=RECIPE)
+        int, Field(ge=1, le=10**9, description="Warm-up steps of the learning-rate schedule."), Cli(panel=RECIPE)
     ] = 4000
     label_smoothing: Annotated[float, Field(ge=0.0, le=0.99, description="Label smoothing ε."), Cli(panel=RECIPE)] = 0.1
     clip_norm: Annotated[
-        float, Field(ge=0.0, description="Clip the gradient norm (0: no clipping)."), Cli(panel=RECIPE)
+        float, Field(ge=0.0, le=1e6, description="Clip the gradient norm (0: no clipping)."), Cli(panel=RECIPE)
     ] = 0.0
     save_every: Annotated[
-        int, Field(ge=0, description="Also checkpoint every N steps within an epoch (0: per epoch)."), Cli()
+        int, Field(ge=0, le=10**9, description="Also checkpoint every N steps within an epoch (0: per epoch)."), Cli()
     ] = 0
     bleu_sentences: Annotated[
-        int, Field(ge=0, description="Held-out sentences translated for BLEU each epoch (0: none)."), Cli()
+        int, Field(ge=0, le=10**7, description="Held-out sentences translated for BLEU each epoch (0: none)."), Cli()
     ] = 200
     device: Annotated[str, Field(description="cpu or cuda (each process takes cuda:LOCAL_RANK)."), Cli()] = "cpu"
     strategy: Annotated[

@@ -1,24 +1,38 @@
 """Data-parallel training over processes: DistributedDataParallel with gloo (CPU) or nccl (CUDA).
 
-`blockgraph train ... --nproc N` runs `python -m blockgraph.trainer JOB.json` under torchrun on the loopback interface
-(`torchrun --nproc-per-node N --no-python blockgraph train ...` does the same by hand, on any number of nodes):
-N processes start; each reads RANK, WORLD_SIZE and LOCAL_RANK from its
+`blockgraph train ... --nproc N` starts N processes `python -m blockgraph.trainer JOB.json FD` on the loopback
+interface and supervises them (`torchrun --nproc-per-node N --no-python blockgraph train ...` does the same by
+hand, on any number of nodes): each reads RANK, WORLD_SIZE and LOCAL_RANK from its
 environment, joins the process group, trains on its shard of every global batch (see trainer.batching) and
 all-reduces gradients. The loss of a rank is its summed token loss divided by the *global* token count and
 multiplied by N, so DDP's gradient average equals the single-process gradient of the same global batch.
 Only rank 0 prints and writes checkpoints; it evaluates alone under DDP, with the others under FSDP
 (trainer.sharded), whose forward takes every rank. The workers load the plugins the launcher was given.
+
+The launcher is the workers' only owner (no torchrun agent between them, whose own signal handling and
+tracebacks would stand in the way): each worker runs in its own session, so a Ctrl-C reaches the launcher
+alone, which asks every worker to stop (SIGTERM); the workers agree to stop at the same step (`loop._step`), so
+that none is left waiting in a collective, and any that has not ended `GRACE_S` later (or at a second signal)
+is killed. A worker cannot outlive the launcher, however the launcher ends (SIGKILL included): it dies with it
+(Linux: PR_SET_PDEATHSIG; everywhere: FD, a pipe only the launcher holds open, reads end-of-file). The workers
+inherit the launcher's lock of the run directory, which the kernel releases when the last of them has ended.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -150,46 +164,179 @@ class Job(BaseModel):
     out: str
     resume: str | None = None
     quiet: bool = False
-    locked: bool = False  # the launcher holds the run directory's lock until every worker has ended
+    locked: bool = False  # the workers share the launcher's lock of the run directory (inherited, see launch)
     plugins: list[str] = []  # what the user named (--plugin, $BLOCKGRAPH_PLUGINS): the workers load them too
+    debug: bool = False  # `blockgraph --debug`: a worker's unexpected error shows its traceback
 
     @classmethod
-    def of(cls, config: TrainConfig, out: Path, resume: Path | None, quiet: bool) -> Job:
+    def of(cls, config: TrainConfig, out: Path, resume: Path | None, quiet: bool, *, debug: bool = False) -> Job:
         from blockgraph.blocks import REGISTRY
 
         given = config.model_dump(mode="json", exclude_unset=True)
         resumed = None if resume is None else str(resume)
         plugins = list(REGISTRY.plugins)
-        return cls(config=given, out=str(out), resume=resumed, quiet=quiet, locked=True, plugins=plugins)
+        return cls(config=given, out=str(out), resume=resumed, quiet=quiet, locked=True, plugins=plugins, debug=debug)
 
 
-def launch(nproc: int, job: Job, *, port: int | None = None) -> int:
-    """Run `job` in `nproc` processes under torchrun on 127.0.0.1 (`python -m blockgraph.trainer JOB.json`)."""
+GRACE_S = 10.0  # how long the workers have to stop at a step once asked, before they are killed
+POLL_S = 0.05
+STOPPED, FAILED = 130, 2  # a worker's exit status: stopped when asked (with the others); an unexpected error
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How the workers of a launch ended."""
+
+    codes: tuple[int, ...]  # each rank's exit status; -N: killed by signal N
+    signal: int | None = None  # the first signal the launcher received (it asked the workers to stop)
+    failed: int | None = None  # the rank whose unasked end stopped the others
+    killed: bool = False  # some did not stop in time and were killed (rank 0's terminal state is not restored)
+
+    @property
+    def finished(self) -> bool:
+        return not any(self.codes)
+
+
+def launch(nproc: int, job: Job, *, lock: int | None = None, port: int | None = None) -> Ending:
+    """Run `job` in `nproc` processes on 127.0.0.1 (`python -m blockgraph.trainer JOB.json FD`) until all end.
+
+    `lock`: the descriptor of the run directory's lock (`rundir.exclusive`), which the workers inherit.
+    """
     handle, name = tempfile.mkstemp(prefix="blockgraph-job-", suffix=".json")
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(job.model_dump_json())
     try:
-        return _torchrun(nproc, [name], port)
+        return _run_workers(nproc, name, lock, port)
     finally:
         os.unlink(name)
 
 
-def _torchrun(nproc: int, args: list[str], port: int | None) -> int:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port or free_port()),
-        "-m",
-        "blockgraph.trainer",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run(command, env=env).returncode
+def _run_workers(nproc: int, job_file: str, lock: int | None, port: int | None) -> Ending:
+    received: list[int] = []
+    previous = _catch(STOP_SIGNALS, lambda signum, frame: received.append(signum))
+    watch, held = os.pipe()  # the workers get `watch`; only this process holds `held`, so they see EOF at its end
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port or free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+    }
+    inherited = (watch,) if lock is None else (watch, lock)
+    workers: list[subprocess.Popen[bytes]] = []
+    try:
+        for rank in range(nproc):
+            command = [sys.executable, "-m", "blockgraph.trainer", job_file, str(watch)]
+            ranked = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"}
+            workers.append(subprocess.Popen(command, env=ranked, pass_fds=inherited, start_new_session=True))
+        return _supervise(workers, received)
+    finally:
+        for worker in workers:  # only after an error of this process: none is left behind
+            if worker.poll() is None:
+                _kill(worker)
+                worker.wait()
+        os.close(watch)
+        os.close(held)
+        _catch(STOP_SIGNALS, previous)
+
+
+def _supervise(workers: list[subprocess.Popen[bytes]], received: list[int]) -> Ending:
+    """Wait for every worker; on a signal, or a worker's unasked end, ask the rest to stop, then kill them."""
+    codes: list[int | None] = [None] * len(workers)
+    failed: int | None = None
+    asked: float | None = None  # when the workers were asked to stop
+    killed = False
+    while any(code is None for code in codes):
+        for rank, worker in enumerate(workers):
+            if codes[rank] is None and (code := worker.poll()) is not None:
+                codes[rank] = code
+                if code and failed is None and asked is None:
+                    failed = rank
+        alive = [worker for rank, worker in enumerate(workers) if codes[rank] is None]
+        if asked is None and (received or failed is not None):
+            asked = time.monotonic()
+            for worker in alive:
+                worker.send_signal(signal.SIGTERM)
+        if asked is not None and alive and (len(received) > 1 or time.monotonic() - asked > GRACE_S):
+            killed = True
+            for worker in alive:
+                _kill(worker)
+        time.sleep(POLL_S)
+    return Ending(tuple(c or 0 for c in codes), received[0] if received else None, failed, killed)
+
+
+def _kill(worker: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a worker not yet waited for, and what it started (its process group: its session's leader)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(worker.pid, signal.SIGKILL)
+
+
+Handler = Callable[[int, FrameType | None], Any] | int  # as signal.signal takes them (SIG_DFL, SIG_IGN: ints)
+
+
+def _catch(signals: Iterable[int], handler: Handler | dict[int, Handler]) -> dict[int, Handler]:
+    """Install `handler` (one for all, or a dict of them) for `signals`; returns the previous ones. Only the
+    main thread may handle signals: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Handler] = {}
+    for signum in signals:
+        chosen = handler.get(signum) if isinstance(handler, dict) else handler
+        if chosen is not None:
+            previous[signum] = signal.signal(signum, chosen) or signal.SIG_DFL  # None: not set from Python
+    return previous
+
+
+class Stopped(KeyboardInterrupt):
+    """Every rank stops at the same step when one of them was asked to (a signal): none waits for another."""
+
+
+_STOP = {"asked": False}
+
+
+def _ask_stop(signum: int, frame: FrameType | None) -> None:
+    _STOP["asked"] = True
+
+
+def stop_asked() -> bool:
+    """Whether this process was asked to stop (by SIGINT, SIGTERM or SIGHUP, see `catch_stop_signals`)."""
+    return _STOP["asked"]
+
+
+def catch_stop_signals() -> None:
+    """Stop signals from now on only ask for a stop, which the ranks carry out together (loop._step)."""
+    _catch(STOP_SIGNALS, _ask_stop)
+
+
+def wait_for_stop(seconds: float) -> bool:
+    """Whether a stop is asked within `seconds`: a worker whose peer ended is asked at once by the launcher."""
+    deadline = time.monotonic() + seconds
+    while not _STOP["asked"] and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    return _STOP["asked"]
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP interrupt a one-process run as Ctrl-C does (KeyboardInterrupt); in a rank of a run
+    torchrun started by hand, these signals ask every rank to stop at the same step instead."""
+    together = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    previous = _catch(STOP_SIGNALS, _ask_stop) if together else _catch((signal.SIGTERM, signal.SIGHUP), _interrupt)
+    try:
+        yield
+    finally:
+        _catch(previous, previous)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal other than SIGINT interrupted a one-process run, as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)

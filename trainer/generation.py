@@ -20,7 +20,7 @@ from torch import nn
 
 from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, UsageError
 from blockgraph.common.text import excerpt
-from blockgraph.trainer import checkpoint, decode
+from blockgraph.trainer import checkpoint, decode, fits
 from blockgraph.trainer.batching import pad
 from blockgraph.trainer.roles import Roles
 from blockgraph.trainer.text import TextSide
@@ -88,6 +88,7 @@ class Translator:
         if self.decoder.reason:
             self.note(f"decoding re-runs the whole model at every step: {self.decoder.reason}")
         self._capped = False
+        self.guard = fits.DecodingGuard(self.decoder)
 
     @classmethod
     def of_checkpoint(
@@ -218,13 +219,22 @@ class Translator:
         return min(limit, room)
 
     def _groups(self, batch: list[_Item]) -> list[list[_Item]]:
-        """Sentences that may decode together: all sources when the model masks source padding, else by length."""
+        """Sentences that may decode together: all sources when the model masks source padding, else by length
+        (none when every source of the batch was empty)."""
         if self.seq2seq and self.roles.src_pad is not None:
-            return [batch]
+            return [batch] if batch else []
         by_length: dict[int, list[_Item]] = {}
         for item in batch:
             by_length.setdefault(len(item.ids), []).append(item)
         return list(by_length.values())
+
+    def _fits(self, group: list[_Item], search: Search, src: torch.Tensor | None, prompt: torch.Tensor | None) -> None:
+        """Refuse a batch whose decoding would not fit in the memory left (trainer.fits), before decoding it."""
+        self.guard.check(
+            sentences=len(group), rows=len(group) * (1 if search.sampling else search.beam),
+            src_len=src.size(1) if src is not None else None, prompt=prompt.size(1) if prompt is not None else 0,
+            most=max(item.limit for item in group),
+        )  # fmt: skip
 
     def _decode(self, group: list[_Item], search: Search, generator: torch.Generator | None) -> dict[int, list[Output]]:
         device = self.decoder.device
@@ -235,6 +245,7 @@ class Translator:
         elif group[0].ids:
             prompt = torch.tensor([item.ids for item in group], device=device)
         given = {"src": src, "src_pad": src_pad, "prompt": prompt, "rows": len(group), "max_len": limits}
+        self._fits(group, search, src, prompt)
         if search.sampling:
             options = {"temperature": search.temperature, "top_k": search.top_k, "top_p": search.top_p}
             found = [[h] for h in decode.sample(self.decoder, **given, **options, generator=generator)]

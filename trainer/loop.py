@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -35,6 +36,8 @@ from blockgraph.trainer import (
     corpus,
     decode,
     distributed,
+    fits,
+    model_path,
     pretrained,
     rundir,
     schedule,
@@ -56,6 +59,20 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
 
 
+SUMS = ("loss", "tokens", "correct")  # what an epoch's training figures are made of, summed over its batches
+
+
+class EpochSums(BaseModel):
+    """`trainer.json`'s `epoch_sums`: the current epoch's sums over the ranks at the save, so that an epoch
+    resumed midway reports the figures of all its batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: float = Field(0.0, allow_inf_nan=False)
+    tokens: float = Field(0.0, ge=0, allow_inf_nan=False)
+    correct: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+
 @dataclass
 class _Run:
     """The state a run carries between steps."""
@@ -70,6 +87,7 @@ class _Run:
     batch: int = 0  # batches of the current epoch already trained
     step: int = 0  # optimizer steps taken
     history: list[dict[str, Any]] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))  # the epoch's so far
 
 
 def train(
@@ -119,6 +137,8 @@ def _train(
         )
     run = _resume(config, resume, context, say) if resume is not None else _start(config, context)
     config = run.config
+    if resume is not None:
+        say(f"resuming {escape(str(resume))} at epoch {run.epoch + 1}, step {run.step}")
     if resume is None and out_dir is not None and context.main:
         (out_dir / rundir.METRICS).unlink(missing_ok=True)
     say(f"[bold]{escape(run.model.typed_graph.graph.name)}[/]: {escape(corpus.describe(run.data))}")
@@ -137,10 +157,11 @@ def _start(config: TrainConfig, context: distributed.Context) -> _Run:
     if config.spec is None:
         raise UsageError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
     sharded.check(config)
-    imported = pretrained.locate(config.spec)
+    imported = model_path.resolve(config.spec).fine_tuned()
     typed, roles, data = _prepare(config) if imported is None else _prepare_imported(config, imported)
     corpus.fit_positions(data, *decode.length_limits(typed, roles))
     torch.manual_seed(config.seed)
+    fits.check_training(typed, config, context)  # before allocating: weights, gradients, Adam's moments
     model = compile_graph(typed, device=context.device)
     if config.init == "xavier":
         initialise(model)
@@ -241,6 +262,7 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
         config.source_tokenizer if given & {"tokenizer", "src_tokenizer"} else None,
         config.target_tokenizer if given & {"tokenizer", "tgt_tokenizer"} else None,
     )
+    fits.check_checkpoint(resume, context)
     saved = checkpoint.load(resume, device=context.device, tokenizers=named, sharded_ok=True)
     if saved.tgt_vocab is None and any(named):
         raise UsageError(
@@ -289,6 +311,11 @@ def _resume(config: TrainConfig, resume: str | Path, context: distributed.Contex
         torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
     run = _Run(stored, model, roles, data, optimizer, info["d_model"])
     run.epoch, run.batch, run.step, run.history = info["epoch"], info["batch"], info["step"], info["history"]
+    sums = check_record(
+        info.get("epoch_sums", {}), EpochSums, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "epoch_sums"
+    )
+    if context.main and run.batch:  # the ranks' sums, counted once
+        run.sums = sums.model_dump()
     return run
 
 
@@ -335,6 +362,11 @@ def _loop(
     remaining = per_epoch * max(0, config.epochs - run.epoch) - run.batch
     if config.max_steps is not None:
         remaining = min(remaining, max(0, config.max_steps - run.step))
+    if run.step + remaining < config.warmup:
+        say(
+            f"[yellow]warning:[/] --warmup {config.warmup} outlasts the run ({run.step + remaining} steps): the "
+            f"learning rate only rises and never reaches its peak; try --warmup {max(1, (run.step + remaining) // 10)}"
+        )
     saved: Path | None = None
     progress = Progress(
         TextColumn("{task.description}"),
@@ -348,12 +380,13 @@ def _loop(
         disable=quiet or not context.main or not console.is_terminal,
         transient=True,
     )
-    task = progress.add_task("training", total=remaining, loss=float("nan"), speed=0.0)
+    # a resumed run's bar goes on from its steps so far
+    task = progress.add_task("training", total=run.step + remaining, completed=run.step, loss=float("nan"), speed=0.0)
     model.train()
     with progress:
         while run.epoch < config.epochs and not _done(run, config):
             batches = batching.plan(train_set, config.batch_size, seed=config.seed, epoch=run.epoch)
-            totals = {"loss": 0.0, "tokens": 0.0, "correct": 0.0}
+            totals = run.sums  # from 0, or from a resumed epoch's sums before the resume
             started, seen = time.perf_counter(), 0.0
             progress.update(task, description=f"epoch {run.epoch + 1}/{config.epochs}")
             while run.batch < len(batches) and not _done(run, config):
@@ -380,7 +413,7 @@ def _loop(
                 "tokens_per_s": seen / max(time.perf_counter() - started, 1e-9),
             }
             if finished:
-                run.epoch, run.batch = run.epoch + 1, 0
+                run.epoch, run.batch, run.sums = run.epoch + 1, 0, dict.fromkeys(SUMS, 0.0)
             if context.main or config.strategy == "fsdp":  # a sharded model's forward takes every rank
                 metrics = evaluate(model, io, run.data, _evaluated(config), context.device)
                 record.update(metrics if context.main else {})
@@ -420,7 +453,9 @@ def _step(
         local, weight = global_batch[:1], 0.0
     batch = batching.collate([run.data.train[i] for i in local], run.data.specials).to(context.device)
     tokens = batch.tokens * weight
-    (global_tokens,) = distributed.all_sum(context, tokens)
+    global_tokens, stops = distributed.all_sum(context, tokens, float(distributed.stop_asked()))
+    if stops:  # a rank was asked to stop (trainer.distributed): all stop here, before the step, none left waiting
+        raise distributed.Stopped
     run.step += 1
     schedule.set_lr(run.optimizer, schedule.noam_lr(run.step, run.d_model, config.warmup, factor))
     log_probs = io(wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
@@ -500,6 +535,7 @@ def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Pat
     if out is None:
         return None
     rng = distributed.gather_rng(context)
+    sums = distributed.all_sum(context, *(run.sums[name] for name in SUMS))
     info = {
         "config": config.model_dump(mode="json"),
         "roles": run.roles.to_json(),
@@ -509,6 +545,7 @@ def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Pat
         "world": context.world,
         "d_model": run.d_model,
         "history": run.history,
+        "epoch_sums": dict(zip(SUMS, sums, strict=True)),
         "optimizer": checkpoint.optimizer_groups(run.optimizer),
     }
     records = checkpoint.Records(

@@ -16,8 +16,8 @@ post-processing (bos, eos) when encoding, and decoding leaves special tokens out
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +31,9 @@ from blockgraph.builder.hf_import import import_directory
 from blockgraph.builder.pipeline import typed_graph
 from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
 from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, WriteError
-from blockgraph.common.files import FileKind, MiB, read_bytes
+from blockgraph.common.files import FileKind, MiB, parse_json, read_bytes
 from blockgraph.common.records import read_record
-from blockgraph.common.text import excerpt
-from blockgraph.trainer import checkpoint
+from blockgraph.trainer import checkpoint, subword
 from blockgraph.trainer.generation import Translator
 from blockgraph.trainer.roles import Roles, find_roles, sizes
 from blockgraph.trainer.specials import Specials
@@ -47,6 +46,7 @@ from blockgraph.trainer.text import (
     TextSide,
     tokenizer_folder,
 )
+from blockgraph.trainer.tokenizer_json import TokenizerJson
 
 FORMAT = "blockgraph-pretrained"
 SPEC, MODEL = "spec.yaml", "model"
@@ -146,13 +146,6 @@ def _refuse_edited(out: Path) -> None:
 
 def is_pretrained(path: str | Path) -> bool:
     return (Path(path) / RECORD).is_file()
-
-
-def locate(path: str | Path) -> Path | None:
-    """The imported model at `path`: an import's directory, or a checkpoint of fine-tuning one (itself or the
-    run directory holding it); None for anything else."""
-    path = Path(path)
-    return next((p for p in (path, path / checkpoint.NAME) if is_pretrained(p)), None)
 
 
 def tokenizer_kind(directory: Path) -> Literal["tokenizer.json", "marian"] | None:
@@ -297,55 +290,22 @@ def _within(side: TextSide, vocab: int) -> TextSide:
 
 
 def _tokenizer_json(data: bytes, where: Location) -> TextSide:
-    """A tokenizer.json read as data, with truncation and padding off and no random dropout: the ids of a text
-    are its tokens', every time."""
-    from tokenizers import Tokenizer
+    """A tokenizer.json, checked and read as data (trainer.tokenizer_json)."""
+    tokenizer = TokenizerJson(data, Path(where.file or ".") / "tokenizer.json", TOKENIZER_FILE)
+    return TextSide(tokenizer.encode, tokenizer.decode, tokenizer.unknown)
 
-    try:
-        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
-        dropout = getattr(tokenizer.model, "dropout", None)
-    except Exception:  # the library's error quotes the file: say where instead
-        raise CheckpointError(
-            Problem("tokenizer.json is not a tokenizer the tokenizers library reads", where)
-        ) from None
-    if dropout:
-        raise CheckpointError(Problem(f"tokenizer.json samples its pieces (BPE dropout {dropout})", where))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    unk = next((i for t in ("<unk>", "[UNK]") if (i := tokenizer.token_to_id(t)) is not None), None)
 
-    def encoded(sentence: str) -> Any:
-        try:
-            return tokenizer.encode(sentence)
-        except Exception:  # a tokenizer that parses can still fail on a text (an unk token it lacks)
-            raise DataError(Problem(f"the model's tokenizer.json cannot encode {excerpt(sentence)}")) from None
-
-    def decode(ids: Sequence[int]) -> str:
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def unknown(sentence: str) -> list[str]:
-        found = encoded(sentence)
-        return [t for t, i in zip(found.tokens, found.ids, strict=True) if i == unk] if unk is not None else []
-
-    return TextSide(lambda sentence: encoded(sentence).ids, decode, unknown)
+def _not_sentencepiece(name: str, where: Location, failure: str) -> CheckpointError:
+    return CheckpointError(Problem(f"{name} is not a SentencePiece model ({failure})", where))
 
 
 def _marian(files: dict[str, bytes], specials: dict[str, int | None], where: Location) -> tuple[TextSide, TextSide]:
     """Marian's tokenizer: SentencePiece pieces (source.spm, target.spm), ids from the shared vocab.json."""
-    import sentencepiece
-
     processors = []
     for name in ("source.spm", "target.spm"):
-        processor = sentencepiece.SentencePieceProcessor()
-        try:
-            processor.LoadFromSerializedProto(files[name])
-        except Exception:
-            raise CheckpointError(Problem(f"{name} is not a SentencePiece model", where)) from None
-        processors.append(processor)
-    try:
-        vocab = json.loads(files["vocab.json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        vocab = None
+        fail = functools.partial(_not_sentencepiece, name, where)
+        processors.append(subword.processor(files[name], fail))
+    vocab = parse_json(files["vocab.json"], Path(where.file or ".") / "vocab.json", TOKENIZER_FILE)
     ids_ok = isinstance(vocab, dict) and all(type(i) is int and i >= 0 for i in vocab.values())
     if not ids_ok:
         raise CheckpointError(Problem("vocab.json: expected a mapping of piece → id (integers ≥ 0)", where))

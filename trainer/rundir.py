@@ -2,7 +2,8 @@
 
 `train --out DIR` (or `--resume DIR`) takes an advisory lock on `DIR/.lock` before the first step. The kernel
 releases it when the process ends, however it ends (Ctrl-C, a crash, SIGKILL), so a stale lock file never
-blocks the next run; a second `train` on the same directory while one runs fails at once, naming the first.
+blocks the next run; `train --nproc N`'s workers inherit the launcher's lock, which then lasts until the last
+of them has ended; a second `train` on the same directory while one runs fails at once, naming the first.
 Taking the lock also proves the directory writable before any work is done.
 """
 
@@ -31,8 +32,11 @@ def is_run_directory(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def exclusive(directory: Path) -> Iterator[None]:
-    """Hold the run directory's lock for the duration of the block (creating the directory if need be)."""
+def exclusive(directory: Path) -> Iterator[int]:
+    """Hold the run directory's lock for the duration of the block (creating the directory if need be).
+
+    The block gets the lock's descriptor: a child process given it (`pass_fds`) holds the lock until it ends too.
+    """
     check_directory_target(directory, owned=is_run_directory, what="training run directory")
     where = Location(str(directory))
     try:
@@ -60,9 +64,9 @@ def exclusive(directory: Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield fd
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)  # releases the lock (a worker given it holds it until it ends)
 
 
 def append_line(path: Path, line: str) -> None:

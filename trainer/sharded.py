@@ -15,17 +15,26 @@ common.atomic does for one process). DCP reshards on load, so a run resumes on a
 included. `blockgraph consolidate` turns such a checkpoint into an ordinary one (safetensors) for
 `translate`, `export` and `inspect`.
 
-A DCP checkpoint's metadata is a pickle. It is read here by an unpickler that builds only DCP's own metadata
-records (and torch sizes, dtypes and paths), never anything else; a checkpoint may hold tensors only (no
-pickled objects), each in a shard file named as DCP names them inside the checkpoint, within that file's
-size; the tensors themselves are read by `torch.load(weights_only=True)`.
+A DCP checkpoint's metadata is a pickle. It is read here as data: the unpickler hands the pickle stand-ins
+for the classes and functions it may name (DCP's records, torch sizes and dtypes, and what DCP pickles beside
+them), never the real ones, and only a stand-in for one of DCP's records takes state, so that nothing in the
+file can reach a class, a function or a module (replace `Path.is_symlink`, say). DCP's metadata is then made from
+what the pickle described, each field checked first (`_Records`): tensors only (no pickled objects), each chunk
+once and within its tensor, one byte range per chunk in a shard file of the checkpoint (named as DCP names them,
+a regular file by lstat), ranges that do not overlap and lie within their file. So the work of a load is the
+model's and the shard files', whatever the metadata claims. The tensors themselves are read by
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import math
+import os
 import pickle
 import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,7 +51,7 @@ from blockgraph.builder.source import dump_yaml
 from blockgraph.common.atomic import check_directory_target, write_directory
 from blockgraph.common.errors import CheckpointError, Location, Problem, UsageError
 from blockgraph.common.files import FileKind, MiB, read_bytes
-from blockgraph.trainer import checkpoint, distributed
+from blockgraph.trainer import checkpoint, distributed, fits
 from blockgraph.trainer.checkpoint import METADATA, SHARD_FILE, SHARDED
 from blockgraph.trainer.checkpoint import SHARDED_SPEC as SPEC
 from blockgraph.trainer.config import TrainConfig
@@ -207,83 +216,233 @@ class SafeReader(FileSystemReader):
         where = Location(str(folder / METADATA))
         data = read_bytes(folder / METADATA, METADATA_FILE)
         try:
-            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+            described = _MetadataUnpickler(io.BytesIO(data)).load()
         except CheckpointError:
             raise
-        except Exception:
-            metadata = None
-        if not isinstance(metadata, dcp_metadata.Metadata):
-            raise CheckpointError(Problem("not a sharded checkpoint's metadata", where))
-        _check_tensors(metadata.state_dict_metadata, where)
-        _check_storage(metadata.storage_data, folder, where)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        except Exception:  # a truncated or foreign pickle; an object given state twice, or where it takes none
+            described = None
+        return _Records(folder, where).metadata(described, self.load_id)
 
 
-def _sizes(value: object) -> bool:
-    return isinstance(value, torch.Size) and all(type(d) is int and d >= 0 for d in value)
+class _Refused(Exception):
+    """What the pickle asked for is not what DCP's metadata does: the file is not such metadata."""
 
 
-def _check_tensors(entries: object, where: Location) -> None:
-    """Every entry a tensor's, with sizes, dtype and chunks of the right types (DCP trusts them)."""
-    if not isinstance(entries, dict) or not all(isinstance(name, str) for name in entries):
-        raise CheckpointError(Problem("the metadata's entries are not a mapping of names", where))
-    for name, meta in entries.items():
-        if not isinstance(meta, dcp_metadata.TensorStorageMetadata):
-            raise CheckpointError(Problem(f"{name} is a pickled object; a checkpoint holds tensors only", where))
-        properties, chunks = meta.properties, meta.chunks
-        well_formed = (
-            _sizes(meta.size)
-            and isinstance(properties, dcp_metadata.TensorProperties)
-            and isinstance(properties.dtype, torch.dtype)
-            and isinstance(chunks, list)
-            and all(isinstance(c, dcp_metadata.ChunkStorageMetadata) and _sizes(c.offsets) and _sizes(c.sizes)
-                    for c in chunks)
-        )  # fmt: skip
-        if not well_formed:
-            raise CheckpointError(Problem(f"the metadata of {name} is not a tensor's", where))
+class _Record:
+    """One of DCP's records as the pickle describes it: the state BUILD gives it, once, kept as data. Only such an
+    instance takes state: the classes and functions the pickle may name are never the real ones (`_Call`)."""
+
+    __slots__ = ("state",)
+    kind = ""
+
+    def __setstate__(self, state: object) -> None:
+        if hasattr(self, "state"):
+            raise _Refused("state given twice")
+        self.state = state
 
 
-def _check_storage(storage: object, folder: Path, where: Location) -> None:
-    """Every read in a shard file of the checkpoint, within the file, as it was written (no transforms)."""
-    if not isinstance(storage, dict):
-        raise CheckpointError(Problem("the metadata's storage is not a mapping", where))
-    for info in storage.values():
-        name = getattr(info, "relative_path", None)
-        shard = folder / name if isinstance(name, str) else folder
-        if not isinstance(name, str) or not SHARD_FILE.fullmatch(name) or not shard.is_file() or shard.is_symlink():
-            raise CheckpointError(Problem("the metadata names a shard file that is not the checkpoint's", where))
-        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-        if type(offset) is not int or type(length) is not int or not 0 <= offset <= offset + length:
-            raise CheckpointError(Problem(f"the metadata's byte range in {name} is not a range", where))
-        if offset + length > shard.stat().st_size:
-            raise CheckpointError(Problem(f"the metadata reads beyond the end of {name}", where))
-        if getattr(info, "transform_descriptors", None):  # blockgraph never writes compressed shards
-            raise CheckpointError(Problem(f"the metadata transforms what it reads from {name}", where))
+_RECORDS = {
+    (module, name): type(name, (_Record,), {"__slots__": (), "kind": name})
+    for module, names in (
+        ("torch.distributed.checkpoint.metadata", ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                                   "TensorStorageMetadata", "ChunkStorageMetadata",
+                                                   "BytesStorageMetadata")),
+        ("torch.distributed.checkpoint.filesystem", ("_StorageInfo",)),
+    )
+    for name in names
+}  # fmt: skip
+_PATHS = ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")  # a checkpoint_id, never used
+_CALLS = {
+    ("torch", "Size"): "Size",
+    ("torch.serialization", "_get_layout"): "layout",
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"): "memory format",
+    **{("pathlib", name): "path" for name in _PATHS},
+}
 
 
-_DCP_CLASSES = {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"}  # fmt: skip
+class _Call:
+    """A value the pickle asks torch or pathlib for (a size, a dtype, a layout, a path), kept as its name and
+    arguments and made only once checked (`_Records`); called (REDUCE), it records the call. It takes no state."""
+
+    __slots__ = ("args", "name")
+
+    def __init__(self, name: str, args: tuple[object, ...] | None = None):
+        self.name, self.args = name, args  # args: None until called
+
+    def __call__(self, *args: object) -> _Call:
+        if self.args is not None:
+            raise _Refused(f"a {self.name} called")
+        return _Call(self.name, args)
+
+    def __setstate__(self, state: object) -> None:
+        raise _Refused(f"state given to {self.name}")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata records and nothing else: any other class or function is refused."""
+    """Reads DCP's metadata as data: the records it names become `_Record`s, the torch and pathlib values it
+    names `_Call`s; any other class or function is refused, and nothing the pickle does reaches a real class,
+    function or module (BUILD gives state to records only)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (
-            (module == "torch.distributed.checkpoint.metadata" and name in _DCP_CLASSES)
-            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
-            or (module == "torch" and (name == "Size" or isinstance(vars(torch).get(name), torch.dtype)))
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"))
+        if (module, name) in _RECORDS:
+            return _RECORDS[module, name]
+        if (module, name) in _CALLS:
+            return _Call(_CALLS[module, name])
+        if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):  # vars: no lazy import of torch.*
+            return _Call("dtype", (name,))
+        raise CheckpointError(
+            Problem(f"the sharded checkpoint's metadata names {module}.{name}, which is not DCP's metadata")
         )
-        if not allowed:
-            raise CheckpointError(
-                Problem(f"the sharded checkpoint's metadata names {module}.{name}, which is not DCP's metadata")
-            )
-        return super().find_class(module, name)
+
+
+class _Records:
+    """DCP's metadata made from what the pickle described, each field checked before it is made: tensors only,
+    each chunk once and within its tensor, every chunk with one byte range in a shard file of the checkpoint,
+    ranges that do not overlap and lie within their files, read as written (no transforms)."""
+
+    def __init__(self, folder: Path, where: Location):
+        self.folder, self.where = folder, where
+        self.sizes: dict[str, int] = {}  # shard file → its size, from lstat
+
+    def fail(self, message: str) -> CheckpointError:
+        return CheckpointError(Problem(message, self.where))
+
+    def metadata(self, described: object, load_id: str | None) -> dcp_metadata.Metadata:
+        fields = _given(described, "Metadata")
+        if fields is None or not isinstance(fields, dict) or "state_dict_metadata" not in fields:
+            raise self.fail("not a sharded checkpoint's metadata")
+        entries = self.entries(fields["state_dict_metadata"])
+        storage = self.storage(fields.get("storage_data"), entries)
+        planner = fields.get("planner_data")
+        planner_ok = isinstance(planner, dict) and all(
+            isinstance(k, str) and isinstance(v, tuple) and all(type(p) in (str, int) for p in v)
+            for k, v in planner.items()
+        )
+        version = fields.get("version")
+        return dcp_metadata.Metadata(
+            entries,
+            planner_data=planner if planner_ok else None,
+            storage_data=storage,
+            storage_meta=dcp_metadata.StorageMeta(load_id=load_id),  # nothing of the file's: DCP needs only this
+            version=version if isinstance(version, str) else None,
+        )
+
+    def entries(self, described: object) -> dict[str, dcp_metadata.TensorStorageMetadata]:
+        if not isinstance(described, dict) or not all(type(name) is str for name in described):
+            raise self.fail("the metadata's entries are not a mapping of names")
+        return {name: self.tensor(name, meta) for name, meta in described.items()}
+
+    def tensor(self, name: str, described: object) -> dcp_metadata.TensorStorageMetadata:
+        """A tensor's entry: its dtype, size and chunks (DCP trusts them)."""
+        if isinstance(described, _Record) and described.kind == "BytesStorageMetadata":
+            raise self.fail(f"{name} is a pickled object; a checkpoint holds tensors only")
+        fields = _given(described, "TensorStorageMetadata")
+        properties = _given(fields.get("properties"), "TensorProperties") if isinstance(fields, dict) else None
+        if isinstance(properties, dict):  # as older torch wrote them
+            properties = (properties.get("dtype"),)
+        dtype = _made(properties[0]) if isinstance(properties, tuple) and properties else None
+        size = _made(fields.get("size")) if isinstance(fields, dict) else None
+        chunks = fields.get("chunks") if isinstance(fields, dict) else None
+        if not isinstance(dtype, torch.dtype) or not isinstance(size, torch.Size) or not isinstance(chunks, list):
+            raise self.fail(f"the metadata of {name} is not a tensor's")
+        made, seen, volume = [], set(), 0
+        for chunk in chunks:
+            part = _given(chunk, "ChunkStorageMetadata")
+            offsets, sizes = (_made(part.get(k)) for k in ("offsets", "sizes")) if isinstance(part, dict) else (0, 0)
+            fits = (
+                isinstance(offsets, torch.Size) and isinstance(sizes, torch.Size)
+                and len(offsets) == len(sizes) == len(size)
+                and all(o + s <= d for o, s, d in zip(offsets, sizes, size, strict=True))
+            )  # fmt: skip
+            if not fits:
+                raise self.fail(f"the metadata of {name} is not a tensor's")
+            if not math.prod(sizes):  # an empty shard (DCP lists one per rank that holds none): nothing to read
+                continue
+            if offsets in seen:
+                raise self.fail(f"the metadata lists a chunk of {name} twice")
+            seen.add(offsets)
+            volume += math.prod(sizes)
+            if volume > math.prod(size):
+                raise self.fail(f"the chunks of {name} hold more than the tensor")
+            made.append(dcp_metadata.ChunkStorageMetadata(offsets, sizes))
+        return dcp_metadata.TensorStorageMetadata(dcp_metadata.TensorProperties(dtype=dtype), size, made)
+
+    def storage(
+        self, described: object, entries: dict[str, dcp_metadata.TensorStorageMetadata]
+    ) -> dict[dcp_metadata.MetadataIndex, Any]:
+        """Where each chunk's bytes are: one range per chunk, in a shard file of the checkpoint (module notes).
+        An entry of no chunk that holds data (an empty shard's) is left out: it is never read."""
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        if not isinstance(described, dict):
+            raise self.fail("the metadata's storage is not a mapping")
+        wanted = {(name, c.offsets) for name, meta in entries.items() for c in meta.chunks}
+        made: dict[dcp_metadata.MetadataIndex, Any] = {}
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for key, value in described.items():
+            index = _given(key, "MetadataIndex")
+            fqn, offset = (index.get("fqn"), _made(index.get("offset"))) if isinstance(index, dict) else (None, None)
+            if (fqn, offset) not in wanted:
+                continue
+            place = dcp_metadata.MetadataIndex(fqn, offset)  # its index, a hint for a search, is not the file's
+            if place in made:
+                raise self.fail(f"the metadata's storage lists the bytes of a chunk of {fqn} twice")
+            name, start, length = self.read(_given(value, "_StorageInfo"))
+            ranges.setdefault(name, []).append((start, start + length))
+            made[place] = _StorageInfo(name, start, length)
+        if len(made) < len(wanted):
+            raise self.fail(f"the metadata's storage has no bytes for {len(wanted) - len(made)} chunk(s)")
+        for name, spans in ranges.items():
+            spans.sort()
+            if any(end > start for (_, end), (start, _) in itertools.pairwise(spans)):
+                raise self.fail(f"the metadata reads overlapping bytes of {name}")
+        return made
+
+    def read(self, info: object) -> tuple[str, int, int]:
+        """One chunk's byte range, checked: a shard file of the checkpoint (from lstat: a regular file, not a
+        link), within its size, read as written."""
+        fields = info if isinstance(info, dict) else {}
+        name, start, length = fields.get("relative_path"), fields.get("offset"), fields.get("length")
+        if type(name) is not str or not SHARD_FILE.fullmatch(name) or self.size(name) is None:
+            raise self.fail("the metadata names a shard file that is not the checkpoint's")
+        if type(start) is not int or type(length) is not int or not 0 <= start <= start + length:
+            raise self.fail(f"the metadata's byte range in {name} is not a range")
+        if start + length > (self.size(name) or 0):
+            raise self.fail(f"the metadata reads beyond the end of {name}")
+        if fields.get("transform_descriptors"):  # blockgraph never writes compressed shards
+            raise self.fail(f"the metadata transforms what it reads from {name}")
+        return name, start, length
+
+    def size(self, name: str) -> int | None:
+        """The size of the regular file `name` in the folder (None for anything else), from one lstat."""
+        if name not in self.sizes:
+            try:
+                info = os.lstat(os.path.join(self.folder, name))
+            except OSError:
+                return None
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            self.sizes[name] = info.st_size
+        return self.sizes[name]
+
+
+def _given(described: object, kind: str) -> Any:
+    """The state the pickle gave a record of `kind` (None for anything else)."""
+    return getattr(described, "state", None) if isinstance(described, _Record) and described.kind == kind else None
+
+
+def _made(described: object) -> Any:
+    """The torch value a `_Call` stands for, made once its arguments are checked (None for anything else): a
+    size of non-negative ints, a dtype torch has (the layout, memory format and path it names are not used)."""
+    if not isinstance(described, _Call) or described.args is None:
+        return None
+    args = described.args
+    if described.name == "Size":
+        dims = args[0] if len(args) == 1 and isinstance(args[0], tuple) else None
+        return torch.Size(dims) if dims is not None and all(type(d) is int and d >= 0 for d in dims) else None
+    if described.name == "dtype":
+        return vars(torch).get(str(args[0]))
+    return None
 
 
 def consolidate(path: str | Path, out: str | Path) -> Path:
@@ -294,6 +453,7 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
 
     out = Path(out)
     check_directory_target(out, owned=checkpoint.replaceable, what=checkpoint.WHAT)
+    fits.check_checkpoint(path, Context(), action="consolidating the checkpoint")  # the whole model, in this process
     saved = checkpoint.load(path, sharded_ok=True)
     if not saved.sharded:
         raise UsageError(Problem(f"{saved.path} is an ordinary checkpoint already", hint="use it as it is"))

@@ -14,12 +14,13 @@ import base64
 import hashlib
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from blockgraph.common.errors import DataError, Problem
+from blockgraph.common.errors import BlockgraphError, DataError, Problem
 from blockgraph.common.files import FileKind, MiB, read_bytes
+from blockgraph.common.native import guarded
 
 PREFIX = "spm-"
 MODEL_FILE = FileKind("SentencePiece model", DataError, limit=16 * MiB)  # two, in base64, fit in a vocab.json
@@ -39,19 +40,27 @@ def kind_of(data: bytes) -> str:
 
 def register(data: bytes, where: str = "SentencePiece model") -> str:
     """Load the serialized model `data` (once) and return its kind."""
-    import sentencepiece
-
     kind = kind_of(data)
     if kind in _models and _bytes[kind] != data:  # 64 bits of SHA-256 alike: never take one for the other
         raise DataError(Problem(f"{where} shares its name {kind} with another model"))
     if kind not in _models:
-        processor = sentencepiece.SentencePieceProcessor()
-        try:
-            processor.LoadFromSerializedProto(data)
-        except Exception:  # the library's message is about protobuf internals: say what it is instead
-            raise DataError(Problem(f"{where} is not a SentencePiece model")) from None
-        _models[kind], _bytes[kind] = processor, data
+
+        def fail(failure: str) -> DataError:
+            return DataError(Problem(f"{where} is not a SentencePiece model ({failure})"))
+
+        _models[kind], _bytes[kind] = processor(data, fail), data
     return kind
+
+
+def processor(data: bytes, fail: Callable[[str], BlockgraphError]) -> Any:
+    """The SentencePiece processor of the serialized model `data`: the one way blockgraph hands bytes to the
+    library, its logs muted and its failure, whatever it is, `fail(failure)` (common.native)."""
+    import sentencepiece
+
+    loaded = sentencepiece.SentencePieceProcessor()
+    with guarded(fail):
+        loaded.LoadFromSerializedProto(data)
+    return loaded
 
 
 def register_file(path: str | Path) -> str:

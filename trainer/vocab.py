@@ -142,7 +142,17 @@ def tokenize(text: str, kind: str) -> list[str]:
     if subword.is_subword(kind):
         return subword.pieces(text, kind)
     if is_custom(kind):
-        tokens = user_tokenizer(kind)(text)
+        try:
+            tokens = user_tokenizer(kind)(text)
+        except DataError:
+            raise
+        except Exception as exc:  # the user's code: its failure is reported as theirs, with its own words
+            raise DataError(
+                Problem(
+                    f"tokenizer {kind!r} failed: {type(exc).__name__}: {excerpt(str(exc), 200)}",
+                    hint="it is your code (--tokenizer MODULE:FUNCTION): fix it, or name another tokenizer",
+                )
+            ) from None
         if not isinstance(tokens, list | tuple) or not all(isinstance(t, str) for t in tokens):
             raise DataError(
                 Problem(f"tokenizer {kind!r} returned {type(tokens).__name__} for {text[:40]!r}, not a list of strings")

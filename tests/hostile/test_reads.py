@@ -79,7 +79,7 @@ def test_saved_model_files(saved_model, tmp_path, name, kind):
     outcome = bounded(f"saved-{name}-{kind}", "export", saved_model, "--format", "exported-program", "--out",
                       tmp_path / "m.pt2")  # fmt: skip
     if name == "blockgraph.json" and kind != "sparse":  # no manifest file: not a saved model, so not read as one
-        assert_clean(outcome, 1, "is a directory, not a spec file")
+        assert_clean(outcome, 1, "holds no model", "blockgraph.json")
     else:
         assert_clean(outcome, 1, SAYS[kind] or ("corrupt" if name.endswith("safetensors") else "too large"))
     assert not (tmp_path / "m.pt2").exists()
@@ -92,7 +92,7 @@ def test_checkpoint_files(run_dir, name, kind):
     outcome = bounded(f"checkpoint-{name}-{kind}", "translate", run_dir, "1 2")
     expected = SAYS[kind] or ("corrupt" if name.endswith("safetensors") else "too large")
     if name == "trainer.json" and kind != "sparse":
-        expected = "not a training checkpoint"  # without a regular trainer.json the directory is no checkpoint
+        expected = "holds no model"  # without a regular trainer.json the directory is no checkpoint
     assert_clean(outcome, 1, expected)
 
 

@@ -3,8 +3,11 @@ records only, holds tensors only, and names shard files of the checkpoint within
 
 from __future__ import annotations
 
+import importlib
+import pathlib
 import pickle
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +167,132 @@ def test_naming_a_torch_module_in_the_metadata_imports_nothing():
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["CheckpointError", "False"], done.stdout + done.stderr
+
+
+# --- the unpickler builds DCP's records only: nothing in the file reaches a class, function or module ---------
+
+
+def _unicode(text: str) -> bytes:
+    return b"X" + struct.pack("<I", len(text)) + text.encode()
+
+
+def _give_state(module: str, name: str, state: bytes) -> bytes:
+    """Pickle opcodes that push `module.name` itself (a class or function), BUILD it with `state`, and drop it."""
+    return f"c{module}\n{name}\n".encode() + state + b"b0"
+
+
+def _slot(attribute: str, value: bytes) -> bytes:
+    """(None, {attribute: value}): BUILD then sets the attribute with setattr, on whatever it is given."""
+    return b"N}" + _unicode(attribute) + value + b"s\x86"
+
+
+def _prefixed(run: Path, prefix: bytes) -> None:
+    """The run's metadata with `prefix` run before it (protocol 2: memo indices stay as they are)."""
+    body = pickle.dumps(pickle.loads((run / METADATA).read_bytes()), protocol=2)
+    (run / METADATA).write_bytes(body[:2] + prefix + body[2:])
+
+
+def test_metadata_that_replaces_a_method_of_path_cannot_read_a_shard_outside(sharded_run, tmp_path):
+    """`PosixPath.is_symlink = torch.Size` (whose call gives an empty, false size) would let a shard that links
+    to a file outside the run pass as the checkpoint's own; the file's content must never be read."""
+    shard = next((sharded_run / "checkpoint" / "sharded").glob("__*.distcp"))
+    outside = tmp_path / "outside.distcp"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    original = pathlib.PosixPath.is_symlink
+    _prefixed(sharded_run, _give_state("pathlib", "PosixPath", _slot("is_symlink", b"ctorch\nSize\n")))
+    try:
+        outcome = bounded("sharded-class-state", "consolidate", sharded_run, "--out", tmp_path / "merged")
+        assert pathlib.PosixPath.is_symlink is original
+    finally:
+        pathlib.PosixPath.is_symlink = original  # type: ignore[method-assign]
+    assert_clean(outcome, 1, "not a sharded checkpoint's metadata")
+    assert not (tmp_path / "merged").exists()
+    _prefixed(sharded_run, b"")  # the link alone: refused as not the checkpoint's
+    outcome = bounded("sharded-link-outside", "consolidate", sharded_run, "--out", tmp_path / "merged")
+    assert_clean(outcome, 1, "the metadata names a shard file that is not the checkpoint's")
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "state", "attribute"),
+    [
+        ("torch.distributed.checkpoint.metadata", "Metadata", _slot("planted", b"K\x01"), "planted"),
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", _slot("planted", b"K\x01"), "planted"),
+        ("torch.serialization", "_get_layout", b"}" + _unicode("planted") + b"K\x01s", "planted"),
+        ("torch", "Size", _slot("__len__", b"ctorch\nSize\n"), "__len__"),
+    ],
+)
+def test_no_state_reaches_a_class_or_function_the_metadata_names(sharded_run, tmp_path, module, name, state,
+                                                                  attribute):  # fmt: skip
+    target = getattr(importlib.import_module(module), name)
+    before = target.__dict__.get(attribute)
+    _prefixed(sharded_run, _give_state(module, name, state))
+    try:
+        outcome = bounded(f"sharded-state-{name}", "consolidate", sharded_run, "--out", tmp_path / "merged")
+        assert target.__dict__.get(attribute) is before
+    finally:  # should the state have landed, the rest of the session must not run with it
+        if target.__dict__.get(attribute) is not before:
+            setattr(target, attribute, before) if before is not None else delattr(target, attribute)
+    assert_clean(outcome, 1, "not a sharded checkpoint's metadata")
+
+
+# --- work is the model's and the shards', not what the metadata claims ---------------------------------------
+
+
+def _million_chunks(metadata):
+    meta = _first_tensor(metadata)
+    meta.chunks = meta.chunks * 1_000_000  # one chunk, listed a million times: a few MB of pickle
+    return metadata
+
+
+def _overlapping(metadata):
+    first = next(iter(metadata.storage_data.values()))
+    for info in metadata.storage_data.values():
+        info.offset, info.length = first.offset, first.length
+    return metadata
+
+
+def _no_bytes(metadata):
+    metadata.storage_data.pop(next(iter(metadata.storage_data)))
+    return metadata
+
+
+def _chunk_beyond(metadata):
+    import torch
+
+    chunk = _first_tensor(metadata).chunks[0]
+    chunk.sizes = torch.Size([d + 1 for d in chunk.sizes])
+    return metadata
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_million_chunks, "the metadata lists a chunk of model."),
+        (_overlapping, "the metadata reads overlapping bytes of __0_0.distcp"),
+        (_no_bytes, "the metadata's storage has no bytes for 1 chunk(s)"),
+        (_chunk_beyond, "is not a tensor's"),
+    ],
+)
+def test_metadata_that_claims_more_work_than_the_files_hold_is_refused(sharded_run, tmp_path, change, message):
+    _rewrite(sharded_run, change)
+    outcome = bounded(f"sharded-work-{change.__name__}", "consolidate", sharded_run, "--out", tmp_path / "merged")
+    assert_clean(outcome, 1, message)
+    assert outcome.seconds < 5
+
+
+def _empty_shards(metadata):
+    """Two ranks that held no rows of a tensor: DCP lists an empty chunk for each, at the same offsets."""
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    meta = _first_tensor(metadata)
+    end = torch.Size([meta.size[0], *[0] * (len(meta.size) - 1)])  # where DCP puts a shard of no rows
+    meta.chunks += [ChunkStorageMetadata(end, torch.Size([0] * len(meta.size))) for _ in range(2)]
+    return metadata
+
+
+def test_empty_shards_listed_by_every_rank_that_held_none_are_read_as_nothing(sharded_run, tmp_path):
+    _rewrite(sharded_run, _empty_shards)
+    outcome = bounded("sharded-empty-shards", "consolidate", sharded_run, "--out", tmp_path / "merged")
+    assert_clean(outcome, 0, "wrote")
