@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from blockgraph.blocks.flops import linear, multi_head
+from blockgraph.blocks.flops import linear, multi_head, tokens
 from blockgraph.blocks.positional import apply_rotary, rotary_angles
 from blockgraph.blocks.registry import Block, BlockParams, Port, register
 from blockgraph.blocks.stepping import StepCache, Stepping
@@ -172,8 +172,7 @@ class ScaledDotProductAttention(Block):
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = combine_masks(query.size(-2), key.size(-2), None, mask, self.causal, query.device)
-        return attention(query, key, value, mask, self.dropout if self.training else 0.0)
+        return self.attend(0, query, key, value, mask)
 
     @classmethod
     def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
@@ -193,11 +192,15 @@ class ScaledDotProductAttention(Block):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new queries against every key and value so far (appended to the cache)."""
-        start = cache.length
-        cache.length += query.size(-2)
-        key, value = cache.extend("k", key, dim=-2), cache.extend("v", value, dim=-2)
-        mask = combine_masks(query.size(-2), key.size(-2), None, None, self.causal, query.device, offset=start)
-        return attention(query, key, value, mask)
+        start = cache.advance(query.size(-2))
+        return self.attend(start, query, cache.extend("k", key, dim=-2), cache.extend("v", value, dim=-2), mask)
+
+    def attend(
+        self, start: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries at positions start, start + 1, … against `key` and `value` (forward's and step's alike)."""
+        mask = combine_masks(query.size(-2), key.size(-2), None, mask, self.causal, query.device, offset=start)
+        return attention(query, key, value, mask, self.dropout if self.training else 0.0)
 
 
 @register("multi_head_attention", family="attention")
@@ -380,15 +383,8 @@ class MultiHeadAttention(Block):
         positions: torch.Tensor | None = None,
         position_bias: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        key = query if key is None else key
-        value = key if value is None else value
-        q, (k, v) = self.heads_of(self.w_q, query, self.heads), self.keys_values(key, value)
-        if self.rotary_dim:
-            if positions is None:
-                positions = torch.arange(query.size(1), device=query.device)
-            q, k = self.rotate(q, positions), self.rotate(k, positions)
-        y, weights = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias)
-        return self.merge(y, weights)
+        q, k, v = self.projected(0, query, key, value, positions)
+        return self.merge(*self.attend(q, k, v, key_padding_mask, attn_mask, position_bias))
 
     @classmethod
     def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
@@ -418,25 +414,18 @@ class MultiHeadAttention(Block):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """New queries against every key so far: a self-attention appends the new keys and values to its cache
         (allocated once for all steps, kv_heads wide); a cross-attention projects the memory at the first step."""
-        start = cache.length
-        cache.length += query.size(1)
-        q = self.heads_of(self.w_q, query, self.heads)
+        start = cache.advance(query.size(1))
         if key is None or cache.grows("key"):
-            key = query if key is None else key
-            k, v = self.keys_values(key, key if value is None else value)
-            if self.rotary_dim:
-                if positions is None:
-                    positions = torch.arange(start, start + query.size(1), device=query.device)
-                q, k = self.rotate(q, positions), self.rotate(k, positions)
+            q, k, v = self.projected(start, query, key, value, positions)
             k, v = cache.extend("k", k, dim=2), cache.extend("v", v, dim=2)
             if key_padding_mask is not None:
                 key_padding_mask = cache.extend("pad", key_padding_mask, dim=1)
         else:
-            if "k" not in cache.tensors:
-                cache.tensors["k"], cache.tensors["v"] = self.keys_values(key, key if value is None else value)
-            k, v = cache.tensors["k"], cache.tensors["v"]
-        y, weights = self.attend(q, k, v, key_padding_mask, None, position_bias, offset=start)
-        return self.merge(y, weights)
+            memory, values = key, key if value is None else value
+            q = self.heads_of(self.w_q, query, self.heads)
+            k = cache.once("k", lambda: self.heads_of(self.w_k, memory, self.kv_heads))
+            v = cache.once("v", lambda: self.heads_of(self.w_v, values, self.kv_heads))
+        return self.merge(*self.attend(q, k, v, key_padding_mask, attn_mask, position_bias, offset=start))
 
     @staticmethod
     def heads_of(projection: nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -444,8 +433,25 @@ class MultiHeadAttention(Block):
         b, t, _ = x.shape
         return projection(x).view(b, t, heads, -1).transpose(1, 2)
 
-    def keys_values(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads_of(self.w_k, key, self.kv_heads), self.heads_of(self.w_v, value, self.kv_heads)
+    def projected(
+        self,
+        start: int,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
+        positions: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K and V in heads (keys default to the queries, values to the keys), Q and K rotated at `positions`
+        (by default the queries' own: start, start + 1, …)."""
+        key = query if key is None else key
+        value = key if value is None else value
+        q = self.heads_of(self.w_q, query, self.heads)
+        k, v = self.heads_of(self.w_k, key, self.kv_heads), self.heads_of(self.w_v, value, self.kv_heads)
+        if self.rotary_dim:
+            if positions is None:
+                positions = torch.arange(start, start + query.size(1), device=query.device)
+            q, k = self.rotate(q, positions), self.rotate(k, positions)
+        return q, k, v
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = rotary_angles(positions, self.rotary_dim, self.rotary_base)
@@ -543,11 +549,7 @@ class SourceAttention(Block):
         else:  # concat, additive: W_a h_t, U_a h̄_s, then v_aᵀ over every pair
             score = linear(batch * tgt, p.d_query, d_attn) + linear(batch * src, p.d_memory, d_attn)
             score += linear(pairs, d_attn, 1)
-        position = 0
-        if getattr(p, "mode", None) == "predictive":  # local-p: p_t = S·sigmoid(v_pᵀ tanh(W_p h_t))
-            d_p = p.d_p or p.d_query
-            position = linear(batch * tgt, p.d_query, d_p) + linear(batch * tgt, d_p, 1)
-        return score + position + 2 * pairs * p.d_memory
+        return score + 2 * pairs * p.d_memory
 
     in_ports = (
         Port("query", rank=3, doc="decoder states h_t, [batch, tgt_len, d_query]"),
@@ -629,11 +631,8 @@ class SourceAttention(Block):
         memory_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new decoder states, at their target positions, against `keys(memory)` from the first step."""
-        if "keys" not in cache.tensors:
-            cache.tensors["keys"] = self.keys(memory)
-        start = cache.length
-        cache.length += query.size(1)
-        return self.attend(start, query, memory, cache.tensors["keys"], memory_padding_mask)
+        keys = cache.once("keys", lambda: self.keys(memory))
+        return self.attend(cache.advance(query.size(1)), query, memory, keys, memory_padding_mask)
 
     def attend(
         self,
@@ -748,6 +747,13 @@ class LocalAttention(SourceAttention):
             return self
 
     example = {"d_query": 256, "d_memory": 512, "score": "general", "window": 10, "mode": "predictive"}
+
+    @classmethod
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+        """Scores and context as every source attention, and in predictive mode p_t = S·sigmoid(v_pᵀ tanh(W_p h_t))."""
+        rows, d_p = tokens(inputs["query"].shape), p.d_p or p.d_query
+        position = linear(rows, p.d_query, d_p) + linear(rows, d_p, 1) if p.mode == "predictive" else 0
+        return super().flops(p, inputs, outputs) + position
 
     def __init__(self, p: Params):
         super().__init__(p)

@@ -89,10 +89,16 @@ class SwiGLU(FeedForward):
     example = {"d_model": 512, "d_ff": 1376}
 
     def __init__(self, p: Params):
-        ffn = FeedForwardParams(d_model=p.d_model, d_ff=p.d_ff, dropout=p.dropout, activation="silu", gated=True)
-        super().__init__(ffn.model_copy(update={"bias": p.bias}))
+        super().__init__(self.feed_forward_params(p))
+
+    @staticmethod
+    def feed_forward_params(p: Params) -> FeedForwardParams:
+        """The `feed_forward` this is: gated, with SiLU."""
+        return FeedForwardParams(
+            d_model=p.d_model, d_ff=p.d_ff, dropout=p.dropout, activation="silu", gated=True, bias=p.bias
+        )
 
     @classmethod
     def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
         """W₁, W₃ and W₂: 3 · 2·tokens·d_model·d_ff."""
-        return 3 * linear(tokens(inputs["x"].shape), p.d_model, p.d_ff)
+        return super().flops(cls.feed_forward_params(p), inputs, outputs)

@@ -11,8 +11,7 @@ from torch import nn
 
 from blockgraph.blocks.activations import ActivationName
 from blockgraph.blocks.attention import MultiHeadAttention
-from blockgraph.blocks.feedforward import FeedForward
-from blockgraph.blocks.flops import linear, multi_head, tokens
+from blockgraph.blocks.feedforward import FeedForward, FeedForwardParams
 from blockgraph.blocks.registry import Block, BlockParams, Port, register
 from blockgraph.blocks.stepping import StepCache, Stepping
 from blockgraph.blocks.types import ShapeError, TensorType, dims_equal, expect_last, format_dim
@@ -58,23 +57,29 @@ class LayerParams(BlockParams):
     def attention(self, causal: bool) -> MultiHeadAttention:
         return MultiHeadAttention(self.attention_params(causal))
 
-    def feed_forward(self) -> FeedForward:
-        return FeedForward(
-            FeedForward.Params(
-                d_model=self.d_model,
-                d_ff=self.d_ff,
-                dropout=self.dropout if self.activation_dropout is None else self.activation_dropout,
-                activation=self.activation,
-                gated=self.gated,
-                bias=self.bias,
-            )
+    def feed_forward_params(self) -> FeedForwardParams:
+        return FeedForwardParams(
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            dropout=self.dropout if self.activation_dropout is None else self.activation_dropout,
+            activation=self.activation,
+            gated=self.gated,
+            bias=self.bias,
         )
+
+    def feed_forward(self) -> FeedForward:
+        return FeedForward(self.feed_forward_params())
 
     def norm(self) -> nn.LayerNorm:
         return nn.LayerNorm(self.d_model, eps=self.eps, bias=self.norm_bias)
 
-    def ffn_flops(self, x: tuple) -> Any:
-        return (3 if self.gated else 2) * linear(tokens(x), self.d_model, self.d_ff)
+    def attention_flops(self, query: TensorType, key: TensorType | None = None) -> Any:
+        """One of the layer's attentions, by multi_head_attention's rule (a mask does not change the count)."""
+        return MultiHeadAttention.flops(self.attention_params(causal=False), {"query": query, "key": key}, ())
+
+    def ffn_flops(self, x: TensorType) -> Any:
+        """The layer's feed-forward, by feed_forward's rule."""
+        return FeedForward.flops(self.feed_forward_params(), {"x": x}, ())
 
 
 def _dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +138,7 @@ class EncoderLayer(Block):
     @classmethod
     def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
         """Self-attention, then the feed-forward's W_1 and W_2."""
-        x = inputs["x"].shape
-        return multi_head(p.d_model, x) + p.ffn_flops(x)
+        return p.attention_flops(inputs["x"]) + p.ffn_flops(inputs["x"])
 
     def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.norm_first:
@@ -234,9 +238,9 @@ class DecoderLayer(Block):
     @classmethod
     def flops(cls, p: DecoderParams, inputs: dict, outputs: tuple) -> Any:
         """Self-attention, attention over the memory, then the feed-forward's W_1 and W_2 (and W_3)."""
-        x = inputs["x"].shape
-        cross = multi_head(p.d_model, x, inputs["memory"].shape) if p.cross_attention else 0
-        return multi_head(p.d_model, x) + cross + p.ffn_flops(x)
+        x = inputs["x"]
+        cross = p.attention_flops(x, inputs["memory"]) if p.cross_attention else 0
+        return p.attention_flops(x) + cross + p.ffn_flops(x)
 
     def forward(
         self,

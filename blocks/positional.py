@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from pydantic import Field
@@ -40,8 +40,56 @@ def sinusoid_table(max_len: int, dim: int, layout: str = "interleaved") -> torch
     return pe.float().to(target)
 
 
+class TableParams(Protocol):
+    """What a position table's params say of it: the width of its rows and how many positions it covers."""
+
+    dim: int
+    max_len: int
+
+
+class PositionTable(Block):
+    """Base of the position tables added to embeddings: y = dropout(x + rows(start, seq)), positions from start.
+
+    A subclass sets `rows`, `dropout` and its Params (with `dim` and `max_len`); `forward` starts at position 0,
+    a decoding step where the last one stopped.
+    """
+
+    in_ports = (Port("x", rank=3, doc="embeddings [batch, seq, dim], seq ≤ max_len"),)
+    dropout: nn.Dropout
+
+    @classmethod
+    def infer(cls, p: TableParams, x: TensorType) -> TensorType:
+        """[batch, seq, dim] → [batch, seq, dim], with seq ≤ max_len."""
+        expect_last(x, p.dim, "dim")
+        return x
+
+    @classmethod
+    def limits(cls, p: TableParams, x: TensorType) -> tuple[Limit, ...]:
+        return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
+
+    flops = no_flops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.added(0, x)
+
+    @classmethod
+    def stepping(cls, p: TableParams, ports: Mapping[str, bool]) -> Stepping:
+        return "state"
+
+    def step(self, cache: StepCache, x: torch.Tensor) -> torch.Tensor:
+        """The new positions read the table from where the last step stopped."""
+        return self.added(cache.advance(x.size(1)), x)
+
+    def added(self, start: int, x: torch.Tensor) -> torch.Tensor:
+        """What forward and step compute: x at positions start, start + 1, … plus their rows, then dropout."""
+        return self.dropout(x + self.rows(start, x.size(1)))
+
+    def rows(self, start: int, count: int) -> torch.Tensor:  # pragma: no cover - every subclass writes its own
+        raise NotImplementedError
+
+
 @register("sinusoidal_position", family="positional")
-class SinusoidalPosition(Block):
+class SinusoidalPosition(PositionTable):
     """Add the fixed sine/cosine position table to x (batch, seq, dim), then dropout.
 
     PE(pos, 2i) = sin(pos / 10000^(2i/dim)) and PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)) (Vaswani et al.,
@@ -59,7 +107,6 @@ class SinusoidalPosition(Block):
             description="interleaved: sin, cos, sin, … (the paper); halves: all sines, then cosines (Marian)",
         )
 
-    in_ports = (Port("x", rank=3, doc="embeddings [batch, seq, dim], seq ≤ max_len"),)
     out_ports = (Port("y", doc="x + PE[:seq], [batch, seq, dim]"),)
     example = {"dim": 512, "dropout": 0.1}
 
@@ -68,34 +115,12 @@ class SinusoidalPosition(Block):
         self.dropout = nn.Dropout(p.dropout)
         self.register_buffer("pe", sinusoid_table(p.max_len, p.dim, p.layout).unsqueeze(0), persistent=False)
 
-    @classmethod
-    def infer(cls, p: Params, x: TensorType) -> TensorType:
-        """[batch, seq, dim] → [batch, seq, dim], with seq ≤ max_len."""
-        expect_last(x, p.dim, "dim")
-        return x
-
-    @classmethod
-    def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
-        return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
-
-    flops = no_flops
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(x + self.pe[:, : x.size(1)])
-
-    @classmethod
-    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping:
-        return "state"
-
-    def step(self, cache: StepCache, x: torch.Tensor) -> torch.Tensor:
-        """The new positions read the table from where the last step stopped."""
-        start = cache.length
-        cache.length += x.size(1)
-        return self.dropout(x + self.pe[:, start : cache.length])
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        return self.pe[:, start : start + count]
 
 
 @register("learned_position", family="positional")
-class LearnedPosition(Block):
+class LearnedPosition(PositionTable):
     """Add a learned vector per position (an nn.Embedding of max_len rows) to x (batch, seq, dim), then dropout.
 
     y = dropout(x + P[offset : offset + seq]) with P[offset + pos] the learned row of position pos (as in BERT and
@@ -111,7 +136,6 @@ class LearnedPosition(Block):
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the sum")
         init_std: float = Field(0.02, gt=0, description="standard deviation of the initial position vectors")
 
-    in_ports = (Port("x", rank=3, doc="embeddings [batch, seq, dim], seq ≤ max_len"),)
     out_ports = (Port("y", doc="x + P[:seq], [batch, seq, dim]"),)
     example = {"dim": 768, "max_len": 512, "dropout": 0.1}
 
@@ -122,30 +146,8 @@ class LearnedPosition(Block):
         self.dropout = nn.Dropout(p.dropout)
         self.offset = p.offset
 
-    @classmethod
-    def infer(cls, p: Params, x: TensorType) -> TensorType:
-        """[batch, seq, dim] → [batch, seq, dim], with seq ≤ max_len."""
-        expect_last(x, p.dim, "dim")
-        return x
-
-    @classmethod
-    def limits(cls, p: Params, x: TensorType) -> tuple[Limit, ...]:
-        return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
-
-    flops = no_flops
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(x + self.pe.weight[self.offset : self.offset + x.size(1)])
-
-    @classmethod
-    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping:
-        return "state"
-
-    def step(self, cache: StepCache, x: torch.Tensor) -> torch.Tensor:
-        """The new positions read the rows from where the last step stopped."""
-        start = self.offset + cache.length
-        cache.length += x.size(1)
-        return self.dropout(x + self.pe.weight[start : start + x.size(1)])
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        return self.pe.weight[self.offset + start : self.offset + start + count]
 
 
 def rotary_angles(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,8 +245,7 @@ class RelativePositionBias(Block):
 
     def step(self, cache: StepCache, query: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
         """The rows of the new query positions: over every key so far (self-attention), or the fixed keys."""
-        start = cache.length
-        cache.length += query.size(1)
+        start = cache.advance(query.size(1))
         keys = cache.length if key is None or cache.grows("key") else key.size(1)
         return self.between(start, query.size(1), keys)
 

@@ -47,6 +47,16 @@ class RecurrentParams(BlockParams):
     bias: bool = Field(True, description="learn the biases b_ih and b_hh")
 
 
+def stacked_flops(steps: Any, input_size: int, hidden_size: int, layers: int, gates: int, directions: int = 1) -> Any:
+    """A stack of recurrent layers over `steps` steps: per layer and direction, W_ih and W_hh (gates · hidden rows)."""
+    rows = gates * hidden_size
+    total = 0
+    for layer in range(layers):
+        width = input_size if layer == 0 else hidden_size * directions
+        total += directions * (linear(steps, width, rows) + linear(steps, hidden_size, rows))
+    return total
+
+
 X_PORT = Port("x", rank=3, doc="[batch, seq, input_size]")
 LENGTHS_PORT = Port("lengths", rank=1, dtype="int", optional=True, doc="[batch]: real steps per sequence")
 MASK_PORT = Port("mask", rank=2, dtype="bool", optional=True, doc="[batch, seq], True = padding (after the real steps)")
@@ -79,14 +89,8 @@ class Recurrent(Block):
     def flops(cls, p: RecurrentParams, inputs: dict, outputs: tuple) -> Any:
         """Per layer and direction: W_ih over all steps at once, then W_hh once per step."""
         x = inputs["x"].shape
-        steps = x[0] * x[1]
         directions = 2 if p.bidirectional else 1
-        rows = cls.gates * p.hidden_size
-        total = 0
-        for layer in range(p.layers):
-            width = p.input_size if layer == 0 else p.hidden_size * directions
-            total += directions * (linear(steps, width, rows) + linear(steps, p.hidden_size, rows))
-        return total
+        return stacked_flops(x[0] * x[1], p.input_size, p.hidden_size, p.layers, cls.gates, directions)
 
     def __init__(self, p: RecurrentParams):
         super().__init__()
@@ -174,15 +178,19 @@ class Recurrent(Block):
         fixed_start = not any(ports.get(name) for name in cls.initial_ports)
         return "state" if ports.get("x") and not p.bidirectional and "lengths" not in ports and fixed_start else None
 
-    def carried(self, cache: StepCache, given: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
-        """The state the last step left, or at the first step the given initial one (None: zeros)."""
-        if not cache.length:
-            return given
-        return tuple(cache.tensors[name].transpose(0, 1).contiguous() for name in self.states)  # cuDNN wants it
-
-    def keep(self, cache: StepCache, x: torch.Tensor, out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Remember the final state of this step (batch first, as caches hold everything) for the next one."""
-        cache.length += x.size(1)
+    def resumed(
+        self,
+        cache: StepCache,
+        x: torch.Tensor,
+        given: tuple[torch.Tensor | None, ...],
+        lengths: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """`forward` over the new positions from the state the last step left (at the first, the `given` initial
+        one), whose final state is kept for the next step, batch first as a cache holds everything."""
+        if cache.advance(x.size(1)):  # a later step
+            given = tuple(cache.tensors[name].transpose(0, 1).contiguous() for name in self.states)  # cuDNN wants it
+        out = self.forward(x, *given, lengths, mask)
         for name, state in zip(self.states, out[1:], strict=True):
             cache.tensors[name] = state.transpose(0, 1)
         return out
@@ -303,7 +311,7 @@ class HiddenStateRecurrent(Recurrent):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """The recurrence over the new positions, from the state the last step left."""
-        return self.keep(cache, x, self.forward(x, *self.carried(cache, (h0,)), lengths, mask))
+        return self.resumed(cache, x, (h0,), lengths, mask)
 
 
 @register("rnn", family="recurrent")
@@ -425,7 +433,7 @@ class LSTM(Recurrent):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """The LSTM over the new positions, from the (h, c) the last step left."""
-        return self.keep(cache, x, self.forward(x, *self.carried(cache, (h0, c0)), lengths, mask))
+        return self.resumed(cache, x, (h0, c0), lengths, mask)
 
     def fused(
         self, x: torch.Tensor, hx: State, lengths: torch.Tensor | None
@@ -522,9 +530,7 @@ class InputFeedingDecoder(Block):
         super().__init__()
         between = p.dropout if p.layers > 1 else 0.0  # one layer has nothing between; nn.LSTM would warn
         self.lstm = nn.LSTM(p.input_size + p.hidden_size, p.hidden_size, p.layers, batch_first=True, dropout=between)
-        self.attn = GlobalAttention(
-            GlobalAttention.Params(d_query=p.hidden_size, d_memory=p.memory_size, score=p.score)
-        )
+        self.attn = GlobalAttention(p.attention())
         self.w_c = nn.Linear(p.memory_size + p.hidden_size, p.hidden_size, bias=False)
         self.dropout = nn.Dropout(p.dropout)
 
@@ -560,11 +566,7 @@ class InputFeedingDecoder(Block):
         """Per step: the LSTM over [y_t; h̃_{t−1}], the attention, W_c."""
         x = inputs["x"].shape
         steps = x[0] * x[1]
-        rows = 4 * p.hidden_size
-        lstm = 0
-        for layer in range(p.layers):
-            width = p.input_size + p.hidden_size if layer == 0 else p.hidden_size
-            lstm += linear(steps, width, rows) + linear(steps, p.hidden_size, rows)
+        lstm = stacked_flops(steps, p.input_size + p.hidden_size, p.hidden_size, p.layers, LSTM.gates)
         query = TensorType((x[0], x[1], p.hidden_size))
         attention = GlobalAttention.flops(p.attention(), {"query": query, "memory": inputs["memory"]}, ())
         return lstm + attention + linear(steps, p.memory_size + p.hidden_size, p.hidden_size)
@@ -596,16 +598,13 @@ class InputFeedingDecoder(Block):
         c0: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder over the new positions, from where the last step left it."""
-        if not cache.length:
-            h, c, attentional = self.start(x, h0, c0)
-            cache.tensors["keys"] = self.attn.keys(memory)
-        else:
+        if cache.advance(x.size(1)):  # a later step
             h, c = (cache.tensors[name].transpose(0, 1).contiguous() for name in ("h", "c"))  # cuDNN wants it
-            attentional = cache.tensors["attentional"]
-        cache.length += x.size(1)
-        y, weights, (h, c, attentional) = self.decode(
-            x, memory, memory_padding_mask, (h, c, attentional), cache.tensors["keys"]
-        )
+            state = h, c, cache.tensors["attentional"]
+        else:
+            state = self.start(x, h0, c0)
+        keys = cache.once("keys", lambda: self.attn.keys(memory))
+        y, weights, (h, c, attentional) = self.decode(x, memory, memory_padding_mask, state, keys)
         cache.tensors.update(h=h.transpose(0, 1), c=c.transpose(0, 1), attentional=attentional)
         return y, weights
 

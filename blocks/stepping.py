@@ -13,13 +13,18 @@ tokens) declares, next to its shape rule, how it handles only the new positions 
 - `None`: it cannot (bidirectional self-attention over the target, pooling over positions): the model is
   re-run at every step instead.
 
+A block says each thing once: `forward` and `step` call one body, which takes as arguments what a step
+changes (the position of the first new query, the keys or the state so far); `forward` passes what a whole
+sequence starts from (position 0, its own keys, the initial state), and `step` what its cache holds, so that
+a step is the cache's bookkeeping and nothing else (`DecoderLayer.layer`, `PositionTable.added`).
+
 A step may bring several positions at once (a prompt), then one at a time. Every tensor a cache holds is
 batch-first, so that beam search can reorder the rows of all caches with one index.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
@@ -43,6 +48,18 @@ class StepCache:
         self.tensors: dict[str, torch.Tensor] = {}
         self.filled: dict[str, tuple[int, int]] = {}  # name → (dim, positions written) of a growing buffer
         self.children: dict[str, StepCache] = {}
+
+    def advance(self, positions: int) -> int:
+        """Count `positions` new positions as seen; the first one's index (what `forward` calls 0)."""
+        start = self.length
+        self.length += positions
+        return start
+
+    def once(self, name: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tensor `name`, computed at the first step and kept for the later ones (a fixed input's projection)."""
+        if name not in self.tensors:
+            self.tensors[name] = compute()
+        return self.tensors[name]
 
     def grows(self, port: str) -> bool:
         """Whether `port` is connected and brings new positions at every step."""

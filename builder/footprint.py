@@ -142,13 +142,14 @@ def _weights(model: GraphModel, dtype: torch.dtype | None) -> dict[str, int]:
 def trial_bytes(typed: TypedGraph, model: GraphModel, dims: Mapping[str, int]) -> int:
     """The most a trial run at `dims` holds at once, weights aside, in the dtype of `model` (a meta layout): the
     generated forward run on meta tensors (`MetaPeak`), or, where a block cannot run on meta (data-dependent
-    code, a plugin), an estimate from the node outputs still to be read and the running node's internals."""
+    code, a plugin) or would take long (a recurrence over many positions), an estimate from the node outputs
+    still to be read and the running node's internals."""
     graph = typed.graph
     sizes = dict(dims)
     model.eval()  # as the trial run: no dropout masks
     floats = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     try:
-        with torch.no_grad(), MetaPeak(model) as peak:
+        with torch.no_grad(), MetaPeak(model, budget=op_budget(typed)) as peak:
             inputs = {
                 name: torch.zeros(
                     [d if isinstance(d, int) else sizes[d] for d in spec.shape],
@@ -160,7 +161,7 @@ def trial_bytes(typed: TypedGraph, model: GraphModel, dims: Mapping[str, int]) -
             }
             model(**inputs)
         return peak.peak
-    except Exception:  # a block without meta support (it reads values): estimated instead
+    except Exception:  # a block without meta support (it reads values), a long recurrence: estimated instead
         return _estimated_trial(typed, model, sizes, floats)
 
 
@@ -257,22 +258,38 @@ def training_need(
     return Need(action, parts, place, copies=local if place.type == "cpu" else 1)
 
 
+def op_budget(typed: TypedGraph) -> int:
+    """Operations a forward of `typed` may take on meta before it counts as too long to measure: about ten times
+    what a layer takes (the shipped specs take 30 to 50 per node, a recurrence about 30 per position)."""
+    return 2000 + 200 * len(typed.graph.nodes)
+
+
+class TooLong(Exception):
+    """Code run under `MetaPeak` took more operations than its budget (a recurrence over a long sequence)."""
+
+
 class MetaPeak(TorchDispatchMode):
     """While active, the bytes of the `meta` tensors that ops make and that are still alive, and the most at once:
     what running the same code on a real device would hold (the model's own tensors, `excluded`, aside).
 
-    A storage counts once, from the first tensor on it until the last one is gone (views included)."""
+    A storage counts once, from the first tensor on it until the last one is gone (views included). Past
+    `budget` operations it raises `TooLong`: a recurrence steps through every position, even on meta."""
 
-    def __init__(self, excluded: nn.Module | None = None):
+    def __init__(self, excluded: nn.Module | None = None, *, budget: int = 20_000):
         super().__init__()
         held = (*excluded.parameters(), *excluded.buffers()) if excluded is not None else ()
         self.excluded = {t.untyped_storage()._cdata for t in held}
         self.live = self.peak = 0
+        self.budget = budget
         self._storages: dict[int, list[int]] = {}  # storage → [tensors alive on it, bytes]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
+        outs = out if isinstance(out, tuple | list) else (out,)
+        self.budget -= max(1, len(outs))  # a recurrence unbinds its positions: each one counts
+        if self.budget < 0:
+            raise TooLong(f"more operations than the budget, at {func}")
+        for tensor in tree_leaves(outs):
             if isinstance(tensor, torch.Tensor) and tensor.is_meta:
                 self._track(tensor)
         return out

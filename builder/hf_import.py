@@ -6,6 +6,11 @@ the family's spec fixes must have the value the spec implements (all mismatches 
 the weights (`model.safetensors`, or the shards `model.safetensors.index.json` lists) must fill every tensor
 of the spec through the table with nothing left over. Pickle checkpoints (`pytorch_model.bin`) are refused
 unread. Nothing here runs code from the directory: the config is JSON, the weights safetensors.
+
+The work of an import is the model's, not what the files claim: every tensor is checked from the headers (its
+name, dtype and size against its place in the spec, built on `meta`) before anything is read, and only the
+tensors the model takes are read (`Weights`). A config's numbers must be ones the model can hold (a size, a
+finite float), whatever Python could hold.
 """
 
 from __future__ import annotations

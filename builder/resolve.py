@@ -7,7 +7,8 @@ its `in:` is bound to the level's inputs and nodes, port by port. A sub-graph is
 of params its uses give it, however many copies `repeat:` makes, so a block's params are validated once per
 distinct value. Every independent mistake of a spec is found here in one pass, each at its own line.
 
-`resolved_spec` writes the result back out as a spec of its own (`validate --resolved`).
+A block's params are validated in builder.block_params; builder.resolved writes the result back out as a spec
+of its own (`validate --resolved`).
 
 What stays for the graph stage (builder.graph) is mechanical: copies, instance names, and the tensors each
 port reads once sub-graph inputs are bound at each use.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,14 @@ from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from blockgraph.blocks import REGISTRY, BlockEntry, BlockParams
-from blockgraph.blocks.registry import weights_follow
+from blockgraph.builder.block_params import ParamsValidator
 from blockgraph.builder.expressions import Scope
-from blockgraph.builder.located import pydantic_problems, resolve_variable, substitute_located
+from blockgraph.builder.located import resolve_variable, substitute_located
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.source import SourceMap
 from blockgraph.builder.spec import GraphSpec, NodeSpec, Repeat, Spec
 from blockgraph.builder.spec_files import FileAccess
-from blockgraph.common.errors import Problem, ProblemList, SpecError, SpecPath
+from blockgraph.common.errors import Problem, ProblemList, SpecPath
 
 
 def unconnected(block: str, port: str) -> tuple[str, str]:
@@ -89,8 +89,8 @@ def resolve(
 
     `left_out` are the parts validation already found wrong and took out of `spec` (`("nodes", "attn")`,
     `("inputs", "x")`, `("blocks", "enc")`, `("outputs",)`): what refers to them is not reported again."""
-    resolver = _Resolver(spec, source, files, spec_file, problems, left_out)
-    return resolver.level(spec.nodes, tuple(spec.inputs), spec.outputs, scope, ("nodes",), ("outputs",), "", [])
+    params = ParamsValidator(source, files, spec_file, problems)
+    return _Resolver(spec, source, problems, left_out, params).level(_Place(spec), scope)
 
 
 @functools.cache
@@ -99,24 +99,46 @@ def _reserved_names() -> frozenset[str]:
     return frozenset(dir(GraphModel())) | frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ModuleList()))
 
 
+@dataclass(frozen=True)
+class _Place:
+    """A level being resolved: its graph (the spec or a sub-graph), where that is written, and for which use."""
+
+    graph: Spec | GraphSpec
+    under: SpecPath = ()  # ("blocks", NAME) for a sub-graph
+    prefix: str = ""  # names the level's first instance in problems (`encoder.0.`)
+    stack: tuple[str, ...] = ()  # the sub-graphs being resolved, outermost first: a use of one of them loops
+
+    @property
+    def base(self) -> SpecPath:
+        return (*self.under, "nodes")
+
+
+@dataclass(frozen=True)
+class _Readable:
+    """What a ref reads under one name of a level: an input (no ports) or a node's output ports. A name already
+    reported wrong is `reported`: refs to it are not judged again. A name not in the level has no `_Readable`."""
+
+    ports: tuple[str, ...] = ()
+    reported: bool = False
+
+
+_REPORTED = _Readable(reported=True)
+
+
 class _Resolver:
     def __init__(
         self,
         spec: Spec,
         source: SourceMap,
-        files: FileAccess,
-        spec_file: Path | None,
         problems: ProblemList,
         left_out: frozenset[SpecPath],
+        params: ParamsValidator,
     ):
         self.spec = spec
         self.left_out = left_out
         self.source = source
-        self.files = files
-        self.folder = spec_file.parent if spec_file is not None else Path()
-        self.from_file = spec_file is not None  # a spec given as a mapping has no file its paths are relative to
         self.problems = problems
-        self._params: dict[tuple[str, str], BlockParams | None] = {}
+        self.params = params
         self._bodies: dict[tuple[str, str], Level | None] = {}
 
     def error(
@@ -130,18 +152,9 @@ class _Resolver:
 
     # --- a level --------------------------------------------------------------------------------------------------
 
-    def level(
-        self,
-        nodes: dict[str, NodeSpec],
-        inputs: tuple[str, ...],
-        outputs: str | dict[str, str],
-        scope: Scope,
-        base: SpecPath,
-        outputs_path: SpecPath,
-        prefix: str,
-        stack: list[str],
-    ) -> Level:
-        """Resolve the nodes of one level; `prefix` names its first instance in problems (`encoder.0.`)."""
+    def level(self, place: _Place, scope: Scope) -> Level:
+        """Resolve the nodes of one level, their params substituted in `scope`."""
+        nodes, inputs, base = place.graph.nodes, tuple(place.graph.inputs), place.base
         clashes = set(nodes) & set(inputs)
         for name in clashes:
             self.error(f"node {name!r} has the same name as an input", (*base, name), key=True, hint="rename the node")
@@ -152,25 +165,25 @@ class _Resolver:
                 key=True,
                 hint="nodes become submodules, which cannot hide a Module attribute; rename the node",
             )
-        order, looped = self._order(nodes, base, clashes, prefix)
-        ports: dict[str, list[str] | None] = {name: [] for name in inputs}  # name → its output ports (inputs: none)
-        # None: a node (or input) already reported wrong, which refs may name without a second report
+        order, looped = self._order(nodes, base, clashes, place.prefix)
+        names = dict.fromkeys(inputs, _Readable())
         failed = {part[-1] for part in self.left_out if part[:-1] == base} | looped
-        if base == ("nodes",):
+        if not place.under:
             failed |= {part[1] for part in self.left_out if part[:1] == ("inputs",) and len(part) == 2}
-        ports.update(dict.fromkeys(failed))
+        names.update(dict.fromkeys(failed, _REPORTED))
         uses: dict[str, Use] = {}
         for name in order:
-            use = self._node(name, nodes[name], scope, (*base, name), prefix + name, stack, uses, ports)
-            ports[name] = self._out_ports(use) if use is not None else None
+            use = self._node(place, name, scope, names, uses)
+            names[name] = _Readable(self._out_ports(use)) if use is not None else _REPORTED
             if use is not None:
                 uses[name] = use
+        outputs, outputs_path = place.graph.outputs, (*place.under, "outputs")
         single = isinstance(outputs, str)
         found = {}
         written = {} if outputs_path in self.left_out else {"output": outputs} if single else outputs
         for out, ref in written.items():
             path = outputs_path if single else (*outputs_path, out)
-            if self._ref(ref, ports, path, base):
+            if self._ref(ref, names, path, place):
                 found[out] = (ref, path)
         return Level(inputs, uses, found, single, base)
 
@@ -210,17 +223,17 @@ class _Resolver:
             node=prefix + cycle[-1][1],
         )
 
-    def _ref(self, ref: str, ports: dict[str, list[str] | None], path: SpecPath, base: SpecPath) -> bool:
-        """Whether `ref` names an input or a node of the level `base` (and one of its output ports)."""
+    def _ref(self, ref: str, names: dict[str, _Readable], path: SpecPath, place: _Place) -> bool:
+        """Whether `ref` names an input or a node of the level (and one of its output ports)."""
         name, _, port = ref.partition(".")
-        outs = ports.get(name, False)
-        if outs is False and base == ("nodes",) and ("inputs",) in self.left_out:
+        read = names.get(name)
+        if read is None and not place.under and ("inputs",) in self.left_out:
             return False  # the spec's inputs failed as a whole: a name that is not a node may be one of them
-        if outs is False:
-            inputs = self.spec.inputs if base == ("nodes",) else self.spec.blocks[str(base[1])].inputs
+        if read is None:
+            inputs = place.graph.inputs
             known = [
-                *self._quotable([n for n in ports if n in inputs], (*base[:-1], "inputs")),
-                *self._quotable([n for n in ports if n not in inputs], base),
+                *self._quotable([n for n in names if n in inputs], (*place.under, "inputs")),
+                *self._quotable([n for n in names if n not in inputs], place.base),
             ]
             close = difflib.get_close_matches(name, known, n=1)
             self.error(
@@ -229,43 +242,37 @@ class _Resolver:
                 hint=f"did you mean {close[0]!r}?" if close else f"known names: {', '.join(known)}" if known else None,
             )
             return False
-        if outs is None:  # the node itself failed; that error is already reported
+        if read.reported:  # that error is already reported
             return False
-        if port and port not in outs:
-            close = difflib.get_close_matches(port, outs, n=1)
+        if port and port not in read.ports:
+            close = difflib.get_close_matches(port, read.ports, n=1)
             self.error(
                 f"{name!r} has no output port {port!r}",
                 path,
                 hint=f"did you mean {name}.{close[0]}?"
                 if close
-                else f"its outputs: {', '.join(outs)}"
-                if outs
+                else f"its outputs: {', '.join(read.ports)}"
+                if read.ports
                 else f"{name!r} is an input with no ports: refer to it as {name!r}",
             )
             return False
         return True
 
     @staticmethod
-    def _out_ports(use: Use) -> list[str]:
+    def _out_ports(use: Use) -> tuple[str, ...]:
         if use.body is not None:
-            return list(use.body.outputs)
+            return tuple(use.body.outputs)
         if use.params is None:
-            return [p.name for p in use.entry.cls.out_ports]  # type: ignore[union-attr]
-        return [p.name for p in use.entry.cls.outputs_for(use.params)]  # type: ignore[union-attr]
+            return tuple(p.name for p in use.entry.cls.out_ports)  # type: ignore[union-attr]
+        return tuple(p.name for p in use.entry.cls.outputs_for(use.params))  # type: ignore[union-attr]
 
     # --- a node -----------------------------------------------------------------------------------------------
 
     def _node(
-        self,
-        name: str,
-        node: NodeSpec,
-        scope: Scope,
-        path: SpecPath,
-        node_id: str,
-        stack: list[str],
-        uses: dict[str, Use],
-        ports: dict[str, list[str] | None],
+        self, place: _Place, name: str, scope: Scope, names: dict[str, _Readable], uses: dict[str, Use]
     ) -> Use | None:
+        """The node `name` of the level resolved, its refs judged against `names`; None when it is wrong."""
+        node, path, node_id = place.graph.nodes[name], (*place.base, name), place.prefix + name
         if ("blocks", node.type) in self.left_out:  # a sub-graph already reported wrong
             return None
         subgraph = self.spec.blocks.get(node.type)
@@ -273,28 +280,29 @@ class _Resolver:
         if subgraph is None and entry is None:
             return None
         in_ports = subgraph.inputs if subgraph else [p.name for p in entry.cls.in_ports]  # type: ignore[union-attr]
-        bindings, wired = self._bind(node, in_ports, ports, path, node_id)
+        bindings, wired = self._bind(node, in_ports, names, path, node_id, place)
         repeat = self._repeat(node, scope, path)
-        if subgraph and node.type in stack:
-            self.error(f"sub-graph {node.type!r} uses itself: {' → '.join([*stack, node.type])}", (*path, "type"))
+        if subgraph and node.type in place.stack:
+            self.error(f"sub-graph {node.type!r} uses itself: {' → '.join([*place.stack, node.type])}", (*path, "type"))
             return None
         if node.share is not None and (subgraph or node.repeat is not None):
             self.error("share: works on single block nodes, not on sub-graphs or repeats", (*path, "share"))
             return None
         first = f"{node_id}.0" if node.repeat is not None else node_id  # problems name the first copy
         if subgraph:
-            body = self._subgraph(node, subgraph, scope, path, first, stack)
+            body = self._subgraph(place, node, scope, path, first)
             return Use(name, path, node.type, bindings, repeat, body=body) if body is not None else None
         assert entry is not None
         if node.share is not None:
-            if ports.get(node.share, []) is None:  # the owner is already reported: this node's params are left
+            owned = names.get(node.share)
+            if owned is not None and owned.reported:  # the owner is already reported: this node's params are left
                 if node.params:
-                    self._block_params(entry, node, scope, path, first)
+                    self.params.validate(entry, node.params, scope, path, first)
                 return None
             owner = self._owner(node, entry, path, node_id, uses)
             if owner is None:
                 return None
-            params = owner.params if not node.params else self._block_params(entry, node, scope, path, first)
+            params = owner.params if not node.params else self.params.validate(entry, node.params, scope, path, first)
             if node.params and params is not None and params != owner.params:
                 self.error(
                     f"share: params differ from those of {node.share!r}",
@@ -304,7 +312,7 @@ class _Resolver:
                 )
                 return None
         else:
-            params = self._block_params(entry, node, scope, path, first)
+            params = self.params.validate(entry, node.params, scope, path, first)
         if wired:
             self._check_required(entry, bindings, path, first)
         return Use(name, path, node.type, bindings, repeat, node.share, entry, params)
@@ -341,7 +349,13 @@ class _Resolver:
             return 1
 
     def _bind(
-        self, node: NodeSpec, ports: list[str], known: dict[str, list[str] | None], path: SpecPath, node_id: str
+        self,
+        node: NodeSpec,
+        ports: list[str],
+        names: dict[str, _Readable],
+        path: SpecPath,
+        node_id: str,
+        place: _Place,
     ) -> tuple[dict[str, str | None], bool]:
         """Port → ref (None: skipped), and whether every given ref is valid (if not, that is already reported)."""
         spec_in = node.inputs
@@ -374,7 +388,7 @@ class _Resolver:
                     )
                     continue
                 pairs.append((port, ref, (*in_path, port)))
-        valid = [ref is None or self._ref(ref, known, ref_path, path[:-1]) for _, ref, ref_path in pairs]
+        valid = [ref is None or self._ref(ref, names, ref_path, place) for _, ref, ref_path in pairs]
         # a misspelt port or a ref that failed is already reported: "required input not connected" would repeat it
         return {port: ref for port, ref, _ in pairs}, not unknown_port and all(valid)
 
@@ -408,54 +422,11 @@ class _Resolver:
             return None
         return owner if owner.params is not None else None
 
-    # --- params -----------------------------------------------------------------------------------------------
+    # --- a sub-graph ------------------------------------------------------------------------------------------
 
-    def _block_params(
-        self, entry: BlockEntry, node: NodeSpec, scope: Scope, path: SpecPath, node_id: str
-    ) -> BlockParams | None:
-        failed: list[SpecPath] = []
-        raw = substitute_located(node.params, (*path, "params"), scope, self.source, self.problems, failed)
-        if failed:  # a `${...}` failed: its raw text would only fail again here
-            return None
-        raw = self._file_paths(entry, raw, path, node_id)
-        if raw is None:
-            return None
-        key = (entry.name, json.dumps(raw, sort_keys=True, default=repr))
-        if key in self._params:
-            return self._params[key]
-        try:
-            params: BlockParams | None = entry.cls.Params.model_validate(raw)
-        except ValidationError as exc:
-            for problem in pydantic_problems(exc, (*path, "params"), self.source, entry.cls.Params, raw):
-                self.problems.add(Problem(problem.message, problem.location, problem.hint, node=node_id))
-            params = None
-        self._params[key] = params
-        return params
-
-    def _file_paths(self, entry: BlockEntry, raw: Any, path: SpecPath, node_id: str) -> Any:
-        """File params (`json_schema_extra={"format": "path"}`) are relative to the file that writes them (as
-        `extends:` is) and must stay in the spec's folder (see builder.spec_files); None when one is refused. A
-        model rebuilt to receive saved weights never reads them, so their paths are left as written."""
-        if weights_follow() or not isinstance(raw, dict):
-            return raw
-        resolved = dict(raw)
-        for name in _path_params(entry):
-            value = resolved.get(name)
-            if isinstance(value, str):
-                where = self.source.locate((*path, "params", name))
-                written_in = Path(where.file).parent if where.file and self.from_file else self.folder
-                try:
-                    resolved[name] = str(self.files.resolve(value, written_in, where, f"{name}:"))
-                except SpecError as exc:
-                    for problem in exc.problems:
-                        self.problems.add(Problem(problem.message, problem.location, problem.hint, node=node_id))
-                    return None
-        return resolved
-
-    def _subgraph(
-        self, node: NodeSpec, subgraph: GraphSpec, scope: Scope, path: SpecPath, first: str, stack: list[str]
-    ) -> Level | None:
+    def _subgraph(self, place: _Place, node: NodeSpec, scope: Scope, path: SpecPath, first: str) -> Level | None:
         """The sub-graph's nodes resolved for this use's params (once per distinct set of them)."""
+        subgraph = self.spec.blocks[node.type]
         unknown = set(node.params) - set(subgraph.params)
         shown = self._quotable(list(subgraph.params), ("blocks", node.type, "params"))
         listed = f"its params: {', '.join(shown) or 'none'}" if shown or not subgraph.params else None
@@ -485,108 +456,12 @@ class _Resolver:
         inner = Scope(subgraph.params, parent=root, origin=origin, resolved=given)
         for name in subgraph.params:
             resolve_variable(inner, name, self.source, self.problems)
-        outputs_path = ("blocks", node.type, "outputs")
-        base = ("blocks", node.type, "nodes")
-        body = self.level(
-            subgraph.nodes, tuple(subgraph.inputs), subgraph.outputs, inner, base, outputs_path, first + ".",
-            [*stack, node.type],
-        )  # fmt: skip
+        body = self.level(_Place(subgraph, ("blocks", node.type), first + ".", (*place.stack, node.type)), inner)
         self._bodies[key] = body
         return body
 
 
 _REPEAT: TypeAdapter[int] = TypeAdapter(Repeat)
-
-
-def _path_params(entry: BlockEntry) -> list[str]:
-    """The block's params that name files (`json_schema_extra={"format": "path"}`)."""
-    return [
-        name
-        for name, info in entry.cls.Params.model_fields.items()
-        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("format") == "path"
-    ]
-
-
-def resolved_spec(spec: Spec, top: Level, folder: Path) -> dict[str, Any]:
-    """The spec as resolution read it, standalone: extends merged, no `${...}` left, every block's params written
-    out in full, file params relative to `folder` (the spec's), and each sub-graph specialised for the params its
-    uses give it (`layer`, `layer_2`, ...). Repeats and sub-graphs stay what they are, so that the document
-    validates on its own and builds the very same model: the same modules, parameter names and shapes."""
-    writer = _Writer(spec, folder)
-    nodes = writer.nodes(top)
-    data: dict[str, Any] = {"name": spec.name}
-    if spec.description is not None:
-        data["description"] = spec.description
-    if spec.dims:
-        data["dims"] = dict(spec.dims)
-    data["inputs"] = {name: given.model_dump(exclude_defaults=True) for name, given in spec.inputs.items()}
-    if writer.blocks:
-        data["blocks"] = writer.blocks
-    data["nodes"] = nodes
-    data["outputs"] = _outputs(top)
-    if spec.tie:
-        data["tie"] = dict(spec.tie)
-    return data
-
-
-class _Writer:
-    """Levels back into spec mappings; each resolved sub-graph body becomes one entry of `blocks:`."""
-
-    def __init__(self, spec: Spec, folder: Path):
-        self.spec = spec
-        self.folder = folder
-        self.blocks: dict[str, dict[str, Any]] = {}
-        self._names: dict[int, str] = {}  # id of a resolved sub-graph body → its name under blocks:
-
-    def nodes(self, level: Level) -> dict[str, Any]:
-        return {name: self._node(use) for name, use in level.uses.items()}
-
-    def _node(self, use: Use) -> dict[str, Any]:
-        node: dict[str, Any] = {"type": self._subgraph(use) if use.body is not None else use.type}
-        if use.params is not None and use.share is None:  # a sharing node takes its owner's params
-            node["params"] = self._params(use)
-        bindings = {port: ref for port, ref in use.bindings.items() if ref is not None}  # skipped: unconnected
-        if bindings:
-            node["in"] = bindings
-        if use.repeat is not None:
-            node["repeat"] = use.repeat
-        if use.share is not None:
-            node["share"] = use.share
-        written = self.spec.nodes if use.path[0] == "nodes" else self.spec.blocks[str(use.path[1])].nodes
-        if written[use.name].doc is not None:
-            node["doc"] = written[use.name].doc
-        return node
-
-    def _params(self, use: Use) -> dict[str, Any]:
-        assert use.params is not None and use.entry is not None
-        params = use.params.model_dump(mode="json")
-        for name in _path_params(use.entry):
-            if isinstance(params.get(name), str):
-                params[name] = os.path.relpath(params[name], self.folder)
-        return params
-
-    def _subgraph(self, use: Use) -> str:
-        """The name under blocks: of the sub-graph as resolved for this use's params, written once."""
-        assert use.body is not None
-        if id(use.body) not in self._names:
-            taken = {*self.spec.blocks, *REGISTRY.names()}
-            name, count = use.type, 1  # the first keeps the sub-graph's name
-            while name in self._names.values() or (name != use.type and name in taken):
-                count += 1
-                name = f"{use.type}_{count}"
-            self._names[id(use.body)] = name
-            graph = {"inputs": list(use.body.inputs), "nodes": self.nodes(use.body), "outputs": _outputs(use.body)}
-            doc = self.spec.blocks[use.type].doc
-            if doc is not None:
-                graph["doc"] = doc
-            self.blocks[name] = graph
-        return self._names[id(use.body)]
-
-
-def _outputs(level: Level) -> str | dict[str, str]:
-    if level.single:
-        return next(ref for ref, _ in level.outputs.values())
-    return {name: ref for name, (ref, _) in level.outputs.items()}
 
 
 def _refs(spec_in: Any) -> list[str]:

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from blockgraph.blocks import REGISTRY
 from blockgraph.builder.expressions import Scope
 from blockgraph.builder.located import failed_paths, pydantic_problems, resolve_variable, substitute_located
-from blockgraph.builder.resolve import Level, resolve, resolved_spec
+from blockgraph.builder.resolve import Level, resolve
+from blockgraph.builder.resolved import resolved_spec
 from blockgraph.builder.source import Document, SourceMap, load_file
 from blockgraph.builder.spec import Spec
 from blockgraph.builder.spec_files import FileAccess

@@ -10,7 +10,9 @@ safe, whatever the file is:
 - at most `limit` bytes are read, and at most `max_line` bytes per line when reading lines; the size the file
   system reports is never trusted (it is 0 for files in /proc);
 - every failure is a located error of the file's own kind (`FileKind.error`) that names the file and what was
-  expected, and never quotes the file.
+  expected, and never quotes the file;
+- every JSON file is parsed one way (`parse_json`), which refuses what another reader of it would take
+  differently: a key twice, a number no float holds.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SPECS
+from conftest import ROOT, SPECS
 
 from blockgraph import builder
 from blockgraph.blocks import REGISTRY, Block, Port, TensorType, register
@@ -334,39 +334,20 @@ def test_a_block_without_steps_makes_the_model_rerun_and_says_which(unsteppable,
 
 
 @pytest.fixture
-def running_sum(restored_registry):
-    """docs/writing-blocks.md's example of a block that keeps state between steps."""
+def running_mean(restored_registry, tmp_path):
+    """docs/writing-blocks.md's example of a block that keeps state between steps, loaded as the plugin it is."""
+    from blockgraph.builder.plugins import load_plugin
 
-    @register("test_running_sum", family="test")
-    class RunningSum(Block):
-        """y_t = Σ_{s ≤ t} x_s."""
-
-        in_ports = (Port("x"),)
-
-        @classmethod
-        def infer(cls, p, x: TensorType) -> TensorType:
-            return x
-
-        @classmethod
-        def stepping(cls, p, ports):
-            return "state"
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.cumsum(dim=1)
-
-        def step(self, cache: StepCache, x: torch.Tensor) -> torch.Tensor:
-            before = cache.tensors.get("sum", x.new_zeros(x[:, :1].shape))
-            out = before + x.cumsum(dim=1)
-            cache.tensors["sum"] = out[:, -1:]
-            cache.length += x.size(1)
-            return out
-
-    return "test_running_sum"
+    text = (ROOT / "docs" / "writing-blocks.md").read_text(encoding="utf-8")
+    code = text.split("## Decoding step by step")[1].split("```python\n")[1].split("```")[0]
+    (tmp_path / "my_running_mean.py").write_text(code, encoding="utf-8")
+    load_plugin(str(tmp_path / "my_running_mean.py"))
+    return "my_running_mean"
 
 
-def test_a_plugin_block_that_keeps_state_steps(running_sum, write_spec):
+def test_a_plugin_block_that_keeps_state_steps(running_mean, write_spec):
     attention = {"type": "multi_head_attention", "params": {"d_model": 8, "heads": 2, "causal": True}}
-    model = builder.build(write_spec(_language_model(("sum", {"type": running_sum}), ("attn", attention)))).eval()
+    model = builder.build(write_spec(_language_model(("sum", {"type": running_mean}), ("attn", attention)))).eval()
     decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
     assert isinstance(decoder.program, StepProgram) and "_m['sum'].step(caches[0], emb)" in decoder.program.code
     _steps_equal_a_full_run(decoder)

@@ -198,7 +198,9 @@ def test_loading_a_saved_model_too_large_is_refused(tmp_path):
 
 
 def test_training_a_7b_model_is_refused_with_its_training_memory(tmp_path):
-    code, _, stderr = _cli("train", SPECS / "llama.yaml", "--task", "copy", "--out", tmp_path / "run", timeout=300)
+    text = tmp_path / "text.txt"
+    text.write_text("we are going to the park today\nthe park is near\n" * 20, encoding="utf-8")
+    code, _, stderr = _cli("train", SPECS / "llama.yaml", "--data", text, "--out", tmp_path / "run", timeout=300)
     assert code == 1, stderr
     assert "Traceback" not in stderr
     assert "training needs" in stderr and "gradients" in stderr and "Adam's moments" in stderr, stderr
@@ -219,11 +221,15 @@ def tiny_run(tmp_path_factory):
     return out / "run"
 
 
-def test_a_batch_too_large_to_decode_is_refused(tiny_run):
-    code, stdout, stderr = _cli("translate", tiny_run, "3 1 4 1 5", "--beam", "100000000")
+def test_a_batch_too_large_to_decode_is_refused(tiny_run, tmp_path):
+    """64 sentences, a beam of 1024 and 5000 new tokens: 65,536 rows of caches for 5,000 positions, tens of GiB."""
+    lines = tmp_path / "in.txt"
+    lines.write_text("3 1 4 1 5\n" * 64, encoding="utf-8")
+    wide = ("--beam", "1024", "--max-len", "5000", "--batch-size", "64")
+    code, stdout, stderr = _cli("translate", tiny_run, "--file", lines, *wide)
     assert code == 1, stderr
-    assert "Traceback" not in stderr
-    assert "decoding a batch of 1 sentence needs" in stderr and "--batch-size" in stderr, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert "decoding a batch of 64 sentences needs" in stderr and "--batch-size 32" in stderr, stderr
     code, stdout, stderr = _cli("translate", tiny_run, "3 1 4 1 5", "--beam", "2")
     assert code == 0 and len(stdout.splitlines()) == 1, stderr
 

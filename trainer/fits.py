@@ -73,7 +73,8 @@ class DecodingGuard:
             return
         try:
             meta = self._meta = self._meta or _on_meta(self.decoder)
-            with torch.no_grad(), footprint.MetaPeak(meta.model) as peak:
+            budget = 2 * footprint.op_budget(meta.model.typed_graph)  # type: ignore[union-attr]
+            with torch.no_grad(), footprint.MetaPeak(meta.model, budget=budget) as peak:
                 sources = _ids(rows, src_len) if src_len is not None else None
                 masks = torch.zeros(rows, src_len, dtype=torch.bool, device="meta") if src_len is not None else None
                 begin = _ids(rows, len(meta.specials.start) + prompt)  # the start tokens, then the prompt

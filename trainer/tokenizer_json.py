@@ -13,7 +13,8 @@ special token it lacks, a pre-tokenizer regex past Oniguruma's retry limit). So,
 - what the pipeline inserts into a text is bounded: a template names only special tokens it defines (and the
   sequence A, or A and B for pairs), each of at most SPECIAL_IDS ids with a token for each, in at most
   TEMPLATE_PIECES pieces; every string of the normalizer, pre-tokenizer, post-processor and decoder (a
-  replacement, a prefix, a token) is at most INSERTED characters, a pattern at most PATTERN;
+  replacement, a prefix, a token) is at most INSERTED characters, a pattern at most PATTERN, a list (the
+  steps of a Sequence) at most ITEMS long;
 
 and every call into the library is common.native.guarded: a panic, on loading or on a text, is a located error.
 So encoding costs what the text costs, a bounded factor of its length.
@@ -42,6 +43,7 @@ TEMPLATE_PIECES = 32  # pieces of one template
 INSERTED = 256  # characters of a string the pipeline may insert into a text
 PATTERN = 4096  # characters of a regex or literal the pipeline searches for
 PATTERNS = {"Regex", "String"}  # the keys of a pattern's text
+ITEMS = 64  # items of a list in the pipeline (the steps of a Sequence)
 
 
 class TokenizerJson:
@@ -111,6 +113,8 @@ def check(data: dict[str, Any], refuse: Refuse) -> None:
                     continue  # its strings and ids are checked
                 stack.extend((k, v) for k, v in node.items() if k != "precompiled_charsmap")
             elif isinstance(node, list):
+                if len(node) > ITEMS:  # a Sequence of a million normalizers runs a million passes on each text
+                    raise refuse(f"its {component} holds a list of {len(node):,} items (at most {ITEMS})")
                 stack.extend((key, item) for item in node)
             elif isinstance(node, str) and len(node) > (limit := PATTERN if key in PATTERNS else INSERTED):
                 raise refuse(f"its {component} holds a {key} of {len(node):,} characters (at most {limit:,})")

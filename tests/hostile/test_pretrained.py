@@ -86,6 +86,7 @@ _CHARSMAP_OUTSIDE = base64.b64encode(struct.pack("<I", 8) + bytes(28)).decode() 
         ("normalizer", {"type": "Precompiled", "precompiled_charsmap": _CHARSMAP_OUTSIDE}, "leads outside itself"),
         ("normalizer", {"type": "Replace", "pattern": {"String": "a"}, "content": "x" * 10_000}, "at most 256"),
         ("normalizer", {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SECRET * 100}]}, "256"),
+        ("normalizer", {"type": "Sequence", "normalizers": [{"type": "Lowercase"}] * 100_000}, "at most 64"),
     ],
 )
 def test_what_a_tokenizer_json_inserts_is_bounded_before_the_library_reads_it(

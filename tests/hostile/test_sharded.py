@@ -3,6 +3,7 @@ records only, holds tensors only, and names shard files of the checkpoint within
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pathlib
 import pickle
@@ -10,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -187,9 +189,23 @@ def _slot(attribute: str, value: bytes) -> bytes:
 
 
 def _prefixed(run: Path, prefix: bytes) -> None:
-    """The run's metadata with `prefix` run before it (protocol 2: memo indices stay as they are)."""
+    """The run's metadata, still as blockgraph wrote it, with `prefix` run before it (protocol 2: the memo
+    indices stay as they are). Never call it on a file it has prefixed: loading that here would run the prefix."""
     body = pickle.dumps(pickle.loads((run / METADATA).read_bytes()), protocol=2)
     (run / METADATA).write_bytes(body[:2] + prefix + body[2:])
+
+
+@contextlib.contextmanager
+def _untouched(target: object, attribute: str) -> Iterator[None]:
+    """Assert that `target` (a class or function) has its own `attribute` as before the block; should the state
+    have landed, take it back, so that the rest of the session does not run with it."""
+    before = vars(target).get(attribute)
+    try:
+        yield
+        assert vars(target).get(attribute) is before, f"{attribute} of {target} was set"
+    finally:
+        if vars(target).get(attribute) is not before:
+            setattr(target, attribute, before) if before is not None else delattr(target, attribute)
 
 
 def test_metadata_that_replaces_a_method_of_path_cannot_read_a_shard_outside(sharded_run, tmp_path):
@@ -199,18 +215,13 @@ def test_metadata_that_replaces_a_method_of_path_cannot_read_a_shard_outside(sha
     outside = tmp_path / "outside.distcp"
     shutil.move(shard, outside)
     shard.symlink_to(outside)
-    original = pathlib.PosixPath.is_symlink
-    _prefixed(sharded_run, _give_state("pathlib", "PosixPath", _slot("is_symlink", b"ctorch\nSize\n")))
-    try:
-        outcome = bounded("sharded-class-state", "consolidate", sharded_run, "--out", tmp_path / "merged")
-        assert pathlib.PosixPath.is_symlink is original
-    finally:
-        pathlib.PosixPath.is_symlink = original  # type: ignore[method-assign]
-    assert_clean(outcome, 1, "not a sharded checkpoint's metadata")
-    assert not (tmp_path / "merged").exists()
-    _prefixed(sharded_run, b"")  # the link alone: refused as not the checkpoint's
     outcome = bounded("sharded-link-outside", "consolidate", sharded_run, "--out", tmp_path / "merged")
     assert_clean(outcome, 1, "the metadata names a shard file that is not the checkpoint's")
+    _prefixed(sharded_run, _give_state("pathlib", "PosixPath", _slot("is_symlink", b"ctorch\nSize\n")))
+    with _untouched(pathlib.PosixPath, "is_symlink"):
+        outcome = bounded("sharded-class-state", "consolidate", sharded_run, "--out", tmp_path / "merged")
+    assert_clean(outcome, 1, "not a sharded checkpoint's metadata")
+    assert not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize(
@@ -224,15 +235,9 @@ def test_metadata_that_replaces_a_method_of_path_cannot_read_a_shard_outside(sha
 )
 def test_no_state_reaches_a_class_or_function_the_metadata_names(sharded_run, tmp_path, module, name, state,
                                                                   attribute):  # fmt: skip
-    target = getattr(importlib.import_module(module), name)
-    before = target.__dict__.get(attribute)
     _prefixed(sharded_run, _give_state(module, name, state))
-    try:
+    with _untouched(getattr(importlib.import_module(module), name), attribute):
         outcome = bounded(f"sharded-state-{name}", "consolidate", sharded_run, "--out", tmp_path / "merged")
-        assert target.__dict__.get(attribute) is before
-    finally:  # should the state have landed, the rest of the session must not run with it
-        if target.__dict__.get(attribute) is not before:
-            setattr(target, attribute, before) if before is not None else delattr(target, attribute)
     assert_clean(outcome, 1, "not a sharded checkpoint's metadata")
 
 
