@@ -16,7 +16,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from rich.syntax import Syntax
 
-from blockgraph.blocks import REGISTRY, BlockEntry
+from blockgraph.blocks import REGISTRY, Block, BlockEntry
 from blockgraph.blocks.registry import UnknownBlockError, is_wildcard
 from blockgraph.builder.views.fitted import FittedTable
 from blockgraph.common.errors import Problem, UsageError
@@ -141,7 +141,8 @@ def render_block(entry: BlockEntry) -> RenderableType:
     for direction, group in (("in", entry.cls.in_ports), ("out", entry.cls.out_ports)):
         for port in group:
             ports.add_row(port.name, direction, port.describe() if direction == "in" else "", escape(port.doc))
-    shape_rule = inspect.getdoc(entry.cls.infer) or "output has the shape of the first input"
+    own = entry.cls.infer.__func__ is not Block.infer.__func__  # the base's docstring documents the API
+    shape_rule = (inspect.getdoc(entry.cls.infer) if own else None) or "output has the shape of the first input"
     return Group(
         Markdown(f"# {entry.name}\n\n{entry.doc}\n\nfamily: **{entry.family}**, source: **{entry.source}**"),
         params,

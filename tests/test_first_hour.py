@@ -184,3 +184,16 @@ def test_warm_up_longer_than_the_run_is_warned_about(tmp_path, run_cli):
     assert short.code == 0 and "--warmup 4000 outlasts the run (3 steps)" in message, short.stderr
     fitting = run_cli(*common, "--max-steps", "3", "--warmup", "2", "--out", tmp_path / "fitting")
     assert fitting.code == 0 and "outlasts" not in fitting.stderr, fitting.stderr
+
+
+def test_a_block_without_its_own_shape_rule_is_shown_with_the_default_rule(tmp_path, run_cli):
+    plugin = tmp_path / "same_shape.py"
+    plugin.write_text(
+        "from blockgraph.blocks import Block, register\n\n"
+        "@register('same_shape', family='demo')\n"
+        "class SameShape(Block):\n    '''Returns its input.'''\n\n"
+        "    def forward(self, x):\n        return x\n"
+    )
+    shown = run_cli("--plugin", plugin, "blocks", "show", "same_shape")
+    message = " ".join(shown.stdout.split())
+    assert shown.code == 0 and "shape rule: output has the shape of the first input" in message, shown.stdout

@@ -24,7 +24,7 @@ SRC_6000 = ("--dim", "src_len=6000", *TINY[:4])
 def _holder(directory: Path) -> subprocess.Popen:
     """Another process holding the run directory's lock, as a running `train` does."""
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom trainer import rundir\n"
+        "import sys, time\nfrom pathlib import Path\nfrom blockgraph.trainer import rundir\n"
         "with rundir.exclusive(Path(sys.argv[1])):\n    print('locked', flush=True)\n    time.sleep(60)\n"
     )
     process = subprocess.Popen(
