@@ -490,6 +490,7 @@ def schema(
 class ExportFormat(str, Enum):
     exported_program = "exported-program"
     onnx = "onnx"
+    hf = "hf"
 
 
 @app.command()
@@ -497,9 +498,14 @@ class ExportFormat(str, Enum):
 def export(
     spec: Annotated[Path, typer.Argument(help=MODEL_HELP + " A directory's weights are exported.", show_default=False)],
     format: Annotated[
-        ExportFormat, typer.Option("--format", "-f", help="exported-program (torch.export, .pt2) or onnx.")
+        ExportFormat,
+        typer.Option(
+            "--format", "-f", help="exported-program (torch.export, .pt2), onnx, or hf (a Hugging Face directory)."
+        ),
     ],
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="File to write (.pt2 or .onnx).", show_default=False)],
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="File to write (.pt2 or .onnx), or hf's directory.", show_default=False)
+    ],
     set_: SetOpt = [],  # noqa: B006
     dim: DimOpt = [],  # noqa: B006
     with_optional: Annotated[
@@ -528,6 +534,17 @@ def export(
         footprint.check(footprint.build_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
         model = pipeline.compile_graph(typed, device="cpu")
     model.eval()
+    if format is ExportFormat.hf:
+        from blockgraph.trainer import pretrained
+
+        def note(text: str) -> None:
+            warn([Problem(text, severity="warning")], strict=False)
+
+        report = pretrained.export(model, given.imported, out_file, note)
+        out.print(
+            f"wrote {out_file}: {report.model_type}, {report.tensors} tensors: {', '.join(report.files)}", markup=False
+        )
+        return
     trial.trial_run(model, trial.dummy_inputs(typed.graph, dims), dims)  # what `build` refuses is not exported
     result = exporting.export(
         model, typed, dims, format.value, out_file, include_optional=with_optional, torch_output=State.debug

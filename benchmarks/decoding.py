@@ -24,7 +24,8 @@ import transformers
 from benchmarks.cases import Config, Row, compiler_unavailable, row
 from benchmarks.timing import compare
 from blockgraph import builder
-from blockgraph.builder.hf_mappings import FAMILIES, convert
+from blockgraph.builder.families import FAMILIES
+from blockgraph.builder.hf_mappings import convert
 from blockgraph.builder.persist import unique_tensors
 from blockgraph.trainer import decode
 from blockgraph.trainer.roles import find_roles

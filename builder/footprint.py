@@ -47,6 +47,7 @@ API_ADVICE = (
     "build(..., device='meta') allocates nothing (for its sizes: `blockgraph inspect`); build it smaller with "
     "dtype='bfloat16' or overrides (fewer layers, a smaller d_model)"
 )
+LOAD_ADVICE = "load it where more memory is free (another machine, a larger GPU: --device, device=)"
 
 IMPORT_ADVICE = "an import holds the model and the checkpoint's tensors at once: import it where more memory is free"
 TRAIN_ADVICE = (
@@ -259,8 +260,9 @@ def training_need(
 
 
 def op_budget(typed: TypedGraph) -> int:
-    """Operations a forward of `typed` may take on meta before it counts as too long to measure: about ten times
-    what a layer takes (the shipped specs take 30 to 50 per node, a recurrence about 30 per position)."""
+    """Operations a forward of `typed` may take on meta before it counts as too long to measure: a few times what
+    the shipped specs take (30 to 50 per node), so that only a recurrence over many positions (about 30 operations
+    per position) runs out."""
     return 2000 + 200 * len(typed.graph.nodes)
 
 
@@ -305,7 +307,7 @@ class MetaPeak(TorchDispatchMode):
             self.live += entry[1]
             self.peak = max(self.peak, self.live)
         entry[0] += 1
-        weakref.finalize(tensor, self._release, key)
+        weakref.finalize(tensor, self._release, key).atexit = False
 
     def _release(self, key: int) -> None:
         entry = self._storages[key]

@@ -19,8 +19,8 @@ import contextlib
 import itertools
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +29,8 @@ import yaml
 from safetensors import safe_open
 
 from blockgraph.builder import footprint
-from blockgraph.builder.hf_mappings import FAMILIES, Family, convert, names_text, plan
+from blockgraph.builder.families import FAMILIES
+from blockgraph.builder.hf_mappings import Config, Derived, Family, Value, convert, names_text, plan
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.persist import unique_tensors
 from blockgraph.builder.pipeline import build
@@ -40,213 +41,11 @@ from blockgraph.common.native import guarded
 from blockgraph.common.tensorfile import TensorInfo, read_header
 from blockgraph.common.text import excerpt
 
-SPECS = Path(__file__).resolve().parent.parent / "specs"
 CONFIG_FILE = FileKind("model config", CheckpointError, limit=16 * MiB)
 INDEX_FILE = FileKind("weights index", CheckpointError, limit=64 * MiB)
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
-Config = Mapping[str, Any]
 T = TypeVar("T")
-Value = str | tuple[str, Any] | Callable[[Config], Any]  # a config key, a key with its default, or a rule
-
-
-@dataclass(frozen=True)
-class Reading:
-    """How one family's config.json becomes its spec's variables, and which options the spec fixes."""
-
-    variables: Mapping[str, Value]
-    fixed: Mapping[str, tuple[Any, ...]]  # option → the values the spec implements (the first: transformers' default)
-    specials: Mapping[str, Any]  # pad, bos, eos, decoder_start: their defaults where the config says nothing
-    defaults: Mapping[str, Any] = field(default_factory=dict)  # transformers' defaults that the spec does not implement
-
-
-def _get(config: Config, value: Value) -> Any:
-    if callable(value):
-        return value(config)
-    key, default = (value, None) if isinstance(value, str) else value
-    return config.get(key, default)
-
-
-MAPPINGS = ("rope_scaling", "rope_parameters")  # the config's options that are mappings of options
-
-
-def _mapping(config: Config, key: str) -> Mapping[str, Any]:
-    """One of the MAPPINGS, {} where absent (or not a mapping, which `spec_variables` reports)."""
-    value = config.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _rope(key: str, default: float, legacy: str) -> Callable[[Config], Any]:
-    """A rotary setting from `rope_parameters` (transformers ≥ 5) or the older top-level key."""
-
-    def read(config: Config) -> Any:
-        return float(_mapping(config, "rope_parameters").get(key, config.get(legacy, default)))
-
-    return read
-
-
-def _rope_type(config: Config) -> Any:
-    scaling, parameters = _mapping(config, "rope_scaling"), _mapping(config, "rope_parameters")
-    return scaling.get("rope_type", scaling.get("type")) or parameters.get("rope_type", "default")
-
-
-def _llama(d_ff: int, eps: float, window: Value | None) -> Reading:
-    variables: dict[str, Value] = {
-        "vocab": ("vocab_size", 32000),
-        "d_model": ("hidden_size", 4096),
-        "heads": ("num_attention_heads", 32),
-        "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 32),
-        "d_ff": ("intermediate_size", d_ff),
-        "layers": ("num_hidden_layers", 32),
-        "rope_theta": _rope("rope_theta", 10000.0, "rope_theta"),
-        "eps": ("rms_norm_eps", eps),
-        "window": window if window is not None else (lambda c: None),
-    }
-    fixed = {
-        "hidden_act": ("silu",),
-        "attention_bias": (False,),
-        "mlp_bias": (False,),
-        "tie_word_embeddings": (False,),
-        "pretraining_tp": (1,),
-        "rope_type": ("default",),
-        "head_dim": (None, "hidden_size / num_attention_heads"),
-    }
-    return Reading(variables, fixed, {"bos": 1, "eos": 2, "pad": None})
-
-
-READINGS: dict[str, Reading] = {
-    "gpt2": Reading(
-        {
-            "vocab": ("vocab_size", 50257),
-            "max_len": ("n_positions", 1024),
-            "d_model": ("n_embd", 768),
-            "heads": ("n_head", 12),
-            "layers": ("n_layer", 12),
-            "dropout": ("resid_pdrop", 0.1),
-            "eps": ("layer_norm_epsilon", 1e-5),
-        },
-        {
-            "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-            "n_inner": (None, "4 × n_embd"),
-            "scale_attn_weights": (True,),
-            "scale_attn_by_inverse_layer_idx": (False,),
-            "add_cross_attention": (False,),
-            "tie_word_embeddings": (True,),
-        },
-        {"bos": 50256, "eos": 50256, "pad": None},
-    ),
-    "bert": Reading(
-        {
-            "vocab": ("vocab_size", 30522),
-            "segments": ("type_vocab_size", 2),
-            "max_len": ("max_position_embeddings", 512),
-            "d_model": ("hidden_size", 768),
-            "heads": ("num_attention_heads", 12),
-            "d_ff": ("intermediate_size", 3072),
-            "layers": ("num_hidden_layers", 12),
-            "dropout": ("hidden_dropout_prob", 0.1),
-            "eps": ("layer_norm_eps", 1e-12),
-        },
-        {"hidden_act": ("gelu",), "position_embedding_type": ("absolute",), "is_decoder": (False,)},
-        {"pad": 0, "bos": None, "eos": None},
-    ),
-    "llama": _llama(11008, 1e-6, None),
-    "mistral": _llama(14336, 1e-5, ("sliding_window", 4096)),
-    "gpt_neox": Reading(
-        {
-            "vocab": ("vocab_size", 50432),
-            "d_model": ("hidden_size", 6144),
-            "heads": ("num_attention_heads", 64),
-            "d_ff": ("intermediate_size", 24576),
-            "layers": ("num_hidden_layers", 44),
-            "rotary_pct": _rope("partial_rotary_factor", 0.25, "rotary_pct"),
-            "rope_theta": _rope("rope_theta", 10000.0, "rotary_emb_base"),
-            "eps": ("layer_norm_eps", 1e-5),
-            "dropout": ("hidden_dropout", 0.0),
-        },
-        {
-            "hidden_act": ("gelu",),
-            "use_parallel_residual": (True,),
-            "attention_bias": (True,),
-            "tie_word_embeddings": (False,),
-            "rope_type": ("default",),
-        },
-        {"bos": 0, "eos": 2, "pad": None},
-    ),
-    "marian": Reading(
-        {
-            "vocab": ("vocab_size", 58101),
-            "max_len": ("max_position_embeddings", 1024),
-            "d_model": ("d_model", 1024),
-            "heads": ("encoder_attention_heads", 16),
-            "d_ff": ("encoder_ffn_dim", 4096),
-            "enc_layers": ("encoder_layers", 12),
-            "dec_layers": ("decoder_layers", 12),
-            "dropout": ("dropout", 0.1),
-        },
-        {
-            "activation_function": ("swish", "silu"),
-            "scale_embedding": (True,),
-            "share_encoder_decoder_embeddings": (True,),
-            "decoder_vocab_size": (None, "vocab_size"),
-            "decoder_attention_heads": ("encoder_attention_heads",),
-            "decoder_ffn_dim": ("encoder_ffn_dim",),
-            "tie_word_embeddings": (True,),
-        },
-        {"pad": 58100, "eos": 0, "bos": None, "decoder_start": 58100},
-        {
-            "activation_function": "gelu",
-            "scale_embedding": False,
-            "encoder_attention_heads": 16,
-            "decoder_attention_heads": 16,
-            "encoder_ffn_dim": 4096,
-            "decoder_ffn_dim": 4096,
-        },
-    ),
-    "bart": Reading(
-        {
-            "vocab": ("vocab_size", 50265),
-            "max_len": ("max_position_embeddings", 1024),
-            "d_model": ("d_model", 1024),
-            "heads": ("encoder_attention_heads", 16),
-            "d_ff": ("encoder_ffn_dim", 4096),
-            "enc_layers": ("encoder_layers", 12),
-            "dec_layers": ("decoder_layers", 12),
-            "dropout": ("dropout", 0.1),
-        },
-        {
-            "activation_function": ("gelu",),
-            "scale_embedding": (False,),
-            "decoder_attention_heads": ("encoder_attention_heads",),
-            "decoder_ffn_dim": ("encoder_ffn_dim",),
-            "tie_word_embeddings": (True,),
-        },
-        {"bos": 0, "pad": 1, "eos": 2, "decoder_start": 2},
-        {
-            "encoder_attention_heads": 16,
-            "decoder_attention_heads": 16,
-            "encoder_ffn_dim": 4096,
-            "decoder_ffn_dim": 4096,
-        },
-    ),
-    "t5": Reading(
-        {
-            "vocab": ("vocab_size", 32128),
-            "d_model": ("d_model", 512),
-            "d_kv": ("d_kv", 64),
-            "heads": ("num_heads", 8),
-            "d_ff": ("d_ff", 2048),
-            "enc_layers": ("num_layers", 6),
-            "dec_layers": lambda c: c.get("num_decoder_layers") or c.get("num_layers", 6),
-            "buckets": ("relative_attention_num_buckets", 32),
-            "max_distance": ("relative_attention_max_distance", 128),
-            "dropout": ("dropout_rate", 0.1),
-            "eps": ("layer_norm_epsilon", 1e-6),
-        },
-        {"feed_forward_proj": ("relu",), "tie_word_embeddings": (True,), "is_encoder_decoder": (True,)},
-        {"pad": 0, "eos": 1, "bos": None, "decoder_start": 0},
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -261,8 +60,15 @@ class Imported:
     tensors: int  # checkpoint tensors read
 
 
-def read_config(directory: Path) -> tuple[str, dict[str, Any]]:
-    """config.json's model_type (a supported one) and the whole config."""
+def _get(config: Config, value: Value) -> Any:
+    if callable(value):
+        return value(config)
+    key, default = (value, None) if isinstance(value, str) else value
+    return config.get(key, default)
+
+
+def read_config(directory: Path) -> tuple[Family, dict[str, Any]]:
+    """config.json's family (a registered one) and the whole config."""
     path = directory / "config.json"
     if not path.is_file():
         hint = "a Hugging Face model directory holds config.json and model.safetensors"
@@ -272,33 +78,32 @@ def read_config(directory: Path) -> tuple[str, dict[str, Any]]:
     if not isinstance(config, dict):
         raise CheckpointError(Problem("config.json is not a JSON object", where))
     model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in READINGS:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         shown = excerpt(str(model_type), 40) if model_type is not None else "none"
         raise CheckpointError(
             Problem(
                 f"model_type {shown} cannot be imported",
                 where,
-                hint=f"supported: {', '.join(READINGS)}",
+                hint=f"supported: {', '.join(FAMILIES)}",
             )
         )
-    return model_type, config
+    return FAMILIES[model_type], config
 
 
 FLOAT_VARIABLES = {"eps", "rope_theta", "rotary_pct", "dropout"}  # the others are sizes: positive integers
 OPTIONAL_VARIABLES = {"window"}  # may be null
 
 
-def spec_variables(model_type: str, config: Config, where: Location) -> dict[str, Any]:
+def spec_variables(family: Family, config: Config, where: Location) -> dict[str, Any]:
     """The family spec's variables from `config`; every option the spec fixes otherwise, and every value that is
     not the number the spec needs, is reported at once."""
-    reading = READINGS[model_type]
     problems = [
         Problem(f"{key} is not a mapping of options", where)
-        for key in MAPPINGS
+        for key in family.nested
         if config.get(key) is not None and not isinstance(config.get(key), dict)
     ]
     variables = {}
-    for name, value in reading.variables.items():
+    for name, value in family.variables.items():
         try:
             variables[name] = _get(config, value)
         except (TypeError, ValueError, AttributeError, ArithmeticError):  # a text, a list, an int beyond floats
@@ -307,17 +112,14 @@ def spec_variables(model_type: str, config: Config, where: Location) -> dict[str
         problem = _bad_number(name, variables[name])
         if problem:
             problems.append(Problem(problem, where))
-    for option, accepted in reading.fixed.items():
-        have = (
-            _rope_type(config)
-            if option == "rope_type"
-            else config.get(option, reading.defaults.get(option, accepted[0]))
-        )
-        if not any(_matches(have, value, config, reading.defaults) for value in accepted):
+    for option, accepted in family.fixed.items():
+        read = family.options.get(option)
+        have = read(config) if read else config.get(option, family.defaults.get(option, _ABSENT))
+        if have is not _ABSENT and not any(_matches(have, value, config) for value in accepted):
             shown = " or ".join(_shown(value) for value in accepted)
             problems.append(
                 Problem(
-                    f"{option} is {excerpt(_shown(have), 40)}; the {model_type} spec implements {shown}",
+                    f"{option} is {excerpt(_shown(have), 40)}; the {family.model_type} spec implements {shown}",
                     where,
                     hint="this variant cannot be imported exactly (see docs/pretrained.md)",
                 )
@@ -346,30 +148,29 @@ def _finite(value: float) -> bool:
         return False
 
 
-def _matches(have: Any, value: Any, config: Config, defaults: Mapping[str, Any]) -> bool:
-    """`value` is a literal, another option's name (they must agree), or a rule such as '4 × n_embd'."""
-    try:
-        if value == "hidden_size / num_attention_heads":
-            return have == config.get("hidden_size", 0) // max(1, int(config.get("num_attention_heads", 1)))
-        if value == "4 × n_embd":
-            return have == 4 * int(config.get("n_embd", 768))
-    except (TypeError, ValueError, ArithmeticError):
-        return False
-    if isinstance(value, str) and value.endswith(("_heads", "_dim", "_size")):
-        return have == config.get(value, defaults.get(value))
-    return have == value
+_ABSENT = object()  # an option config.json does not set, and transformers has no other default for
+
+
+def _matches(have: Any, value: Any, config: Config) -> bool:
+    """`value` is a literal, or `Derived` from the config's other options."""
+    if isinstance(value, Derived):
+        try:
+            return bool(have == value.value(config))
+        except (TypeError, ValueError, ArithmeticError):
+            return False
+    return bool(have == value)
 
 
 def _shown(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def specials(model_type: str, config: Config, vocab: int, where: Location) -> dict[str, int | None]:
+def specials(family: Family, config: Config, vocab: int, where: Location) -> dict[str, int | None]:
     """The pad, bos, eos and decoder-start ids of the config (the family's defaults where it says nothing); a
     negative id means none (as some conversions write it), one past the vocabulary is an error."""
     found: dict[str, int | None] = {}
     problems = []
-    for name, default in READINGS[model_type].specials.items():
+    for name, default in family.specials.items():
         key = "decoder_start_token_id" if name == "decoder_start" else f"{name}_token_id"
         value = config.get(key, default)
         if isinstance(value, list):  # several eos ids: the first ends a sequence
@@ -477,7 +278,7 @@ def _shards(index: Path) -> list[Path]:
 
 def spec_text(family: Family, variables: Mapping[str, Any], origin: str) -> str:
     """The family's shipped spec with `variables` written into its `vars:` block, comments kept."""
-    lines = _standalone(family.spec)
+    lines = _standalone(family.spec_path)
     start = lines.index("vars:")
     end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" "))
     for i in range(start + 1, end):
@@ -492,16 +293,16 @@ def spec_text(family: Family, variables: Mapping[str, Any], origin: str) -> str:
     return "\n".join([*header, *lines]) + "\n"
 
 
-def _standalone(name: str) -> list[str]:
+def _standalone(path: Path) -> list[str]:
     """A shipped spec's lines; one that `extends:` another is the base's, with its own comments, name and
     description (a base's variables are all the extension's: the import sets every one)."""
-    lines = (SPECS / name).read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     base = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("extends:")), None)
     if base is None:
         return lines
     own = {line.split(":", 1)[0]: line for line in lines if line.startswith(("name:", "description:"))}
     comments = list(itertools.takewhile(lambda line: line.startswith("#"), lines))
-    body = list(itertools.dropwhile(lambda line: line.startswith("#"), _standalone(base)))
+    body = list(itertools.dropwhile(lambda line: line.startswith("#"), _standalone(path.parent / base)))
     return [*comments, *(own.get(line.split(":", 1)[0], line) for line in body)]
 
 
@@ -513,21 +314,20 @@ def import_directory(directory: str | Path) -> Imported:
     anything allocated, and only the tensors the model takes are read.
     """
     directory = Path(directory)
-    model_type, config = read_config(directory)
+    family, config = read_config(directory)
     where, weights = Location(str(directory / "config.json")), Location(str(directory))
-    variables = spec_variables(model_type, config, where)
-    family = FAMILIES[model_type]
+    variables = spec_variables(family, config, where)
     found = _as_today(
-        model_type, {name: (path, info, name) for name, (path, info) in headers(weight_files(directory)).items()}
+        family, {name: (path, info, name) for name, (path, info) in headers(weight_files(directory)).items()}
     )
     plan(family, found)  # names first: a tensor no rule places, or two in one place, is refused before all else
     dtype = _dtype(found, weights)
-    layout = build(SPECS / family.spec, overrides=variables, dtype=dtype, device="meta")
+    layout = build(family.spec_path, overrides=variables, dtype=dtype, device="meta")
     _check_size(layout, {name: info.shape for name, (_, info, _) in found.items()}, weights)
     _check_places(family, found, layout, weights)
     need = footprint.import_need(layout, [info for _, info, _ in found.values()])
     footprint.check(need, hint=footprint.IMPORT_ADVICE)  # before anything is allocated
-    model = build(SPECS / family.spec, overrides=variables, dtype=dtype, check_memory=False).eval()
+    model = build(family.spec_path, overrides=variables, dtype=dtype, check_memory=False).eval()
     targets = unique_tensors(model)[0]
     with Weights(found) as tensors:
         state, computed = convert(family, tensors, heads=variables.get("heads"))
@@ -547,7 +347,8 @@ def import_directory(directory: str | Path) -> Imported:
             targets[name].copy_(value)
     vocab = int(variables["vocab"])
     text = spec_text(family, variables, excerpt(directory.resolve().name, 60))
-    return Imported(model_type, variables, specials(model_type, config, vocab, where), text, model, len(found))
+    found_specials = specials(family, config, vocab, where)
+    return Imported(family.model_type, variables, found_specials, text, model, len(found))
 
 
 def _check_places(family: Family, found: Mapping[str, tuple[Path, TensorInfo, str]], layout: torch.nn.Module,
@@ -601,24 +402,11 @@ def _check_size(layout: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], 
         )
 
 
-BUFFERS = r"\.attn\.(masked_)?bias$|\.attention\.(masked_)?bias$|rotary_emb\.inv_freq$"  # masks, frequencies
-
-
-def _as_today(model_type: str, tensors: dict[str, T]) -> dict[str, T]:
-    """Older checkpoints' names as today's transformers writes them: without the causal masks and rotary
-    frequencies they used to save (the spec computes them), GPT-2 without its `transformer.` prefix, BERT inside
-    a `bert.` prefix, `gamma`/`beta` for LayerNorm weight and bias."""
-    tensors = {k: v for k, v in tensors.items() if not re.search(BUFFERS, k)}
-    if model_type == "gpt2" and "wte.weight" in tensors:
-        return {f"transformer.{k}": v for k, v in tensors.items()}
-    if model_type == "bert":
-        renamed = {}
-        for name, tensor in tensors.items():
-            name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name.removeprefix("bert.")))
-            if name != "embeddings.position_ids":  # a range the spec computes
-                renamed[name] = tensor
-        return renamed
-    return tensors
+def _as_today(family: Family, tensors: dict[str, T]) -> dict[str, T]:
+    """Older checkpoints' names as today's transformers writes them (the family's `legacy`); what it drops (the
+    masks and frequencies they used to save) the spec computes."""
+    renamed = ((family.legacy(name), tensor) for name, tensor in tensors.items())
+    return {name: tensor for name, tensor in renamed if name is not None}
 
 
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}

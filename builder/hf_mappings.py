@@ -1,8 +1,12 @@
-"""How a Hugging Face checkpoint's tensors map onto a shipped spec's parameters: one table per model family.
+"""What a model family is, and how a Hugging Face checkpoint's tensors map onto its spec's parameters and back.
 
-A rule maps one Hugging Face tensor, named by a pattern whose `{i}` (a decoder-only model's layer), `{e}` (an
-encoder layer) or `{d}` (a decoder layer) stands for a layer number, onto one or more tensors of the family's
-spec (`specs/NAME.yaml`), through a transform:
+A `Family` (one module per family in builder/families/, registered by its `model_type`) owns everything about
+one Hugging Face model type: the spec it maps onto, how config.json reads into the spec's variables (and back),
+the options it refuses, its special tokens, its weight table, its tokenizer, its class names and sizes.
+
+A table's rule maps one Hugging Face tensor, named by a pattern whose `{i}` (a decoder-only model's layer), `{e}`
+(an encoder layer) or `{d}` (a decoder layer) stands for a layer number, onto one or more tensors of the
+family's spec, through a transform (each has its inverse, for `to_hf`):
 
 - `copy`: the same tensor;
 - `transpose`: GPT-2's Conv1D keeps a Linear weight as [in, out];
@@ -11,25 +15,35 @@ spec (`specs/NAME.yaml`), through a transform:
 - `qkv_heads`: GPT-NeoX's fused `query_key_value` [heads·3·head_dim, d] (or its bias): q, k, v interleaved per head;
 - `computed`: a table the spec computes itself (Marian's sinusoidal positions): not copied, held against ours;
 - `tied`: the same tensor as another Hugging Face tensor (an output layer tied to the embedding): not copied,
-  required to be equal to it, as the spec ties the two.
+  required to be equal to it, as the spec ties the two (and not written back: transformers ties it again).
 
 `convert` maps every tensor of a checkpoint through exactly one rule and fills no tensor of the spec twice, or
-says which are left over; the caller holds the result against the built spec's own tensors (none missing). The
-conformance tests hold each table against the reference models; an importer of checkpoints reads the same tables.
+says which are left over; the caller holds the result against the built spec's own tensors (none missing).
+`to_hf` is the way back. The conformance tests hold each table against the reference models.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal, cast
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
 
 from blockgraph.common.errors import CheckpointError, Problem
 
 Transform = Literal["copy", "transpose", "row", "qkv", "qkv_heads", "computed", "tied"]
+Config = Mapping[str, Any]
+Value = str | tuple[str, Any] | Callable[[Config], Any]  # a config key, a key with its default, or a rule
+Task = Literal["causal-lm", "seq2seq-lm", "encoder"]
+AUTO_CLASSES: dict[Task, str] = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "encoder": "AutoModel",
+}
+SPECS = Path(__file__).resolve().parent.parent / "specs"
 
 
 @dataclass(frozen=True)
@@ -40,19 +54,70 @@ class Rule:
     source: str = ""  # for `tied`: the Hugging Face tensor it is the same as
 
     def pattern(self) -> re.Pattern[str]:
-        return re.compile(re.sub(r"\\\{([ied])\\\}", r"(?P<\1>\\d+)", re.escape(self.hf)) + "$")
+        return _layered(self.hf)
+
+
+def _layered(name: str) -> re.Pattern[str]:
+    """A name whose {i} / {e} / {d} match layer numbers."""
+    return re.compile(re.sub(r"\\\{([ied])\\\}", r"(?P<\1>\\d+)", re.escape(name)) + "$")
+
+
+@dataclass(frozen=True)
+class Derived:
+    """An option's value that follows from the config's others (`head_dim`: hidden_size / num_attention_heads)."""
+
+    text: str  # how a refusal names it
+    value: Callable[[Config], Any]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def same_as(key: str, default: Any) -> Derived:
+    """An option that must equal another (`decoder_ffn_dim` = `encoder_ffn_dim`)."""
+    return Derived(key, lambda config: config.get(key, default))
+
+
+def _same_name(name: str) -> str | None:
+    return name
+
+
+def _nothing_more(variables: Mapping[str, Any]) -> dict[str, Any]:
+    return {}
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its Hugging Face model type, the shipped spec it maps onto, and the table."""
+    """One Hugging Face model type: its spec, config reading (both ways), table, tokens, tokenizer, classes."""
 
     model_type: str
-    spec: str
+    spec: str | Path  # a shipped spec's file name in specs/, or (a plugin's) a spec file's path
     rules: tuple[Rule, ...]
+    variables: Mapping[str, Value] = field(default_factory=dict)  # the spec's variables from config.json
+    fixed: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # option → the values the spec implements
+    specials: Mapping[str, int | None] = field(default_factory=dict)  # pad, bos, eos, decoder_start defaults
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # transformers' defaults the spec does not implement
+    options: Mapping[str, Callable[[Config], Any]] = field(default_factory=dict)  # options read from elsewhere
+    nested: tuple[str, ...] = ()  # the options that are mappings of options (rope_parameters)
+    written: Callable[[Mapping[str, Any]], dict[str, Any]] = _nothing_more  # config.json for `options` and rules
+    legacy: Callable[[str], str | None] = _same_name  # an older checkpoint's name as today's (None: dropped)
+    architectures: tuple[str, ...] = ()  # config.json's `architectures`: the class that loads it
+    task: Task = "causal-lm"
+    tokenizer: str = "tokenizer.json"  # or "marian": source.spm, target.spm, vocab.json
+    sizes: str = ""  # the published sizes, for docs/models.md
+
+    @property
+    def spec_path(self) -> Path:
+        return SPECS / self.spec if isinstance(self.spec, str) else self.spec
+
+    @property
+    def auto_class(self) -> str:
+        """The transformers Auto class that loads an exported directory (no remote code)."""
+        return AUTO_CLASSES[self.task]
 
 
-def _rules(*rows: tuple[str, str | tuple[str, ...]] | tuple[str, str | tuple[str, ...], str]) -> tuple[Rule, ...]:
+def table(*rows: tuple[str, str | tuple[str, ...]] | tuple[str, str | tuple[str, ...], str]) -> tuple[Rule, ...]:
+    """A table from rows (hf, ours) or (hf, ours, transform); the transform `tied:NAME` ties to NAME."""
     out = []
     for row in rows:
         hf, ours, *rest = row
@@ -64,194 +129,21 @@ def _rules(*rows: tuple[str, str | tuple[str, ...]] | tuple[str, str | tuple[str
     return tuple(out)
 
 
-def _norm(hf: str, ours: str) -> tuple[tuple[str, str], tuple[str, str]]:
+def norm(hf: str, ours: str) -> tuple[tuple[str, str], tuple[str, str]]:
     """A LayerNorm's gain and shift."""
     return (f"{hf}.weight", f"{ours}.weight"), (f"{hf}.bias", f"{ours}.bias")
 
 
-def _linear(hf: str, ours: str, transform: str = "copy") -> tuple[tuple[str, str, str], tuple[str, str]]:
+def linear(hf: str, ours: str, transform: str = "copy") -> tuple[tuple[str, str, str], tuple[str, str]]:
     """A Linear's weight (transformed) and bias."""
     return (f"{hf}.weight", f"{ours}.weight", transform), (f"{hf}.bias", f"{ours}.bias")
 
 
-def _qkv(hf: str, ours: str, transform: str) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+def qkv(hf: str, ours: str, transform: str) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """A fused q/k/v projection's weight and bias onto the attention's w_q, w_k, w_v."""
     return tuple(
         (f"{hf}.{kind}", tuple(f"{ours}.w_{p}.{kind}" for p in "qkv"), transform) for kind in ("weight", "bias")
     )
-
-
-GPT2 = Family(
-    "gpt2",
-    "gpt2.yaml",
-    _rules(
-        ("transformer.wte.weight", "wte.lut.weight"),
-        ("transformer.wpe.weight", "wpe.pe.weight"),
-        *_norm("transformer.h.{i}.ln_1", "h.{i}.ln_1.norm"),
-        *_qkv("transformer.h.{i}.attn.c_attn", "h.{i}.attn", "qkv"),
-        *_linear("transformer.h.{i}.attn.c_proj", "h.{i}.attn.w_o", "transpose"),
-        *_norm("transformer.h.{i}.ln_2", "h.{i}.ln_2.norm"),
-        *_linear("transformer.h.{i}.mlp.c_fc", "h.{i}.mlp.w_1", "transpose"),
-        *_linear("transformer.h.{i}.mlp.c_proj", "h.{i}.mlp.w_2", "transpose"),
-        *_norm("transformer.ln_f", "ln_f.norm"),
-        ("lm_head.weight", (), "tied:transformer.wte.weight"),
-    ),
-)
-
-BERT = Family(
-    "bert",
-    "bert.yaml",
-    _rules(
-        ("embeddings.word_embeddings.weight", "word_embeddings.lut.weight"),
-        ("embeddings.position_embeddings.weight", "position_embeddings.pe.weight"),
-        ("embeddings.token_type_embeddings.weight", "token_type_embeddings.lut.weight"),
-        *_norm("embeddings.LayerNorm", "embeddings_norm.norm"),
-        *_linear("encoder.layer.{e}.attention.self.query", "encoder.{e}.self_attn.w_q"),
-        *_linear("encoder.layer.{e}.attention.self.key", "encoder.{e}.self_attn.w_k"),
-        *_linear("encoder.layer.{e}.attention.self.value", "encoder.{e}.self_attn.w_v"),
-        *_linear("encoder.layer.{e}.attention.output.dense", "encoder.{e}.self_attn.w_o"),
-        *_norm("encoder.layer.{e}.attention.output.LayerNorm", "encoder.{e}.norm1"),
-        *_linear("encoder.layer.{e}.intermediate.dense", "encoder.{e}.ffn.w_1"),
-        *_linear("encoder.layer.{e}.output.dense", "encoder.{e}.ffn.w_2"),
-        *_norm("encoder.layer.{e}.output.LayerNorm", "encoder.{e}.norm2"),
-        *_linear("pooler.dense", "pooler.proj"),
-    ),
-)
-
-
-def _llama_rules() -> tuple[Rule, ...]:
-    layer, ours = "model.layers.{i}", "layers.{i}"
-    return _rules(
-        ("model.embed_tokens.weight", "embed_tokens.lut.weight"),
-        *((f"{layer}.self_attn.{p}_proj.weight", f"{ours}.self_attn.w_{p}.weight") for p in "qkvo"),
-        (f"{layer}.input_layernorm.weight", f"{ours}.input_layernorm.weight"),
-        (f"{layer}.post_attention_layernorm.weight", f"{ours}.post_attention_layernorm.weight"),
-        (f"{layer}.mlp.gate_proj.weight", f"{ours}.mlp.w_1.weight"),
-        (f"{layer}.mlp.up_proj.weight", f"{ours}.mlp.w_3.weight"),
-        (f"{layer}.mlp.down_proj.weight", f"{ours}.mlp.w_2.weight"),
-        ("model.norm.weight", "norm.weight"),
-        ("lm_head.weight", "lm_head.proj.weight"),
-    )
-
-
-LLAMA = Family("llama", "llama.yaml", _llama_rules())
-MISTRAL = Family("mistral", "mistral.yaml", _llama_rules())
-
-GPT_NEOX = Family(
-    "gpt_neox",
-    "gpt_neox.yaml",
-    _rules(
-        ("gpt_neox.embed_in.weight", "embed_in.lut.weight"),
-        *_norm("gpt_neox.layers.{i}.input_layernorm", "layers.{i}.input_layernorm.norm"),
-        *_norm("gpt_neox.layers.{i}.post_attention_layernorm", "layers.{i}.post_attention_layernorm.norm"),
-        *_qkv("gpt_neox.layers.{i}.attention.query_key_value", "layers.{i}.attention", "qkv_heads"),
-        *_linear("gpt_neox.layers.{i}.attention.dense", "layers.{i}.attention.w_o"),
-        *_linear("gpt_neox.layers.{i}.mlp.dense_h_to_4h", "layers.{i}.mlp.w_1"),
-        *_linear("gpt_neox.layers.{i}.mlp.dense_4h_to_h", "layers.{i}.mlp.w_2"),
-        *_norm("gpt_neox.final_layer_norm", "final_layer_norm.norm"),
-        ("lm_head.weight", "embed_out.proj.weight"),
-        ("embed_out.weight", "embed_out.proj.weight"),  # the same, as checkpoints on disk name it
-    ),
-)
-
-
-def _attention(hf: str, ours: str) -> tuple[tuple[str, ...], ...]:
-    """A BART-style attention's q/k/v/out projections."""
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
-    return tuple(row for p, proj in names.items() for row in _linear(f"{hf}.{proj}", f"{ours}.w_{p}"))
-
-
-def _bart_layers(stack: str) -> tuple[tuple[str, ...], ...]:
-    """The encoder (`{e}`) or decoder (`{d}`) layers of BART and Marian onto encoder_layer / decoder_layer."""
-    i = "{e}" if stack == "encoder" else "{d}"
-    hf, ours = f"model.{stack}.layers.{i}", f"{stack}.{i}"
-    rows = [*_attention(f"{hf}.self_attn", f"{ours}.self_attn"), *_norm(f"{hf}.self_attn_layer_norm", f"{ours}.norm1")]
-    if stack == "decoder":
-        rows += [*_attention(f"{hf}.encoder_attn", f"{ours}.cross_attn")]
-        rows += [*_norm(f"{hf}.encoder_attn_layer_norm", f"{ours}.norm2")]
-    rows += [*_linear(f"{hf}.fc1", f"{ours}.ffn.w_1"), *_linear(f"{hf}.fc2", f"{ours}.ffn.w_2")]
-    rows += [*_norm(f"{hf}.final_layer_norm", f"{ours}.norm2" if stack == "encoder" else f"{ours}.norm3")]
-    return tuple(rows)
-
-
-def _shared_embeddings() -> tuple[tuple[str, ...], ...]:
-    """One embedding for both sides and the output layer, with its fixed output bias."""
-    return (
-        ("model.shared.weight", "src_embed.lut.weight"),
-        ("model.encoder.embed_tokens.weight", (), "tied:model.shared.weight"),
-        ("model.decoder.embed_tokens.weight", (), "tied:model.shared.weight"),
-        ("lm_head.weight", (), "tied:model.shared.weight"),
-        ("final_logits_bias", "lm_head.bias", "row"),
-    )
-
-
-MARIAN = Family(
-    "marian",
-    "marian_zh_en.yaml",
-    _rules(
-        *_shared_embeddings(),
-        ("model.encoder.embed_positions.weight", "src_position.pe", "computed"),
-        ("model.decoder.embed_positions.weight", "tgt_position.pe", "computed"),
-        *_bart_layers("encoder"),
-        *_bart_layers("decoder"),
-    ),
-)
-
-BART = Family(
-    "bart",
-    "bart.yaml",
-    _rules(
-        *_shared_embeddings(),
-        ("model.encoder.embed_positions.weight", "src_position.pe.weight"),
-        ("model.decoder.embed_positions.weight", "tgt_position.pe.weight"),
-        *_norm("model.encoder.layernorm_embedding", "src_norm.norm"),
-        *_norm("model.decoder.layernorm_embedding", "tgt_norm.norm"),
-        *_bart_layers("encoder"),
-        *_bart_layers("decoder"),
-    ),
-)
-
-
-def _t5_stack(stack: str) -> tuple[tuple[str, ...], ...]:
-    """T5's encoder (`{e}`) or decoder (`{d}`) blocks onto the spec's encoder_block / decoder_block."""
-    i = "{e}" if stack == "encoder" else "{d}"
-    hf, ours = f"{stack}.block.{i}.layer", f"{stack}.{i}"
-    attention = ((f"{hf}.0.SelfAttention.{p}.weight", f"{ours}.self_attention.w_{p}.weight") for p in "qkvo")
-    rows = [
-        (f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-         f"{stack}_bias.relative_attention_bias.weight"),
-        *attention,
-        (f"{hf}.0.layer_norm.weight", f"{ours}.attention_norm.weight"),
-        (f"{stack}.final_layer_norm.weight", f"{stack}_norm.weight"),
-    ]  # fmt: skip
-    ffn = 1
-    if stack == "decoder":
-        rows += [(f"{hf}.1.EncDecAttention.{p}.weight", f"{ours}.cross_attention.w_{p}.weight") for p in "qkvo"]
-        rows += [(f"{hf}.1.layer_norm.weight", f"{ours}.cross_norm.weight")]
-        ffn = 2
-    return (
-        *rows,
-        (f"{hf}.{ffn}.DenseReluDense.wi.weight", f"{ours}.ffn.w_1.weight"),
-        (f"{hf}.{ffn}.DenseReluDense.wo.weight", f"{ours}.ffn.w_2.weight"),
-        (f"{hf}.{ffn}.layer_norm.weight", f"{ours}.ffn_norm.weight"),
-    )
-
-
-T5 = Family(
-    "t5",
-    "t5.yaml",
-    _rules(
-        ("shared.weight", "shared.lut.weight"),
-        ("encoder.embed_tokens.weight", (), "tied:shared.weight"),
-        ("decoder.embed_tokens.weight", (), "tied:shared.weight"),
-        ("lm_head.weight", (), "tied:shared.weight"),
-        *_t5_stack("encoder"),
-        *_t5_stack("decoder"),
-    ),
-)
-
-FAMILIES: dict[str, Family] = {
-    family.model_type: family for family in (GPT2, BERT, LLAMA, MISTRAL, GPT_NEOX, MARIAN, BART, T5)
-}
 
 
 def plan(family: Family, names: Iterable[str]) -> dict[str, tuple[Rule, dict[str, str]]]:
@@ -345,6 +237,45 @@ def _transform(kind: Transform, tensor: torch.Tensor, heads: int) -> tuple[torch
         grouped = tensor.reshape(heads, 3, -1, *tensor.shape[1:])
         return tuple(grouped[:, j].reshape(-1, *tensor.shape[1:]).contiguous() for j in range(3))
     return (tensor,)  # copy
+
+
+def to_hf(family: Family, ours: Mapping[str, torch.Tensor], heads: int | None = None) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors of the spec's `ours` (each tied tensor once), as transformers writes them: every
+    tensor of ours through the first rule that names it; tied and computed ones are left to transformers."""
+    found: dict[str, torch.Tensor] = {}
+    placed: set[str] = set()
+    for rule in family.rules:
+        if rule.transform in ("tied", "computed"):
+            continue
+        first = _layered(rule.ours[0])
+        for name in ours:
+            match = first.match(name)
+            if match is None or name in placed:
+                continue
+            groups = match.groupdict()
+            targets = [target.format(**groups) for target in rule.ours]
+            placed.update(targets)
+            found[rule.hf.format(**groups)] = _untransform(rule.transform, [ours[t] for t in targets], heads or 0)
+    left = sorted(set(ours) - placed)
+    if left:
+        raise CheckpointError(
+            [Problem(f"the {family.model_type} table places {len(left)} tensor(s) nowhere: {names_text(left)}")]
+        )
+    return found
+
+
+def _untransform(kind: Transform, tensors: list[torch.Tensor], heads: int) -> torch.Tensor:
+    """The checkpoint tensor a rule's spec tensors came from (the inverse of `_transform`)."""
+    if kind == "transpose":
+        return tensors[0].t().contiguous()
+    if kind == "row":
+        return tensors[0].reshape(1, -1)
+    if kind == "qkv":
+        return torch.cat(tensors).t().contiguous() if tensors[0].dim() == 2 else torch.cat(tensors)
+    if kind == "qkv_heads":
+        rest = tensors[0].shape[1:]
+        return torch.stack([t.reshape(heads, -1, *rest) for t in tensors], dim=1).reshape(-1, *rest).contiguous()
+    return tensors[0]
 
 
 def names_text(names: list[str], limit: int = 6) -> str:

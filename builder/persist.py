@@ -25,8 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from blockgraph.blocks.registry import receiving_weights
+from blockgraph.builder import footprint
+from blockgraph.builder.compile import compile_graph
 from blockgraph.builder.graph import Graph
-from blockgraph.builder.pipeline import build, load_spec
+from blockgraph.builder.pipeline import build, load_spec, typed_graph
 from blockgraph.builder.source import dump_yaml
 from blockgraph.builder.validate import ValidSpec
 from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
@@ -188,8 +190,11 @@ def rebuild(
     `check_memory`: refuse a model that would not fit in the memory left (builder.footprint)."""
     try:
         with receiving_weights():
-            valid = load_spec(spec, plugins=plugins)
-            return build(valid, device=device, dtype=dtype, check_memory=check_memory, action="loading the model")
+            typed = typed_graph(load_spec(spec, plugins=plugins))
+            if check_memory:
+                need = footprint.weights_need(typed, device=device, dtype=dtype, action="loading the model")
+                footprint.check(need, hint=footprint.LOAD_ADVICE)
+            return compile_graph(typed, device=device, dtype=dtype)
     except SpecError as exc:
         raise _unbuildable(exc, spec, saved_with) from None
 

@@ -68,19 +68,18 @@ def build(
     plugins: Sequence[str] = (),
     allow_external_files: bool = False,
     check_memory: bool = True,
-    action: str = "building the model",
 ) -> GraphModel:
     """Build a spec into an ordinary `nn.Module` (weights on `device`; `meta` allocates none).
 
     `plugins` are files or modules whose blocks the spec may use (see docs/plugins.md); `allow_external_files`
     lets the spec name files outside its own folder (docs/security.md). A model that would not fit in the
     memory left on `device` is refused first (`MemoryLimitError`, builder.footprint) unless `check_memory` is
-    False; `action` names the work in that message.
+    False.
     """
     typed = typed_graph(source, overrides, plugins=plugins, allow_external_files=allow_external_files)
     dtype = parse_dtype(dtype)
     if check_memory and torch.device(device).type != "meta":
-        footprint.check(footprint.weights_need(typed, device=device, dtype=dtype, action=action))
+        footprint.check(footprint.weights_need(typed, device=device, dtype=dtype))
     return compile_graph(typed, device=device, dtype=dtype)
 
 

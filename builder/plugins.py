@@ -20,6 +20,7 @@ from blockgraph.blocks.registry import RegistrationError
 from blockgraph.common.errors import Location, PluginError, Problem
 
 ENTRY_POINT_GROUP = "blockgraph.blocks"
+FAMILY_ENTRY_POINT_GROUP = "blockgraph.families"  # packages that `register` a model family (builder.families)
 ENV_VAR = "BLOCKGRAPH_PLUGINS"
 
 
@@ -63,7 +64,7 @@ def load_plugin(name: str, *, allow_override: bool = False) -> str:
 
 def _load_entry_points(allow_override: bool) -> list[Problem]:
     warnings = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in [*entry_points(group=ENTRY_POINT_GROUP), *entry_points(group=FAMILY_ENTRY_POINT_GROUP)]:
         dist = getattr(ep.dist, "name", None) or ep.value
         origin = f"package {dist}"
         try:

@@ -3,7 +3,7 @@
 For each family the reference model is built from a small config object (random weights; nothing is
 downloaded), every parameter and buffer is drawn again (norm gains and biases too, so a wrong mapping cannot
 hide behind a default init), the weights are copied into the spec built with the same sizes through the
-family's table in builder/hf_mappings.py, which must use every reference tensor and fill every one of ours,
+family's table (builder/families/), which must use every reference tensor and fill every one of ours,
 and the outputs are compared in eval mode on inputs with padded positions: at most 1e-5 apart in float32,
 with the same number of learned parameters.
 """
@@ -20,7 +20,8 @@ import transformers
 from conftest import ROOT, SPECS, redraw
 
 from blockgraph import builder
-from blockgraph.builder.hf_mappings import FAMILIES, Family, Rule, convert
+from blockgraph.builder.families import FAMILIES
+from blockgraph.builder.hf_mappings import Family, Rule, convert
 from blockgraph.builder.persist import unique_tensors
 from blockgraph.common.errors import CheckpointError
 
@@ -43,7 +44,7 @@ def _pair(model_type: str, reference: torch.nn.Module, overrides: dict[str, Any]
     family = FAMILIES[model_type]
     redraw(reference, seed=1)
     reference.eval()
-    ours = builder.build(SPECS / family.spec, overrides=overrides).eval()
+    ours = builder.build(family.spec_path, overrides=overrides).eval()
     state, computed = convert(family, reference.state_dict(), heads=heads)
     targets, _aliases = unique_tensors(ours)
     assert sorted(state) == sorted(targets), "the table must fill every tensor of the spec, once"

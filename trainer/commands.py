@@ -316,9 +316,9 @@ def import_(
 ) -> None:
     """Import a pretrained Hugging Face-format model: its spec (variables from config.json), weights, tokenizer.
 
-    Supported model types: gpt2, bert, llama, mistral, gpt_neox, marian, bart, t5. Anything that cannot be
-    reproduced exactly (another model type, an option the spec does not implement, a tensor left over or
-    missing) is refused; pickle files (pytorch_model.bin) are never opened.
+    config.json's model_type picks a registered family (builder/families/, and plugins'; an unknown one is
+    refused with the list). Anything that cannot be reproduced exactly (an option the spec does not implement,
+    a tensor left over or missing) is refused; pickle files (pytorch_model.bin) are never opened.
     """
     from blockgraph.trainer import pretrained
 

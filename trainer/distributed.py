@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
+from blockgraph.common import memory
 from blockgraph.common.errors import Problem, UsageError
 from blockgraph.trainer.config import TrainConfig
 
@@ -223,6 +224,7 @@ def _run_workers(nproc: int, job_file: str, lock: int | None, port: int | None) 
         "MASTER_PORT": str(port or free_port()),
         "WORLD_SIZE": str(nproc),
         "LOCAL_WORLD_SIZE": str(nproc),
+        **({memory.SKIP_ENV: "1"} if memory.skip_requested() else {}),  # --skip-memory-check reaches the workers
     }
     inherited = (watch,) if lock is None else (watch, lock)
     workers: list[subprocess.Popen[bytes]] = []

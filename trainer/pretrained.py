@@ -27,7 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from blockgraph.builder import persist
+from blockgraph.builder.families import FAMILIES
+from blockgraph.builder.hf_export import Exported, export_hf
 from blockgraph.builder.hf_import import import_directory
+from blockgraph.builder.model import GraphModel
 from blockgraph.builder.pipeline import typed_graph
 from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
 from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, WriteError
@@ -113,6 +116,21 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
     return Report(imported.model_type, imported.tensors, parameters, kind)
 
 
+def export(model: GraphModel, imported: Path | None, out: str | Path, note: Callable[[str], None]) -> Exported:
+    """`model` as a Hugging Face directory at `out` (builder.hf_export); an import's (or a run fine-tuning one)
+    record names its family and token ids, and its tokenizer files go along."""
+    record = read_record(imported / RECORD, PretrainedRecord, RECORD_FILE) if imported is not None else None
+    files: dict[str, bytes] = {}
+    if record is not None and record.tokenizer is not None:
+        folder = imported / TOKENIZER  # type: ignore[operator]
+        files = {name: read_bytes(folder / name, TOKENIZER_FILE) for name in _tokenizer_files(record.tokenizer)}
+    model_type, specials = (record.model_type, record.specials) if record is not None else (None, None)
+    exported = export_hf(model, out, model_type=model_type, specials=specials, tokenizer=files)
+    if not files:
+        note("no tokenizer files went along (the model was not imported with any): copy the original's beside them")
+    return exported
+
+
 def replaceable(path: Path) -> bool:
     """An imported model's directory, and nothing of the user's, may be replaced by another import: not a
     spec.yaml the user edited, nor any file of theirs."""
@@ -188,7 +206,8 @@ def writer_record(path: Path) -> PretrainedRecord:
     """The record of the imported model at `path`, which must write text (an encoder alone does not)."""
     record = read_record(path / RECORD, PretrainedRecord, RECORD_FILE)
     where = Location(str(path / RECORD))
-    if record.model_type == "bert":
+    family = FAMILIES.get(record.model_type)
+    if family is not None and family.task == "encoder":
         raise CheckpointError(
             Problem(
                 f"a {record.model_type} model encodes text; it does not generate",

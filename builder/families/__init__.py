@@ -1,0 +1,40 @@
+"""The model families `blockgraph import` reads and `export --format hf` writes, one module each, registered by
+their `model_type`: the built-in ones below, and those of plugins (`register`, from a `--plugin` file or a
+package's `blockgraph.families` entry point; see builder/plugins.py)."""
+
+from __future__ import annotations
+
+from blockgraph.builder.families import bart, bert, gpt2, gpt_neox, llama, marian, mistral, t5
+from blockgraph.builder.hf_mappings import Family
+from blockgraph.common.errors import PluginError, Problem
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family, *, override: bool = False) -> Family:
+    """Make `family` importable and exportable under its model_type (a taken one only with `override`)."""
+    if family.model_type in FAMILIES and not override:
+        raise PluginError(
+            Problem(
+                f"model_type {family.model_type!r} is already taken by a registered family",
+                hint="register it under another model_type, or with override=True to replace it",
+            )
+        )
+    FAMILIES[family.model_type] = family
+    return family
+
+
+for _module in (gpt2, bert, llama, mistral, gpt_neox, marian, bart, t5):
+    register(_module.FAMILY)
+
+
+def docs_table() -> str:
+    """The families as docs/models.md and docs/pretrained.md list them (a test holds the pages to it)."""
+    rows = ["| model_type | class (`architectures`) | spec | published sizes | tokenizer |", "|---|---|---|---|---|"]
+    for family in FAMILIES.values():
+        tokenizer = "`source.spm`, `target.spm`, `vocab.json`" if family.tokenizer == "marian" else "`tokenizer.json`"
+        spec = family.spec if isinstance(family.spec, str) else family.spec.name
+        rows.append(
+            f"| `{family.model_type}` | `{family.architectures[0]}` | `specs/{spec}` | {family.sizes} | {tokenizer} |"
+        )
+    return "\n".join(rows) + "\n"
