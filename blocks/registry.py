@@ -92,15 +92,18 @@ class Block(nn.Module):
         return cls.out_ports
 
     @classmethod
-    def infer(cls, params: Any, **inputs: TensorType | None) -> TensorType | tuple[TensorType, ...]:
-        """The output type(s) for these input types, or raise `ShapeError`. Default: same as the first input."""
+    def infer(cls, params: Any, *args: Any, **inputs: Any) -> TensorType | tuple[TensorType, ...]:
+        """The output type(s) for these input types, or raise `ShapeError`. Default: same as the first input.
+
+        A block declares its ports as named parameters (`def infer(cls, p: Params, x: TensorType)`); the
+        pipeline calls it with them by name."""
         first = inputs[cls.in_ports[0].name]
         if first is None:
             raise NotImplementedError(f"{cls.__name__} must define infer()")
         return first
 
     @classmethod
-    def limits(cls, params: Any, **inputs: TensorType | None) -> tuple[Limit, ...]:
+    def limits(cls, params: Any, *args: Any, **inputs: Any) -> tuple[Limit, ...]:
         """Upper bounds these params put on the inputs' dimensions (a position table's rows); none by default."""
         return ()
 

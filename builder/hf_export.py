@@ -13,6 +13,7 @@ that generates, and the tokenizer files given. It is written atomically, into a 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,7 @@ from blockgraph.builder.model import GraphModel
 from blockgraph.builder.persist import unique_tensors
 from blockgraph.builder.pipeline import build, typed_graph
 from blockgraph.common.atomic import check_directory_target, write_directory
-from blockgraph.common.errors import CheckpointError, Location, Problem
-from blockgraph.common.files import GiB
+from blockgraph.common.errors import CheckpointError, Location, Problem, UsageError
 from blockgraph.common.text import excerpt
 
 WHAT = "Hugging Face export"
@@ -40,6 +40,8 @@ SPECIAL_KEYS = {
     "eos": "eos_token_id",
     "decoder_start": "decoder_start_token_id",
 }
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+MAX_SHARD_SIZE = 5 * UNITS["GB"]  # "5GB", transformers' `save_pretrained` default
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def hf_config(family: Family, variables: Mapping[str, Any], specials: Mapping[st
 
 def matching_family(model: GraphModel, model_type: str | None, where: Location) -> Family:
     """The family `model` is (the one named, else the first registered that builds it); its refusals otherwise."""
-    graph: Graph = model.typed_graph.graph  # type: ignore[union-attr]
+    graph: Graph = model.typed_graph.graph
     candidates = [FAMILIES[model_type]] if model_type in FAMILIES else list(FAMILIES.values())
     refusals = []
     for family in candidates:
@@ -166,7 +168,7 @@ def export_hf(
     model_type: str | None = None,
     specials: Mapping[str, int | None] | None = None,
     tokenizer: Mapping[str, bytes] | None = None,
-    max_shard_size: int = 5 * GiB,
+    max_shard_size: int = MAX_SHARD_SIZE,
 ) -> Exported:
     """Write `model` as the Hugging Face directory `out` (see the module's docstring): complete, or nothing.
 
@@ -176,7 +178,7 @@ def export_hf(
     out = Path(out)
     check_directory_target(out, owned=_never, what=WHAT)
     family = matching_family(model, model_type, Location(str(out)))
-    graph: Graph = model.typed_graph.graph  # type: ignore[union-attr]
+    graph: Graph = model.typed_graph.graph
     variables = {key: graph.vars[key] for key in family.variables}
     ids = {**family.specials, **(specials or {})}
     config = hf_config(family, variables, ids)
@@ -206,6 +208,22 @@ def export_hf(
 
     write_directory(out, fill, owned=_never, what=WHAT)
     return Exported(family.model_type, sorted(p.name for p in out.iterdir()), len(tensors))
+
+
+def shard_size(text: str) -> int:
+    """`--max-shard-size` in bytes, written as transformers writes it (`5GB`, `500MB`: powers of 1000; `1GiB`:
+    of 1024), so a size copied from a Hugging Face command means the same here."""
+    match = re.fullmatch(r"\s*(\d{1,13})\s*([a-z]{1,3})\s*", text, re.IGNORECASE)
+    size = int(match[1]) * UNITS[match[2].upper()] if match and match[2].upper() in UNITS else None
+    if size is None or not UNITS["KB"] <= size <= UNITS["TB"]:  # below 1KB each tensor is a shard anyway
+        raise UsageError(
+            Problem(
+                f"--max-shard-size {excerpt(text, 20)}: a size from 1KB to 1TB, a whole number of B, KB, MB, GB, "
+                "TB (powers of 1000), KiB, MiB or GiB",
+                hint="transformers writes 5GB by default; e.g. --max-shard-size 2GB",
+            )
+        )
+    return size
 
 
 def _never(path: Path) -> bool:

@@ -27,6 +27,7 @@ from blockgraph.blocks.registry import Block
 from blockgraph.blocks.stepping import StepCache, Stepping
 from blockgraph.builder.compile import Emitter, last_uses, load_source, signature
 from blockgraph.builder.graph import Endpoint, Graph
+from blockgraph.builder.model import GraphModel
 from blockgraph.builder.shapes import TypedGraph
 from blockgraph.common.errors import Problem, UsageError
 
@@ -246,10 +247,10 @@ class StepProgram:
 
     reason: str | None = None  # why it re-runs the model (a `Rerun`); None: it steps
 
-    def __init__(self, model: nn.Module, plan: StepPlan, *, compiled: bool = False):
+    def __init__(self, model: GraphModel, plan: StepPlan, *, compiled: bool = False):
         self.model, self.plan = model, plan
-        self.code = generate_steps(model.typed_graph.graph, plan)  # type: ignore[union-attr]
-        namespace = load_source(self.code, f"{model.typed_graph.graph.name} steps")  # type: ignore[union-attr]
+        self.code = generate_steps(model.typed_graph.graph, plan)
+        namespace = load_source(self.code, f"{model.typed_graph.graph.name} steps")
         self._start, self._step = namespace["start"], namespace["step"]
         if compiled:
             _check_compiler(model)
@@ -280,10 +281,10 @@ def _check_compiler(model: nn.Module) -> None:
 class Rerun:
     """`StepProgram`'s interface for a model that cannot step: every step runs the model on everything so far."""
 
-    def __init__(self, model: nn.Module, growing: Sequence[str], output: str | None, reason: str):
+    def __init__(self, model: GraphModel, growing: Sequence[str], output: str | None, reason: str):
         self.model, self.reason = model, reason
         self.growing, self.output = tuple(growing), output
-        graph = model.typed_graph.graph  # type: ignore[union-attr]
+        graph = model.typed_graph.graph
         self.fixed = tuple(name for name in graph.inputs if name not in self.growing)
         batch = _dim(tuple(graph.inputs[self.growing[0]].shape), 0)
         self.batch_axes = tuple(_axis(tuple(graph.inputs[name].shape), batch) for name in self.fixed)
@@ -306,11 +307,11 @@ class Rerun:
 
 
 def step_program(
-    model: nn.Module, growing: Sequence[str], output: str | None = None, *, compiled: bool = False
+    model: GraphModel, growing: Sequence[str], output: str | None = None, *, compiled: bool = False
 ) -> StepProgram | Rerun:
     """The model's decoding steps, or a `Rerun` (with its `reason`) where a block cannot step."""
     try:
-        plan = plan_steps(model.typed_graph, growing, output)  # type: ignore[union-attr]
+        plan = plan_steps(model.typed_graph, growing, output)
     except CannotStep as exc:
         return Rerun(model, growing, output, str(exc))
     return StepProgram(model, plan, compiled=compiled)

@@ -28,6 +28,7 @@ from blockgraph.blocks.registry import receiving_weights
 from blockgraph.builder import footprint
 from blockgraph.builder.compile import compile_graph
 from blockgraph.builder.graph import Graph
+from blockgraph.builder.model import GraphModel
 from blockgraph.builder.pipeline import build, load_spec, typed_graph
 from blockgraph.builder.source import dump_yaml
 from blockgraph.builder.validate import ValidSpec
@@ -101,7 +102,7 @@ def load(
     *,
     plugins: Sequence[str] = (),
     check_memory: bool = True,
-) -> nn.Module:
+) -> GraphModel:
     """Rebuild a saved model from its `spec.yaml` on `device` and fill in its weights bit-exactly.
 
     The weights file must hold exactly the spec's tensors (names, shapes, and dtypes of their kind); anything
@@ -184,7 +185,7 @@ def rebuild(
     dtype: torch.dtype | None = None,
     saved_with: Sequence[str] = (),
     check_memory: bool = True,
-) -> nn.Module:
+) -> GraphModel:
     """The model of a saved standalone spec, for its weights to be filled in: the files the spec names are
     neither checked nor read. `saved_with`: the plugins the model was saved with, named in the hint;
     `check_memory`: refuse a model that would not fit in the memory left (builder.footprint)."""

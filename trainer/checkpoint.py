@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from blockgraph.builder import persist
+from blockgraph.builder.model import GraphModel
 from blockgraph.common.atomic import owned_directory, write_directory
 from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, SpecError, UsageError
 from blockgraph.common.files import FileKind, MiB
@@ -323,9 +324,9 @@ def load(
     return Checkpoint(directory, model, src, tgt, info, tensors, labels, sharded)
 
 
-def _check_roles(roles: Roles, model: nn.Module, where: Location) -> None:
+def _check_roles(roles: Roles, model: GraphModel, where: Location) -> None:
     """The saved roles must be what the saved spec's inputs and output give for them."""
-    typed = model.typed_graph  # type: ignore[union-attr]
+    typed = model.typed_graph
     given = {name: getattr(roles, name) for name in ROLE_NAMES if getattr(roles, name) is not None}
     try:
         found = find_roles(typed.graph, given, typed.types)

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from blockgraph.builder.incremental import DecodeState, step_program
+from blockgraph.builder.model import GraphModel
 from blockgraph.builder.shapes import TypedGraph, largest
 from blockgraph.trainer.roles import ModelIO, Roles
 from blockgraph.trainer.specials import TRAINER_SPECIALS, Specials
@@ -43,17 +43,17 @@ class Decoder:
     """A model ready to decode: its roles, its step program, and its output read as log-probabilities."""
 
     def __init__(
-        self, model: nn.Module, roles: Roles, *, specials: Specials = TRAINER_SPECIALS, compiled: bool = False
+        self, model: GraphModel, roles: Roles, *, specials: Specials = TRAINER_SPECIALS, compiled: bool = False
     ):
         self.model, self.roles, self.io, self.specials = model, roles, ModelIO(roles), specials
-        graph = model.typed_graph.graph  # type: ignore[union-attr]
+        graph = model.typed_graph.graph
         pad = roles.tgt_pad
         self.pad_required = pad is not None and not graph.inputs[pad].optional
         growing = [roles.tgt] + ([pad] if pad is not None else [])
         self.program = step_program(model, growing, roles.output, compiled=compiled)
         self.device = next(iter(model.state_dict().values())).device
         # the longest source and target the model's blocks allow (None: unbounded)
-        self.source_positions, self.positions = length_limits(model.typed_graph, roles)  # type: ignore[arg-type]
+        self.source_positions, self.positions = length_limits(model.typed_graph, roles)
 
     @property
     def reason(self) -> str | None:

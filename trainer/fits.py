@@ -73,7 +73,7 @@ class DecodingGuard:
             return
         try:
             meta = self._meta = self._meta or _on_meta(self.decoder)
-            budget = 2 * footprint.op_budget(meta.model.typed_graph)  # type: ignore[union-attr]
+            budget = 2 * footprint.op_budget(meta.model.typed_graph)
             with torch.no_grad(), footprint.MetaPeak(meta.model, budget=budget) as peak:
                 sources = _ids(rows, src_len) if src_len is not None else None
                 masks = torch.zeros(rows, src_len, dtype=torch.bool, device="meta") if src_len is not None else None
@@ -93,7 +93,7 @@ def _on_meta(decoder: decode.Decoder) -> decode.Decoder:
     """`decoder` with its model built again on meta, in its dtype."""
     model = decoder.model
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    layout = compile_graph(model.typed_graph, device="meta", dtype=dtype).eval()  # type: ignore[union-attr]
+    layout = compile_graph(model.typed_graph, device="meta", dtype=dtype).eval()
     return decode.Decoder(layout, decoder.roles, specials=decoder.specials)
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from blockgraph.builder.model import GraphModel
 from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, UsageError
 from blockgraph.common.text import excerpt
 from blockgraph.trainer import checkpoint, decode, fits
@@ -71,7 +71,7 @@ class Translator:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: GraphModel,
         roles: Roles,
         target: TextSide,
         source: TextSide | None = None,

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from blockgraph.builder import persist
 from blockgraph.builder.families import FAMILIES
 from blockgraph.builder.hf_export import Exported, export_hf
 from blockgraph.builder.hf_import import import_directory
+from blockgraph.builder.hf_mappings import TOKENIZERS, TokenizerKind
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.pipeline import typed_graph
 from blockgraph.common.atomic import check_directory_target, owned_directory, write_directory
@@ -40,15 +40,7 @@ from blockgraph.trainer import checkpoint, subword
 from blockgraph.trainer.generation import Translator
 from blockgraph.trainer.roles import Roles, find_roles, sizes
 from blockgraph.trainer.specials import Specials
-from blockgraph.trainer.text import (
-    MARIAN_FILES,
-    RECORD,
-    TOKENIZER,
-    TOKENIZER_JSON,
-    ModelText,
-    TextSide,
-    tokenizer_folder,
-)
+from blockgraph.trainer.text import RECORD, TOKENIZER, ModelText, TextSide, tokenizer_folder
 from blockgraph.trainer.tokenizer_json import TokenizerJson
 
 FORMAT = "blockgraph-pretrained"
@@ -67,7 +59,7 @@ class PretrainedRecord(BaseModel):
     format_version: int = Field(1, ge=1, le=1)
     model_type: str
     specials: dict[Literal["pad", "bos", "eos", "decoder_start"], Annotated[int, Field(ge=0)] | None]
-    tokenizer: Literal["tokenizer.json", "marian"] | None
+    tokenizer: TokenizerKind | None
     spec_sha256: str  # of the spec.yaml written: an edited one is the user's, and another import keeps it
 
 
@@ -87,7 +79,7 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
     _refuse_edited(out)
     check_directory_target(out, owned=replaceable, what=WHAT)  # before the work: a wrong --out fails at once
     imported = import_directory(directory)
-    kind = tokenizer_kind(directory)
+    kind = tokenizer_kind(directory, imported.model_type)
     files = {name: read_bytes(directory / name, TOKENIZER_FILE) for name in _tokenizer_files(kind)}
     vocab = int(imported.variables["vocab"])
     if kind is not None:  # parsed before anything is written: a bad file stops here
@@ -102,7 +94,7 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
         folder.mkdir(exist_ok=True)
         write_model(folder / MODEL)
         (folder / SPEC).write_text(imported.spec_text, encoding="utf-8")
-        standalone = imported.model.typed_graph.graph.standalone  # type: ignore[union-attr]
+        standalone = imported.model.typed_graph.graph.standalone
         if typed_graph(folder / SPEC).graph.standalone != standalone:
             raise CheckpointError(Problem("the written spec.yaml would not build this model", Location(str(out))))
         if files:
@@ -166,24 +158,35 @@ def is_pretrained(path: str | Path) -> bool:
     return (Path(path) / RECORD).is_file()
 
 
-def tokenizer_kind(directory: Path) -> Literal["tokenizer.json", "marian"] | None:
-    """Which tokenizer the Hugging Face directory holds: tokenizer.json, Marian's SentencePiece files, or none."""
-    if (directory / "tokenizer.json").is_file():
-        return "tokenizer.json"
-    if all((directory / name).is_file() for name in MARIAN_FILES):
-        return "marian"
+def tokenizer_kind(directory: Path, model_type: str) -> TokenizerKind | None:
+    """The tokenizer the family declares if the directory holds its files, else none; another kind's files
+    alone are refused: the family's model would read text through a tokenizer it was not made for."""
+    kind = FAMILIES[model_type].tokenizer
+    if all((directory / name).is_file() for name in TOKENIZERS[kind]):
+        return kind
+    for other, names in TOKENIZERS.items():
+        if other != kind and all((directory / name).is_file() for name in names):
+            theirs = ", ".join(TOKENIZERS[kind])
+            raise CheckpointError(
+                Problem(
+                    f"{directory} holds {', '.join(names)} but not {theirs}, the {model_type} family's tokenizer",
+                    Location(str(directory / names[0])),
+                    hint=f"put the model's own {theirs} beside config.json, or remove these files to import "
+                    "without a tokenizer",
+                )
+            )
     return None
 
 
-def _tokenizer_files(kind: str | None) -> tuple[str, ...]:
-    return () if kind is None else TOKENIZER_JSON if kind == "tokenizer.json" else MARIAN_FILES
+def _tokenizer_files(kind: TokenizerKind | None) -> tuple[str, ...]:
+    return () if kind is None else TOKENIZERS[kind]
 
 
 @dataclass(frozen=True)
 class Loaded:
     """An imported model read back: the model, what its inputs mean, its special tokens, its record."""
 
-    model: nn.Module
+    model: GraphModel
     roles: Roles
     specials: Specials
     record: PretrainedRecord
@@ -195,8 +198,8 @@ def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
     path = Path(path)
     record = writer_record(path)
     model = persist.load(path / MODEL, device=device).eval()  # decoding: dropout off
-    graph = model.typed_graph.graph  # type: ignore[union-attr]
-    roles = find_roles(graph, types=model.typed_graph.types)  # type: ignore[union-attr]
+    graph = model.typed_graph.graph
+    roles = find_roles(graph, types=model.typed_graph.types)
     vocab = sizes(graph, roles).out_vocab or 0
     specials = specials_of(record, roles.kind, vocab, Location(str(path / RECORD)))
     return Loaded(model, roles, specials, record, vocab)

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from blockgraph.builder.model import GraphModel
 from blockgraph.builder.source import dump_yaml
 from blockgraph.common.atomic import check_directory_target, write_directory
 from blockgraph.common.errors import CheckpointError, Location, Problem, UsageError
@@ -132,7 +133,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, *, prime: bool = 
 def save(
     directory: Path,
     *,
-    model: nn.Module,
+    model: GraphModel,
     optimizer: torch.optim.Optimizer,
     records: checkpoint.Records,
     rng: dict[str, torch.Tensor],
@@ -141,7 +142,7 @@ def save(
     """Every rank: write the sharded checkpoint `directory` (see the module notes); its path, or None on the
     ranks whose rank 0 could not write it (rank 0 raises the error)."""
     state = {**_state(model, optimizer), **rng}
-    spec_text = dump_yaml(model.typed_graph.graph.standalone)  # type: ignore[union-attr]
+    spec_text = dump_yaml(model.typed_graph.graph.standalone)
     if not context.main:
         (folder,) = _broadcast([None])
         if folder is not None:
