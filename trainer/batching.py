@@ -62,10 +62,13 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
         return Batch(
-            move(self.tgt_in),
-            move(self.tgt_out),
-            move(self.tgt_pad),
+            moved(self.tgt_in),
+            moved(self.tgt_out),
+            moved(self.tgt_pad),
             move(self.src),
             move(self.src_pad),
             move(self.labels),

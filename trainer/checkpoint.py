@@ -108,7 +108,7 @@ class Checkpoint:
     """A loaded checkpoint: the rebuilt model and everything needed to go on training or to decode."""
 
     path: Path
-    model: nn.Module
+    model: GraphModel
     src_vocab: Vocab | None
     tgt_vocab: Vocab | None  # None: a fine-tuned imported model, whose tokenizer reads its text
     info: dict[str, Any]  # trainer.json, checked

@@ -231,7 +231,7 @@ def translate(
         translator = pretrained.load(given.imported, device=device, compiled=compile_step, note=_note)
     else:
         saved = checkpoint.load(
-            given.checkpoint, device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
+            given.run("translate"), device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
         )
         roles = Roles(**saved.info["roles"])
         if roles.kind == "classify":
@@ -294,7 +294,7 @@ def generate(
         translator = pretrained.load(given.imported, device=device, compiled=compile_step, note=_note)
     else:
         translator = Translator.load(
-            given.checkpoint, device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
+            given.run("generate"), device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
         )
     if translator.seq2seq:
         raise UsageError(Problem("this checkpoint is an encoder–decoder", hint="translate with `blockgraph translate`"))

@@ -253,32 +253,32 @@ def command_parameters(model: type[BaseModel] = TrainConfig) -> list[inspect.Par
             option = {"help": info.description, "metavar": metavar, "rich_help_panel": cli.panel, **bounds}
             marker = typer.Option(*flags, show_default=show, **option)
         kind = cli.takes if cli.takes is not None else info.annotation
-        annotation = Annotated[kind, marker]
+        annotation = Annotated[kind, marker]  # type: ignore[valid-type]  # a field's type, known at run time
         parameters.append(
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         )
     return parameters
 
 
-_METAVARS = {int: "N", int | None: "N", float: "X", float | None: "X", str: "TEXT", str | None: "TEXT"}
+_METAVARS: dict[Any, str] = {int: "N", int | None: "N", float: "X", float | None: "X", str: "TEXT", str | None: "TEXT"}
 
 
 def _cli_default(cli: Cli) -> Any:
     return [] if cli.takes == list[str] else None
 
 
-def config_from_command_line(values: dict[str, Any], model: type[BaseModel] = TrainConfig) -> BaseModel:
+def config_from_command_line(values: dict[str, Any]) -> TrainConfig:
     """The config of the options given on the command line (its `model_fields_set`), each parsed as its field's
     `Cli.parse` says; the others keep their defaults."""
     fields = {}
     for name, value in values.items():
-        info = model.model_fields[name]
+        info = TrainConfig.model_fields[name]
         cli = next((m for m in info.metadata if isinstance(m, Cli)), Cli())
         if cli.parse is not None:
             value = info.get_default(call_default_factory=True) if value in (None, []) else cli.parse(value)
         fields[name] = value
     try:
-        return model(**fields)
+        return TrainConfig(**fields)
     except ValidationError as exc:
         raise UsageError(
             [Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}") for e in exc.errors()]

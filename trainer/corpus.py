@@ -10,7 +10,9 @@ occurs in training are left out and counted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from blockgraph.common.errors import DataError, Problem
 from blockgraph.trainer import data, subword, tasks
@@ -81,6 +83,8 @@ def load(
     if kind == "classify":
         return _load_labelled(options, vocabs[1] if vocabs is not None else None, labels, notes)
     seq2seq = kind == "seq2seq"
+    train_text: Sequence[tuple[str, ...]]  # (source, target) pairs, or a target alone
+    valid_text: Sequence[tuple[str, ...]]
     if options.task is not None:
         if not seq2seq:
             raise DataError(
@@ -278,7 +282,7 @@ def _tokenize(records, tokenizers: tuple[str, str], seq2seq: bool) -> list[tuple
 
 
 def _vocabs(train_tokens, tokenizers, options: DataOptions, seq2seq: bool, shared: bool) -> tuple[Vocab | None, Vocab]:
-    sizes = {"min_freq": options.min_freq, "max_size": options.max_vocab}
+    sizes: dict[str, Any] = {"min_freq": options.min_freq, "max_size": options.max_vocab}
     targets = [t for _, t in train_tokens]
     if not seq2seq:
         return None, Vocab.build(targets, tokenizers[1], **sizes)
@@ -309,7 +313,8 @@ def describe(corpus: Corpus) -> str:
     if corpus.src_vocab is not None:
         parts.append(f"source vocabulary {len(corpus.src_vocab)} ({corpus.src_vocab.tokenizer})")
     if corpus.labels is not None:
-        parts.append(f"vocabulary {len(corpus.tgt_vocab)} ({corpus.tgt_vocab.tokenizer})")
+        if corpus.tgt_vocab is not None:
+            parts.append(f"vocabulary {len(corpus.tgt_vocab)} ({corpus.tgt_vocab.tokenizer})")
         parts.append(
             f"{len(corpus.labels)} labels ({', '.join(corpus.labels[:8])}{', …' if len(corpus.labels) > 8 else ''})"
         )

@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -244,10 +245,16 @@ class Translator:
             src, src_pad = (t.to(device) for t in pad([item.ids for item in group], self.decoder.specials.fill))
         elif group[0].ids:
             prompt = torch.tensor([item.ids for item in group], device=device)
-        given = {"src": src, "src_pad": src_pad, "prompt": prompt, "rows": len(group), "max_len": limits}
+        given: dict[str, Any] = {
+            "src": src,
+            "src_pad": src_pad,
+            "prompt": prompt,
+            "rows": len(group),
+            "max_len": limits,
+        }
         self._fits(group, search, src, prompt)
         if search.sampling:
-            options = {"temperature": search.temperature, "top_k": search.top_k, "top_p": search.top_p}
+            options: dict[str, Any] = {"temperature": search.temperature, "top_k": search.top_k, "top_p": search.top_p}
             found = [[h] for h in decode.sample(self.decoder, **given, **options, generator=generator)]
         elif search.beam == 1:
             found = [[h] for h in decode.greedy(self.decoder, **given)]

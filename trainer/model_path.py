@@ -103,7 +103,7 @@ class ModelPath:
         return self.imported
 
     def run(self, command: str) -> Path:
-        """The training checkpoint `command` (--resume, consolidate) continues or gathers."""
+        """The training checkpoint `command` continues (--resume), gathers (consolidate) or decodes with."""
         if self.checkpoint is None:
             hint = "give a run directory of `blockgraph train` (its --out) or its checkpoint/"
             if self.kind == "imported model":

@@ -184,7 +184,8 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
     state = _state(model, optimizer, prime=True)
     generator = torch.get_rng_state()  # a saved generator state has this one's shape and dtype, or is ignored
     rng = {name: torch.empty_like(generator) for name, meta in metadata.state_dict_metadata.items()
-           if RNG.fullmatch(name) and tuple(meta.size) == tuple(generator.shape)
+           if RNG.fullmatch(name) and isinstance(meta, dcp_metadata.TensorStorageMetadata)
+           and tuple(meta.size) == tuple(generator.shape)
            and meta.properties.dtype == generator.dtype}  # fmt: skip
     state.update(rng)
     try:
@@ -320,8 +321,9 @@ class _Records:
             for k, v in planner.items()
         )
         version = fields.get("version")
+        tensors: dict[str, dcp_metadata.STORAGE_TYPES] = dict(entries)
         return dcp_metadata.Metadata(
-            entries,
+            tensors,
             planner_data=planner if planner_ok else None,
             storage_data=storage,
             storage_meta=dcp_metadata.StorageMeta(load_id=load_id),  # nothing of the file's: DCP needs only this
@@ -349,13 +351,12 @@ class _Records:
         made, seen, volume = [], set(), 0
         for chunk in chunks:
             part = _given(chunk, "ChunkStorageMetadata")
-            offsets, sizes = (_made(part.get(k)) for k in ("offsets", "sizes")) if isinstance(part, dict) else (0, 0)
-            fits = (
-                isinstance(offsets, torch.Size) and isinstance(sizes, torch.Size)
-                and len(offsets) == len(sizes) == len(size)
-                and all(o + s <= d for o, s, d in zip(offsets, sizes, size, strict=True))
-            )  # fmt: skip
-            if not fits:
+            offsets, sizes = (
+                (_made(part.get(k)) for k in ("offsets", "sizes")) if isinstance(part, dict) else (None, None)
+            )
+            if not (isinstance(offsets, torch.Size) and isinstance(sizes, torch.Size)) or not _inside(
+                offsets, sizes, size
+            ):
                 raise self.fail(f"the metadata of {name} is not a tensor's")
             if not math.prod(sizes):  # an empty shard (DCP lists one per rank that holds none): nothing to read
                 continue
@@ -383,7 +384,7 @@ class _Records:
         for key, value in described.items():
             index = _given(key, "MetadataIndex")
             fqn, offset = (index.get("fqn"), _made(index.get("offset"))) if isinstance(index, dict) else (None, None)
-            if (fqn, offset) not in wanted:
+            if not isinstance(fqn, str) or (fqn, offset) not in wanted:
                 continue
             place = dcp_metadata.MetadataIndex(fqn, offset)  # its index, a hint for a search, is not the file's
             if place in made:
@@ -425,6 +426,13 @@ class _Records:
                 return None
             self.sizes[name] = info.st_size
         return self.sizes[name]
+
+
+def _inside(offsets: torch.Size, sizes: torch.Size, size: torch.Size) -> bool:
+    """A chunk at `offsets` of `sizes` lies within a tensor of `size`."""
+    return len(offsets) == len(sizes) == len(size) and all(
+        o + s <= d for o, s, d in zip(offsets, sizes, size, strict=True)
+    )
 
 
 def _given(described: object, kind: str) -> Any:

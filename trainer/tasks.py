@@ -7,6 +7,7 @@ written as space-separated text, and read with the `space` tokenizer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from blockgraph.common.errors import Problem, UsageError
@@ -31,7 +32,7 @@ class TaskOptions:
         return asdict(self)
 
 
-def task_options(values: dict[str, object], origin: str = "--task-options") -> TaskOptions:
+def task_options(values: Mapping[str, object], origin: str = "--task-options") -> TaskOptions:
     """Options from names and values (the command line's, or a checkpoint's), each checked against its range."""
     for name, value in values.items():
         if name not in LIMITS:
