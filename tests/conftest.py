@@ -134,3 +134,21 @@ def assert_well_formed_dot(text: str):
     edges = [(e.get_source().strip('"'), e.get_destination().strip('"')) for e in graph.get_edges()]
     assert edges and all(s in names and d in names for s, d in edges)
     return graph
+
+
+def tiny_reverse_config(**changes: object):
+    """A 1+1-layer, 16-wide Transformer learning to reverse 6 symbols: a training run of a few seconds."""
+    from blockgraph.trainer.config import TrainConfig
+
+    settings = {
+        "spec": str(SPECS / "transformer.yaml"),
+        "overrides": {"d_model": 16, "heads": 2, "enc_layers": 1, "dec_layers": 1, "d_ff": 32, "dropout": 0.1},
+        "task": "reverse",
+        "task_options": {"symbols": 6, "min_len": 2, "max_len": 5, "train": 96, "valid": 16},
+        "batch_size": 16,
+        "lr": 2e-3,
+        "warmup": 10,
+        "seed": 3,
+        "bleu_sentences": 8,
+    }
+    return TrainConfig(**{**settings, **changes})

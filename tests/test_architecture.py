@@ -76,3 +76,15 @@ def test_the_check_sees_the_imports_it_must():
     assert graph.has_edge("cli", "trainer.commands") and graph.has_edge("builder.compile", "builder.graph")
     assert graph.has_edge("builder.persist", "builder.pipeline")  # an import at the top of the module
     assert graph.has_edge("trainer.commands", "trainer.rundir")  # an import inside a function
+
+
+def test_node_names_never_shadow_what_the_built_model_adds():
+    """builder.resolve names GraphModel's own attributes instead of importing it (that import would close a cycle
+    through the typed graph); they must stay the same."""
+    import torch
+
+    from blockgraph.builder.model import GraphModel
+    from blockgraph.builder.resolve import MODEL_ATTRIBUTES
+
+    added = (set(dir(GraphModel)) | set(GraphModel.__annotations__)) - set(dir(torch.nn.Module))
+    assert added == set(MODEL_ATTRIBUTES)

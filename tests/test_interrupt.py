@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT, SPECS
+from conftest import ROOT, SPECS, tiny_reverse_config
 from rich.console import Console
 
 from blockgraph.trainer import checkpoint, rundir
@@ -162,19 +162,8 @@ def test_a_crashed_worker_stops_the_run_in_one_line(tmp_path):
     assert _lock_is_free(run)
 
 
-def _tiny(**changes) -> TrainConfig:
-    settings = {
-        "spec": str(SPECS / "transformer.yaml"),
-        "overrides": {"d_model": 16, "heads": 2, "enc_layers": 1, "dec_layers": 1, "d_ff": 32, "dropout": 0.1},
-        "task": "reverse",
-        "task_options": {"symbols": 6, "min_len": 2, "max_len": 5, "train": 96, "valid": 16},
-        "batch_size": 16,
-        "lr": 2e-3,
-        "warmup": 10,
-        "seed": 3,
-        "bleu_sentences": 0,
-    }
-    return TrainConfig(**{**settings, **changes})
+def _tiny(**changes: object) -> TrainConfig:
+    return tiny_reverse_config(**{"bleu_sentences": 0, **changes})
 
 
 def test_a_resumed_run_says_so_and_its_progress_goes_on(tmp_path):

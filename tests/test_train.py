@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import SPECS
+from conftest import SPECS, tiny_reverse_config
 from typer.testing import CliRunner
 
 from blockgraph.builder import persist
@@ -71,21 +71,6 @@ def test_lstm_with_attention_learns_to_reverse():
     assert result.history[-1]["valid_acc"] >= 0.8, result.history
 
 
-def _tiny(**changes) -> TrainConfig:
-    settings = {
-        "spec": TRANSFORMER,
-        "overrides": {"d_model": 16, "heads": 2, "enc_layers": 1, "dec_layers": 1, "d_ff": 32, "dropout": 0.1},
-        "task": "reverse",
-        "task_options": {"symbols": 6, "min_len": 2, "max_len": 5, "train": 96, "valid": 16},
-        "batch_size": 16,
-        "lr": 2e-3,
-        "warmup": 10,
-        "seed": 3,
-        "bleu_sentences": 8,
-    }
-    return TrainConfig(**{**settings, **changes})
-
-
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -96,13 +81,13 @@ def test_resume_continues_exactly(tmp_path):
 
     Dropout is on, so the random-number state must travel with the checkpoint too.
     """
-    full = train(_tiny(epochs=2), tmp_path / "full", quiet=True)
-    train(_tiny(epochs=1), tmp_path / "half", quiet=True)
+    full = train(tiny_reverse_config(epochs=2), tmp_path / "full", quiet=True)
+    train(tiny_reverse_config(epochs=1), tmp_path / "half", quiet=True)
     resumed = train(TrainConfig(epochs=2), resume=tmp_path / "half", quiet=True)
     assert resumed.step == full.step == 12
     assert _same_weights(full.model, resumed.model)
 
-    train(_tiny(epochs=2, max_steps=3), tmp_path / "part", quiet=True)
+    train(tiny_reverse_config(epochs=2, max_steps=3), tmp_path / "part", quiet=True)
     assert checkpoint.load(tmp_path / "part").info["batch"] == 3
     mid = train(TrainConfig(epochs=2, max_steps=None), resume=tmp_path / "part", quiet=True)  # the run had max 3
     assert _same_weights(full.model, mid.model)
@@ -124,7 +109,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """An interrupted checkpoint write leaves the previous checkpoint whole."""
-    train(_tiny(epochs=1), tmp_path / "run", quiet=True)
+    train(tiny_reverse_config(epochs=1), tmp_path / "run", quiet=True)
     before = checkpoint.load(tmp_path / "run")
 
     def interrupted(*args, **kwargs):
