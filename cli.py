@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.markup import escape
@@ -156,7 +156,10 @@ def main_options(
         ),
     ] = [],  # noqa: B006 - Typer reads the default
     allow_override: Annotated[
-        bool, typer.Option("--allow-override", help="Let plugins replace blocks whose names are already taken.")
+        bool,
+        typer.Option(
+            "--allow-override", help="Let plugins replace blocks and model families (model_type) already registered."
+        ),
     ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
@@ -394,9 +397,10 @@ def inspect(
     if ranks > 1 or strategy is not None:
         from blockgraph.builder.views import per_rank as shares
 
-        chosen = (strategy or Strategy.fsdp).value
+        chosen: Literal["ddp", "fsdp"] = "ddp" if strategy is Strategy.ddp else "fsdp"  # fsdp by default
         size = compute_dtype.itemsize if compute_dtype is not None else 4  # float32
         if format is InspectFormat.json:
+            assert isinstance(report, str)  # json is text
             report = json.dumps({**json.loads(report), "per_process": shares.ranks_json(model, ranks, chosen, size)})
         elif format in (InspectFormat.tree, InspectFormat.table):
             per_rank = shares.ranks_table(model, ranks, chosen, size)
@@ -511,13 +515,31 @@ def export(
     with_optional: Annotated[
         bool, typer.Option("--with-optional", help="Make the optional inputs (masks) inputs of the exported model.")
     ] = False,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size",
+            metavar="SIZE",
+            help="hf only: split the weights into files of at most SIZE (5GB, 500MB, 1GiB) with an index. "
+            "Default 5GB, as transformers.",
+            show_default=False,
+        ),
+    ] = None,
     strict: StrictOpt = False,
     allow_external_files: ExternalOpt = False,
 ) -> None:
     """Export SPEC (or a model directory's weights) for deployment, its named dimensions (batch, seq, ...) dynamic."""
     from blockgraph.builder import export as exporting
-    from blockgraph.builder import footprint, persist, pipeline, trial
+    from blockgraph.builder import footprint, hf_export, persist, pipeline, trial
 
+    if max_shard_size is not None and format is not ExportFormat.hf:
+        raise UsageError(
+            Problem(
+                f"--max-shard-size splits a Hugging Face directory's weights; --format {format.value} is one file",
+                hint="leave out --max-shard-size, or export with --format hf",
+            )
+        )
+    shard_limit = hf_export.MAX_SHARD_SIZE if max_shard_size is None else hf_export.shard_size(max_shard_size)
     given = model_path(spec)
     overrides = parse_pairs(set_, "--set", typed=True)
     saved = given.saved_model()
@@ -540,7 +562,7 @@ def export(
         def note(text: str) -> None:
             warn([Problem(text, severity="warning")], strict=False)
 
-        report = pretrained.export(model, given.imported, out_file, note)
+        report = pretrained.export(model, given.imported, out_file, note, max_shard_size=shard_limit)
         out.print(
             f"wrote {out_file}: {report.model_type}, {report.tensors} tensors: {', '.join(report.files)}", markup=False
         )

@@ -749,7 +749,7 @@ class LocalAttention(SourceAttention):
     example = {"d_query": 256, "d_memory": 512, "score": "general", "window": 10, "mode": "predictive"}
 
     @classmethod
-    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:  # type: ignore[override]  # given its own Params
         """Scores and context as every source attention, and in predictive mode p_t = S·sigmoid(v_pᵀ tanh(W_p h_t))."""
         rows, d_p = tokens(inputs["query"].shape), p.d_p or p.d_query
         position = linear(rows, p.d_query, d_p) + linear(rows, d_p, 1) if p.mode == "predictive" else 0

@@ -50,7 +50,7 @@ class FeedForward(Block):
         self.activation = ACTIVATIONS[p.activation]
 
     @classmethod
-    def infer(cls, p: Params, x: TensorType) -> TensorType:
+    def infer(cls, p: FeedForwardParams, x: TensorType) -> TensorType:
         """[..., d_model] → [..., d_model]."""
         expect_last(x, p.d_model, "d_model")
         return x
@@ -99,6 +99,6 @@ class SwiGLU(FeedForward):
         )
 
     @classmethod
-    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:  # type: ignore[override]  # given its own Params
         """W₁, W₃ and W₂: 3 · 2·tokens·d_model·d_ff."""
         return super().flops(cls.feed_forward_params(p), inputs, outputs)

@@ -87,6 +87,12 @@ def _dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return dropout(x) if dropout.training and dropout.p > 0 else x
 
 
+def _without_weights(out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """What a layer's attention returns: y alone, as a layer builds its attentions without need_weights."""
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
 def _check_mask(mask: TensorType | None, seq: TensorType, mask_name: str, seq_name: str) -> None:
     """A key padding mask must be [batch, len] of the sequence it masks."""
     if mask is None:
@@ -136,7 +142,7 @@ class EncoderLayer(Block):
         return x
 
     @classmethod
-    def flops(cls, p: Params, inputs: dict, outputs: tuple) -> Any:
+    def flops(cls, p: LayerParams, inputs: dict, outputs: tuple) -> Any:
         """Self-attention, then the feed-forward's W_1 and W_2."""
         return p.attention_flops(inputs["x"]) + p.ffn_flops(inputs["x"])
 
@@ -254,7 +260,7 @@ class DecoderLayer(Block):
             return self.self_attn(h, key_padding_mask=tgt_key_padding_mask, attn_mask=tgt_mask)
 
         def attend_memory(h: torch.Tensor) -> torch.Tensor:
-            return self.cross_attn(h, memory, memory, key_padding_mask=memory_key_padding_mask)  # type: ignore[misc]
+            return self.cross()(h, memory, memory, key_padding_mask=memory_key_padding_mask)
 
         return self.layer(x, attend_self, attend_memory)
 
@@ -278,12 +284,18 @@ class DecoderLayer(Block):
         cross = cache.child("cross_attn", {"query": True, "key": False, "value": False, "key_padding_mask": False})
 
         def attend_self(h: torch.Tensor) -> torch.Tensor:
-            return self.self_attn.step(own, h, key_padding_mask=tgt_key_padding_mask)
+            return _without_weights(self.self_attn.step(own, h, key_padding_mask=tgt_key_padding_mask))
 
         def attend_memory(h: torch.Tensor) -> torch.Tensor:
-            return self.cross_attn.step(cross, h, memory, memory, key_padding_mask=memory_key_padding_mask)  # type: ignore[union-attr]
+            out = self.cross().step(cross, h, memory, memory, key_padding_mask=memory_key_padding_mask)
+            return _without_weights(out)
 
         return self.layer(x, attend_self, attend_memory)
+
+    def cross(self) -> MultiHeadAttention:
+        """The cross-attention, which `layer` calls only in a layer that has one (`cross_attention`)."""
+        assert self.cross_attn is not None
+        return self.cross_attn
 
     def layer(
         self,

@@ -109,6 +109,7 @@ class SinusoidalPosition(PositionTable):
 
     out_ports = (Port("y", doc="x + PE[:seq], [batch, seq, dim]"),)
     example = {"dim": 512, "dropout": 0.1}
+    pe: torch.Tensor  # the buffer [1, max_len, dim]
 
     def __init__(self, p: Params):
         super().__init__()

@@ -102,7 +102,7 @@ class Recurrent(Block):
         for layer in range(p.layers):
             width = p.input_size if layer == 0 else p.hidden_size * self.directions
             for suffix in ("", "_reverse")[: self.directions]:
-                shapes = {"weight_ih": (rows, width), "weight_hh": (rows, p.hidden_size)}
+                shapes: dict[str, tuple[int, ...]] = {"weight_ih": (rows, width), "weight_hh": (rows, p.hidden_size)}
                 if p.bias:
                     shapes |= {"bias_ih": (rows,), "bias_hh": (rows,)}
                 for kind, shape in shapes.items():
@@ -128,7 +128,9 @@ class Recurrent(Block):
         """Weights in the order torch's fused kernels take them: per layer, per direction: W_ih, W_hh, b_ih, b_hh."""
         return [getattr(self, name) for name in self._flat_weight_names]
 
-    def weights(self, layer: int, direction: int) -> tuple[torch.Tensor, ...]:
+    def weights(
+        self, layer: int, direction: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(W_ih, W_hh, b_ih, b_hh) of one layer and direction; biases are None without `bias`."""
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         w_ih, w_hh = getattr(self, "weight_ih" + suffix), getattr(self, "weight_hh" + suffix)
@@ -227,7 +229,7 @@ class Recurrent(Block):
             for direction in range(self.directions):
                 k = layer * self.directions + direction
                 w_ih, w_hh, b_ih, b_hh = self.weights(layer, direction)
-                if self.fold_hidden_bias and b_hh is not None:
+                if self.fold_hidden_bias and b_ih is not None and b_hh is not None:  # with `bias`, both are set
                     xw, b_hh = F.linear(inp, w_ih, b_ih + b_hh), None  # W_ih x_t + b_ih + b_hh, all steps at once
                 else:
                     xw = F.linear(inp, w_ih, b_ih)  # W_ih x_t + b_ih, all steps at once
@@ -249,14 +251,17 @@ class Recurrent(Block):
     ) -> tuple[torch.Tensor, State]:
         """Run `cell` over the steps of one direction; at padded steps the state is kept and the output is 0."""
         steps = xw.unbind(0)  # views whose backward is one stack, not a zero-filled full-size tensor per step
-        outputs: list[torch.Tensor | None] = [None] * len(steps)
+        outputs: list[torch.Tensor] = []  # in the order of the scan, step order once reversed back
         for t in reversed(range(len(steps))) if reverse else range(len(steps)):
             new = self.cell(steps[t], state, w_hh, b_hh)
             if valid is None:
-                state, outputs[t] = new, new[0]
+                state = new
+                outputs.append(new[0])
             else:
                 state = tuple(torch.where(valid[t], n, s) for n, s in zip(new, state, strict=True))
-                outputs[t] = torch.where(valid[t], new[0], 0.0)
+                outputs.append(torch.where(valid[t], new[0], 0.0))
+        if reverse:
+            outputs.reverse()
         return torch.stack(outputs), state
 
 
@@ -291,7 +296,8 @@ class HiddenStateRecurrent(Recurrent):
         mask: TensorType | None = None,
     ) -> tuple[TensorType, TensorType]:
         """[batch, seq, input_size] → y [batch, seq, D·hidden_size], h [layers·D, batch, hidden_size] (D directions)."""
-        return cls.infer_recurrent(p, x, {"h0": h0}, lengths, mask)
+        y, h = cls.infer_recurrent(p, x, {"h0": h0}, lengths, mask)
+        return y, h
 
     def forward(
         self,
@@ -300,7 +306,8 @@ class HiddenStateRecurrent(Recurrent):
         lengths: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run(x, (h0,), lengths, mask)
+        y, h = self.run(x, (h0,), lengths, mask)
+        return y, h
 
     def step(
         self,
@@ -397,7 +404,8 @@ class LSTM(Recurrent):
         mask: TensorType | None = None,
     ) -> tuple[TensorType, TensorType, TensorType]:
         """[batch, seq, input_size] → y [batch, seq, D·hidden], h and c [layers·D, batch, hidden] (D directions)."""
-        return cls.infer_recurrent(p, x, {"h0": h0, "c0": c0}, lengths, mask)
+        y, h, c = cls.infer_recurrent(p, x, {"h0": h0, "c0": c0}, lengths, mask)
+        return y, h, c
 
     def cell(self, xw_t: torch.Tensor, state: State, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> State:
         h, c = state
@@ -420,7 +428,8 @@ class LSTM(Recurrent):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.implementation == "gates":
-            return self.run(x, (h0, c0), lengths, mask)
+            y, h, c = self.run(x, (h0, c0), lengths, mask)
+            return y, h, c
         return self.fused(x, self.initial_state(x, (h0, c0)), real_lengths(lengths, mask, x.size(1)))
 
     def step(
@@ -446,6 +455,7 @@ class LSTM(Recurrent):
         # nn.LSTM's padded path: pack (longest first), run, unpack; length-0 rows run one step, then are reset
         packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         order, restore = packed.sorted_indices, packed.unsorted_indices
+        assert order is not None and restore is not None  # enforce_sorted=False always sorts and records the order
         hx_sorted = [s.index_select(1, order) for s in hx]
         data, h, c = _VF.lstm(packed.data, packed.batch_sizes, hx_sorted, self.flat_weights, *config)
         out = PackedSequence(data, packed.batch_sizes, order, restore)

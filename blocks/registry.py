@@ -7,6 +7,7 @@ back, so the registry never holds half a plugin.
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import fnmatch
 import inspect
@@ -222,7 +223,7 @@ class Registry:
         found = [e for e in self._entries.values() if any(fnmatch.fnmatchcase(t, wildcard) for t in (e.name, e.family))]
         return sorted(found, key=lambda e: (e.family, e.name))
 
-    def names(self) -> list[str]:
+    def names(self) -> builtins.list[str]:  # `list` here is the method above
         return sorted(self._entries)
 
 

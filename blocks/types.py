@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import sympy
 import torch
 
-Dim = int | sympy.Expr
+Dim: TypeAlias = int | sympy.Expr
 DtypeKind = Literal["float", "int", "bool", "any"]
 
 
@@ -32,11 +33,12 @@ def dims_equal(a: Dim, b: Dim) -> bool:
     return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 
-def format_dim(d: Dim) -> str:
+def format_dim(d: Dim | str) -> str:
     return str(d)
 
 
-def format_shape(shape: tuple[Dim, ...]) -> str:
+def format_shape(shape: Sequence[Dim | str]) -> str:
+    """`[batch, seq, 512]`; a spec's shape may still name its dimensions as strings."""
     return "[" + ", ".join(format_dim(d) for d in shape) + "]"
 
 

@@ -21,9 +21,9 @@ uses what autograd actually saves for backward, measured on the same meta calls 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import sympy
 import torch
@@ -36,6 +36,7 @@ from blockgraph.builder.shapes import TypedGraph, check_bounds
 from blockgraph.builder.trial import known_dims
 
 Shape = tuple[Any, ...]  # ints, or sympy expressions when no sizes are given
+T = TypeVar("T")
 
 #: bytes per parameter for the weight-memory line
 WEIGHT_DTYPES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -164,32 +165,33 @@ class Costs:
     @property
     def flops(self) -> int | None:
         """torch's forward FLOPs, all nodes; None without dims or when a node could not be measured."""
-        values = [n.flops for n in self.nodes.values()]
-        return None if not self.concrete or any(v is None for v in values) else sum(values)
+        values = _known(n.flops for n in self.nodes.values())
+        return None if not self.concrete or values is None else sum(values)
 
     @property
     def flops_analytic(self) -> int | sympy.Expr | None:
         """The blocks' formulas over all nodes (`NodeCost.counted_analytic`); None when one has none."""
-        values = [n.counted_analytic for n in self.nodes.values()]
-        if any(v is None for v in values):
+        values = _known(n.counted_analytic for n in self.nodes.values())
+        if values is None:
             return None
         return sum(values) if self.concrete else sympy.Add(*values)
 
     @property
     def activation_bytes(self) -> int | None:
         """All node outputs at once (every intermediate kept)."""
-        return sum(n.activation_bytes for n in self.nodes.values()) if self.concrete else None
+        sizes = _known(n.activation_bytes for n in self.nodes.values())  # all set when concrete
+        return sum(sizes) if self.concrete and sizes is not None else None
 
     @property
     def saved_activation_bytes(self) -> int | None:
         """What autograd keeps for backward over one forward pass: node internals plus the tensors between nodes.
 
         A node torch could not run on meta (`unmeasured`) counts its outputs instead."""
-        if not self.concrete:
+        internal = _known(n.activation_bytes if n.saved_bytes is None else n.saved_bytes for n in self.nodes.values())
+        if not self.concrete or internal is None:  # all set when concrete
             return None
         endpoints = {e for n in self.nodes.values() for e in n.saved_endpoints}
-        internal = sum(n.activation_bytes if n.saved_bytes is None else n.saved_bytes for n in self.nodes.values())
-        return internal + sum(self.endpoint_bytes[e] for e in endpoints)
+        return sum(internal) + sum(self.endpoint_bytes[e] for e in endpoints)
 
     @property
     def unmeasured(self) -> list[NodeCost]:
@@ -331,6 +333,12 @@ def analyse(
     return costs
 
 
+def _known(values: Iterable[T | None]) -> list[T] | None:
+    """The values, or None when one of them is unknown."""
+    found = list(values)
+    return None if any(v is None for v in found) else [v for v in found if v is not None]
+
+
 def _failure(exc: Exception) -> str:
     """What failed, in one line: the exception's type and the first line of its message."""
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
@@ -357,11 +365,11 @@ def _measure_node(
     module = model.get_submodule(inst.module_id)
     ports = [p.name for p in inst.entry.cls.in_ports]
     bound = {p: ep for p, ep in inst.bindings.items() if ep is not None}
+    kinds = {p: t.dtype for p, t in in_types.items() if t is not None}  # every connected port has a type
+    shapes = {p: s for p, s in ins.items() if s is not None}  # and a shape
     last = max((i for i, p in enumerate(ports) if p in bound), default=-1)
     call_ports = ports[: last + 1]
-    signature = tuple(
-        (p, ins[p], in_types[p].dtype, bool(bound[p].port)) if p in bound else (p, None) for p in call_ports
-    )
+    signature = tuple((p, ins[p], kinds[p], bool(bound[p].port)) if p in bound else (p, None) for p in call_ports)
     key = (inst.entry.name, _params_key(inst.params), signature, tuple(p.requires_grad for p in module.parameters()))
     found = memo.get(key)
     if found is None:
@@ -371,11 +379,11 @@ def _measure_node(
         def argument(p: str) -> torch.Tensor | None:
             if p not in bound:
                 return None
-            kind = in_types[p].dtype
+            kind = kinds[p]
             from_node = bool(bound[p].port)  # a node's output carries gradient; a spec input does not
             if kind.is_floating_point:
                 kind = next((q.dtype for q in module.parameters() if q.is_floating_point()), dtype)
-            return torch.empty(ins[p], dtype=kind, device=device, requires_grad=from_node and kind.is_floating_point)
+            return torch.empty(shapes[p], dtype=kind, device=device, requires_grad=from_node and kind.is_floating_point)
 
         was = {m: m.training for m in module.modules()}
         module.train()
@@ -394,6 +402,6 @@ def _measure_node(
     cost.flops, cost.flops_by_op = found.flops, found.by_op
     cost.saved_bytes = sum(nbytes(numel, kind) for numel, kind in found.internal)
     cost.saved_endpoints = (
-        *(inst.bindings[p] for p in sorted(found.saved_inputs)),
+        *(bound[p] for p in sorted(found.saved_inputs)),
         *(Endpoint(inst.id, p) for p in sorted(found.saved_outputs)),
     )

@@ -141,7 +141,8 @@ def render_block(entry: BlockEntry) -> RenderableType:
     for direction, group in (("in", entry.cls.in_ports), ("out", entry.cls.out_ports)):
         for port in group:
             ports.add_row(port.name, direction, port.describe() if direction == "in" else "", escape(port.doc))
-    own = entry.cls.infer.__func__ is not Block.infer.__func__  # the base's docstring documents the API
+    # the class's own shape rule or an ancestor's, not the base's (whose docstring documents the API)
+    own = inspect.getattr_static(entry.cls, "infer") is not inspect.getattr_static(Block, "infer")
     shape_rule = (inspect.getdoc(entry.cls.infer) if own else None) or "output has the shape of the first input"
     return Group(
         Markdown(f"# {entry.name}\n\n{entry.doc}\n\nfamily: **{entry.family}**, source: **{entry.source}**"),

@@ -250,7 +250,9 @@ def _suggested_fixes(message: str) -> str:
 def _refine(fixes: str, shapes: dict[str, Any]) -> dict[str, Any]:
     from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
-    return refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + fixes, shapes)
+    refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + fixes, shapes)
+    assert isinstance(refined, dict)  # the structure it was given
+    return refined
 
 
 def _dims_by_name(shapes: dict[str, Any], graph: Any, names: list[str]) -> dict[str, Any]:
@@ -323,6 +325,7 @@ def _write_onnx(program: Any, result: Exported, typed: TypedGraph, torch_output:
                 hint="the exported-program format may still work: --format exported-program",
             )
         ) from exc
+    assert onnx_program is not None  # the dynamo exporter always returns its program
     _name_axes(onnx_program, result, typed)
     write_file(path, lambda tmp: onnx_program.save(str(tmp), external_data=big), what="exported model")
 

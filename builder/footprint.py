@@ -36,6 +36,7 @@ from blockgraph.builder.compile import compile_graph, last_uses
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.shapes import TypedGraph
 from blockgraph.builder.sharding import per_rank
+from blockgraph.builder.trial import input_shapes
 from blockgraph.common import memory
 from blockgraph.common.errors import MemoryLimitError, Problem
 from blockgraph.common.files import size_text
@@ -149,16 +150,13 @@ def trial_bytes(typed: TypedGraph, model: GraphModel, dims: Mapping[str, int]) -
     sizes = dict(dims)
     model.eval()  # as the trial run: no dropout masks
     floats = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    shapes = input_shapes(graph, sizes)  # the trial inputs' own limit first
     try:
         with torch.no_grad(), MetaPeak(model, budget=op_budget(typed)) as peak:
+            kinds = {name: graph.inputs[name].torch_dtype for name in shapes}
             inputs = {
-                name: torch.zeros(
-                    [d if isinstance(d, int) else sizes[d] for d in spec.shape],
-                    dtype=floats if spec.torch_dtype.is_floating_point else spec.torch_dtype,
-                    device="meta",
-                )
-                for name, spec in graph.inputs.items()
-                if not spec.optional
+                name: torch.zeros(shape, dtype=floats if kinds[name].is_floating_point else kinds[name], device="meta")
+                for name, shape in shapes.items()
             }
             model(**inputs)
         return peak.peak

@@ -18,7 +18,7 @@ import networkx as nx
 from blockgraph.blocks import BlockEntry, BlockParams, Port
 from blockgraph.builder.resolve import Level, Use, unconnected
 from blockgraph.builder.source import SourceMap
-from blockgraph.builder.spec import InputSpec
+from blockgraph.builder.spec import InputSpec, RolesSpec
 from blockgraph.builder.validate import ValidSpec
 from blockgraph.common.errors import Location, Problem, ProblemList, SpecError, SpecPath
 
@@ -83,6 +83,7 @@ class Graph:
     ties: dict[str, str] = field(default_factory=dict)  # parameter → the parameter whose tensor it shares
     dims: dict[str, int] = field(default_factory=dict)  # default sizes of named dimensions (`dims:`)
     vars: dict[str, Any] = field(default_factory=dict)  # the spec's variables, resolved
+    roles: RolesSpec = field(default_factory=RolesSpec)  # what training makes of the outputs (`roles:`)
     standalone: dict[str, Any] = field(default_factory=dict)  # the spec, loadable on its own (what `save` writes)
     warnings: list[Problem] = field(default_factory=list)
 
@@ -122,6 +123,7 @@ def assemble(valid: ValidSpec) -> Graph:
         ties=dict(spec.tie),
         dims=dict(spec.dims),
         vars=dict(spec.vars),
+        roles=spec.roles,
         standalone=valid.standalone,
     )
     _build_dag(graph, assembler.nodes)

@@ -173,7 +173,7 @@ def export_hf(
     """Write `model` as the Hugging Face directory `out` (see the module's docstring): complete, or nothing.
 
     `model_type` names its family (an import's record); `specials` are its token ids (the family's defaults
-    where not given); `tokenizer` the files to carry, by name.
+    where not given); `tokenizer` the files to carry, by name; `max_shard_size` the bytes of a weights file.
     """
     out = Path(out)
     check_directory_target(out, owned=_never, what=WHAT)

@@ -44,6 +44,11 @@ AUTO_CLASSES: dict[Task, str] = {
     "encoder": "AutoModel",
 }
 SPECS = Path(__file__).resolve().parent.parent / "specs"
+TokenizerKind = Literal["tokenizer.json", "marian"]
+TOKENIZERS: dict[TokenizerKind, tuple[str, ...]] = {  # each kind's files, as a Hugging Face directory holds them
+    "tokenizer.json": ("tokenizer.json",),
+    "marian": ("source.spm", "target.spm", "vocab.json"),
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class Family:
     legacy: Callable[[str], str | None] = _same_name  # an older checkpoint's name as today's (None: dropped)
     architectures: tuple[str, ...] = ()  # config.json's `architectures`: the class that loads it
     task: Task = "causal-lm"
-    tokenizer: str = "tokenizer.json"  # or "marian": source.spm, target.spm, vocab.json
+    tokenizer: TokenizerKind = "tokenizer.json"  # the files import carries and export writes (TOKENIZERS)
     sizes: str = ""  # the published sizes, for docs/models.md
 
     @property
@@ -116,7 +121,10 @@ class Family:
         return AUTO_CLASSES[self.task]
 
 
-def table(*rows: tuple[str, str | tuple[str, ...]] | tuple[str, str | tuple[str, ...], str]) -> tuple[Rule, ...]:
+Row = tuple[str, str | tuple[str, ...]] | tuple[str, str | tuple[str, ...], str]  # (hf, ours[, transform])
+
+
+def table(*rows: Row) -> tuple[Rule, ...]:
     """A table from rows (hf, ours) or (hf, ours, transform); the transform `tied:NAME` ties to NAME."""
     out = []
     for row in rows:

@@ -85,7 +85,9 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
         where = f"block {inst.entry.name!r} (node {inst.id})"
         how = _stepping(inst.entry.cls, inst.params, ports, where)
         if how == "positions":  # its growing inputs and all its outputs are [batch, length, …]
-            growing_types = [typed.types[ep] for port, ep in inst.bindings.items() if ports.get(port)]
+            growing_types = [
+                typed.types[ep] for port, ep in inst.bindings.items() if ep is not None and ports.get(port)
+            ]
             shapes = [t.shape for t in (*growing_types, *typed.output_types(inst))]
             if any(_dim(tuple(shape), 1) != length for shape in shapes):
                 raise CannotStep(f"{where} works position by position, but not along the growing length {length}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from blockgraph.blocks import REGISTRY
 from blockgraph.blocks.registry import RegistrationError
+from blockgraph.builder import families
 from blockgraph.common.errors import Location, PluginError, Problem
 
 ENTRY_POINT_GROUP = "blockgraph.blocks"
@@ -79,8 +80,10 @@ def _load_entry_points(allow_override: bool) -> list[Problem]:
 
 def _run(origin: str, importer: Callable[[], object], allow_override: bool, file: str | None) -> None:
     try:
-        with REGISTRY.source(origin, override=allow_override):
+        with REGISTRY.source(origin, override=allow_override), families.loading(override=allow_override):
             importer()
+    except PluginError as exc:  # a family's model_type taken (builder.families.register)
+        raise PluginError([Problem(f"{origin}: {p.message}", Location(file), p.hint) for p in exc.problems]) from exc
     except RegistrationError as exc:
         hint = (
             "rename the block, or pass --allow-override to let plugins replace blocks" if "taken" in str(exc) else None

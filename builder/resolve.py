@@ -31,7 +31,6 @@ from blockgraph.blocks import REGISTRY, BlockEntry, BlockParams
 from blockgraph.builder.block_params import ParamsValidator
 from blockgraph.builder.expressions import Scope
 from blockgraph.builder.located import resolve_variable, substitute_located
-from blockgraph.builder.model import GraphModel
 from blockgraph.builder.source import SourceMap
 from blockgraph.builder.spec import GraphSpec, NodeSpec, Repeat, Spec
 from blockgraph.builder.spec_files import FileAccess
@@ -93,10 +92,15 @@ def resolve(
     return _Resolver(spec, source, problems, left_out, params).level(_Place(spec), scope)
 
 
+MODEL_ATTRIBUTES = frozenset({"code", "spec_name", "typed_graph", "spec"})  # what builder.model's GraphModel adds
+# (named here, not imported: the model's type names the typed graph, which is built from this module's output)
+
+
 @functools.cache
 def _reserved_names() -> frozenset[str]:
     """Attributes of the model and of the module containers that nodes are installed in (`training`, `items`)."""
-    return frozenset(dir(GraphModel())) | frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ModuleList()))
+    containers = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ModuleList()))
+    return frozenset(dir(nn.Module())) | MODEL_ATTRIBUTES | containers
 
 
 @dataclass(frozen=True)
@@ -167,9 +171,13 @@ class _Resolver:
             )
         order, looped = self._order(nodes, base, clashes, place.prefix)
         names = dict.fromkeys(inputs, _Readable())
-        failed = {part[-1] for part in self.left_out if part[:-1] == base} | looped
+        failed = {part[-1] for part in self.left_out if part[:-1] == base and isinstance(part[-1], str)} | looped
         if not place.under:
-            failed |= {part[1] for part in self.left_out if part[:1] == ("inputs",) and len(part) == 2}
+            failed |= {
+                part[1]
+                for part in self.left_out
+                if part[:1] == ("inputs",) and len(part) == 2 and isinstance(part[1], str)
+            }
         names.update(dict.fromkeys(failed, _REPORTED))
         uses: dict[str, Use] = {}
         for name in order:

@@ -31,6 +31,8 @@ def resolved_spec(spec: Spec, top: Level, folder: Path) -> dict[str, Any]:
     data["outputs"] = _outputs(top)
     if spec.tie:
         data["tie"] = dict(spec.tie)
+    if spec.roles.loss:
+        data["roles"] = spec.roles.model_dump()
     return data
 
 

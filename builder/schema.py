@@ -18,6 +18,7 @@ import copy
 import json
 from typing import Any
 
+from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
@@ -222,13 +223,14 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 def fields_markdown() -> str:
     """The spec's keys as Markdown tables, generated from the pydantic models (docs/spec.md embeds them)."""
-    from blockgraph.builder.spec import GraphSpec, InputSpec, NodeSpec
+    from blockgraph.builder.spec import GraphSpec, InputSpec, NodeSpec, RolesSpec
 
-    sections = [
+    sections: list[tuple[str, type[BaseModel]]] = [
         ("Top level", Spec),
         ("`inputs.<name>`", InputSpec),
         ("`nodes.<name>` (also inside sub-graphs)", NodeSpec),
         ("`blocks.<name>` (sub-graphs)", GraphSpec),
+        ("`roles`", RolesSpec),
     ]
     lines: list[str] = []
     for title, model in sections:
@@ -245,5 +247,6 @@ def fields_markdown() -> str:
 
 def _default_text(info: Any) -> str:
     if info.default_factory is not None:
-        return f"`{info.default_factory()!r}`"
+        made = info.default_factory()
+        return f"`{made.model_dump() if isinstance(made, BaseModel) else made!r}`"
     return f"`{info.default!r}`"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sympy
+
 from blockgraph.blocks.registry import Port
 from blockgraph.blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, format_shape, symbol
 from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
@@ -91,7 +93,7 @@ def check_bounds(typed: TypedGraph, sizes: dict[str, int]) -> None:
     subs = {symbol(name): size for name, size in sizes.items()}
     problems = ProblemList()
     for bound in typed.bounds:
-        value = bound.limit.size.subs(subs)
+        value = sympy.sympify(bound.limit.size).subs(subs)  # an expression: a number was checked at once
         if value.is_number and int(value) > bound.limit.most:
             problems.add(_exceeded(bound, int(value), f" ({bound.limit.size} at {sizes_text(sizes)})"))
     problems.raise_if_errors(SpecError)

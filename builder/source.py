@@ -234,8 +234,9 @@ class _YamlWalker:
                     hint="each key may appear once per mapping; remove or rename one",
                 )
             first_seen[key] = key_node
-            self.source.keys[(*path, key)] = self.source.mark(key_node)
-            result[key] = self._convert(value_node, (*path, key), depth + 1)
+            key_path = (*path, key)
+            self.source.keys[key_path] = self.source.mark(key_node)
+            result[key] = self._convert(value_node, key_path, depth + 1)
         return result
 
 

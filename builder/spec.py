@@ -189,6 +189,16 @@ class GraphSpec(SpecModel):
     _check_outputs = field_validator("outputs")(check_outputs)
 
 
+class RolesSpec(SpecModel):
+    """What training makes of the outputs besides the one it trains on (trainer.roles checks them)."""
+
+    loss: dict[Name, Annotated[float, Field(strict=True, allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        description="outputs added to the training loss, each a scalar times its weight (a router's "
+        "load-balancing loss, an auxiliary head), e.g. {aux: 0.01}",
+    )
+
+
 PARAM_PATH_RE = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+$"
 ParamPath = Annotated[str, StringConstraints(pattern=PARAM_PATH_RE)]
 
@@ -212,5 +222,6 @@ class Spec(SpecModel):
         description="weight tying: parameter → the parameter whose tensor it shares, e.g. "
         "generator.proj.weight: tgt_embed.lut.weight",
     )
+    roles: RolesSpec = Field(default_factory=RolesSpec, description="what training makes of the outputs")
 
     _check_outputs = field_validator("outputs")(check_outputs)

@@ -44,19 +44,9 @@ def resolve_dims(graph: Graph, given: dict[str, int] | None = None) -> dict[str,
     return sizes
 
 
-def dummy_inputs(
-    graph: Graph,
-    dims: dict[str, int],
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Random inputs for a trial run: integers below `high` (default 2), masks all False; optional inputs left out.
-
-    Inputs of more than `MAX_TRIAL_BYTES` in all are refused before anything is allocated.
-    """
-    generator = torch.Generator().manual_seed(seed)
+def input_shapes(graph: Graph, dims: dict[str, int], dtype: torch.dtype | None = None) -> dict[str, tuple[int, ...]]:
+    """The shapes of a trial run's inputs (optional ones left out), refused when they would take more than
+    `MAX_TRIAL_BYTES` in all: a limit of its own, said before the memory a run needs is counted."""
     shapes = {
         name: tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
         for name, spec in graph.inputs.items()
@@ -71,6 +61,23 @@ def dummy_inputs(
                 hint=f"trial runs take at most {size_text(MAX_TRIAL_BYTES)} of inputs; give smaller sizes with --dim",
             )
         )
+    return shapes
+
+
+def dummy_inputs(
+    graph: Graph,
+    dims: dict[str, int],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random inputs for a trial run: integers below `high` (default 2), masks all False; optional inputs left out.
+
+    Inputs of more than `MAX_TRIAL_BYTES` in all are refused before anything is allocated (`input_shapes`).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shapes = input_shapes(graph, dims, dtype)
     tensors = {}
     for name, shape in shapes.items():
         spec = graph.inputs[name]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import shutil
@@ -36,7 +37,7 @@ _AT_FDCWD = -100
 _PREFIX_BYTES = 80  # of NAME in temporary names, so that they stay within the 255 bytes of a file name
 
 
-def write_file(path: str | Path, fill: Callable[[Path], None], *, what: str = "file") -> Path:
+def write_file(path: str | Path, fill: Callable[[Path], object], *, what: str = "file") -> Path:
     """Write the file `path` with `fill(tmp_path)`, atomically; companions `fill` writes beside it go along.
 
     (The ONNX exporter writes `model.onnx.data` next to `model.onnx` for big models: companions are moved
@@ -53,7 +54,7 @@ def write_file(path: str | Path, fill: Callable[[Path], None], *, what: str = "f
             if item.name != path.name:
                 _check_target(parent / item.name, directory=False, owned=None, what=what)
         for item in produced:
-            _guard(path, lambda item=item: (_sync(item), os.replace(item, parent / item.name)))
+            _guard(path, functools.partial(_install, item, parent / item.name))
         _sync(parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,7 +67,7 @@ def write_text(path: str | Path, text: str, *, what: str = "file") -> Path:
 
 
 def write_directory(
-    path: str | Path, fill: Callable[[Path], None], *, owned: Callable[[Path], bool], what: str
+    path: str | Path, fill: Callable[[Path], object], *, owned: Callable[[Path], bool], what: str
 ) -> Path:
     """Write the directory `path` with `fill(tmp_dir)`, replacing an old one only if `owned(path)` says it is ours.
 
@@ -271,6 +272,12 @@ def _guard(path: Path, step: Callable[[], object]) -> None:
             else "nothing was replaced"
         )
         raise WriteError(Problem(f"cannot write {path}: {reason(exc)}", Location(str(path)), hint)) from None
+
+
+def _install(item: Path, target: Path) -> None:
+    """Flush a finished output to disk and rename it over its target."""
+    _sync(item)
+    os.replace(item, target)
 
 
 def _sync(path: Path) -> None:

@@ -208,10 +208,11 @@ def parse_json(data: str | bytes, path: str | Path, kind: FileKind, hint: str | 
     Python converts.
     """
     if isinstance(data, bytes):
+        raw = data
         try:
-            data = data.decode("utf-8-sig")
+            data = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
+            line = raw[: exc.start].count(b"\n") + 1
             raise kind.fail(path, f"the {kind.what} is not UTF-8 text (byte {exc.start})", hint, line) from None
     try:
         return json.loads(data, object_pairs_hook=_no_duplicates, parse_float=_finite, parse_constant=_constant)

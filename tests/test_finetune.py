@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hf_dirs import gpt2, marian, sentences
 
 from blockgraph.builder import persist
-from blockgraph.trainer import pretrained, schedule
+from blockgraph.trainer import losses, pretrained
 
 torch.set_num_threads(1)
 
@@ -166,5 +166,5 @@ def test_label_smoothing_is_cross_entropy_against_the_smoothed_distribution(pad)
         distribution[..., pad] = 0.0
     distribution.scatter_(-1, target.unsqueeze(-1), 1 - epsilon)
     expected = -(distribution * log_probs).sum(-1)[keep].sum()
-    got = schedule.smoothed_nll(log_probs, target, keep, epsilon, pad)
+    got = losses.smoothed_nll(log_probs, target, keep, epsilon, pad)
     assert float(got) == pytest.approx(float(expected), rel=1e-6)

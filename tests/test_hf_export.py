@@ -187,3 +187,75 @@ def test_a_plugin_family_imports_and_exports_as_a_built_in_does(tmp_path, run_cl
         load_file(tmp_path / "back" / "model.safetensors"),
     )
     assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)
+
+
+def test_a_small_shard_size_writes_shards_that_transformers_and_import_read(tmp_path, run_cli):
+    """--max-shard-size 20KB splits the tiny gpt2 (about 70KB) into shards with an index, as save_pretrained does."""
+    from safetensors.torch import load_file
+
+    from blockgraph.builder import persist
+
+    reference = _saved("gpt2", tmp_path / "hf")
+    pretrained.import_pretrained(tmp_path / "hf", tmp_path / "out")
+    back = tmp_path / "back"
+    result = run_cli("export", tmp_path / "out", "--format", "hf", "--max-shard-size", "20KB", "--out", back)
+    assert result.code == 0, result.stderr
+    shards = sorted(p.name for p in back.glob("model-*.safetensors"))
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 3 and not (back / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards and set(index["weight_map"]) == _names(tmp_path / "hf")
+    for shard in shards:
+        sizes = [t.numel() * t.element_size() for t in load_file(back / shard).values()]
+        assert sum(sizes) <= 20_000 or len(sizes) == 1, shard
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    (got, keep), (want, _) = _outputs(loaded, "gpt2"), _outputs(reference, "gpt2")
+    assert torch.equal(got[keep], want[keep])
+    again = run_cli("import", back, "--out", tmp_path / "again")
+    assert again.code == 0, again.stderr
+    ours, theirs = persist.load(tmp_path / "out" / "model"), persist.load(tmp_path / "again" / "model")
+    assert all(torch.equal(t, theirs.state_dict()[k]) for k, t in ours.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("hf", "5XB"), "--max-shard-size '5XB': a size from 1KB to 1TB"),
+        (("hf", "999B"), "--max-shard-size '999B': a size from 1KB to 1TB"),
+        (("hf", "2TB"), "--max-shard-size '2TB': a size from 1KB to 1TB"),
+        (("onnx", "1GB"), "--format onnx is one file"),
+    ],
+)
+def test_a_shard_size_out_of_bounds_or_without_hf_is_refused(tmp_path, run_cli, args, message):
+    spec = Path(__file__).parent.parent / "specs" / "gpt2.yaml"
+    result = run_cli("export", spec, "--format", args[0], "--max-shard-size", args[1], "--out", tmp_path / "back")
+    assert result.code == 1 and "Traceback" not in result.stderr and message in result.stderr, result.stderr
+    assert not (tmp_path / "back").exists()
+
+
+OVERRIDE = """
+import dataclasses
+
+from blockgraph.builder.families import FAMILIES, register
+
+register(dataclasses.replace(FAMILIES["gpt2"], architectures=("HouseGPT2LMHeadModel",)))
+"""
+
+
+def test_a_plugin_family_takes_a_built_in_model_type_only_with_allow_override(tmp_path, run_cli):
+    (tmp_path / "house.py").write_text(OVERRIDE)
+    spec = Path(__file__).parent.parent / "specs" / "gpt2.yaml"
+    sizes = ("--set", "vocab=50", "--set", "max_len=16", "--set", "d_model=16", "--set", "heads=2",
+             "--set", "layers=1")  # fmt: skip
+    export = ("export", spec, *sizes, "--format", "hf", "--plugin", tmp_path / "house.py")
+    built_in = FAMILIES["gpt2"]
+    try:
+        refused = run_cli(*export, "--out", tmp_path / "refused")
+        assert refused.code == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert "plugin house.py: model_type 'gpt2' is already taken" in refused.stderr
+        assert "--allow-override" in refused.stderr and FAMILIES["gpt2"] is built_in
+        accepted = run_cli(*export, "--allow-override", "--out", tmp_path / "back")
+        assert accepted.code == 0, accepted.stderr
+    finally:
+        FAMILIES["gpt2"] = built_in
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["HouseGPT2LMHeadModel"]

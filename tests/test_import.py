@@ -264,6 +264,20 @@ def test_a_language_model_with_a_tokenizer_json_generates_as_generate_does(tmp_p
     assert result.stdout.startswith(prompt)
 
 
+def test_the_tokenizer_is_the_family_s_and_another_kind_alone_is_refused_at_its_file(tmp_path, run_cli):
+    """gpt2 reads text through tokenizer.json: Marian's SentencePiece files beside it are not its tokenizer."""
+    hf = _gpt2_dir(tmp_path)
+    for name in ("source.spm", "target.spm", "vocab.json"):
+        (hf / name).write_bytes(b"{}")
+    result = run_cli("import", hf, "--out", tmp_path / "out")
+    assert result.code == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "holds source.spm, target.spm, vocab.json but not tokenizer.json, the gpt2 family's" in result.stderr
+    assert f"{hf / 'source.spm'}" in result.stderr and not (tmp_path / "out").exists()
+    (hf / "source.spm").unlink()  # no kind's files whole: imported without a tokenizer, as before
+    result = run_cli("import", hf, "--out", tmp_path / "out")
+    assert result.code == 0 and "tokenizer: none" in result.stderr, result.stderr
+
+
 # --- what is refused -------------------------------------------------------------------------------------------
 
 

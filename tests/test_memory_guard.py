@@ -215,7 +215,7 @@ def tiny_run(tmp_path_factory):
     code, _, stderr = _cli(
         "train", SPECS / "transformer.yaml", "--task", "copy", "--task-options", "train=64,valid=8",
         "--set", "d_model=16", "--set", "heads=2", "--set", "enc_layers=1", "--set", "dec_layers=1",
-        "--set", "d_ff=32", "--max-steps", "1", "--bleu-sentences", "0", "--out", out / "run",
+        "--set", "d_ff=32", "--max-steps", "1", "--warmup", "1", "--bleu-sentences", "0", "--out", out / "run",
     )  # fmt: skip
     assert code == 0, stderr
     return out / "run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,17 @@ def test_ruff(args):
     command = [ruff, *args] if ruff else [sys.executable, "-m", "ruff", *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_package_type_checks(tmp_path):
+    """mypy over the installed namespace: a folder whose `blockgraph` is this checkout gives mypy the package name
+    the repository's folders are installed under (pyproject.toml's [tool.mypy] holds the settings)."""
+    (tmp_path / "blockgraph").symlink_to(ROOT, target_is_directory=True)
+    command = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "-p", "blockgraph"]
+    command += ["--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "MYPYPATH": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
 def test_block_reference_is_generated_from_the_registry():

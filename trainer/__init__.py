@@ -8,8 +8,9 @@ One job per module:
 - `tasks`: synthetic copy/reverse tasks that need no data;
 - `roles`: which spec input is the source, the target, their padding masks, and which output the log-probs;
 - `batching`: length-bucketed, padded batches, sharded over distributed ranks;
-- `schedule`: the Transformer learning-rate schedule, Adam, label-smoothed loss;
-- `loop`: the training loop with progress, evaluation and checkpoints;
+- `schedule`: the Transformer learning-rate schedule and Adam;
+- `losses`: the label-smoothed cross-entropy, accuracy, and the objective with the spec's declared loss outputs;
+- `loop`: a training run (`Run`) with progress, evaluation and checkpoints;
 - `checkpoint`: atomic checkpoint directories (weights, spec, vocabularies, optimizer and RNG state);
 - `model_path`: what a path given for a model holds (a spec file, a saved model, a run or checkpoint, an import),
   resolved one way for every command;

@@ -56,8 +56,8 @@ def _train(
     """Train SPEC on tab-separated source/target pairs (or a synthetic task) and write checkpoints."""
     from blockgraph.trainer import distributed, model_path, rundir
     from blockgraph.trainer.config import config_from_command_line
+    from blockgraph.trainer.loop import check_tokenizers
     from blockgraph.trainer.loop import train as run_training
-    from blockgraph.trainer.vocab import check_tokenizer
 
     given = {name for name in options if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
     config = config_from_command_line({name: options[name] for name in given})
@@ -65,12 +65,11 @@ def _train(
         raise UsageError(Problem("nothing to train", hint="blockgraph train SPEC --data PAIRS.tsv, or --resume RUN"))
     if config.task is not None and config.data is not None:
         raise UsageError(Problem("--task and --data both given", hint="train on one of them"))
-    check_tokenizer(config.source_tokenizer)
-    check_tokenizer(config.target_tokenizer)
     resumed = model_path.resolve(resume).run("--resume") if resume is not None else None
     if out_dir is None:
         out_dir = resumed.parent if resumed is not None else Path("runs") / _run_name(config.spec)
     if nproc > 1:
+        check_tokenizers(config)  # here, before any worker starts (a run in this process checks them itself)
         debug = bool(ctx.find_root().params.get("debug"))
         job = distributed.Job.of(config, out_dir, resume, quiet, debug=debug)
         try:

@@ -11,7 +11,7 @@ Only rank 0 prints and writes checkpoints; it evaluates alone under DDP, with th
 
 The launcher is the workers' only owner (no torchrun agent between them, whose own signal handling and
 tracebacks would stand in the way): each worker runs in its own session, so a Ctrl-C reaches the launcher
-alone, which asks every worker to stop (SIGTERM); the workers agree to stop at the same step (`loop._step`), so
+alone, which asks every worker to stop (SIGTERM); the workers agree to stop at the same step (`loop.Run.train_step`), so
 that none is left waiting in a collective, and any that has not ended `GRACE_S` later (or at a second signal)
 is killed. A worker cannot outlive the launcher, however the launcher ends (SIGKILL included): it dies with it
 (Linux: PR_SET_PDEATHSIG; everywhere: FD, a pipe only the launcher holds open, reads end-of-file). The workers
@@ -308,7 +308,7 @@ def stop_asked() -> bool:
 
 
 def catch_stop_signals() -> None:
-    """Stop signals from now on only ask for a stop, which the ranks carry out together (loop._step)."""
+    """Stop signals from now on only ask for a stop, which the ranks carry out together (loop.Run.train_step)."""
     _catch(STOP_SIGNALS, _ask_stop)
 
 

@@ -1,6 +1,9 @@
 """The training loop: set up (or resume) a run, train with progress, evaluate each epoch, checkpoint.
 
 `train(config, out)` is what `blockgraph train` runs; it returns the trained model and the metrics history.
+A `Run` carries everything a training run holds (its options, read once; the model, data, roles, optimizer,
+progress; where it reports and saves), so that its steps are its methods rather than functions handed its parts.
+
 A run is reproducible from its seed: the weights are initialised after `torch.manual_seed(seed)`, the batch
 plan depends on (seed, epoch) only, and the random-number generators are saved with each checkpoint, so
 training 2 epochs and training 1, resuming and training 1 more give identical weights.
@@ -13,8 +16,9 @@ import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from blockgraph.builder import persist
+from blockgraph.builder.model import GraphModel
 from blockgraph.builder.pipeline import compile_graph, load_spec, typed_graph
 from blockgraph.builder.shapes import TypedGraph
 from blockgraph.common.console import safe_console
@@ -37,6 +42,7 @@ from blockgraph.trainer import (
     decode,
     distributed,
     fits,
+    losses,
     model_path,
     pretrained,
     rundir,
@@ -50,7 +56,7 @@ from blockgraph.trainer.vocab import check_tokenizer
 
 @dataclass
 class TrainResult:
-    model: nn.Module
+    model: GraphModel
     roles: Roles
     corpus: corpus.Corpus
     history: list[dict[str, Any]]
@@ -71,23 +77,343 @@ class EpochSums(BaseModel):
     loss: float = Field(0.0, allow_inf_nan=False)
     tokens: float = Field(0.0, ge=0, allow_inf_nan=False)
     correct: float = Field(0.0, ge=0, allow_inf_nan=False)
+    outputs: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict
+    )  # each declared loss output times its batches' tokens
+
+
+@dataclass(frozen=True)
+class Voice:
+    """Where a run reports: its console, on the main process unless quiet."""
+
+    console: Console
+    on: bool
+
+    def __call__(self, *parts: Any) -> None:
+        if self.on:
+            self.console.print(*parts, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    """One step's figures on this rank: the summed training loss, its tokens and how many of them the model got
+    right, the tokens of the global batch, and each declared loss output times the tokens (for the epoch mean)."""
+
+    loss: float
+    tokens: float
+    correct: float
+    global_tokens: float
+    outputs: dict[str, float]
 
 
 @dataclass
-class _Run:
-    """The state a run carries between steps."""
+class Run:
+    """One training run: its options (read once: the command line's, or its checkpoint's with the changes a
+    resume may make), model, data, roles, optimizer, progress so far, and where it reports and checkpoints."""
 
     config: TrainConfig
-    model: nn.Module
+    context: distributed.Context
+    model: GraphModel
     roles: Roles
     data: corpus.Corpus
     optimizer: torch.optim.Optimizer
     d_model: int
+    out: Path | None
+    say: Voice
     epoch: int = 0  # current epoch (0-based)
     batch: int = 0  # batches of the current epoch already trained
     step: int = 0  # optimizer steps taken
     history: list[dict[str, Any]] = field(default_factory=list)
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))  # the epoch's so far
+    sums: dict[str, Any] = field(default_factory=dict)  # the epoch's so far: SUMS, and `outputs` by name
+
+    def __post_init__(self) -> None:
+        if not self.sums:
+            self.sums = self.fresh_sums()
+
+    def fresh_sums(self) -> dict[str, Any]:
+        return {**dict.fromkeys(SUMS, 0.0), "outputs": dict.fromkeys(self.roles.loss, 0.0)}
+
+    @classmethod
+    def start(cls, config: TrainConfig, context: distributed.Context, out: Path | None, say: Voice) -> Run:
+        """A new run of `config.spec`: sized for the data, initialised from the seed (or an import's weights)."""
+        if config.spec is None:
+            raise UsageError(
+                Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)")
+            )
+        sharded.check(config)
+        imported = model_path.resolve(config.spec).fine_tuned()
+        typed, roles, data = _prepare(config) if imported is None else _prepare_imported(config, imported)
+        corpus.fit_positions(data, *decode.length_limits(typed, roles))
+        torch.manual_seed(config.seed)
+        fits.check_training(typed, config, context)  # before allocating: weights, gradients, Adam's moments
+        model = compile_graph(typed, device=context.device)
+        if config.init == "xavier":
+            initialise(model)
+        if imported is not None:  # the import's weights over the fresh ones, wherever names and shapes agree
+            data.notes.append(_transferred(persist.load_matching(model, imported / pretrained.MODEL), imported))
+        if config.strategy == "fsdp":
+            sharded.shard(model, config, context)
+        torch.manual_seed(config.seed * 7919 + 1 + context.rank)  # dropout streams, one per rank
+        d_model = sizes(typed.graph, roles).d_model or _fallback_width(model)
+        return cls(config, context, model, roles, data, schedule.adam(model), d_model, out, say)
+
+    @classmethod
+    def resume(
+        cls, config: TrainConfig, resume: str | Path, context: distributed.Context, out: Path | None, say: Voice
+    ) -> Run:
+        """The run saved at `resume`, with its options except the resumable ones `config` sets."""
+        given = config.model_fields_set
+        named = (
+            config.source_tokenizer if given & {"tokenizer", "src_tokenizer"} else None,
+            config.target_tokenizer if given & {"tokenizer", "tgt_tokenizer"} else None,
+        )
+        fits.check_checkpoint(resume, context)
+        saved = checkpoint.load(resume, device=context.device, tokenizers=named, sharded_ok=True)
+        if saved.tgt_vocab is None and any(named):
+            raise UsageError(
+                Problem("a fine-tuned imported model reads text with its own tokenizer: leave out --tokenizer")
+            )
+        info = saved.info
+        stored = check_record(
+            info["config"], TrainConfig, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "config"
+        )
+        kept = sorted(given - RESUMABLE - {"tokenizer", "src_tokenizer", "tgt_tokenizer"})
+        if kept:
+            say(f"[yellow]note:[/] --resume keeps the checkpoint's {escape(', '.join(kept))}")
+        # the data is read with the vocabularies' tokenizers, resolved by checkpoint.load: never a saved name as is
+        changes = {name: getattr(config, name) for name in given & RESUMABLE}
+        roles = Roles(**info["roles"])
+        model = saved.model
+        typed = model.typed_graph
+        if saved.tgt_vocab is None:  # a fine-tuned import: its tokenizer came with the checkpoint
+            text = pretrained.model_text(saved.path, roles.kind, sizes(typed.graph, roles).out_vocab or 0)
+            data = corpus.load(stored.model_copy(update=changes), roles.kind, text=text)
+        else:
+            changes["src_tokenizer"] = saved.src_vocab.tokenizer if saved.src_vocab is not None else "space"
+            changes["tgt_tokenizer"] = saved.tgt_vocab.tokenizer
+            vocabs = (saved.src_vocab, saved.tgt_vocab)
+            data = corpus.load(stored.model_copy(update=changes), roles.kind, vocabs=vocabs, labels=saved.labels)
+        stored = stored.model_copy(update=changes)
+        corpus.fit_positions(data, *decode.length_limits(typed, roles))
+        sharded.check(stored)
+        if stored.strategy == "fsdp" and not saved.sharded:
+            raise CheckpointError(
+                Problem(
+                    "this checkpoint is not sharded, but its options say --strategy fsdp",
+                    Location(str(saved.path / checkpoint.TRAINER)),
+                    hint="the checkpoint is corrupt, or was edited",
+                )
+            )
+        if stored.strategy == "fsdp":
+            sharded.shard(model, stored, context)
+        optimizer = schedule.adam(model)
+        if saved.sharded:
+            generators = sharded.load(saved.path, model, optimizer, distributed=True)
+        else:
+            checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
+            generators = saved.tensors
+        if not distributed.restore_rng(context, generators):
+            torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
+        run = cls(stored, context, model, roles, data, optimizer, info["d_model"], out, say)
+        run.epoch, run.batch, run.step, run.history = info["epoch"], info["batch"], info["step"], info["history"]
+        sums = check_record(
+            info.get("epoch_sums", {}), EpochSums, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER,
+            "epoch_sums",
+        )  # fmt: skip
+        if context.main and run.batch:  # the ranks' sums, counted once
+            outputs = {name: sums.outputs.get(name, 0.0) for name in roles.loss}
+            run.sums = {**sums.model_dump(), "outputs": outputs}
+        return run
+
+    @cached_property
+    def io(self) -> ModelIO:
+        return ModelIO(self.roles)
+
+    @cached_property
+    def wrapped(self) -> nn.Module:
+        """The model as training steps call it: under ddp, wrapped to average the ranks' gradients."""
+        if self.context.distributed and self.config.strategy == "ddp":
+            device_ids = [self.context.device] if self.context.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        return self.model
+
+    @cached_property
+    def lr_factor(self) -> float:
+        return schedule.noam_factor(self.d_model, self.config.warmup, self.config.lr)
+
+    @property
+    def done(self) -> bool:
+        return self.config.max_steps is not None and self.step >= self.config.max_steps
+
+    def introduce(self, resumed: str | Path | None) -> None:
+        """Say what is trained, on what, where."""
+        if resumed is not None:
+            self.say(f"resuming {escape(str(resumed))} at epoch {self.epoch + 1}, step {self.step}")
+        self.say(f"[bold]{escape(self.model.typed_graph.graph.name)}[/]: {escape(corpus.describe(self.data))}")
+        for note in self.data.notes:
+            self.say(f"[yellow]note:[/] {escape(note)}")
+        parameters = sum(p.numel() for p in self.model.parameters())
+        context = self.context
+        self.say(
+            f"{parameters:,} parameters on {context.device}"
+            + (f", {context.world} processes" if context.distributed else "")
+        )
+
+    def train(self) -> Path | None:
+        """Train to the run's last epoch (or step), evaluating, logging and checkpointing each epoch; the last
+        checkpoint written."""
+        config, context = self.config, self.context
+        train_set = self.data.train
+        per_epoch = len(batching.plan(train_set, config.batch_size, seed=config.seed, epoch=0))
+        remaining = per_epoch * max(0, config.epochs - self.epoch) - self.batch
+        if config.max_steps is not None:
+            remaining = min(remaining, max(0, config.max_steps - self.step))
+        if self.step + remaining < config.warmup:
+            self.say(
+                f"[yellow]warning:[/] --warmup {config.warmup} outlasts the run ({self.step + remaining} steps): the "
+                "learning rate only rises and never reaches its peak; "
+                f"try --warmup {max(1, (self.step + remaining) // 10)}"
+            )
+        saved: Path | None = None
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TextColumn("{task.fields[speed]:,.0f} tok/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.say.console,
+            disable=not self.say.on or not self.say.console.is_terminal,
+            transient=True,
+        )
+        # a resumed run's bar goes on from its steps so far
+        task = progress.add_task(
+            "training", total=self.step + remaining, completed=self.step, loss=float("nan"), speed=0.0
+        )
+        self.model.train()
+        with progress:
+            while self.epoch < config.epochs and not self.done:
+                batches = batching.plan(train_set, config.batch_size, seed=config.seed, epoch=self.epoch)
+                totals = self.sums  # from 0, or from a resumed epoch's sums before the resume
+                started, seen = time.perf_counter(), 0.0
+                progress.update(task, description=f"epoch {self.epoch + 1}/{config.epochs}")
+                while self.batch < len(batches) and not self.done:
+                    figures = self.train_step(batches[self.batch])
+                    self.batch += 1
+                    totals["loss"] += figures.loss
+                    totals["tokens"] += figures.tokens
+                    totals["correct"] += figures.correct
+                    for name, value in figures.outputs.items():
+                        totals["outputs"][name] += value
+                    seen += figures.global_tokens
+                    speed = seen / max(time.perf_counter() - started, 1e-9)
+                    progress.update(task, advance=1, loss=figures.loss / max(figures.tokens, 1), speed=speed)
+                    if config.save_every and self.step % config.save_every == 0 and self.batch < len(batches):
+                        saved = self.save() or saved
+                finished = self.batch >= len(batches)
+                record = self._epoch_record(totals, seen / max(time.perf_counter() - started, 1e-9))
+                if finished:
+                    self.epoch, self.batch, self.sums = self.epoch + 1, 0, self.fresh_sums()
+                if context.main or config.strategy == "fsdp":  # a sharded model's forward takes every rank
+                    metrics = evaluate(self.model, self.io, self.data, _evaluated(config), context.device)
+                    record.update(metrics if context.main else {})
+                    self.model.train()
+                self.history.append(record)
+                self.say(_epoch_line(record, config, finished))
+                saved = self.save() or saved
+                if self.out is not None and context.main:
+                    rundir.append_line(self.out / rundir.METRICS, json.dumps(record))
+        if saved is not None:
+            self.say(f"checkpoint: {escape(str(saved))}")
+        return saved
+
+    def _epoch_record(self, totals: dict[str, Any], speed: float) -> dict[str, Any]:
+        """The epoch's training figures over all ranks: loss and accuracy per token, each declared loss output's
+        mean (weighted by its batches' tokens)."""
+        names = list(totals["outputs"])
+        loss, tokens, correct, *outputs = distributed.all_sum(
+            self.context, totals["loss"], totals["tokens"], totals["correct"], *totals["outputs"].values()
+        )
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "train_loss": loss / max(tokens, 1),
+            "train_acc": correct / max(tokens, 1),
+        }
+        for name, value in zip(names, outputs, strict=True):
+            record[f"train_loss_{name}"] = value / max(tokens, 1)
+        record["tokens_per_s"] = speed
+        return record
+
+    def train_step(self, global_batch: list[int]) -> StepFigures:
+        """One optimizer step on this rank's shard of a global batch."""
+        context = self.context
+        local = batching.shard(global_batch, context.rank, context.world)
+        weight = 1.0
+        if not local:  # fewer examples than ranks: take part in the gradient all-reduce with a zero-weight example
+            local, weight = global_batch[:1], 0.0
+        batch = batching.collate([self.data.train[i] for i in local], self.data.specials).to(context.device)
+        tokens = batch.tokens * weight
+        global_tokens, stops = distributed.all_sum(context, tokens, float(distributed.stop_asked()))
+        if stops:  # a rank was asked to stop (trainer.distributed): all stop here, before the step, none left waiting
+            raise distributed.Stopped
+        self.step += 1
+        schedule.set_lr(self.optimizer, schedule.noam_lr(self.step, self.d_model, self.config.warmup, self.lr_factor))
+        loss = self.loss(batch, weight * context.world / max(global_tokens, 1.0), weight)
+        loss.objective.backward()
+        if self.config.clip_norm > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        correct = losses.batch_correct(loss.outputs.log_probs.detach(), batch) * weight
+        outputs = {name: float(value.detach()) * tokens for name, value in loss.outputs.losses.items()}
+        return StepFigures(float(loss.nll.detach()) * weight, tokens, correct, global_tokens, outputs)
+
+    def loss(self, batch: batching.Batch, scale: float, weight: float = 1.0) -> losses.Loss:
+        """The loss this rank minimises on `batch`: its summed cross-entropy times `scale`, plus each declared loss
+        output times its weight (and `weight`: 0 for a rank that only takes part with a stand-in example)."""
+        outputs = self.io.outputs(self.wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
+        weights = {name: weight * declared for name, declared in self.roles.loss.items()}
+        return losses.of(outputs, batch, self.config.label_smoothing, self.data.specials.pad, scale, weights)
+
+    def save(self) -> Path | None:
+        """Checkpoint on rank 0 (all ranks contribute their random-number states; under fsdp, their shards too)."""
+        if self.out is None:
+            return None
+        context = self.context
+        rng = distributed.gather_rng(context)
+        outputs = self.sums["outputs"]
+        summed = distributed.all_sum(context, *(self.sums[name] for name in SUMS), *outputs.values())
+        epoch_sums = dict(zip(SUMS, summed, strict=False))
+        epoch_sums["outputs"] = dict(zip(outputs, summed[len(SUMS) :], strict=True))
+        info = {
+            "config": self.config.model_dump(mode="json"),
+            "roles": self.roles.to_json(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "world": context.world,
+            "d_model": self.d_model,
+            "history": self.history,
+            "epoch_sums": epoch_sums,
+            "optimizer": checkpoint.optimizer_groups(self.optimizer),
+        }
+        data = self.data
+        records = checkpoint.Records(
+            info, data.src_vocab, data.tgt_vocab, data.labels, data.text.files if data.text is not None else None
+        )
+        target = self.out / checkpoint.NAME
+        if self.config.strategy == "fsdp":
+            return sharded.save(
+                target, model=self.model, optimizer=self.optimizer, records=records, rng=rng, context=context
+            )
+        path = None
+        if context.main:
+            tensors = {**checkpoint.optimizer_state(self.optimizer), **rng}
+            path = checkpoint.save(target, model=self.model, records=records, tensors=tensors)
+        distributed.barrier(context)
+        return path
 
 
 def train(
@@ -108,76 +434,41 @@ def train(
     sets replace the checkpoint's, and a user tokenizer the checkpoint records is used only when set here again.
     """
     context = distributed.setup(config.device)
-    console = console or safe_console(stderr=True)
-    say = (lambda *a: console.print(*a, soft_wrap=True)) if context.main and not quiet else (lambda *a: None)
+    say = Voice(console or safe_console(stderr=True), context.main and not quiet)
     try:
         out_dir = Path(out) if out is not None else (checkpoint.locate(resume).parent if resume else None)
         take_lock = out_dir is not None and context.main and not locked
         with rundir.exclusive(out_dir) if take_lock else contextlib.nullcontext():  # type: ignore[arg-type]
-            return _train(config, out_dir, resume, context, quiet, console, say)
+            if resume is None and out_dir is not None and (out_dir / checkpoint.NAME).exists():
+                raise UsageError(
+                    Problem(
+                        f"{out_dir} already holds a training run",
+                        hint=f"continue it with --resume {out_dir}, or choose another --out",
+                    )
+                )
+            if resume is None:
+                run = Run.start(config, context, out_dir, say)
+                if out_dir is not None and context.main:
+                    (out_dir / rundir.METRICS).unlink(missing_ok=True)
+            else:
+                run = Run.resume(config, resume, context, out_dir, say)
+            run.introduce(resume)
+            saved = run.train()
+            return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved, run.optimizer)
     finally:
         distributed.teardown(context)
 
 
-def _train(
-    config: TrainConfig,
-    out_dir: Path | None,
-    resume: str | Path | None,
-    context: distributed.Context,
-    quiet: bool,
-    console: Console,
-    say,
-) -> TrainResult:
-    if resume is None and out_dir is not None and (out_dir / checkpoint.NAME).exists():
-        raise UsageError(
-            Problem(
-                f"{out_dir} already holds a training run",
-                hint=f"continue it with --resume {out_dir}, or choose another --out",
-            )
-        )
-    run = _resume(config, resume, context, say) if resume is not None else _start(config, context)
-    config = run.config
-    if resume is not None:
-        say(f"resuming {escape(str(resume))} at epoch {run.epoch + 1}, step {run.step}")
-    if resume is None and out_dir is not None and context.main:
-        (out_dir / rundir.METRICS).unlink(missing_ok=True)
-    say(f"[bold]{escape(run.model.typed_graph.graph.name)}[/]: {escape(corpus.describe(run.data))}")
-    for note in run.data.notes:
-        say(f"[yellow]note:[/] {escape(note)}")
-    parameters = sum(p.numel() for p in run.model.parameters())
-    say(
-        f"{parameters:,} parameters on {context.device}"
-        + (f", {context.world} processes" if context.distributed else "")
-    )
-    saved = _loop(run, config, context, out_dir, quiet, console, say)
-    return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved, run.optimizer)
-
-
-def _start(config: TrainConfig, context: distributed.Context) -> _Run:
-    if config.spec is None:
-        raise UsageError(Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)"))
-    sharded.check(config)
-    imported = model_path.resolve(config.spec).fine_tuned()
-    typed, roles, data = _prepare(config) if imported is None else _prepare_imported(config, imported)
-    corpus.fit_positions(data, *decode.length_limits(typed, roles))
-    torch.manual_seed(config.seed)
-    fits.check_training(typed, config, context)  # before allocating: weights, gradients, Adam's moments
-    model = compile_graph(typed, device=context.device)
-    if config.init == "xavier":
-        initialise(model)
-    if imported is not None:  # the import's weights over the fresh ones, wherever names and shapes agree
-        data.notes.append(_transferred(persist.load_matching(model, imported / pretrained.MODEL), imported))
-    if config.strategy == "fsdp":
-        sharded.shard(model, config, context)
-    torch.manual_seed(config.seed * 7919 + 1 + context.rank)  # dropout streams, one per rank
-    d_model = sizes(typed.graph, roles).d_model or _fallback_width(model)
-    return _Run(config, model, roles, data, schedule.adam(model), d_model)
+def check_tokenizers(config: TrainConfig) -> None:
+    """The tokenizers a run names exist, before any work: each process checks once (a new run here, before it
+    reads the spec; `train --nproc`'s launcher before it starts the workers)."""
+    check_tokenizer(config.source_tokenizer)
+    check_tokenizer(config.target_tokenizer)
 
 
 def _prepare(config: TrainConfig) -> tuple[TypedGraph, Roles, corpus.Corpus]:
     """The spec sized for the data (its vocabularies, a classifier's labels), its roles, and the data."""
-    check_tokenizer(config.source_tokenizer)
-    check_tokenizer(config.target_tokenizer)
+    check_tokenizers(config)
     typed_base = typed_graph(config.spec, config.overrides, allow_external_files=config.allow_external_files)  # type: ignore[arg-type]
     base = typed_base.graph
     roles = find_roles(base, config.input_roles, typed_base.types)
@@ -256,69 +547,6 @@ def _output_classes(typed: Any, roles: Roles) -> int | None:
     return int(last) if last.isdigit() else None
 
 
-def _resume(config: TrainConfig, resume: str | Path, context: distributed.Context, say) -> _Run:
-    given = config.model_fields_set
-    named = (
-        config.source_tokenizer if given & {"tokenizer", "src_tokenizer"} else None,
-        config.target_tokenizer if given & {"tokenizer", "tgt_tokenizer"} else None,
-    )
-    fits.check_checkpoint(resume, context)
-    saved = checkpoint.load(resume, device=context.device, tokenizers=named, sharded_ok=True)
-    if saved.tgt_vocab is None and any(named):
-        raise UsageError(
-            Problem("a fine-tuned imported model reads text with its own tokenizer: leave out --tokenizer")
-        )
-    info = saved.info
-    stored = check_record(
-        info["config"], TrainConfig, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "config"
-    )
-    kept = sorted(given - RESUMABLE - {"tokenizer", "src_tokenizer", "tgt_tokenizer"})
-    if kept:
-        say(f"[yellow]note:[/] --resume keeps the checkpoint's {escape(', '.join(kept))}")
-    # the data is read with the vocabularies' tokenizers, resolved by checkpoint.load: never a saved name as is
-    changes = {name: getattr(config, name) for name in given & RESUMABLE}
-    roles = Roles(**info["roles"])
-    model = saved.model
-    typed = model.typed_graph
-    if saved.tgt_vocab is None:  # a fine-tuned import: its tokenizer came with the checkpoint
-        text = pretrained.model_text(saved.path, roles.kind, sizes(typed.graph, roles).out_vocab or 0)
-        data = corpus.load(stored.model_copy(update=changes), roles.kind, text=text)
-    else:
-        changes["src_tokenizer"] = saved.src_vocab.tokenizer if saved.src_vocab is not None else "space"
-        changes["tgt_tokenizer"] = saved.tgt_vocab.tokenizer
-        vocabs = (saved.src_vocab, saved.tgt_vocab)
-        data = corpus.load(stored.model_copy(update=changes), roles.kind, vocabs=vocabs, labels=saved.labels)
-    stored = stored.model_copy(update=changes)
-    corpus.fit_positions(data, *decode.length_limits(typed, roles))
-    sharded.check(stored)
-    if stored.strategy == "fsdp" and not saved.sharded:
-        raise CheckpointError(
-            Problem(
-                "this checkpoint is not sharded, but its options say --strategy fsdp",
-                Location(str(saved.path / checkpoint.TRAINER)),
-                hint="the checkpoint is corrupt, or was edited",
-            )
-        )
-    if stored.strategy == "fsdp":
-        sharded.shard(model, stored, context)
-    optimizer = schedule.adam(model)
-    if saved.sharded:
-        generators = sharded.load(saved.path, model, optimizer, distributed=True)
-    else:
-        checkpoint.restore_optimizer(optimizer, info["optimizer"], saved.tensors, saved.path)
-        generators = saved.tensors
-    if not distributed.restore_rng(context, generators):
-        torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
-    run = _Run(stored, model, roles, data, optimizer, info["d_model"])
-    run.epoch, run.batch, run.step, run.history = info["epoch"], info["batch"], info["step"], info["history"]
-    sums = check_record(
-        info.get("epoch_sums", {}), EpochSums, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "epoch_sums"
-    )
-    if context.main and run.batch:  # the ranks' sums, counted once
-        run.sums = sums.model_dump()
-    return run
-
-
 def initialise(model: nn.Module) -> None:
     """Xavier-uniform initialisation of every weight with two or more dimensions (as the Annotated Transformer).
 
@@ -341,153 +569,17 @@ def _fallback_width(model: nn.Module) -> int:
     return max(widths) if widths else 512
 
 
-def _loop(
-    run: _Run,
-    config: TrainConfig,
-    context: distributed.Context,
-    out: Path | None,
-    quiet: bool,
-    console: Console,
-    say,
-) -> Path | None:
-    io = ModelIO(run.roles)
-    model = run.model
-    wrapped: nn.Module = model
-    if context.distributed and config.strategy == "ddp":
-        device_ids = [context.device] if context.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    factor = schedule.noam_factor(run.d_model, config.warmup, config.lr)
-    train_set = run.data.train
-    per_epoch = len(batching.plan(train_set, config.batch_size, seed=config.seed, epoch=0))
-    remaining = per_epoch * max(0, config.epochs - run.epoch) - run.batch
-    if config.max_steps is not None:
-        remaining = min(remaining, max(0, config.max_steps - run.step))
-    if run.step + remaining < config.warmup:
-        say(
-            f"[yellow]warning:[/] --warmup {config.warmup} outlasts the run ({run.step + remaining} steps): the "
-            f"learning rate only rises and never reaches its peak; try --warmup {max(1, (run.step + remaining) // 10)}"
-        )
-    saved: Path | None = None
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TextColumn("{task.fields[speed]:,.0f} tok/s"),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet or not context.main or not console.is_terminal,
-        transient=True,
-    )
-    # a resumed run's bar goes on from its steps so far
-    task = progress.add_task("training", total=run.step + remaining, completed=run.step, loss=float("nan"), speed=0.0)
-    model.train()
-    with progress:
-        while run.epoch < config.epochs and not _done(run, config):
-            batches = batching.plan(train_set, config.batch_size, seed=config.seed, epoch=run.epoch)
-            totals = run.sums  # from 0, or from a resumed epoch's sums before the resume
-            started, seen = time.perf_counter(), 0.0
-            progress.update(task, description=f"epoch {run.epoch + 1}/{config.epochs}")
-            while run.batch < len(batches) and not _done(run, config):
-                global_batch = batches[run.batch]
-                loss, tokens, correct, global_tokens = _step(run, config, context, wrapped, io, factor, global_batch)
-                run.batch += 1
-                totals["loss"] += loss
-                totals["tokens"] += tokens
-                totals["correct"] += correct
-                seen += global_tokens
-                speed = seen / max(time.perf_counter() - started, 1e-9)
-                progress.update(task, advance=1, loss=loss / max(tokens, 1), speed=speed)
-                if config.save_every and run.step % config.save_every == 0 and run.batch < len(batches):
-                    saved = _save(run, config, context, out) or saved
-            finished = run.batch >= len(batches)
-            train_loss, train_tokens, train_correct = distributed.all_sum(
-                context, totals["loss"], totals["tokens"], totals["correct"]
-            )
-            record = {
-                "epoch": run.epoch + 1,
-                "step": run.step,
-                "train_loss": train_loss / max(train_tokens, 1),
-                "train_acc": train_correct / max(train_tokens, 1),
-                "tokens_per_s": seen / max(time.perf_counter() - started, 1e-9),
-            }
-            if finished:
-                run.epoch, run.batch, run.sums = run.epoch + 1, 0, dict.fromkeys(SUMS, 0.0)
-            if context.main or config.strategy == "fsdp":  # a sharded model's forward takes every rank
-                metrics = evaluate(model, io, run.data, _evaluated(config), context.device)
-                record.update(metrics if context.main else {})
-                model.train()
-            run.history.append(record)
-            say(_epoch_line(record, config, finished))
-            saved = _save(run, config, context, out) or saved
-            if out is not None and context.main:
-                rundir.append_line(out / rundir.METRICS, json.dumps(record))
-    if saved is not None:
-        say(f"checkpoint: {escape(str(saved))}")
-    return saved
-
-
 def _evaluated(config: TrainConfig) -> TrainConfig:
     """What evaluation computes: under fsdp, no BLEU (decoding step by step needs the whole model)."""
     return config.model_copy(update={"bleu_sentences": 0}) if config.strategy == "fsdp" else config
-
-
-def _done(run: _Run, config: TrainConfig) -> bool:
-    return config.max_steps is not None and run.step >= config.max_steps
-
-
-def _step(
-    run: _Run,
-    config: TrainConfig,
-    context: distributed.Context,
-    wrapped: nn.Module,
-    io: ModelIO,
-    factor: float,
-    global_batch: list[int],
-) -> tuple[float, float, float, float]:
-    """One optimizer step on this rank's shard of a global batch: (loss sum, tokens, correct, global tokens)."""
-    local = batching.shard(global_batch, context.rank, context.world)
-    weight = 1.0
-    if not local:  # fewer examples than ranks: take part in the gradient all-reduce with a zero-weight example
-        local, weight = global_batch[:1], 0.0
-    batch = batching.collate([run.data.train[i] for i in local], run.data.specials).to(context.device)
-    tokens = batch.tokens * weight
-    global_tokens, stops = distributed.all_sum(context, tokens, float(distributed.stop_asked()))
-    if stops:  # a rank was asked to stop (trainer.distributed): all stop here, before the step, none left waiting
-        raise distributed.Stopped
-    run.step += 1
-    schedule.set_lr(run.optimizer, schedule.noam_lr(run.step, run.d_model, config.warmup, factor))
-    log_probs = io(wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
-    loss_sum = _loss(log_probs, batch, config.label_smoothing, run.data.specials.pad)
-    (loss_sum * (weight * context.world / max(global_tokens, 1.0))).backward()
-    if config.clip_norm > 0:
-        nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    correct = _correct(log_probs.detach(), batch) * weight
-    return float(loss_sum.detach()) * weight, tokens, correct, global_tokens
-
-
-def _loss(log_probs: torch.Tensor, batch: batching.Batch, smoothing: float, pad: int | None) -> torch.Tensor:
-    """Summed (label-smoothed) NLL of the target tokens (`pad`: the token smoothing leaves out), or of a
-    classifier's labels."""
-    if batch.labels is not None:
-        return schedule.class_nll(log_probs, batch.labels, smoothing)
-    return schedule.smoothed_nll(log_probs, batch.tgt_out, ~batch.tgt_pad, smoothing, pad)
-
-
-def _correct(log_probs: torch.Tensor, batch: batching.Batch) -> int:
-    if batch.labels is not None:
-        return schedule.correct_labels(log_probs, batch.labels)
-    return schedule.correct_tokens(log_probs, batch.tgt_out, ~batch.tgt_pad)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, io: ModelIO, data: corpus.Corpus, config: TrainConfig, device: torch.device
 ) -> dict[str, float]:
-    """Held-out loss (plain cross-entropy per token), perplexity, token accuracy and BLEU of greedy translations.
+    """Held-out loss (plain cross-entropy per token: declared loss outputs are training's), perplexity, token
+    accuracy and BLEU of greedy translations.
 
     A classifier's: loss per example and accuracy (no perplexity, no BLEU).
     """
@@ -498,9 +590,9 @@ def evaluate(
     for indices in batching.plan(data.valid, config.batch_size, seed=0, epoch=0, shuffle=False):
         batch = batching.collate([data.valid[i] for i in indices], data.specials).to(device)
         log_probs = io(model, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
-        loss += float(_loss(log_probs, batch, 0.0, data.specials.pad))
+        loss += float(losses.batch_nll(log_probs, batch, 0.0, data.specials.pad))
         tokens += batch.tokens
-        correct += _correct(log_probs, batch)
+        correct += losses.batch_correct(log_probs, batch)
     result = {
         "valid_loss": loss / tokens,
         "valid_ppl": math.exp(min(loss / tokens, 50.0)),
@@ -530,42 +622,10 @@ def corpus_bleu_of(
     return bleu.corpus_scores(hypotheses, data.valid_refs[: len(examples)], tokenize=data.bleu_tokenize)
 
 
-def _save(run: _Run, config: TrainConfig, context: distributed.Context, out: Path | None) -> Path | None:
-    """Checkpoint on rank 0 (all ranks contribute their random-number states; under fsdp, their shards too)."""
-    if out is None:
-        return None
-    rng = distributed.gather_rng(context)
-    sums = distributed.all_sum(context, *(run.sums[name] for name in SUMS))
-    info = {
-        "config": config.model_dump(mode="json"),
-        "roles": run.roles.to_json(),
-        "epoch": run.epoch,
-        "batch": run.batch,
-        "step": run.step,
-        "world": context.world,
-        "d_model": run.d_model,
-        "history": run.history,
-        "epoch_sums": dict(zip(SUMS, sums, strict=True)),
-        "optimizer": checkpoint.optimizer_groups(run.optimizer),
-    }
-    records = checkpoint.Records(
-        info, run.data.src_vocab, run.data.tgt_vocab, run.data.labels,
-        run.data.text.files if run.data.text is not None else None,
-    )  # fmt: skip
-    target = out / checkpoint.NAME
-    if config.strategy == "fsdp":
-        return sharded.save(target, model=run.model, optimizer=run.optimizer, records=records, rng=rng, context=context)
-    path = None
-    if context.main:
-        tensors = {**checkpoint.optimizer_state(run.optimizer), **rng}
-        path = checkpoint.save(target, model=run.model, records=records, tensors=tensors)
-    distributed.barrier(context)
-    return path
-
-
 def _epoch_line(record: dict[str, Any], config: TrainConfig, finished: bool) -> str:
     where = f"epoch {record['epoch']}/{config.epochs}" + ("" if finished else f" (stopped at step {record['step']})")
     parts = [f"train loss {record['train_loss']:.3f}", f"acc {100 * record['train_acc']:.1f}%"]
+    parts += [f"{key.removeprefix('train_loss_')} {value:.4g}" for key, value in record.items() if "_loss_" in key]
     if "valid_loss" in record:
         parts.append(f"valid loss {record['valid_loss']:.3f}")
         if "valid_ppl" in record:

@@ -62,6 +62,11 @@ class PretrainedRecord(BaseModel):
     tokenizer: TokenizerKind | None
     spec_sha256: str  # of the spec.yaml written: an edited one is the user's, and another import keeps it
 
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        """The special-token ids by name, as the import read them from config.json."""
+        return {str(name): token for name, token in self.specials.items()}
+
 
 @dataclass(frozen=True)
 class Report:
@@ -108,7 +113,9 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
     return Report(imported.model_type, imported.tensors, parameters, kind)
 
 
-def export(model: GraphModel, imported: Path | None, out: str | Path, note: Callable[[str], None]) -> Exported:
+def export(
+    model: GraphModel, imported: Path | None, out: str | Path, note: Callable[[str], None], *, max_shard_size: int
+) -> Exported:
     """`model` as a Hugging Face directory at `out` (builder.hf_export); an import's (or a run fine-tuning one)
     record names its family and token ids, and its tokenizer files go along."""
     record = read_record(imported / RECORD, PretrainedRecord, RECORD_FILE) if imported is not None else None
@@ -116,8 +123,10 @@ def export(model: GraphModel, imported: Path | None, out: str | Path, note: Call
     if record is not None and record.tokenizer is not None:
         folder = imported / TOKENIZER  # type: ignore[operator]
         files = {name: read_bytes(folder / name, TOKENIZER_FILE) for name in _tokenizer_files(record.tokenizer)}
-    model_type, specials = (record.model_type, record.specials) if record is not None else (None, None)
-    exported = export_hf(model, out, model_type=model_type, specials=specials, tokenizer=files)
+    model_type, specials = (record.model_type, record.special_ids) if record is not None else (None, None)
+    exported = export_hf(
+        model, out, model_type=model_type, specials=specials, tokenizer=files, max_shard_size=max_shard_size
+    )
     if not files:
         note("no tokenizer files went along (the model was not imported with any): copy the original's beside them")
     return exported
@@ -259,7 +268,7 @@ def model_text(path: str | Path, kind: str, vocab: int) -> ModelText:
         )
     folder = path / TOKENIZER
     files = {name: read_bytes(folder / name, TOKENIZER_FILE) for name in _tokenizer_files(record.tokenizer)}
-    source, target = _sides(files, record.tokenizer, record.specials, vocab, Location(str(folder)))
+    source, target = _sides(files, record.tokenizer, record.special_ids, vocab, Location(str(folder)))
     carried = {
         RECORD: (record.model_dump_json(indent=2) + "\n").encode(),
         **{f"{TOKENIZER}/{name}": data for name, data in files.items()},

@@ -18,11 +18,14 @@ optional mask. By convention:
 
 `--input-roles src=a,tgt=b,src_pad=c,tgt_pad=d,output=e` names them explicitly (a language model:
 `tokens=a,pad=b`).
+
+The spec declares what no convention can tell: `roles: {loss: {aux: 0.01}}` adds its output `aux`, a scalar
+(a router's load-balancing loss, an auxiliary head's), to the training loss times 0.01.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -52,9 +55,11 @@ class Roles:
     tgt_pad: str | None = None
     output: str | None = None  # key in the output mapping; None for a single output
     output_mode: Literal["log_softmax", "logits", "softmax", "unknown"] = "log_softmax"  # unknown: log_softmax applied
+    loss: dict[str, float] = field(default_factory=dict, hash=False)  # output → weight, added to the training loss
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("kind", "src", "tgt", "src_pad", "tgt_pad", "output", "output_mode")}
+        fields = ("kind", "src", "tgt", "src_pad", "tgt_pad", "output", "output_mode")
+        return {**{k: getattr(self, k) for k in fields}, "loss": dict(self.loss)}
 
 
 def parse_roles(text: str | None) -> dict[str, str]:
@@ -133,6 +138,7 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | 
             )
         )
     output, mode = _find_output(graph, given.get("output"))
+    loss = _declared_losses(graph, output, types)
     kind = "seq2seq" if src is not None else "lm"
     if src is None and types is not None:
         out_type = types.get(graph.outputs[output or next(iter(graph.outputs))])
@@ -148,6 +154,7 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | 
         tgt_pad=masks.get("tgt_pad"),
         output=output,
         output_mode=mode,
+        loss=loss,
     )
 
 
@@ -192,6 +199,40 @@ def _find_output(graph: Graph, given: str | None) -> tuple[str | None, str]:
     if node is not None and node.entry.name == "generator":
         mode = str(getattr(node.params, "output", "log_softmax"))
     return (None if graph.single_output else name), mode
+
+
+def _declared_losses(graph: Graph, trained: str | None, types: dict | None) -> dict[str, float]:
+    """The spec's `roles: loss:` outputs and weights, each a model output other than the trained one, and (with
+    `types`) a floating-point scalar: the loss adds it as it is, so a tensor of any other shape is a mistake."""
+    declared = graph.roles.loss
+    problems = []
+    for name in declared:
+        where = graph.locate(("roles", "loss", name))
+        endpoint = None if graph.single_output else graph.outputs.get(name)
+        if endpoint is None:
+            names = "a single output" if graph.single_output else ", ".join(graph.outputs)
+            problems.append(
+                Problem(f"roles: loss: {name!r} is no output of the model (its outputs: {names})", where,
+                        hint="declare the loss term under outputs:, by name")
+            )  # fmt: skip
+            continue
+        if name == trained:
+            problems.append(Problem(f"roles: loss: {name!r} is the output the model trains on", where))
+            continue
+        found = types.get(endpoint) if types is not None else None
+        if found is not None and (
+            not found.dtype.is_floating_point or [str(d) for d in found.shape] not in ([], ["1"])
+        ):
+            problems.append(
+                Problem(
+                    f"roles: loss: {name!r} is {found.described()}: a loss term is a float scalar (shape [] or [1])",
+                    where,
+                    hint="reduce it to one number in the spec, e.g. mean_pool and select",
+                )
+            )
+    if problems:
+        raise SpecError(problems)
+    return dict(declared)
 
 
 @dataclass(frozen=True)
@@ -267,10 +308,19 @@ def class_variable(variables: dict[str, Any]) -> str | None:
     return next((v for v in CLASS_VARS if v in variables), None)
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What one call of the model gives training: the log-probabilities, and each declared loss output (float32
+    scalars, by name)."""
+
+    log_probs: torch.Tensor
+    losses: dict[str, torch.Tensor]
+
+
 class ModelIO:
     """Calls a built model with a batch by role and returns log-probabilities [batch, tgt_len, vocab].
 
-    (A classifier's: [batch, classes].)
+    (A classifier's: [batch, classes].) `outputs` also returns the spec's declared loss outputs.
     """
 
     def __init__(self, roles: Roles):
@@ -284,6 +334,17 @@ class ModelIO:
         src_pad: torch.Tensor | None = None,
         tgt_pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        return self.outputs(model, tgt, src, src_pad, tgt_pad).log_probs
+
+    def outputs(
+        self,
+        model: torch.nn.Module,
+        tgt: torch.Tensor,
+        src: torch.Tensor | None = None,
+        src_pad: torch.Tensor | None = None,
+        tgt_pad: torch.Tensor | None = None,
+    ) -> Outputs:
+        """The log-probabilities and the declared loss outputs of one call."""
         r = self.roles
         kwargs = {r.tgt: tgt}
         if r.src is not None:
@@ -293,7 +354,8 @@ class ModelIO:
         if r.tgt_pad is not None and tgt_pad is not None:
             kwargs[r.tgt_pad] = tgt_pad
         out = model(**kwargs)
-        return self.log_probs(out[r.output] if r.output is not None else out)
+        losses = {name: out[name].float().reshape(()) for name in r.loss}
+        return Outputs(self.log_probs(out[r.output] if r.output is not None else out), losses)
 
     def log_probs(self, out: torch.Tensor) -> torch.Tensor:
         """The model's output read as log-probabilities (float32), whatever its generator returns."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockgraph.builder.hf_mappings import TOKENIZERS
 from blockgraph.common.atomic import owned_directory
 from blockgraph.trainer.specials import Specials
 from blockgraph.trainer.vocab import EOS_ID, UNK_ID, Vocab, tokenize
@@ -18,9 +19,7 @@ from blockgraph.trainer.vocab import EOS_ID, UNK_ID, Vocab, tokenize
 # the files that make a directory holding a model readable as an imported one (trainer.pretrained)
 RECORD = "pretrained.json"  # model type, special-token ids, which tokenizer
 TOKENIZER = "tokenizer"  # the folder of the tokenizer's files
-TOKENIZER_JSON = ("tokenizer.json",)
-MARIAN_FILES = ("source.spm", "target.spm", "vocab.json")
-TOKENIZER_FILES = (*TOKENIZER_JSON, *MARIAN_FILES)
+TOKENIZER_FILES = tuple(name for names in TOKENIZERS.values() for name in names)  # of every kind (hf_mappings)
 
 
 def tokenizer_folder(path: Path) -> bool:

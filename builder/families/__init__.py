@@ -4,24 +4,45 @@ package's `blockgraph.families` entry point; see builder/plugins.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from blockgraph.builder.families import bart, bert, gpt2, gpt_neox, llama, marian, mistral, t5
-from blockgraph.builder.hf_mappings import Family
+from blockgraph.builder.hf_mappings import TOKENIZERS, Family
 from blockgraph.common.errors import PluginError, Problem
 
 FAMILIES: dict[str, Family] = {}
+_override = False  # whether the plugin loading now may replace a taken model_type (`loading`)
 
 
-def register(family: Family, *, override: bool = False) -> Family:
-    """Make `family` importable and exportable under its model_type (a taken one only with `override`)."""
-    if family.model_type in FAMILIES and not override:
+def register(family: Family, *, override: bool | None = None) -> Family:
+    """Make `family` importable and exportable under its model_type: a taken one only with `override`, which
+    by default is the loading plugin's `--allow-override`, as for its blocks."""
+    if family.model_type in FAMILIES and not (_override if override is None else override):
         raise PluginError(
             Problem(
                 f"model_type {family.model_type!r} is already taken by a registered family",
-                hint="register it under another model_type, or with override=True to replace it",
+                hint="register it under another model_type, or pass --allow-override to let plugins replace families",
             )
         )
     FAMILIES[family.model_type] = family
     return family
+
+
+@contextmanager
+def loading(*, override: bool) -> Iterator[None]:
+    """A plugin's families, registered inside: `override` as its `--allow-override`; all rolled back if it fails."""
+    global _override
+    saved, snapshot = _override, dict(FAMILIES)
+    _override = override
+    try:
+        yield
+    except BaseException:
+        FAMILIES.clear()
+        FAMILIES.update(snapshot)
+        raise
+    finally:
+        _override = saved
 
 
 for _module in (gpt2, bert, llama, mistral, gpt_neox, marian, bart, t5):
@@ -32,7 +53,7 @@ def docs_table() -> str:
     """The families as docs/models.md and docs/pretrained.md list them (a test holds the pages to it)."""
     rows = ["| model_type | class (`architectures`) | spec | published sizes | tokenizer |", "|---|---|---|---|---|"]
     for family in FAMILIES.values():
-        tokenizer = "`source.spm`, `target.spm`, `vocab.json`" if family.tokenizer == "marian" else "`tokenizer.json`"
+        tokenizer = ", ".join(f"`{name}`" for name in TOKENIZERS[family.tokenizer])
         spec = family.spec if isinstance(family.spec, str) else family.spec.name
         rows.append(
             f"| `{family.model_type}` | `{family.architectures[0]}` | `specs/{spec}` | {family.sizes} | {tokenizer} |"

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from blockgraph.builder.hf_mappings import Family, linear, norm, same_as, table
+from blockgraph.builder.hf_mappings import Family, Row, linear, norm, same_as, table
 
 
-def _attention(hf: str, ours: str) -> tuple[tuple[str, ...], ...]:
+def _attention(hf: str, ours: str) -> tuple[Row, ...]:
     """A BART-style attention's q/k/v/out projections."""
     names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
     return tuple(row for p, proj in names.items() for row in linear(f"{hf}.{proj}", f"{ours}.w_{p}"))
 
 
-def layers(stack: str) -> tuple[tuple[str, ...], ...]:
+def layers(stack: str) -> tuple[Row, ...]:
     """The encoder (`{e}`) or decoder (`{d}`) layers of BART and Marian onto encoder_layer / decoder_layer."""
     i = "{e}" if stack == "encoder" else "{d}"
     hf, ours = f"model.{stack}.layers.{i}", f"{stack}.{i}"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from blockgraph.builder.hf_mappings import Family, table
+from blockgraph.builder.hf_mappings import Family, Row, table
 
 
-def _stack(stack: str) -> tuple[tuple[str, ...], ...]:
+def _stack(stack: str) -> tuple[Row, ...]:
     """T5's encoder (`{e}`) or decoder (`{d}`) blocks onto the spec's encoder_block / decoder_block."""
     i = "{e}" if stack == "encoder" else "{d}"
     hf, ours = f"{stack}.block.{i}.layer", f"{stack}.{i}"

@@ -24,14 +24,19 @@ from blockgraph.common.text import sizes_text
 
 
 def build_summary(
-    model: GraphModel, outputs: object, *, device: str, dtype: torch.dtype, seconds: dict[str, float]
+    model: GraphModel,
+    outputs: torch.Tensor | dict[str, torch.Tensor],
+    *,
+    device: str,
+    dtype: torch.dtype,
+    seconds: dict[str, float],
 ) -> RenderableType:
     """What `blockgraph build` prints: outputs and shapes, parameters, device, dtype and timings."""
     table = Table(title=f"[bold]{escape(model.spec_name)}[/] built", show_header=True, header_style="bold")
     table.add_column("output")
     table.add_column("shape")
     table.add_column("dtype")
-    named = outputs.items() if isinstance(outputs, dict) else [("output", outputs)]
+    named: Iterable[tuple[str, torch.Tensor]] = outputs.items() if isinstance(outputs, dict) else [("output", outputs)]
     for name, tensor in named:
         table.add_row(name, str(list(tensor.shape)), str(tensor.dtype).removeprefix("torch."))
     total = sum(p.numel() for p in model.parameters())
@@ -212,13 +217,13 @@ def architecture_table(
             column, justify="left" if shapes or column in ("node", "block") else "right", no_wrap=not shapes
         )
     shape_of = shape_lookup(typed, costs)
-    sums = [0, 0, 0, 0]
+    sums: tuple[int, int, int | None, int | None] = (0, 0, 0, 0)
     for unit in units.values():
         ins = [types[ep].shape for ep in unit.inputs]
         outs = [types[ep].shape for ep in unit.outputs]
         total, trainable, flops, activations = unit_numbers(unit, params, costs)
         label = unit.label
-        cells = [
+        cells: list[str | Flow] = [
             unit.key,
             label,
             _concrete(ins, [shape_of(ep) for ep in unit.inputs] if concrete else None),
@@ -228,7 +233,7 @@ def architecture_table(
         if costs is not None:
             cells += [f"{trainable:,}", flops_text(flops), bytes_text(activations)]
         table.add_row(*(c if isinstance(c, Flow) else Text(c) for c in cells))  # Text: no markup parsing
-        sums = [sums[0] + total, sums[1] + trainable, add(sums[2], flops), add(sums[3], activations)]
+        sums = (sums[0] + total, sums[1] + trainable, add(sums[2], flops), add(sums[3], activations))
     table.add_section()
     footer = ["total", "", "", "", f"{sums[0]:,}"]
     if costs is not None:
@@ -249,7 +254,7 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
         f"{plural(len(typed.graph.nodes), 'block')}",
     )
     analytic = costs.flops_analytic
-    if not costs.concrete:
+    if costs.dims is None:  # not concrete
         missing = ", ".join(costs.missing_dims)
         hint = " ".join(f"--dim {d}=N" for d in costs.missing_dims)
         grid.add_row("FLOPs", Text(f"need sizes for {missing}: {hint}, or dims: in the spec", style="yellow"))

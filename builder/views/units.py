@@ -92,7 +92,9 @@ def unit_numbers(unit: Unit, params: dict[str, int], costs: Costs | None) -> tup
     total = sum(params[inst.id] for inst in unit.members)
     if costs is None:
         return total, total, None, None
-    trainable, flops, activations = 0, 0, 0
+    trainable = 0
+    flops: int | None = 0
+    activations: int | None = 0
     for inst in unit.members:
         cost = costs.nodes[inst.id]
         trainable += cost.trainable
@@ -103,9 +105,10 @@ def unit_numbers(unit: Unit, params: dict[str, int], costs: Costs | None) -> tup
 def shape_lookup(typed: TypedGraph, costs: Costs | None):
     """Endpoint → concrete shape (from the costs' per-node shapes), or None."""
     found: dict[Endpoint, tuple] = {}
-    if costs is not None and costs.concrete:
+    if costs is not None and costs.dims is not None:  # concrete
+        dims = costs.dims
         for name, spec in typed.graph.inputs.items():  # every input's dimensions have sizes when costs do
-            found[Endpoint(name)] = tuple(d if isinstance(d, int) else costs.dims[d] for d in spec.shape)
+            found[Endpoint(name)] = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
         for inst in typed.graph.nodes.values():
             cost = costs.nodes[inst.id]
             for port, shape in zip(inst.out_ports, cost.output_shapes, strict=True):
