@@ -278,9 +278,10 @@ def build(
         dims = trial.resolve_dims(typed.graph, parse_dims(dim))
         need = footprint.build_need(typed, dims, device=device, dtype=weights)
         footprint.check(need, hint=footprint.build_advice(spec))  # before allocating anything
+        measured = time.perf_counter()
         model = pipeline.compile_graph(typed, device=device, dtype=weights)
         built = time.perf_counter()
-        seconds = {"validate": checked - started, "compile": built - checked}
+        seconds = {"validate": checked - started, "memory check": measured - checked, "compile": built - measured}
     else:
         given.no_overrides(overrides)
         _check_device(device)

@@ -30,6 +30,8 @@ def as_dim(value: int | str | sympy.Expr) -> Dim:
 def dims_equal(a: Dim, b: Dim) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if a == b:  # the same expression (sympy compares structurally): no subtraction, which is slow to import
+        return True
     return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 

@@ -385,7 +385,7 @@ class Run:
         rng = distributed.gather_rng(context)
         outputs = self.sums["outputs"]
         summed = distributed.all_sum(context, *(self.sums[name] for name in SUMS), *outputs.values())
-        epoch_sums = dict(zip(SUMS, summed, strict=False))
+        epoch_sums: dict[str, Any] = dict(zip(SUMS, summed, strict=False))
         epoch_sums["outputs"] = dict(zip(outputs, summed[len(SUMS) :], strict=True))
         info = {
             "config": self.config.model_dump(mode="json"),
@@ -547,14 +547,14 @@ def _output_classes(typed: Any, roles: Roles) -> int | None:
     return int(last) if last.isdigit() else None
 
 
-def initialise(model: nn.Module) -> None:
+def initialise(model: GraphModel) -> None:
     """Xavier-uniform initialisation of every weight with two or more dimensions (as the Annotated Transformer).
 
     Blocks' defaults differ (nn.Embedding draws N(0, 1), which `scale: true` multiplies by √d_model, drowning
     the position signal in small models); embeddings loaded from `pretrained` files and frozen tensors are kept.
     """
     keep = set()
-    for inst in model.typed_graph.graph.nodes.values():  # type: ignore[union-attr]
+    for inst in model.typed_graph.graph.nodes.values():
         if getattr(inst.params, "pretrained", None):
             keep |= {id(p) for p in model.get_submodule(inst.module_id).parameters()}
     with torch.no_grad():
@@ -576,7 +576,7 @@ def _evaluated(config: TrainConfig) -> TrainConfig:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, io: ModelIO, data: corpus.Corpus, config: TrainConfig, device: torch.device
+    model: GraphModel, io: ModelIO, data: corpus.Corpus, config: TrainConfig, device: torch.device
 ) -> dict[str, float]:
     """Held-out loss (plain cross-entropy per token: declared loss outputs are training's), perplexity, token
     accuracy and BLEU of greedy translations.
@@ -606,7 +606,7 @@ def evaluate(
 
 
 def corpus_bleu_of(
-    model: nn.Module, io: ModelIO, data: corpus.Corpus, limit: int, max_len: int, device: torch.device
+    model: GraphModel, io: ModelIO, data: corpus.Corpus, limit: int, max_len: int, device: torch.device
 ) -> dict[str, float]:
     """BLEU and chrF of greedy translations of the first `limit` held-out sources against their references."""
     examples = data.valid[:limit]

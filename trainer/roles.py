@@ -26,7 +26,7 @@ The spec declares what no convention can tell: `roles: {loss: {aux: 0.01}}` adds
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import ConfigDict
@@ -34,6 +34,7 @@ from pydantic import ConfigDict
 from blockgraph.builder.graph import Endpoint, Graph
 from blockgraph.common.errors import Location, Problem, SpecError, UsageError
 
+OutputMode = Literal["log_softmax", "logits", "softmax", "unknown"]  # unknown: log_softmax applied
 ROLE_NAMES = ("src", "tgt", "src_pad", "tgt_pad", "output")
 ALIASES = {"source": "src", "target": "tgt", "tokens": "tgt", "pad": "tgt_pad", "out": "output"}
 SRC_VOCAB_VARS = ("src_vocab", "source_vocab")
@@ -54,7 +55,7 @@ class Roles:
     src_pad: str | None = None
     tgt_pad: str | None = None
     output: str | None = None  # key in the output mapping; None for a single output
-    output_mode: Literal["log_softmax", "logits", "softmax", "unknown"] = "log_softmax"  # unknown: log_softmax applied
+    output_mode: OutputMode = "log_softmax"
     loss: dict[str, float] = field(default_factory=dict, hash=False)  # output → weight, added to the training loss
 
     def to_json(self) -> dict[str, Any]:
@@ -115,18 +116,18 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | 
                 hint="an encoder–decoder spec has two int64 inputs; name them with --input-roles src=NAME,tgt=NAME",
             )
         )
-    for role, name in (("src", src), ("tgt", tgt)):
-        if name is not None and name not in ints:
-            raise SpecError(Problem(f"the {role} input {name!r} is not an integer input", where))
-    masks = {}
+    for role, chosen in (("src", src), ("tgt", tgt)):
+        if chosen is not None and chosen not in ints:
+            raise SpecError(Problem(f"the {role} input {chosen!r} is not an integer input", where))
+    masks: dict[str, str | None] = {}
     for role, owner in (("src_pad", src), ("tgt_pad", tgt)):
         if role in given:
             masks[role] = given[role]
         elif owner is not None:
             masks[role] = _find_mask(owner, bools, inputs, (src, tgt))
-    for role, name in masks.items():
-        if name is not None and name not in bools:
-            raise SpecError(Problem(f"the {role} input {name!r} is not a bool mask", where))
+    for role, chosen in masks.items():
+        if chosen is not None and chosen not in bools:
+            raise SpecError(Problem(f"the {role} input {chosen!r} is not a bool mask", where))
     used = {src, tgt, *masks.values()}
     missing = [n for n, s in inputs.items() if not s.optional and n not in used]
     if missing:
@@ -139,13 +140,12 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | 
         )
     output, mode = _find_output(graph, given.get("output"))
     loss = _declared_losses(graph, output, types)
-    kind = "seq2seq" if src is not None else "lm"
+    kind: Literal["seq2seq", "lm", "classify"] = "seq2seq" if src is not None else "lm"
     if src is None and types is not None:
         out_type = types.get(graph.outputs[output or next(iter(graph.outputs))])
         tokens_type = types.get(Endpoint(tgt))
-        two_dims = out_type is not None and tokens_type is not None and len(out_type.shape) == 2
-        if two_dims and str(out_type.shape[0]) == str(tokens_type.shape[0]):
-            kind = "classify"
+        if out_type is not None and tokens_type is not None and len(out_type.shape) == 2:
+            kind = "classify" if str(out_type.shape[0]) == str(tokens_type.shape[0]) else kind
     return Roles(
         kind=kind,
         src=src,
@@ -168,8 +168,9 @@ def _find_mask(owner: str, bools: list[str], inputs: dict, tokens: tuple[str | N
     return by_shape[0] if len(by_shape) == 1 else None
 
 
-def _find_output(graph: Graph, given: str | None) -> tuple[str | None, str]:
+def _find_output(graph: Graph, given: str | None) -> tuple[str | None, OutputMode]:
     outputs = graph.outputs
+    name: str | None
     where = graph.locate(("outputs",))
     if given is not None:
         if graph.single_output or given not in outputs:
@@ -195,9 +196,9 @@ def _find_output(graph: Graph, given: str | None) -> tuple[str | None, str]:
             )
     endpoint = outputs[name]
     node = graph.nodes.get(endpoint.node)
-    mode = "unknown"
-    if node is not None and node.entry.name == "generator":
-        mode = str(getattr(node.params, "output", "log_softmax"))
+    mode: OutputMode = "unknown"
+    if node is not None and node.entry.name == "generator":  # its `output` param: one of the modes
+        mode = cast(OutputMode, str(getattr(node.params, "output", "log_softmax")))
     return (None if graph.single_output else name), mode
 
 
@@ -346,7 +347,7 @@ class ModelIO:
     ) -> Outputs:
         """The log-probabilities and the declared loss outputs of one call."""
         r = self.roles
-        kwargs = {r.tgt: tgt}
+        kwargs: dict[str, torch.Tensor | None] = {r.tgt: tgt}
         if r.src is not None:
             kwargs[r.src] = src
         if r.src_pad is not None and src_pad is not None:
