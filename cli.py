@@ -276,8 +276,9 @@ def build(
         checked = time.perf_counter()
         _check_device(device)
         dims = trial.resolve_dims(typed.graph, parse_dims(dim))
-        need = footprint.build_need(typed, dims, device=device, dtype=weights)
-        footprint.check(need, hint=footprint.build_advice(spec))  # before allocating anything
+        if footprint.checking(device):  # before allocating anything
+            need = footprint.build_need(typed, dims, device=device, dtype=weights)
+            footprint.check(need, hint=footprint.build_advice(spec))
         measured = time.perf_counter()
         model = pipeline.compile_graph(typed, device=device, dtype=weights)
         built = time.perf_counter()
@@ -292,7 +293,9 @@ def build(
         warn(typed.graph.warnings, strict)
         dims = trial.resolve_dims(typed.graph, parse_dims(dim))
         held = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        footprint.check(footprint.trial_need(typed, dims, device=device, dtype=held), hint=footprint.build_advice(spec))
+        if footprint.checking(device):
+            need = footprint.trial_need(typed, dims, device=device, dtype=held)
+            footprint.check(need, hint=footprint.build_advice(spec))
         built = time.perf_counter()
         seconds = {"load": built - started}
     inputs = trial.dummy_inputs(typed.graph, dims, device=device, dtype=pipeline.parse_dtype(dtype))
@@ -549,12 +552,14 @@ def export(
         model = persist.load(saved)
         typed = model.typed_graph
         dims = trial.resolve_dims(typed.graph, parse_dims(dim))
-        footprint.check(footprint.trial_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
+        if footprint.checking("cpu"):
+            footprint.check(footprint.trial_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
     else:
         typed = pipeline.typed_graph(given.load_spec(overrides, allow_external_files=allow_external_files))
         warn(typed.graph.warnings, strict)
         dims = trial.resolve_dims(typed.graph, parse_dims(dim))
-        footprint.check(footprint.build_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
+        if footprint.checking("cpu"):
+            footprint.check(footprint.build_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
         model = pipeline.compile_graph(typed, device="cpu")
     model.eval()
     if format is ExportFormat.hf:

@@ -315,6 +315,13 @@ class MetaPeak(TorchDispatchMode):
             self.live -= entry[1]
 
 
+def checking(device: str | torch.device) -> bool:
+    """Whether a need on `device` would be checked at all: not skipped, not meta, a device whose memory is known.
+    Callers ask first, so that a skipped check costs no meta build nor trial run."""
+    where = torch.device(device)
+    return where.type != "meta" and not memory.skip_requested() and memory.available(where) is not None
+
+
 def check(need: Need, *, hint: str = API_ADVICE, skip: bool = False) -> None:
     """Refuse `need` when it exceeds what its device has left (see common.memory): a `MemoryLimitError` saying
     what it needs, what is available and which limit binds. `skip`, `--skip-memory-check` and

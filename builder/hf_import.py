@@ -35,12 +35,13 @@ from blockgraph.builder.model import GraphModel
 from blockgraph.builder.persist import unique_tensors
 from blockgraph.builder.pipeline import build
 from blockgraph.builder.spec import MAX_DIM as MAX_SIZE
-from blockgraph.common.errors import CheckpointError, Location, Problem
-from blockgraph.common.files import FileKind, MiB, read_json
+from blockgraph.common.errors import CheckpointError, Location, PluginError, Problem
+from blockgraph.common.files import FileKind, MiB, read_json, read_text
 from blockgraph.common.native import guarded
 from blockgraph.common.tensorfile import TensorInfo, read_header
 from blockgraph.common.text import excerpt
 
+FAMILY_SPEC = FileKind("family spec", PluginError, limit=16 * MiB)
 CONFIG_FILE = FileKind("model config", CheckpointError, limit=16 * MiB)
 INDEX_FILE = FileKind("weights index", CheckpointError, limit=64 * MiB)
 PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -279,8 +280,16 @@ def _shards(index: Path) -> list[Path]:
 def spec_text(family: Family, variables: Mapping[str, Any], origin: str) -> str:
     """The family's shipped spec with `variables` written into its `vars:` block, comments kept."""
     lines = _standalone(family.spec_path)
+    if "vars:" not in lines:  # a plugin family's spec: the config's variables have nowhere to go
+        raise PluginError(
+            Problem(
+                f"the {family.model_type} family's spec has no top-level `vars:` block (one variable a line)",
+                Location(str(family.spec_path)),
+                hint="write the sizes the config reads as vars: in the family's spec",
+            )
+        )
     start = lines.index("vars:")
-    end = next(i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" "))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i].startswith(" ")), len(lines))
     for i in range(start + 1, end):
         match = re.match(r"(  (\w+): )([^#]*?)(\s*#.*)?$", lines[i])
         if match and match.group(2) in variables:
@@ -296,7 +305,7 @@ def spec_text(family: Family, variables: Mapping[str, Any], origin: str) -> str:
 def _standalone(path: Path) -> list[str]:
     """A shipped spec's lines; one that `extends:` another is the base's, with its own comments, name and
     description (a base's variables are all the extension's: the import sets every one)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, FAMILY_SPEC).splitlines()
     base = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("extends:")), None)
     if base is None:
         return lines

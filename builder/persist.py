@@ -192,7 +192,7 @@ def rebuild(
     try:
         with receiving_weights():
             typed = typed_graph(load_spec(spec, plugins=plugins))
-            if check_memory:
+            if check_memory and footprint.checking(device):
                 need = footprint.weights_need(typed, device=device, dtype=dtype, action="loading the model")
                 footprint.check(need, hint=footprint.LOAD_ADVICE)
             return compile_graph(typed, device=device, dtype=dtype)

@@ -78,7 +78,7 @@ def build(
     """
     typed = typed_graph(source, overrides, plugins=plugins, allow_external_files=allow_external_files)
     dtype = parse_dtype(dtype)
-    if check_memory and torch.device(device).type != "meta":
+    if check_memory and footprint.checking(device):
         footprint.check(footprint.weights_need(typed, device=device, dtype=dtype))
     return compile_graph(typed, device=device, dtype=dtype)
 

@@ -13,6 +13,8 @@ import hf_dirs
 import pytest
 import torch
 import transformers
+import yaml
+from conftest import ROOT
 from safetensors import safe_open
 from test_import import MODELS, SEQ2SEQ, _padded, _saved
 
@@ -259,3 +261,28 @@ def test_a_plugin_family_takes_a_built_in_model_type_only_with_allow_override(tm
         FAMILIES["gpt2"] = built_in
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["architectures"] == ["HouseGPT2LMHeadModel"]
+
+
+def test_a_plugin_family_whose_spec_has_no_vars_block_is_a_located_error(tmp_path, run_cli):
+    """The import writes the config's sizes into the spec's `vars:` block, one a line: a plugin family's spec
+    that writes them in flow style is refused naming its file, never with a traceback."""
+    spec = yaml.safe_load((ROOT / "specs" / "gpt2.yaml").read_text())
+    flow = tmp_path / "flow_gpt.yaml"
+    flow.write_text(yaml.safe_dump(spec, default_flow_style=None, sort_keys=False))
+    assert "\nvars: {" in flow.read_text()
+    _saved("gpt2", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "flow_gpt"}))
+    (tmp_path / "flow.py").write_text(
+        "import dataclasses\nfrom pathlib import Path\n\n"
+        "from blockgraph.builder.families import FAMILIES, register\n\n"
+        "register(dataclasses.replace(FAMILIES['gpt2'], model_type='flow_gpt', "
+        f"spec=Path({str(flow)!r})))\n"
+    )
+    try:
+        imported = run_cli("--plugin", tmp_path / "flow.py", "import", tmp_path / "hf", "--out", tmp_path / "out")
+    finally:
+        FAMILIES.pop("flow_gpt", None)
+    message = " ".join(imported.stderr.split())
+    assert imported.code == 1 and imported.exception is None, imported.stderr
+    assert "has no top-level `vars:` block" in message and "flow_gpt.yaml" in message, message

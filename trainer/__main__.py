@@ -88,9 +88,8 @@ def main() -> int:
             return distributed.STOPPED
         if debug:
             raise
-        rank = os.environ.get("RANK", "?")
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        err.print(f"[bold red]error:[/] process {rank} failed: {escape(type(exc).__name__)}: {escape(first)}")
+        rank = os.environ.get("RANK", "?")  # the exception's text is not shown: it may quote a file's contents
+        err.print(f"[bold red]error:[/] process {rank} failed: {escape(type(exc).__name__)}")
         err.print("  hint: `blockgraph --debug train ...` shows where", style="green", markup=False)
         return distributed.FAILED
     return 0

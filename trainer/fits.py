@@ -25,6 +25,8 @@ from blockgraph.trainer.distributed import Context
 
 def check_training(typed: TypedGraph, config: TrainConfig, context: Context) -> None:
     """Refuse a training run of `typed` that would not fit in the memory left to this process."""
+    if not footprint.checking(context.device):
+        return
     compute = torch.bfloat16 if config.dtype == "bfloat16" else None
     need = footprint.training_need(
         typed, device=context.device, strategy=config.strategy, world=context.world, local=_local(),
@@ -36,6 +38,8 @@ def check_training(typed: TypedGraph, config: TrainConfig, context: Context) -> 
 def check_checkpoint(path: str | Path, context: Context, *, action: str = "resuming training") -> None:
     """Refuse to go on training (or to consolidate) the checkpoint at `path` where its model, gradients and Adam's
     moments would not fit. A checkpoint that cannot be read is left for its loading to report."""
+    if not footprint.checking(context.device):
+        return
     try:
         directory = checkpoint.locate(path)
         sharded = not (directory / checkpoint.MODEL).exists() and (directory / checkpoint.SHARDED).is_dir()
