@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 from blockgraph.common.errors import BlockgraphError
@@ -23,7 +24,7 @@ from blockgraph.common.errors import BlockgraphError
 def guarded(fail: Callable[[str], BlockgraphError]) -> Iterator[None]:
     """Run the block with the native library's own output muted; a failure in it (named: `a panic`,
     `MemoryError`, ...) raises `fail(name)`. BlockgraphErrors and interrupts pass as they are."""
-    saved = _mute()
+    muted = _mute()
     try:
         yield
     except (BlockgraphError, KeyboardInterrupt, SystemExit):
@@ -31,7 +32,7 @@ def guarded(fail: Callable[[str], BlockgraphError]) -> Iterator[None]:
     except BaseException as exc:  # a panic is a BaseException; the library failing is the file failing
         raise fail(failure(exc)) from None
     finally:
-        _restore(saved)
+        _restore(muted)
 
 
 def failure(exc: BaseException) -> str:
@@ -39,23 +40,43 @@ def failure(exc: BaseException) -> str:
     return "a panic" if type(exc).__name__ == "PanicException" else type(exc).__name__
 
 
-def _mute() -> int | None:
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no descriptor 2 (a daemon), or a closed stream: nothing to mute
-        return None
-    try:
-        null = os.open(os.devnull, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-        os.dup2(null, 2)
-        os.close(null)
-    except OSError:
-        os.close(saved)
-        return None
-    return saved
+class _Muted:
+    """Descriptor 2 is the process's: guards open at the same time (threads) share one muting."""
+
+    lock = threading.Lock()
+    depth = 0
+    saved: int | None = None
 
 
-def _restore(saved: int | None) -> None:
-    if saved is not None:
-        os.dup2(saved, 2)
-        os.close(saved)
+def _mute() -> bool:
+    """Point descriptor 2 at /dev/null, once for all guards open at a time; False when it cannot be."""
+    with _Muted.lock:
+        if _Muted.depth:
+            _Muted.depth += 1
+            return True
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no descriptor 2 (a daemon), or a closed stream: nothing to mute
+            return False
+        try:
+            null = os.open(os.devnull, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            os.dup2(null, 2)
+            os.close(null)
+        except OSError:
+            os.close(saved)
+            return False
+        _Muted.depth, _Muted.saved = 1, saved
+        return True
+
+
+def _restore(muted: bool) -> None:
+    """Undo `_mute` when the last guard open at a time ends."""
+    if not muted:
+        return
+    with _Muted.lock:
+        _Muted.depth -= 1
+        if _Muted.depth == 0 and _Muted.saved is not None:
+            os.dup2(_Muted.saved, 2)
+            os.close(_Muted.saved)
+            _Muted.saved = None

@@ -56,10 +56,11 @@ class TokenizerJson:
         if not isinstance(parsed, dict):
             raise self._refused("it is not a JSON object")
         check(parsed, self._refused)
-        with guarded(lambda failure: self._refused(f"the tokenizers library cannot read it ({failure})")):
-            from tokenizers import Tokenizer
+        from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_str(json.dumps(parsed, ensure_ascii=False))
+        text = json.dumps(parsed, ensure_ascii=False)
+        with guarded(lambda failure: self._refused(f"the tokenizers library cannot read it ({failure})")):
+            self._tokenizer = Tokenizer.from_str(text)
             dropout = getattr(self._tokenizer.model, "dropout", None)
             self._tokenizer.no_truncation()
             self._tokenizer.no_padding()
