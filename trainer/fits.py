@@ -68,11 +68,15 @@ class DecodingGuard:
     def __init__(self, decoder: decode.Decoder):
         self.decoder = decoder
         self._meta: decode.Decoder | None = None
+        self._fitted: list[tuple[int, int, int, int]] = []  # sizes that fitted: a batch no larger needs no new run
 
     def check(self, *, sentences: int, rows: int, src_len: int | None, prompt: int, most: int) -> None:
         """`rows` decode together (the sentences times the beam), sources of `src_len` tokens (padded) or
         prompts of `prompt`, `most` new tokens at most."""
         device = self.decoder.device
+        size = (rows, src_len or 0, prompt, most)
+        if any(all(a <= b for a, b in zip(size, fitted, strict=True)) for fitted in self._fitted):
+            return  # the peak only grows with each of these
         if memory.skip_requested() or memory.available(device) is None:
             return
         try:
@@ -91,6 +95,7 @@ class DecodingGuard:
         batch = f"a batch of {sentences} sentence{'s' if sentences != 1 else ''}"
         need = footprint.Need(f"decoding {batch}", {"decoding": peak.peak}, device)
         footprint.check(need, hint=f"decode fewer at once (--batch-size {max(1, sentences // 2)}) or a smaller --beam")
+        self._fitted.append(size)
 
 
 def _on_meta(decoder: decode.Decoder) -> decode.Decoder:
