@@ -33,7 +33,7 @@ from blockgraph.builder.families import FAMILIES
 from blockgraph.builder.hf_mappings import Config, Derived, Family, Value, convert, names_text, plan
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.persist import unique_tensors
-from blockgraph.builder.pipeline import build
+from blockgraph.builder.pipeline import build, compile_graph
 from blockgraph.builder.spec import MAX_DIM as MAX_SIZE
 from blockgraph.common.errors import CheckpointError, Location, PluginError, Problem
 from blockgraph.common.files import FileKind, MiB, read_json, read_text
@@ -336,7 +336,7 @@ def import_directory(directory: str | Path) -> Imported:
     _check_places(family, found, layout, weights)
     need = footprint.import_need(layout, [info for _, info, _ in found.values()])
     footprint.check(need, hint=footprint.IMPORT_ADVICE)  # before anything is allocated
-    model = build(family.spec_path, overrides=variables, dtype=dtype, check_memory=False).eval()
+    model = compile_graph(layout.typed_graph, dtype=dtype).eval()  # the meta layout's graph: resolved once
     targets = unique_tensors(model)[0]
     with Weights(found) as tensors:
         state, computed = convert(family, tensors, heads=variables.get("heads"))

@@ -42,7 +42,7 @@ def check_checkpoint(path: str | Path, context: Context, *, action: str = "resum
         return
     try:
         directory = checkpoint.locate(path)
-        sharded = not (directory / checkpoint.MODEL).exists() and (directory / checkpoint.SHARDED).is_dir()
+        sharded = checkpoint.is_sharded(directory)
         spec = directory / (checkpoint.SHARDED_SPEC if sharded else f"{checkpoint.MODEL}/{persist.SPEC}")
         typed = typed_graph(persist.saved_spec(spec))
     except BlockgraphError:
