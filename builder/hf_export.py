@@ -28,7 +28,7 @@ from blockgraph.builder.hf_import import spec_text, spec_variables
 from blockgraph.builder.hf_mappings import Derived, Family, to_hf
 from blockgraph.builder.model import GraphModel
 from blockgraph.builder.persist import unique_tensors
-from blockgraph.builder.pipeline import build, typed_graph
+from blockgraph.builder.pipeline import compile_graph, typed_graph
 from blockgraph.common.atomic import check_directory_target, write_directory
 from blockgraph.common.errors import CheckpointError, Location, Problem, UsageError
 from blockgraph.common.text import excerpt
@@ -111,7 +111,8 @@ def differences(family: Family, graph: Graph, model: torch.nn.Module) -> list[Pr
         for key in variables
         if read[key] != variables[key]
     ]
-    theirs = typed_graph(spec_text_source(family, read)).graph
+    their_typed = typed_graph(spec_text_source(family, read))
+    theirs = their_typed.graph
     for node_id in sorted(set(graph.nodes) | set(theirs.nodes)):
         ours_node, their_node = graph.nodes.get(node_id), theirs.nodes.get(node_id)
         if ours_node is None:
@@ -143,7 +144,7 @@ def differences(family: Family, graph: Graph, model: torch.nn.Module) -> list[Pr
     if graph.ties != theirs.ties or graph.outputs != theirs.outputs:
         problems.append(Problem(f"the model's ties or outputs are not the {name} spec's"))
     if not problems:
-        built = build(spec_text_source(family, read), device="meta")
+        built = compile_graph(their_typed, device="meta")
         shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
         if shapes != {key: tuple(t.shape) for key, t in built.state_dict().items()}:
             problems.append(Problem(f"the model's tensors are not the {name} spec's"))

@@ -186,11 +186,12 @@ def specials(family: Family, config: Config, vocab: int, where: Location) -> dic
     return found
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards model.safetensors.index.json names (plain file names in `directory`)."""
+def weight_headers(directory: Path) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor's file, dtype and shape: of model.safetensors, or of the shards model.safetensors.index.json
+    names (plain file names in `directory`), each header read once."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
     if single.exists():
-        return [single]
+        return headers([single])
     if index.exists():
         return _shards(index)
     pickled = [name for name in PICKLES if (directory / name).exists()]
@@ -254,7 +255,7 @@ class Weights(Mapping[str, torch.Tensor]):
         self._files.close()
 
 
-def _shards(index: Path) -> list[Path]:
+def _shards(index: Path) -> dict[str, tuple[Path, TensorInfo]]:
     data = read_json(index, INDEX_FILE)
     where = Location(str(index))
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -269,12 +270,11 @@ def _shards(index: Path) -> list[Path]:
     missing = [name for name in names if not (index.parent / name).is_file()]
     if missing:
         raise CheckpointError(Problem(f"shard {excerpt(missing[0], 60)} is missing", where))
-    shards = [index.parent / name for name in names]
-    held = {name: path.name for name, (path, _) in headers(shards).items()}
-    astray = [name for name, file in weight_map.items() if held.get(str(name)) != file]
+    found = headers([index.parent / name for name in names])
+    astray = [name for name, file in weight_map.items() if name not in found or found[name][0].name != file]
     if astray:
         raise CheckpointError(Problem(f"field weight_map: {excerpt(str(astray[0]), 60)} is not in its shard", where))
-    return shards
+    return found
 
 
 def spec_text(family: Family, variables: Mapping[str, Any], origin: str) -> str:
@@ -326,9 +326,7 @@ def import_directory(directory: str | Path) -> Imported:
     family, config = read_config(directory)
     where, weights = Location(str(directory / "config.json")), Location(str(directory))
     variables = spec_variables(family, config, where)
-    found = _as_today(
-        family, {name: (path, info, name) for name, (path, info) in headers(weight_files(directory)).items()}
-    )
+    found = _as_today(family, {name: (path, info, name) for name, (path, info) in weight_headers(directory).items()})
     plan(family, found)  # names first: a tensor no rule places, or two in one place, is refused before all else
     dtype = _dtype(found, weights)
     layout = build(family.spec_path, overrides=variables, dtype=dtype, device="meta")

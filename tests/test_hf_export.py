@@ -16,7 +16,7 @@ import transformers
 import yaml
 from conftest import ROOT
 from safetensors import safe_open
-from test_import import MODELS, SEQ2SEQ, _padded, _saved
+from test_import import MODELS, _padded, _saved, reference_outputs
 
 from blockgraph.builder import hf_export
 from blockgraph.builder.families import FAMILIES, docs_table
@@ -30,23 +30,6 @@ torch.set_num_threads(1)
 def _names(directory: Path) -> set[str]:
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         return set(f.keys())
-
-
-def _outputs(model: torch.nn.Module, model_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits (BERT: last hidden state) on padded inputs, and where they are real."""
-    vocab = model.config.vocab_size
-    with torch.no_grad():
-        if model_type in SEQ2SEQ:
-            src, src_pad = _padded(3, 8, vocab, seed=1)
-            tgt, tgt_pad = _padded(3, 7, vocab, seed=2)
-            output = model(
-                input_ids=src, attention_mask=(~src_pad).long(), decoder_input_ids=tgt,
-                decoder_attention_mask=(~tgt_pad).long(),
-            )  # fmt: skip
-            return output.logits, ~tgt_pad
-        tokens, pad = _padded(3, 9, vocab, seed=1)
-        output = model(input_ids=tokens, attention_mask=(~pad).long())
-        return (output.last_hidden_state if model_type == "bert" else output.logits), ~pad
 
 
 @pytest.mark.parametrize("model_type", list(MODELS))
@@ -67,7 +50,7 @@ def test_an_import_goes_back_out_as_transformers_loads_it(tmp_path, run_cli, mod
     assert config["architectures"] == list(family.architectures) and "auto_map" not in config
     loaded = getattr(transformers, family.auto_class).from_pretrained(back).eval()
     assert type(loaded) is type(reference)
-    (got, keep), (want, _) = _outputs(loaded, model_type), _outputs(reference, model_type)
+    (got, keep), (want, _) = reference_outputs(loaded, model_type), reference_outputs(reference, model_type)
     assert (got - want).abs()[keep].max().item() <= 1e-5
 
 
@@ -210,7 +193,7 @@ def test_a_small_shard_size_writes_shards_that_transformers_and_import_read(tmp_
         sizes = [t.numel() * t.element_size() for t in load_file(back / shard).values()]
         assert sum(sizes) <= 20_000 or len(sizes) == 1, shard
     loaded = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
-    (got, keep), (want, _) = _outputs(loaded, "gpt2"), _outputs(reference, "gpt2")
+    (got, keep), (want, _) = reference_outputs(loaded, "gpt2"), reference_outputs(reference, "gpt2")
     assert torch.equal(got[keep], want[keep])
     again = run_cli("import", back, "--out", tmp_path / "again")
     assert again.code == 0, again.stderr

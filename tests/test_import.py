@@ -153,29 +153,40 @@ def imported(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     return found
 
 
+def padded_inputs(model_type: str, vocab: int) -> dict[str, torch.Tensor]:
+    """The padded batch every family is held to: sources and targets, or tokens, with their masks (True = pad)."""
+    if model_type in SEQ2SEQ:
+        (src, src_pad), (tgt, tgt_pad) = _padded(3, 8, vocab, seed=1), _padded(3, 7, vocab, seed=2)
+        return {"src": src, "src_pad": src_pad, "tgt": tgt, "tgt_pad": tgt_pad}
+    tokens, pad = _padded(3, 9, vocab, seed=1)
+    return {"tokens": tokens, "pad": pad}
+
+
+def reference_outputs(model: torch.nn.Module, model_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformers model's logits (BERT: last hidden state) on `padded_inputs`, and where they are real."""
+    given = padded_inputs(model_type, model.config.vocab_size)
+    with torch.no_grad():
+        if model_type in SEQ2SEQ:
+            output = model(
+                input_ids=given["src"], attention_mask=(~given["src_pad"]).long(), decoder_input_ids=given["tgt"],
+                decoder_attention_mask=(~given["tgt_pad"]).long(),
+            )  # fmt: skip
+            return output.logits, ~given["tgt_pad"]
+        output = model(input_ids=given["tokens"], attention_mask=(~given["pad"]).long())
+    return (output.last_hidden_state if model_type == "bert" else output.logits), ~given["pad"]
+
+
 @pytest.mark.parametrize("model_type", list(MODELS))
 def test_the_import_computes_what_the_original_does(imported, model_type):
     reference, out = imported[model_type]
     ours = persist.load(out / "model").eval()
-    vocab = reference.config.vocab_size
+    expected, keep = reference_outputs(reference, model_type)
+    given = padded_inputs(model_type, reference.config.vocab_size)
     with torch.no_grad():
-        if model_type in SEQ2SEQ:
-            src, src_pad = _padded(3, 8, vocab, seed=1)
-            tgt, tgt_pad = _padded(3, 7, vocab, seed=2)
-            expected = reference(
-                input_ids=src, attention_mask=(~src_pad).long(), decoder_input_ids=tgt,
-                decoder_attention_mask=(~tgt_pad).long(),
-            ).logits  # fmt: skip
-            got, keep = ours(src=src, tgt=tgt, src_pad=src_pad, tgt_pad=tgt_pad), ~tgt_pad
+        if model_type == "bert":
+            got = ours(**given, segment=torch.zeros_like(given["tokens"]))["last_hidden_state"]
         else:
-            tokens, pad = _padded(3, 9, vocab, seed=1)
-            output = reference(input_ids=tokens, attention_mask=(~pad).long())
-            if model_type == "bert":
-                got = ours(tokens=tokens, segment=torch.zeros_like(tokens), pad=pad)["last_hidden_state"]
-                expected = output.last_hidden_state
-            else:
-                got, expected = ours(tokens=tokens, pad=pad), output.logits
-            keep = ~pad
+            got = ours(**given)
     assert (got - expected).abs()[keep].max().item() <= 1e-5
 
 
