@@ -238,6 +238,11 @@ class InspectFormat(str, Enum):
     dot = "dot"
 
 
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="Floating dtype of the weights: float32, bfloat16, float16, ...", show_default=False)
+]
+
+
 @app.command()
 @user_errors
 def build(
@@ -245,9 +250,7 @@ def build(
     set_: SetOpt = [],  # noqa: B006 - Typer reads the default
     dim: DimOpt = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="Where the weights live: cpu, cuda, cuda:1, meta.")] = "cpu",
-    dtype: Annotated[
-        str | None, typer.Option(help="Floating dtype of the weights: float32, bfloat16, float16, ...")
-    ] = None,
+    dtype: DtypeOpt = None,
     strict: StrictOpt = False,
     allow_external_files: ExternalOpt = False,
     out_dir: Annotated[
@@ -529,6 +532,7 @@ def export(
             show_default=False,
         ),
     ] = None,
+    dtype: DtypeOpt = None,
     strict: StrictOpt = False,
     allow_external_files: ExternalOpt = False,
 ) -> None:
@@ -544,6 +548,7 @@ def export(
             )
         )
     shard_limit = hf_export.MAX_SHARD_SIZE if max_shard_size is None else hf_export.shard_size(max_shard_size)
+    weights = pipeline.parse_dtype(dtype)
     given = model_path(spec)
     overrides = parse_pairs(set_, "--set", typed=True)
     saved = given.saved_model()
@@ -561,6 +566,8 @@ def export(
         if footprint.checking("cpu"):
             footprint.check(footprint.build_need(typed, dims), hint=footprint.build_advice(spec, dtype=False))
         model = pipeline.compile_graph(typed, device="cpu")
+    if weights is not None:
+        model.to(weights)
     model.eval()
     if format is ExportFormat.hf:
         from blockgraph.trainer import pretrained
@@ -573,7 +580,8 @@ def export(
             f"wrote {out_file}: {report.model_type}, {report.tensors} tensors: {', '.join(report.files)}", markup=False
         )
         return
-    trial.trial_run(model, trial.dummy_inputs(typed.graph, dims), dims)  # what `build` refuses is not exported
+    inputs = trial.dummy_inputs(typed.graph, dims, dtype=weights)
+    trial.trial_run(model, inputs, dims)  # what `build` refuses is not exported
     result = exporting.export(
         model, typed, dims, format.value, out_file, include_optional=with_optional, torch_output=State.debug
     )

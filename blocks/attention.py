@@ -420,12 +420,21 @@ class MultiHeadAttention(Block):
             k, v = cache.extend("k", k, dim=2), cache.extend("v", v, dim=2)
             if key_padding_mask is not None:
                 key_padding_mask = cache.extend("pad", key_padding_mask, dim=1)
-        else:
+        else:  # the memory's keys and values, one row per source, are attended by all its hypotheses at once
             memory, values = key, key if value is None else value
-            q = self.heads_of(self.w_q, query, self.heads)
+            q = self.heads_of(self.w_q, cache.grouped(query), self.heads)
             k = cache.once("k", lambda: self.heads_of(self.w_k, memory, self.kv_heads))
             v = cache.once("v", lambda: self.heads_of(self.w_v, values, self.kv_heads))
+            y, weights = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias)
+            if weights is not None:  # [sources, heads, width × len, keys] → [rows, heads, len, keys]
+                weights = cache.ungrouped(weights.transpose(1, 2)).transpose(1, 2)
+            return self.merge(cache.ungrouped(y.transpose(1, 2)).transpose(1, 2), weights)
         return self.merge(*self.attend(q, k, v, key_padding_mask, attn_mask, position_bias, offset=start))
+
+    @classmethod
+    def shares_fixed(cls, p: Params, ports: Mapping[str, bool]) -> bool:
+        """A cross-attention's queries are grouped by source; a position bias has a row per query, so not with one."""
+        return "position_bias" not in ports
 
     @staticmethod
     def heads_of(projection: nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -270,6 +270,11 @@ class DecoderLayer(Block):
         fixed = not (ports.get("memory") or ports.get("memory_key_padding_mask"))
         return "state" if ports.get("x") and fixed and "tgt_mask" not in ports else None
 
+    @classmethod
+    def shares_fixed(cls, p: DecoderParams, ports: Mapping[str, bool]) -> bool:
+        """The memory goes to the cross-attention, which groups the queries by source."""
+        return True
+
     def step(
         self,
         cache: StepCache,

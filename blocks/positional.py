@@ -244,6 +244,11 @@ class RelativePositionBias(Block):
     def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
         return "state" if ports.get("query") else None
 
+    @classmethod
+    def shares_fixed(cls, p: Params, ports: Mapping[str, bool]) -> bool:
+        """Fixed keys are read for their length alone."""
+        return True
+
     def step(self, cache: StepCache, query: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
         """The rows of the new query positions: over every key so far (self-attention), or the fixed keys."""
         start = cache.advance(query.size(1))

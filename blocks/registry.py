@@ -119,6 +119,12 @@ class Block(nn.Module):
         "positions", "state" (it implements `step`) or None, it cannot (see blocks.stepping); None by default."""
         return None
 
+    @classmethod
+    def shares_fixed(cls, params: Any, ports: Mapping[str, bool]) -> bool:
+        """Whether `step` takes its fixed inputs with one row per source while its growing ones hold `cache.width`
+        hypotheses per source (beam search; see blocks.stepping); False by default: every row gets its own copy."""
+        return False
+
     def step(self, cache: StepCache, *inputs: Any, **named: Any) -> Any:
         """`forward` for the new positions of the growing ports, keeping in `cache` what later steps need."""
         raise NotImplementedError(f"{type(self).__name__} does not step")

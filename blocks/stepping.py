@@ -20,6 +20,13 @@ a step is the cache's bookkeeping and nothing else (`DecoderLayer.layer`, `Posit
 
 A step may bring several positions at once (a prompt), then one at a time. Every tensor a cache holds is
 batch-first, so that beam search can reorder the rows of all caches with one index.
+
+Beam search decodes `width` hypotheses of every source side by side: the rows of a step are sources × width,
+source-major. What a block computed once from a fixed input (`once`: the memory's keys and values) has one row
+per source and is shared by its hypotheses, never copied or reordered per step; a block that says it reads
+fixed inputs per source (`Block.shares_fixed`) attends with its rows grouped by source (`grouped`,
+`ungrouped`). The decoder reorders the growing state by hypothesis and the fixed state only when a source
+leaves the batch.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class StepCache:
         self.length = 0
         self.tensors: dict[str, torch.Tensor] = {}
         self.filled: dict[str, tuple[int, int]] = {}  # name → (dim, positions written) of a growing buffer
+        self.fixed: set[str] = set()  # tensors computed once from fixed inputs: one row per source
+        self.width = 1  # hypotheses per source: the rows of the growing tensors are sources × width
         self.children: dict[str, StepCache] = {}
 
     def advance(self, positions: int) -> int:
@@ -59,7 +68,21 @@ class StepCache:
         """The tensor `name`, computed at the first step and kept for the later ones (a fixed input's projection)."""
         if name not in self.tensors:
             self.tensors[name] = compute()
+            self.fixed.add(name)
         return self.tensors[name]
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """[sources × width, length, …] → [sources, width × length, …]: each source's hypotheses as one row, to
+        attend the source's fixed tensors once."""
+        if self.width == 1:
+            return x
+        return x.reshape(x.size(0) // self.width, self.width * x.size(1), *x.shape[2:])
+
+    def ungrouped(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `grouped`."""
+        if self.width == 1:
+            return x
+        return x.reshape(x.size(0) * self.width, x.size(1) // self.width, *x.shape[2:])
 
     def grows(self, port: str) -> bool:
         """Whether `port` is connected and brings new positions at every step."""
@@ -69,6 +92,7 @@ class StepCache:
         """The cache of a sub-module (a layer's attention), created at the first step."""
         if name not in self.children:
             self.children[name] = StepCache(self.capacity, ports)
+            self.children[name].width = self.width
         return self.children[name]
 
     def extend(self, name: str, new: torch.Tensor, dim: int) -> torch.Tensor:
@@ -90,10 +114,14 @@ class StepCache:
         self.filled[name] = (dim, total)
         return buffer.narrow(dim, 0, total)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (in that order, repeats allowed) of every tensor, here and in the children."""
+    def reorder(self, index: torch.Tensor, sources: torch.Tensor | None = None, width: int = 1) -> None:
+        """Keep rows `index` (in that order, repeats allowed) of every growing tensor, here and in the children,
+        and rows `sources` of the fixed ones (None: the same sources); `width` hypotheses per source follow."""
         for name, tensor in self.tensors.items():
-            if name in self.filled:  # only the written part of a growing buffer is moved
+            if name in self.fixed:
+                if sources is not None:
+                    self.tensors[name] = tensor.index_select(0, sources)
+            elif name in self.filled:  # only the written part of a growing buffer is moved
                 dim, written = self.filled[name]
                 kept = tensor.narrow(dim, 0, written).index_select(0, index)
                 if len(index) == tensor.size(0):
@@ -106,8 +134,9 @@ class StepCache:
                     self.tensors[name] = fresh
             else:
                 self.tensors[name] = tensor.index_select(0, index)
+        self.width = width
         for child in self.children.values():
-            child.reorder(index)
+            child.reorder(index, sources, width)
 
     def nbytes(self) -> int:
         """Bytes held by this cache and its children (allocated buffers, not just their written part)."""

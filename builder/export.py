@@ -74,13 +74,14 @@ def export(
     graph = typed.graph
     names = _input_names(typed, include_optional)
     device = next((t.device for t in model.state_dict().values()), torch.device("cpu"))
+    dtype = next((t.dtype for t in model.state_dict().values() if t.is_floating_point()), None)
     if device.type == "meta":
         raise ExportError(Problem("a model on the meta device cannot be exported", hint="build it on cpu"))
     was_training = model.training
     model.eval()
     try:
         with _torch_output(torch_output):  # its failed guesses log tracebacks; what fails for good is reported
-            program, dynamic, static, notes = _trace(model, typed, dims, names, device)
+            program, dynamic, static, notes = _trace(model, typed, dims, names, device, dtype)
     finally:
         model.train(was_training)
     left_out = [n for n, s in graph.inputs.items() if s.optional and n not in names]
@@ -133,22 +134,35 @@ def _input_names(typed: TypedGraph, include_optional: bool | Sequence[str]) -> l
 
 
 def sample_inputs(
-    typed: TypedGraph, dims: dict[str, int], names: Sequence[str], device: torch.device, *, seed: int = 0
+    typed: TypedGraph,
+    dims: dict[str, int],
+    names: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    *,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Inputs for tracing: required ones as `dummy_inputs` makes them; optional ones neutral (False / zeros)."""
+    """Inputs for tracing: required ones as `dummy_inputs` makes them; optional ones neutral (False / zeros);
+    floating ones in `dtype`, the model's."""
 
     graph = typed.graph
-    tensors = dummy_inputs(graph, dims, device=device, seed=seed)
+    tensors = dummy_inputs(graph, dims, device=device, dtype=dtype, seed=seed)
     for name in names:
         if name not in tensors:
             spec = graph.inputs[name]
             shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
-            tensors[name] = torch.zeros(shape, dtype=spec.torch_dtype, device=device)
+            kind = dtype if dtype is not None and spec.torch_dtype.is_floating_point else spec.torch_dtype
+            tensors[name] = torch.zeros(shape, dtype=kind, device=device)
     return {name: tensors[name] for name in names}
 
 
 def _trace(
-    model: torch.nn.Module, typed: TypedGraph, dims: dict[str, int], names: list[str], device: torch.device
+    model: torch.nn.Module,
+    typed: TypedGraph,
+    dims: dict[str, int],
+    names: list[str],
+    device: torch.device,
+    dtype: torch.dtype | None,
 ) -> tuple[Any, dict[str, tuple[int | None, int | None]], dict[str, int], list[Problem]]:
     """torch.export with one Dim per named dimension, narrowing ranges or fixing sizes where tracing demands;
     the program, the dynamic ranges, the static sizes and a warning for each dimension that had to be fixed."""
@@ -158,7 +172,7 @@ def _trace(
     symbolic = sorted({d for n in names for d in graph.inputs[n].shape if isinstance(d, str)})
     # sizes 0 and 1 are specialised by torch.export; trace dynamic dimensions at 2 or more
     trace_dims = {**dims, **{d: max(dims[d], 2) for d in symbolic}}
-    kwargs = sample_inputs(typed, trace_dims, names, device)
+    kwargs = sample_inputs(typed, trace_dims, names, device, dtype)
     spec_dims = {d: Dim(d) for d in symbolic}
     shapes: dict[str, Any] = {
         n: {i: spec_dims[d] for i, d in enumerate(graph.inputs[n].shape) if isinstance(d, str)} or None for n in names
@@ -188,7 +202,7 @@ def _trace(
             break
     if program is not None and _static_at_trace_size(shapes, graph, names, dims, trace_dims):
         # a size fixed by tracing is the bumped trace size (2): trace again at the size asked for
-        kwargs = sample_inputs(typed, {**trace_dims, **_fixed(shapes, graph, names, dims)}, names, device)
+        kwargs = sample_inputs(typed, {**trace_dims, **_fixed(shapes, graph, names, dims)}, names, device, dtype)
         shapes = _fixed_shapes(shapes, dims, graph, names)
         try:
             program = torch.export.export(model, (), kwargs, dynamic_shapes=shapes)
@@ -197,7 +211,7 @@ def _trace(
     if program is None:
         if symbolic:
             notes.append(_static(symbolic, dims, guards, typed))
-        kwargs = sample_inputs(typed, dims, names, device)
+        kwargs = sample_inputs(typed, dims, names, device, dtype)
         try:
             program = torch.export.export(model, (), kwargs)
         except Exception as exc:

@@ -49,6 +49,7 @@ class StepPlan:
     batch_axes: tuple[int | None, ...]  # per carried value: its batch axis (reordered with the batch), if any
     output: Endpoint
     last_only: tuple[str, Endpoint] | None  # (node, its growing input) from which only the last position is computed
+    shares: bool  # every step node that reads a carried batch keeps one row per source (Block.shares_fixed)
 
 
 def _dim(dims: tuple[Any, ...], axis: int) -> str | None:
@@ -102,6 +103,12 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
     batch_axes = tuple(_axis(tuple(typed.types[ep].shape), batch) for ep in carried)
     fixed = tuple(name for name in graph.inputs if name not in growing)
     last_only = _position_wise_tail(graph, step_nodes, grows, target)
+    per_row = {ep for ep, axis in zip(carried, batch_axes, strict=True) if axis is not None}
+    shares = all(
+        how == "state" and _shares(graph.nodes[node].entry.cls, graph.nodes[node].params, ports)
+        for (node, how), ports in zip(step_nodes, _ports_of(graph, step_nodes, grows), strict=True)
+        if per_row & set(graph.nodes[node].bindings.values())
+    )
     return StepPlan(
         tuple(growing),
         fixed,
@@ -112,7 +119,23 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
         batch_axes,
         target,
         last_only,
+        shares,
     )
+
+
+def _ports_of(graph: Graph, step_nodes: list[tuple[str, Stepping]], grows: set[Endpoint]) -> list[dict[str, bool]]:
+    return [
+        {port: ep in grows for port, ep in graph.nodes[node].bindings.items() if ep is not None}
+        for node, _ in step_nodes
+    ]
+
+
+def _shares(cls: type[Block], params: Any, ports: dict[str, bool]) -> bool:
+    """The block's `shares_fixed`; a plugin's rule that fails shares nothing (each row gets its copy)."""
+    try:
+        return bool(cls.shares_fixed(params, ports))
+    except Exception:  # a plugin's rule: the safe answer
+        return False
 
 
 def _stepping(cls: type[Block], params: Any, ports: dict[str, bool], where: str) -> Stepping:
@@ -228,20 +251,42 @@ class DecodeState:
     carried: tuple[Any, ...]
     batch_axes: tuple[int | None, ...]
     prefix: dict[str, torch.Tensor] | None = None  # what a `Rerun` re-reads at every step
+    shares: bool = False  # whether the sources' fixed values stay one row per source (StepPlan.shares)
+    rows: int = 0  # rows of the growing values, sources × width (0: before the first step)
+    width: int = 1  # rows per source
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search: the surviving hypotheses, repeats allowed)."""
+        """Keep rows `index` of the batch (beam search: the surviving hypotheses, repeats allowed). Where the steps
+        share the sources' values and the kept rows stay grouped by source, as many each (beam search's), only the
+        growing state follows `index`: the sources' values just lose the sources that left."""
+        if self.shares:
+            sources, width = _grouping(index // self.width, self.rows // self.width)
+        else:
+            sources, width = index, 1
         for cache in self.caches:
-            cache.reorder(index)
-        self.carried = tuple(
-            value.index_select(axis, index) if axis is not None and value is not None else value
-            for value, axis in zip(self.carried, self.batch_axes, strict=True)
-        )
+            cache.reorder(index, sources, width)
+        if sources is not None:
+            self.carried = tuple(
+                value.index_select(axis, sources) if axis is not None and value is not None else value
+                for value, axis in zip(self.carried, self.batch_axes, strict=True)
+            )
+        self.rows, self.width = len(index), width
         if self.prefix is not None:
             self.prefix = {name: value.index_select(0, index) for name, value in self.prefix.items()}
 
     def cache_bytes(self) -> int:
         return sum(cache.nbytes() for cache in self.caches)
+
+
+def _grouping(owners: torch.Tensor, count: int) -> tuple[torch.Tensor | None, int]:
+    """The sources of rows owned by `owners` (of `count` sources) and the rows per source: (None: all `count`
+    sources, in order; else the sources kept) where the owners come in equal runs in increasing order, else
+    (`owners`, 1): every row gets its own copy of its source's values."""
+    kept, runs = torch.unique_consecutive(owners, return_counts=True)
+    width = int(runs[0]) if len(runs) else 1
+    if bool((runs == width).all()) and bool((kept[1:] > kept[:-1]).all()):
+        return (None if len(kept) == count else kept), width
+    return owners, 1
 
 
 class StepProgram:
@@ -262,11 +307,13 @@ class StepProgram:
         """Run the nodes of the fixed inputs; `capacity` is the most positions the decoding will reach."""
         carried = self._start(self.model, **fixed)
         caches = [StepCache(capacity, ports) for ports in self.plan.state_ports]
-        return DecodeState(caches, carried, self.plan.batch_axes)
+        return DecodeState(caches, carried, self.plan.batch_axes, shares=self.plan.shares)
 
     def step(self, state: DecodeState, **growing: torch.Tensor | None) -> torch.Tensor:
         """The output at the new positions of the growing inputs ([batch, new, …] each); only at the last one
         where the output ends in position-wise blocks (the generator)."""
+        if not state.rows:  # the first step: one row per source
+            state.rows = next(t.size(0) for t in growing.values() if t is not None)
         return self._step(self.model, state.caches, state.carried, **growing)
 
 

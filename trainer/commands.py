@@ -180,6 +180,14 @@ NBestOpt = Annotated[
     int, typer.Option(min=1, max=1024, metavar="N", help="Print this many beam hypotheses with their scores.")
 ]
 DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="cpu or cuda.")]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="PRECISION",
+        help="Decode in float32, bfloat16, float16 (GPU) or int8 (Linear weights, CPU). Lower is faster, within "
+        "docs/generation.md's measured agreement with float32.",
+    ),
+]
 CompileOpt = Annotated[
     bool,
     typer.Option("--compile", help="Run the decoding step through torch.compile (the first batch compiles it: slow)."),
@@ -209,6 +217,7 @@ def translate(
     alpha: AlphaOpt = 0.0,
     n_best: NBestOpt = 1,
     device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "float32",
     compile_step: CompileOpt = False,
     tokenizer: TokenizerOpt = None,
     src_tokenizer: SrcTokenizerOpt = None,
@@ -227,7 +236,9 @@ def translate(
     sentences = _sentences(text, file)
     if given.imported is not None:
         _own_tokenizer(tokenizer or src_tokenizer or tgt_tokenizer)
-        translator = pretrained.load(given.imported, device=device, compiled=compile_step, note=_note)
+        translator = pretrained.load(
+            given.imported, device=device, compiled=compile_step, precision=precision, note=_note
+        )
     else:
         saved = checkpoint.load(
             given.run("translate"), device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
@@ -239,10 +250,11 @@ def translate(
                 label, probability = classify(model, io, saved.tgt_vocab, saved.labels or [], sentence, device)
                 write_plain(f"{label}\t{probability:.3f}")
             return
-        translator = Translator.of_checkpoint(saved, compiled=compile_step, note=_note)
+        translator = Translator.of_checkpoint(saved, compiled=compile_step, precision=precision, note=_note)
     results = translator.translate(
-        sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
-    )
+        sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size,
+        window=_window(text),
+    )  # fmt: skip
     _print(results, n_best, streamed=text in (None, ["-"]))
 
 
@@ -275,6 +287,7 @@ def generate(
     n_best: NBestOpt = 1,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "float32",
     compile_step: CompileOpt = False,
     tokenizer: TokenizerOpt = None,
 ) -> None:
@@ -290,16 +303,23 @@ def generate(
     prompts = _sentences(text, file)
     if given.imported is not None:
         _own_tokenizer(tokenizer)
-        translator = pretrained.load(given.imported, device=device, compiled=compile_step, note=_note)
+        translator = pretrained.load(
+            given.imported, device=device, compiled=compile_step, precision=precision, note=_note
+        )
     else:
         translator = Translator.load(
-            given.run("generate"), device=device, tokenizers=(tokenizer, tokenizer), compiled=compile_step, note=_note
+            given.run("generate"),
+            device=device,
+            tokenizers=(tokenizer, tokenizer),
+            compiled=compile_step,
+            precision=precision,
+            note=_note,
         )
     if translator.seq2seq:
         raise UsageError(Problem("this checkpoint is an encoder–decoder", hint="translate with `blockgraph translate`"))
     results = translator.generate(
         prompts, max_new=max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        beam=beam, alpha=alpha, n_best=n_best, batch_size=batch_size,
+        beam=beam, alpha=alpha, n_best=n_best, batch_size=batch_size, window=_window(text),
     )  # fmt: skip
     _print(results, n_best, streamed=text in (None, ["-"]))
 
@@ -359,6 +379,12 @@ def _own_tokenizer(given: str | None) -> None:
 
 def _note(text: str) -> None:
     err.print(f"[yellow]note:[/] {escape(text)}")
+
+
+def _window(text: list[str] | None) -> int:
+    """Batches read ahead and decoded sorted by length: 64 of a --file or of arguments; standard input is
+    decoded batch by batch, each printed before the next is read."""
+    return 1 if text == ["-"] else 64
 
 
 def _sentences(text: list[str] | None, file: Path | None) -> Iterator[str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from blockgraph.builder import precision as precisions
 from blockgraph.builder.model import GraphModel
 from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, UsageError
 from blockgraph.common.text import excerpt
@@ -79,12 +80,18 @@ class Translator:
         *,
         specials: decode.Specials = decode.TRAINER_SPECIALS,
         compiled: bool = False,
+        precision: str = "float32",
         note: Callable[[str], None] | None = None,
     ):
-        self.roles, self.model, self.source, self.target = roles, model.eval(), source, target
         self.note = note or (lambda text: None)
-        if self.roles.kind == "classify":
+        if roles.kind == "classify":
             raise DataError(Problem("a classifier's checkpoint labels texts; it does not generate"))
+        device = next(iter(model.state_dict().values())).device
+        precisions.check(precision, device)
+        if precision != "float32":
+            model = precisions.apply(model, precision)
+            self.note(f"decoding in {precision}" + (" (int8 Linear weights)" if precision == "int8" else ""))
+        self.roles, self.model, self.source, self.target = roles, model.eval(), source, target
         self.decoder = decode.Decoder(self.model, self.roles, specials=specials, compiled=compiled)
         if self.decoder.reason:
             self.note(f"decoding re-runs the whole model at every step: {self.decoder.reason}")
@@ -93,7 +100,12 @@ class Translator:
 
     @classmethod
     def of_checkpoint(
-        cls, saved: checkpoint.Checkpoint, *, compiled: bool = False, note: Callable[[str], None] | None = None
+        cls,
+        saved: checkpoint.Checkpoint,
+        *,
+        compiled: bool = False,
+        precision: str = "float32",
+        note: Callable[[str], None] | None = None,
     ) -> Translator:
         if saved.tgt_vocab is None:
             raise CheckpointError(
@@ -106,7 +118,7 @@ class Translator:
         source = TextSide.of_vocab(saved.src_vocab, source=True) if saved.src_vocab is not None else None
         target = TextSide.of_vocab(saved.tgt_vocab, source=False)
         roles = Roles(**saved.info["roles"])
-        return cls(saved.model, roles, target, source, compiled=compiled, note=note)
+        return cls(saved.model, roles, target, source, compiled=compiled, precision=precision, note=note)
 
     @classmethod
     def load(
@@ -116,11 +128,13 @@ class Translator:
         device: str = "cpu",
         tokenizers: tuple[str | None, str | None] = (None, None),
         compiled: bool = False,
+        precision: str = "float32",
         note: Callable[[str], None] | None = None,
     ) -> Translator:
-        """The checkpoint at `path` (a run directory or its checkpoint/) on `device`."""
+        """The checkpoint at `path` (a run directory or its checkpoint/) on `device`, decoding in `precision`."""
+        precisions.check(precision, device)  # before the checkpoint is read
         saved = checkpoint.load(path, device=device, tokenizers=tokenizers)
-        return cls.of_checkpoint(saved, compiled=compiled, note=note)
+        return cls.of_checkpoint(saved, compiled=compiled, precision=precision, note=note)
 
     @property
     def seq2seq(self) -> bool:
@@ -135,10 +149,12 @@ class Translator:
         alpha: float = 0.0,
         n_best: int = 1,
         batch_size: int = 32,
+        window: int = 1,
     ) -> Iterator[list[Output]]:
         """Each sentence's hypotheses, best first (n_best of them), in input order. A language model continues
-        the text: its output starts with the prompt. `max_len`: most new tokens (default: 2 × source + 10, or 50)."""
-        return self._run(sentences, batch_size, max_len, Search(beam, alpha, n_best))
+        the text: its output starts with the prompt. `max_len`: most new tokens (default: 2 × source + 10, or 50).
+        `window`: batches read ahead and sorted by length (1: each batch is printed before the next is read)."""
+        return self._run(sentences, batch_size, max_len, Search(beam, alpha, n_best), window)
 
     def generate(
         self,
@@ -153,6 +169,7 @@ class Translator:
         top_p: float | None = None,
         seed: int | None = None,
         batch_size: int = 32,
+        window: int = 1,
     ) -> Iterator[list[Output]]:
         """Continue each prompt by `max_new` tokens at most: greedily, with beam search, or sampling when a
         temperature, top_k or top_p is given (seeded by `seed`)."""
@@ -165,20 +182,24 @@ class Translator:
             except ValueError as exc:
                 raise UsageError(Problem(str(exc))) from None
         search = Search(beam, alpha, n_best, sampling, temperature or 1.0, top_k, top_p, seed)
-        return self._run(prompts, batch_size, max_new, search)
+        return self._run(prompts, batch_size, max_new, search, window)
 
     def _run(
-        self, sentences: Iterable[str], batch_size: int, most: int | None, search: Search
+        self, sentences: Iterable[str], batch_size: int, most: int | None, search: Search, window: int
     ) -> Iterator[list[Output]]:
+        """Decode `window` batches' worth of sentences at a time, sorted by length so that a batch pads little
+        and its rows finish together; each sentence's hypotheses come out in input order."""
         _check_search(search, most)
         lines = iter(sentences)
         counter = itertools.count()
         generator = decode.seeded(search.seed, self.decoder.device) if search.sampling else None
-        while batch := [self._item(next(counter), s, most) for s in itertools.islice(lines, batch_size)]:
+        while chunk := [self._item(next(counter), s, most) for s in itertools.islice(lines, batch_size * window)]:
             done: dict[int, list[Output]] = {}
-            for group in self._groups([item for item in batch if item.ids or not self.seq2seq]):
-                done.update(self._decode(group, search, generator))
-            for item in batch:
+            by_length = sorted((item for item in chunk if item.ids or not self.seq2seq), key=lambda i: len(i.ids))
+            for start in range(0, len(by_length), batch_size):
+                for group in self._groups(by_length[start : start + batch_size]):
+                    done.update(self._decode(group, search, generator))
+            for item in chunk:
                 yield done.get(item.index, [Output("", 0.0)])  # an empty source: an empty line
 
     def _item(self, index: int, sentence: str, most: int | None) -> _Item:

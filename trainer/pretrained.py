@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from blockgraph.builder import persist
+from blockgraph.builder import precision as precisions
 from blockgraph.builder.families import FAMILIES
 from blockgraph.builder.hf_export import Exported, export_hf
 from blockgraph.builder.hf_import import import_directory
@@ -278,10 +279,16 @@ def model_text(path: str | Path, kind: str, vocab: int) -> ModelText:
 
 
 def load(
-    path: str | Path, *, device: str = "cpu", compiled: bool = False, note: Callable[[str], None] | None = None
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    compiled: bool = False,
+    precision: str = "float32",
+    note: Callable[[str], None] | None = None,
 ) -> Translator:
     """An imported (or fine-tuned imported) model ready to translate or generate with its own tokenizers and
-    special tokens."""
+    special tokens, decoding in `precision`."""
+    precisions.check(precision, device)  # before the weights are read
     loaded = load_model(path, device=device)
     if note is not None and not (Path(path) / checkpoint.TRAINER).exists() and spec_edited(Path(path)):
         note(
@@ -289,7 +296,7 @@ def load(
             f"`blockgraph train {path} --data FILE` trains the edited spec from the imported weights"
         )
     text = model_text(path, loaded.roles.kind, loaded.vocab)
-    options = {"specials": text.specials, "compiled": compiled, "note": note}
+    options = {"specials": text.specials, "compiled": compiled, "precision": precision, "note": note}
     return Translator(loaded.model, loaded.roles, text.target, text.source, **options)  # type: ignore[arg-type]
 
 
