@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from blockgraph.common.errors import Problem, UsageError
 
 Precision = Literal["float32", "bfloat16", "float16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+M = TypeVar("M", bound=nn.Module)
 _FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,7 +42,7 @@ def check(precision: str, device: str | torch.device) -> None:
         )
 
 
-def apply(model: nn.Module, precision: str) -> nn.Module:
+def apply(model: M, precision: str) -> M:
     """`model` in `precision`, in place (and returned): its float weights cast, or its Linear layers in int8."""
     if precision in _FLOATS:
         return model.to(_FLOATS[precision])
@@ -51,11 +52,6 @@ def apply(model: nn.Module, precision: str) -> nn.Module:
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear(child))
     return model
-
-
-def dtype_of(model: nn.Module) -> torch.dtype:
-    """The floating dtype a model computes in (float32 for an int8 model, whose activations are)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 class Int8Linear(nn.Module):

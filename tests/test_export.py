@@ -94,6 +94,23 @@ def test_cli_exports_a_saved_model(run_cli, tmp_path):
     torch.testing.assert_close(program(tokens=tokens), model(tokens=tokens), rtol=0, atol=1e-5)
 
 
+def test_cli_exports_in_bfloat16(run_cli, tmp_path):
+    """--dtype casts the weights before tracing: the program holds bfloat16 weights and computes what the model
+    cast to bfloat16 computes, within bfloat16's rounding of float32's output."""
+    saved = builder.save(builder.build(TINY, overrides=SMALL), tmp_path / "saved")
+    result = run_cli("export", saved, "-f", "exported-program", "-o", tmp_path / "m.pt2", "--dtype", "bfloat16")
+    assert result.code == 0, result.stderr
+    loaded = torch.export.load(tmp_path / "m.pt2")
+    assert {t.dtype for t in loaded.state_dict.values() if t.is_floating_point()} == {torch.bfloat16}
+    model, tokens = builder.load(saved).eval(), torch.randint(0, 40, (3, 6))
+    with torch.no_grad():
+        exact, ours = model(tokens=tokens), loaded.module()(tokens=tokens)
+        torch.testing.assert_close(ours, model.to(torch.bfloat16)(tokens=tokens), rtol=0, atol=1e-2)
+    assert ours.dtype == torch.bfloat16 and not torch.equal(ours.float(), exact)
+    torch.testing.assert_close(ours.float(), exact, rtol=0.02, atol=0.05)
+    assert run_cli("export", saved, "-f", "onnx", "-o", tmp_path / "m.onnx", "--dtype", "int4").code == 1
+
+
 def test_cli_export_errors(run_cli, tmp_path):
     saved = builder.save(builder.build(TINY, overrides=SMALL), tmp_path / "saved")
     refused = run_cli("export", saved, "-f", "exported-program", "-o", tmp_path / "m.pt2", "--set", "layers=3")

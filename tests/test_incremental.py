@@ -107,6 +107,53 @@ def test_every_step_equals_a_full_rerun(name):
         torch.testing.assert_close(log_probs, full[rows, position], atol=1e-5, rtol=0)
 
 
+def _beam_reorders() -> Iterator[torch.Tensor]:
+    """What beam search does to 3 sources: 2 hypotheses each, swapped and duplicated within their source, then
+    the middle source leaves; then rows no longer grouped by source (every row its own copy of its source)."""
+    yield torch.tensor([0, 0, 1, 1, 2, 2])
+    yield torch.tensor([1, 0, 2, 2, 5, 4])
+    yield torch.tensor([0, 1, 5, 5])
+    yield torch.tensor([3, 0, 1])
+    while True:
+        yield torch.arange(3)
+
+
+def _fixed_rows(decoder: decode.Decoder, state) -> set[int]:
+    """The rows of every tensor the caches computed once from the sources (the memory's keys and values)."""
+
+    def walk(cache: StepCache) -> Iterator[int]:
+        yield from (cache.tensors[name].size(0) for name in cache.fixed)
+        for child in cache.children.values():
+            yield from walk(child)
+
+    return {rows for cache in state.caches for rows in walk(cache)}
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_beam_shaped_reorders_step_as_a_full_rerun_sharing_each_sources_memory(name):
+    """Hypotheses grouped by source read the source's memory once: the cross-attention keys and values keep one
+    row per source (never copied per beam) while the log-probabilities stay those of a full re-run."""
+    decoder = _decoder(name)
+    src, src_pad = _sources(decoder, [7, 4, 2])
+    tgt = torch.cat((torch.full((3, 1), BOS_ID), torch.randint(4, VOCAB, (3, 7))), dim=1)
+    full = _full(decoder, tgt, src, src_pad)
+    full[..., [PAD_ID, BOS_ID]] = float("-inf")
+    state = decoder.start(src, src_pad, capacity=tgt.size(1))
+    rows, order, sources = torch.arange(3), _beam_reorders(), [3, 3, 2, 3, 3]
+    with torch.no_grad():
+        decoder.next_log_probs(state, tgt[:, :2])
+        for position, held in zip(range(2, tgt.size(1)), sources, strict=False):
+            index = next(order)
+            state.reorder(index)
+            rows = rows[index]
+            log_probs = decoder.next_log_probs(state, tgt[rows, position : position + 1])
+            torch.testing.assert_close(log_probs, full[rows, position], atol=1e-5, rtol=0)
+            if decoder.program.plan.shares and _fixed_rows(decoder, state):
+                assert _fixed_rows(decoder, state) == {held}, "the memory was copied per hypothesis"
+    if name in ("transformer", "marian_zh_en", "bart", "t5"):
+        assert decoder.program.plan.shares
+
+
 SEQ2SEQ = [
     "transformer", "transformer_tied", "rnn_seq2seq_attention", "rnn_seq2seq_local", "rnn_seq2seq_hard",
     "rnn_seq2seq_input_feeding", "marian_zh_en", "bart", "t5",
