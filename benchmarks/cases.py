@@ -438,25 +438,44 @@ def translation_state(ours: dict[str, torch.Tensor], cfg: Config) -> dict[str, t
     return state
 
 
-def translation_case(cfg: Config) -> list[Row]:
+@dataclass
+class Translation:
+    """The 6+6 model of ours and nn.Transformer with the same weights, and the batch their train steps read."""
+
+    ours: builder.GraphModel
+    ref: refs.TorchSeq2Seq
+    src: torch.Tensor
+    tgt: torch.Tensor
+    gold: torch.Tensor
+
+    def nll(self, logp: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(logp.flatten(0, 1).float(), self.gold)
+
+    def models(self) -> dict[str, nn.Module]:
+        return {"nn.Transformer": self.ref, "blockgraph": self.ours}
+
+    def call(self, name: str) -> Callable[[], torch.Tensor]:
+        if name == "blockgraph":
+            return lambda: self.ours(src=self.src, tgt=self.tgt)
+        return lambda: self.ref(self.src, self.tgt)
+
+
+def translation(cfg: Config) -> Translation:
     torch.manual_seed(0)
     ours = quiet_build(translation_spec(cfg), dtype=cfg.dtype)
     ref = load(torch_translation(cfg), translation_state(ours.state_dict(), cfg)).to(cfg.dtype)
     src = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq))
     tgt = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq))
-    gold = torch.randint(0, cfg.vocab, (cfg.batch * cfg.seq,))
+    return Translation(ours, ref, src, tgt, torch.randint(0, cfg.vocab, (cfg.batch * cfg.seq,)))
+
+
+def translation_case(cfg: Config) -> list[Row]:
+    t = translation(cfg)
+    for m in t.models().values():
+        m.eval()
     with torch.no_grad():
-        check_close("translation", ref.eval()(src, tgt), ours.eval()(src=src, tgt=tgt), cfg.dtype)
-    ref.train()
-    ours.train()
-
-    def nll(logp: torch.Tensor) -> torch.Tensor:
-        return F.nll_loss(logp.flatten(0, 1).float(), gold)
-
-    steps = {
-        "nn.Transformer": train_step_call(lambda: ref(src, tgt), ref, nll),
-        "blockgraph": train_step_call(lambda: ours(src=src, tgt=tgt), ours, nll),
-    }
+        check_close("translation", t.call("nn.Transformer")(), t.call("blockgraph")(), cfg.dtype)
+    steps = {name: train_step_call(t.call(name), m.train(), t.nll) for name, m in t.models().items()}
     times = compare(steps, warmup=cfg.warmup, repeats=cfg.repeats)
     return [
         row("translation train step (6+6)", "nn.Transformer", "blockgraph", times, 1.1, "NLL loss, same embeddings")

@@ -26,10 +26,17 @@ from rich.table import Table
 
 from benchmarks import cases
 from benchmarks.cases import Config, Row, profile_case
+from benchmarks.ctranslate2_case import ctranslate2_case
 from benchmarks.decoding import decoding_case
+from benchmarks.mixed_precision import mixed_precision_case
 from benchmarks.timing import use_clock
 
-CASES = {**cases.CASES, "decoding": decoding_case}
+CASES = {
+    **cases.CASES,
+    "bf16-mixed": mixed_precision_case,
+    "decoding": decoding_case,
+    "ctranslate2": ctranslate2_case,
+}
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SCRATCH = Path(__file__).parent / "RESULTS-quick.md"  # quick or partial runs: untracked (.gitignore)
 MARKER = "<!-- analysis: hand-written, kept when the tables above are regenerated -->"

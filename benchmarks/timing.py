@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -29,6 +30,17 @@ def use_clock(name: str) -> None:
     inflate; meaningful with one thread (`--threads 1`), since waiting threads may spin."""
     global clock
     clock = CLOCKS[name]
+
+
+@contextlib.contextmanager
+def using_clock(name: str) -> Iterator[None]:
+    """`name`'s clock for a while: a case whose work runs in other processes needs the wall clock."""
+    global clock
+    before, clock = clock, CLOCKS[name]
+    try:
+        yield
+    finally:
+        clock = before
 
 
 def compare(

@@ -163,8 +163,9 @@ def test_inspect_shows_what_each_process_would_hold(runs, run_cli):
 
 
 def test_sharding_options_need_the_fsdp_strategy(tmp_path, run_cli):
-    result = run_cli("train", SPECS / "transformer.yaml", "--task", "copy", "--dtype", "bfloat16", "--out", tmp_path)
-    assert result.code == 1 and "--dtype applies to --strategy fsdp" in result.stderr, result.stderr
+    args = ("train", SPECS / "transformer.yaml", "--task", "copy", "--checkpoint-activations", "--out", tmp_path)
+    result = run_cli(*args)
+    assert result.code == 1 and "--checkpoint-activations applies to --strategy fsdp" in result.stderr, result.stderr
 
 
 def test_a_sharded_checkpoint_points_translate_to_consolidate(runs, run_cli):
@@ -175,8 +176,9 @@ def test_a_sharded_checkpoint_points_translate_to_consolidate(runs, run_cli):
 
 def test_recomputed_activations_change_nothing_and_bfloat16_stays_close(tmp_path):
     """One process under fsdp: with --checkpoint-activations every repeated layer recomputes its forward in the
-    backward pass (registered with torch's checkpoint) and the run is the same; bfloat16 parameters follow the
-    float32 run to bfloat16's precision."""
+    backward pass (registered with torch's checkpoint) and the run is the same; under --precision bf16-mixed,
+    bfloat16 parameters (FSDP's policy, no autocast) follow the float32 run to bfloat16's precision, the sharded
+    parameters and Adam's state float32."""
     from torch.distributed._composable.contract import _get_registry
 
     plain = train(TrainConfig(**{**SETTINGS, "max_steps": 3}, strategy="fsdp"), quiet=True)
@@ -187,10 +189,14 @@ def test_recomputed_activations_change_nothing_and_bfloat16_stays_close(tmp_path
     assert layers and all("checkpoint" in (_get_registry(layer) or {}) for stack in layers for layer in stack)
     for a, b in zip(plain.history, recomputed.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-    half = train(TrainConfig(**{**SETTINGS, "max_steps": 3}, strategy="fsdp", dtype="bfloat16"), quiet=True)
+    half = train(TrainConfig(**{**SETTINGS, "max_steps": 3}, strategy="fsdp", precision="bf16-mixed"), quiet=True)
     for a, b in zip(plain.history, half.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2)
         assert a["train_loss"] != b["train_loss"]  # it did compute in bfloat16
+    half.model.reshard()  # evaluation's forward left the root's parameters gathered, in bfloat16
+    assert {p.dtype for p in half.model.parameters()} == {torch.float32}
+    moments = [v for state in half.optimizer.state.values() for v in state.values() if v.is_floating_point()]
+    assert moments and {v.dtype for v in moments} == {torch.float32}
 
 
 GPT = {

@@ -5,8 +5,11 @@
       vocab.json          the source and target vocabularies (tokens in id order, tokenizer); a classifier's
                           labels in class order
       trainer.json        training options, input roles, epoch, batch within the epoch, optimizer step,
-                          metrics history, the optimizer's hyper-parameters
+                          metrics history, the optimizer's hyper-parameters (and 16-mixed's loss scale)
       state.safetensors   Adam's moment estimates and step counts, each rank's random-number generator states
+
+The weights and Adam's state are float32 whatever the run's `--precision` (a mixed precision casts the forward
+only), so a run resumes under any precision.
 
 A fine-tuned imported model's checkpoint has the import's pretrained.json and tokenizer/ (trainer.pretrained)
 instead of vocab.json, so that it reads as an imported model too.
@@ -75,6 +78,16 @@ class OptimizerRecord(_Record):
     param_groups: list[AdamGroup] = Field(min_length=1)
 
 
+class ScalerRecord(BaseModel):
+    """16-mixed's gradient scaler at the save: the loss scale and the steps since it last changed, so that a
+    resumed run scales its loss as the uninterrupted run would."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(gt=0, allow_inf_nan=False)
+    growth_tracker: int = Field(strict=True, ge=0)
+
+
 class TrainerRecord(_Record):
     """What `trainer.json` must hold (see the module docstring)."""
 
@@ -89,6 +102,20 @@ class TrainerRecord(_Record):
     d_model: int = Field(strict=True, gt=0)
     history: list[dict[str, Any]] = Field(default_factory=list)
     optimizer: OptimizerRecord
+    grad_scaler: ScalerRecord | None = None  # a run of --precision 16-mixed
+
+
+#: FSDP's `dtype` of checkpoints from before --precision, as a precision
+_LEGACY_DTYPES = {"float32": "32", "bfloat16": "bf16-mixed"}
+
+
+def current_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's options as this blockgraph names them: an older checkpoint's `dtype` is its precision."""
+    if "dtype" not in config:
+        return config
+    legacy = config["dtype"]
+    rest = {name: value for name, value in config.items() if name != "dtype"}
+    return {"precision": _LEGACY_DTYPES.get(legacy, legacy) if isinstance(legacy, str) else legacy, **rest}
 
 
 class VocabRecord(BaseModel):

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from blockgraph.common.errors import Problem, UsageError
 from blockgraph.common.options import EXTERNAL_FILES_HELP, SET_HELP, parse_pairs
 from blockgraph.trainer import subword, tasks
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,15 @@ class TrainConfig(DataOptions):
         int, Field(ge=0, le=10**7, description="Held-out sentences translated for BLEU each epoch (0: none)."), Cli()
     ] = 200
     device: Annotated[str, Field(description="cpu or cuda (each process takes cuda:LOCAL_RANK)."), Cli()] = "cpu"
+    precision: Annotated[
+        Literal["32", "bf16-mixed", "16-mixed"],
+        Field(
+            description="32: float32 throughout; bf16-mixed: forward in bfloat16 (autocast; under fsdp, bfloat16 "
+            "parameters), float32 loss, weights and optimizer state; 16-mixed: the same in float16 with loss "
+            "scaling (CUDA only)."
+        ),
+        Cli(),
+    ] = "32"
     strategy: Annotated[
         Literal["ddp", "fsdp"],
         Field(
@@ -213,22 +225,25 @@ class TrainConfig(DataOptions):
         ),
         Cli(panel=PARALLEL),
     ] = "ddp"
-    dtype: Annotated[
-        Literal["float32", "bfloat16"],
-        Field(description="fsdp: the parameters' dtype in forward and backward (gradients reduced in float32)."),
-        Cli(panel=PARALLEL),
-    ] = "float32"
     checkpoint_activations: Annotated[
         bool,
         Field(description="fsdp: recompute each repeated layer's activations in the backward pass (less memory)."),
         Cli(panel=PARALLEL),
     ] = False
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the forward computes in under a mixed --precision (None: float32 throughout); torch is
+        imported here, when a run asks, not when `--help` reads the options."""
+        import torch
+
+        return {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[self.precision]
+
 
 #: options a resumed run takes from the command line when given again; the others are the checkpoint's
 RESUMABLE = frozenset(
     {"epochs", "max_steps", "device", "data", "valid_data", "save_every", "bleu_sentences", "skip_bad_lines",
-     "checkpoint_activations"}
+     "checkpoint_activations", "precision"}
 )  # fmt: skip
 
 

@@ -27,10 +27,9 @@ def check_training(typed: TypedGraph, config: TrainConfig, context: Context) -> 
     """Refuse a training run of `typed` that would not fit in the memory left to this process."""
     if not footprint.checking(context.device):
         return
-    compute = torch.bfloat16 if config.dtype == "bfloat16" else None
     need = footprint.training_need(
         typed, device=context.device, strategy=config.strategy, world=context.world, local=_local(),
-        compute_dtype=compute,
+        compute_dtype=config.compute_dtype,
     )  # fmt: skip
     footprint.check(need, hint=footprint.TRAIN_ADVICE)
 

@@ -7,6 +7,11 @@ progress; where it reports and saves), so that its steps are its methods rather 
 A run is reproducible from its seed: the weights are initialised after `torch.manual_seed(seed)`, the batch
 plan depends on (seed, epoch) only, and the random-number generators are saved with each checkpoint, so
 training 2 epochs and training 1, resuming and training 1 more give identical weights.
+
+A mixed `--precision` runs each forward (training's and evaluation's, BLEU's decoding included) under
+`torch.autocast` in bfloat16 or float16 (under fsdp, the sharding's own casts: trainer.sharded); the loss is
+computed from float32 log-probabilities, and the weights and Adam's state stay float32, so checkpoints are the
+same whatever the precision. 16-mixed scales the loss (`torch.amp.GradScaler`), as float16 gradients underflow.
 """
 
 from __future__ import annotations
@@ -141,6 +146,7 @@ class Run:
                 Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)")
             )
         sharded.check(config)
+        check_precision(config, context)
         imported = model_path.resolve(config.spec).fine_tuned()
         typed, roles, data = _prepare(config) if imported is None else _prepare_imported(config, imported)
         corpus.fit_positions(data, *decode.length_limits(typed, roles))
@@ -175,7 +181,11 @@ class Run:
             )
         info = saved.info
         stored = check_record(
-            info["config"], TrainConfig, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER, "config"
+            checkpoint.current_config(info["config"]),
+            TrainConfig,
+            checkpoint.TRAINER_FILE,
+            saved.path / checkpoint.TRAINER,
+            "config",
         )
         kept = sorted(given - RESUMABLE - {"tokenizer", "src_tokenizer", "tgt_tokenizer"})
         if kept:
@@ -196,6 +206,7 @@ class Run:
         stored = stored.model_copy(update=changes)
         corpus.fit_positions(data, *decode.length_limits(typed, roles))
         sharded.check(stored)
+        check_precision(stored, context)
         if stored.strategy == "fsdp" and not saved.sharded:
             raise CheckpointError(
                 Problem(
@@ -216,6 +227,10 @@ class Run:
             torch.manual_seed(stored.seed * 7919 + 1 + context.rank + info["step"])
         run = cls(stored, context, model, roles, data, optimizer, info["d_model"], out, say)
         run.epoch, run.batch, run.step, run.history = info["epoch"], info["batch"], info["step"], info["history"]
+        scaled = info.get("grad_scaler")
+        if scaled is not None and run.scaler.is_enabled():  # a 16-mixed run goes on with its loss scale
+            state = {**run.scaler.state_dict(), "scale": scaled["scale"], "_growth_tracker": scaled["growth_tracker"]}
+            run.scaler.load_state_dict(state)
         sums = check_record(
             info.get("epoch_sums", {}), EpochSums, checkpoint.TRAINER_FILE, saved.path / checkpoint.TRAINER,
             "epoch_sums",
@@ -238,6 +253,20 @@ class Run:
         return self.model
 
     @cached_property
+    def scaler(self) -> torch.amp.GradScaler:
+        """16-mixed's loss scaling, without which small float16 gradients underflow to 0; otherwise disabled,
+        a pass-through to the optimizer."""
+        return torch.amp.GradScaler(self.context.device.type, enabled=self.config.precision == "16-mixed")
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Where forwards run: under a mixed precision, torch's autocast (under fsdp, the sharding's policy casts
+        instead, see trainer.sharded)."""
+        compute = self.config.compute_dtype
+        if compute is None or self.config.strategy == "fsdp":
+            return contextlib.nullcontext()
+        return torch.autocast(self.context.device.type, dtype=compute)
+
+    @cached_property
     def lr_factor(self) -> float:
         return schedule.noam_factor(self.d_model, self.config.warmup, self.config.lr)
 
@@ -257,6 +286,7 @@ class Run:
         self.say(
             f"{parameters:,} parameters on {context.device}"
             + (f", {context.world} processes" if context.distributed else "")
+            + f", precision {self.config.precision}"
         )
 
     def train(self) -> Path | None:
@@ -316,7 +346,8 @@ class Run:
                 if finished:
                     self.epoch, self.batch, self.sums = self.epoch + 1, 0, self.fresh_sums()
                 if context.main or config.strategy == "fsdp":  # a sharded model's forward takes every rank
-                    metrics = evaluate(self.model, self.io, self.data, _evaluated(config), context.device)
+                    with self.autocast():
+                        metrics = evaluate(self.model, self.io, self.data, _evaluated(config), context.device)
                     record.update(metrics if context.main else {})
                     self.model.train()
                 self.history.append(record)
@@ -361,10 +392,12 @@ class Run:
         self.step += 1
         schedule.set_lr(self.optimizer, schedule.noam_lr(self.step, self.d_model, self.config.warmup, self.lr_factor))
         loss = self.loss(batch, weight * context.world / max(global_tokens, 1.0), weight)
-        loss.objective.backward()
+        self.scaler.scale(loss.objective).backward()
         if self.config.clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # the norm of the true gradients
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # 16-mixed: skipped where a gradient overflowed (and the scale halves)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         correct = losses.batch_correct(loss.outputs.log_probs.detach(), batch) * weight
         outputs = {name: float(value.detach()) * tokens for name, value in loss.outputs.losses.items()}
@@ -373,7 +406,8 @@ class Run:
     def loss(self, batch: batching.Batch, scale: float, weight: float = 1.0) -> losses.Loss:
         """The loss this rank minimises on `batch`: its summed cross-entropy times `scale`, plus each declared loss
         output times its weight (and `weight`: 0 for a rank that only takes part with a stand-in example)."""
-        outputs = self.io.outputs(self.wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
+        with self.autocast():  # the log-probabilities and declared losses come out float32 (roles.ModelIO)
+            outputs = self.io.outputs(self.wrapped, batch.tgt_in, batch.src, batch.src_pad, batch.tgt_pad)
         weights = {name: weight * declared for name, declared in self.roles.loss.items()}
         return losses.of(outputs, batch, self.config.label_smoothing, self.data.specials.pad, scale, weights)
 
@@ -399,6 +433,9 @@ class Run:
             "epoch_sums": epoch_sums,
             "optimizer": checkpoint.optimizer_groups(self.optimizer),
         }
+        if self.scaler.is_enabled():
+            scaler = self.scaler.state_dict()
+            info["grad_scaler"] = {"scale": scaler["scale"], "growth_tracker": scaler["_growth_tracker"]}
         data = self.data
         records = checkpoint.Records(
             info, data.src_vocab, data.tgt_vocab, data.labels, data.text.files if data.text is not None else None
@@ -457,6 +494,18 @@ def train(
             return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved, run.optimizer)
     finally:
         distributed.teardown(context)
+
+
+def check_precision(config: TrainConfig, context: distributed.Context) -> None:
+    """16-mixed on CUDA only: float16 is fast there, and its loss scaling is CUDA's; bfloat16 has float32's range,
+    needs no scaling and runs anywhere."""
+    if config.precision == "16-mixed" and context.device.type != "cuda":
+        raise UsageError(
+            Problem(
+                f"--precision 16-mixed needs a CUDA device (this run is on {context.device})",
+                hint="on the CPU, train with --precision bf16-mixed (or --device cuda)",
+            )
+        )
 
 
 def check_tokenizers(config: TrainConfig) -> None:

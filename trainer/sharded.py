@@ -5,8 +5,11 @@ of a `repeat:` stack (the spec's layers, which the compiled model holds in a Mod
 root takes what is left (embeddings, final norm, generator). A unit's parameters are gathered for its forward
 and backward and freed after; gradients are reduce-scattered (averaged, as DDP's all-reduce does, so the
 trainer's loss scaling gives the one-process gradient), and Adam keeps its moments of the local shard only.
-`--dtype bfloat16` runs forward and backward in bfloat16 with float32 gradient reduction (MixedPrecisionPolicy);
-`--checkpoint-activations` recomputes each unit's activations in the backward pass.
+A mixed `--precision` (bf16-mixed, 16-mixed) casts each unit's parameters to bfloat16 or float16 for its forward
+and backward, with float32 gradient reduction and float32 outputs at the root (MixedPrecisionPolicy: FSDP's
+own casts, in place of the autocast of one process or DDP; 16-mixed adds the trainer's gradient scaler, whose
+overflow check DTensor gradients reduce over the mesh); `--checkpoint-activations` recomputes each unit's
+activations in the backward pass.
 
 Checkpoints are written with `torch.distributed.checkpoint` (DCP): every rank writes its shards into
 `checkpoint/sharded/`, rank 0 the metadata, the standalone `spec.yaml` and the records of an ordinary
@@ -65,11 +68,8 @@ METADATA_FILE = FileKind("sharded checkpoint's .metadata", CheckpointError, limi
 
 def check(config: TrainConfig) -> None:
     """The FSDP options apply to --strategy fsdp only."""
-    if config.strategy != "fsdp":
-        given = [flag for flag, on in (("--dtype", config.dtype != "float32"),
-                 ("--checkpoint-activations", config.checkpoint_activations)) if on]  # fmt: skip
-        if given:
-            raise UsageError(Problem(f"{given[0]} applies to --strategy fsdp", hint="add --strategy fsdp"))
+    if config.strategy != "fsdp" and config.checkpoint_activations:
+        raise UsageError(Problem("--checkpoint-activations applies to --strategy fsdp", hint="add --strategy fsdp"))
 
 
 def shard(model: nn.Module, config: TrainConfig, context: Context) -> None:
@@ -82,9 +82,10 @@ def shard(model: nn.Module, config: TrainConfig, context: Context) -> None:
         distributed.single_group(context)
     mesh = init_device_mesh(context.device.type, (context.world,))
     policy, root = MixedPrecisionPolicy(), MixedPrecisionPolicy()
-    if config.dtype == "bfloat16":  # the loss is computed from float32 outputs
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        root = MixedPrecisionPolicy(torch.bfloat16, torch.float32, output_dtype=torch.float32)
+    compute = config.compute_dtype
+    if compute is not None:  # the loss is computed from float32 outputs
+        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        root = MixedPrecisionPolicy(compute, torch.float32, output_dtype=torch.float32)
     for blocks in units(model):
         if config.checkpoint_activations:
             for block in blocks:
@@ -469,7 +470,7 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     optimizer = schedule.adam(saved.model)
     rng = load(saved.path, saved.model, optimizer, distributed=False)
     info = {k: v for k, v in saved.info.items() if k not in ("format", "format_version")}
-    info["config"] = {**info["config"], "strategy": "ddp", "dtype": "float32", "checkpoint_activations": False}
+    info["config"] = {**checkpoint.current_config(info["config"]), "strategy": "ddp", "checkpoint_activations": False}
     carried = {
         name: read_bytes(saved.path / name, checkpoint.VOCAB_FILE)
         for name in (RECORD, *(f"{TOKENIZER}/{n}" for n in TOKENIZER_FILES))
