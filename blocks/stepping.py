@@ -121,17 +121,11 @@ class StepCache:
             if name in self.fixed:
                 if sources is not None:
                     self.tensors[name] = tensor.index_select(0, sources)
-            elif name in self.filled:  # only the written part of a growing buffer is moved
+            elif name in self.filled:  # only the written part of a growing buffer is moved, once, into a new one
                 dim, written = self.filled[name]
-                kept = tensor.narrow(dim, 0, written).index_select(0, index)
-                if len(index) == tensor.size(0):
-                    tensor.narrow(dim, 0, written).copy_(kept)
-                else:
-                    shape = list(tensor.shape)
-                    shape[0] = len(index)
-                    fresh = tensor.new_empty(shape)
-                    fresh.narrow(dim, 0, written).copy_(kept)
-                    self.tensors[name] = fresh
+                fresh = tensor.new_empty((len(index), *tensor.shape[1:]))
+                torch.index_select(tensor.narrow(dim, 0, written), 0, index, out=fresh.narrow(dim, 0, written))
+                self.tensors[name] = fresh
             else:
                 self.tensors[name] = tensor.index_select(0, index)
         self.width = width
