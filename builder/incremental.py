@@ -76,6 +76,7 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
     start_nodes: list[str] = []
     step_nodes: list[tuple[str, Stepping]] = []
     state_ports: list[dict[str, bool]] = []
+    step_ports: list[dict[str, bool]] = []  # per step node
     for inst in graph.nodes.values():
         if inst.id not in needed:
             continue
@@ -93,6 +94,7 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
             if any(_dim(tuple(shape), 1) != length for shape in shapes):
                 raise CannotStep(f"{where} works position by position, but not along the growing length {length}")
         step_nodes.append((inst.id, how))
+        step_ports.append(ports)
         if how == "state":
             state_ports.append(ports)
         grows |= {Endpoint(inst.id, p.name) for p in inst.out_ports}
@@ -106,7 +108,7 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
     per_row = {ep for ep, axis in zip(carried, batch_axes, strict=True) if axis is not None}
     shares = all(
         how == "state" and _shares(graph.nodes[node].entry.cls, graph.nodes[node].params, ports)
-        for (node, how), ports in zip(step_nodes, _ports_of(graph, step_nodes, grows), strict=True)
+        for (node, how), ports in zip(step_nodes, step_ports, strict=True)
         if per_row & set(graph.nodes[node].bindings.values())
     )
     return StepPlan(
@@ -121,13 +123,6 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
         last_only,
         shares,
     )
-
-
-def _ports_of(graph: Graph, step_nodes: list[tuple[str, Stepping]], grows: set[Endpoint]) -> list[dict[str, bool]]:
-    return [
-        {port: ep in grows for port, ep in graph.nodes[node].bindings.items() if ep is not None}
-        for node, _ in step_nodes
-    ]
 
 
 def _shares(cls: type[Block], params: Any, ports: dict[str, bool]) -> bool:
