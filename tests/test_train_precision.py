@@ -135,6 +135,10 @@ def test_a_run_resumes_under_another_precision(tmp_path, run_cli):
         assert refused.code == 1 and "Traceback" not in refused.stderr, refused.stderr
         assert "--precision 16-mixed needs a CUDA device" in refused.stderr and "bf16-mixed" in refused.stderr
     assert checkpoint.load(run).info["step"] == 10 and not (tmp_path / "fresh" / checkpoint.NAME).exists()
+    launched = run_cli("train", SPECS / "transformer.yaml", *TINY, "--out", tmp_path / "two", "--nproc", "2",
+                       "--precision", "16-mixed")  # fmt: skip
+    assert launched.code == 1 and launched.stderr.count("needs a CUDA device") == 1, launched.stderr
+    assert "launching" not in launched.stderr  # refused before any worker started
 
 
 def test_16_mixed_scales_the_loss_and_resumes_its_scale(tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def _train(
     """Train SPEC on tab-separated source/target pairs (or a synthetic task) and write checkpoints."""
     from blockgraph.trainer import distributed, model_path, rundir
     from blockgraph.trainer.config import config_from_command_line
-    from blockgraph.trainer.loop import check_tokenizers
+    from blockgraph.trainer.loop import check_precision, check_tokenizers
     from blockgraph.trainer.loop import train as run_training
 
     given = {name for name in options if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
@@ -70,6 +70,7 @@ def _train(
         out_dir = resumed.parent if resumed is not None else Path("runs") / _run_name(config.spec)
     if nproc > 1:
         check_tokenizers(config)  # here, before any worker starts (a run in this process checks them itself)
+        check_precision(config, config.device)
         debug = bool(ctx.find_root().params.get("debug"))
         job = distributed.Job.of(config, out_dir, resume, quiet, debug=debug)
         try:

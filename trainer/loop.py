@@ -146,7 +146,7 @@ class Run:
                 Problem("no spec to train", hint="blockgraph train SPEC --data PAIRS.tsv (or --resume DIR)")
             )
         sharded.check(config)
-        check_precision(config, context)
+        check_precision(config, context.device)
         imported = model_path.resolve(config.spec).fine_tuned()
         typed, roles, data = _prepare(config) if imported is None else _prepare_imported(config, imported)
         corpus.fit_positions(data, *decode.length_limits(typed, roles))
@@ -206,7 +206,7 @@ class Run:
         stored = stored.model_copy(update=changes)
         corpus.fit_positions(data, *decode.length_limits(typed, roles))
         sharded.check(stored)
-        check_precision(stored, context)
+        check_precision(stored, context.device)
         if stored.strategy == "fsdp" and not saved.sharded:
             raise CheckpointError(
                 Problem(
@@ -496,13 +496,13 @@ def train(
         distributed.teardown(context)
 
 
-def check_precision(config: TrainConfig, context: distributed.Context) -> None:
+def check_precision(config: TrainConfig, device: torch.device | str) -> None:
     """16-mixed on CUDA only: float16 is fast there, and its loss scaling is CUDA's; bfloat16 has float32's range,
-    needs no scaling and runs anywhere."""
-    if config.precision == "16-mixed" and context.device.type != "cuda":
+    needs no scaling and runs anywhere. Checked in each process, and before `--nproc` launches any."""
+    if config.precision == "16-mixed" and torch.device(device).type != "cuda":
         raise UsageError(
             Problem(
-                f"--precision 16-mixed needs a CUDA device (this run is on {context.device})",
+                f"--precision 16-mixed needs a CUDA device (this run is on {device})",
                 hint="on the CPU, train with --precision bf16-mixed (or --device cuda)",
             )
         )
