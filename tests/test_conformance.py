@@ -374,6 +374,6 @@ def test_two_checkpoint_tensors_onto_one_of_ours_are_refused():
 def test_the_models_page_states_the_parameter_counts_the_specs_have():
     """docs/models.md's table is checked, not copied: each count is the spec's, built on meta."""
     rows = re.findall(r"^\| `specs/(\w+\.yaml)` \|[^|]*\| ([\d,]+)", (ROOT / "docs" / "models.md").read_text(), re.M)
-    assert len(rows) == 9
+    assert {spec for spec, _ in rows} >= set(PUBLISHED)
     for spec, stated in rows:
         assert _learned(builder.build(SPECS / spec, device="meta")) == int(stated.replace(",", "")), spec
