@@ -182,6 +182,24 @@ def check_size(value: Any) -> None:
             stack.extend(item)
 
 
+def mentions(value: Any, name: str) -> bool:
+    """Whether some `${...}` in `value` (text, or lists and mappings of it) reads the variable `name`."""
+    if isinstance(value, dict):
+        return any(mentions(item, name) for item in value.values())
+    if isinstance(value, list):
+        return any(mentions(item, name) for item in value)
+    if not isinstance(value, str):
+        return False
+    for expression in PLACEHOLDER.findall(value):
+        try:
+            tree = ast.parse(expression.strip(), mode="eval")
+        except (SyntaxError, RecursionError, MemoryError):
+            continue  # substitution reports it
+        if any(isinstance(node, ast.Name) and node.id == name for node in ast.walk(tree)):
+            return True
+    return False
+
+
 def evaluate(expression: str, scope: Scope) -> Any:
     if len(expression) > MAX_EXPRESSION:
         raise ExpressionError(
@@ -211,7 +229,7 @@ class _Evaluator:
             raise ExpressionError(
                 f"${{{self.text}}}: {type(node).__name__} is not allowed",
                 hint="expressions may use numbers, strings, variables, + - * / // % **, comparisons, "
-                "and/or/not, `a if c else b`, and " + ", ".join(FUNCTIONS),
+                "and/or/not, `a if c else b`, lists indexed by an integer, and " + ", ".join(FUNCTIONS),
             )
         result = method(node)
         if isinstance(result, int | float) and not isinstance(result, bool) and abs(result) > MAX_MAGNITUDE:
@@ -279,6 +297,23 @@ class _Evaluator:
 
     def _IfExp(self, node: ast.IfExp) -> Any:
         return self.visit(node.body) if self.visit(node.test) else self.visit(node.orelse)
+
+    def _List(self, node: ast.List) -> list[Any]:
+        """A list literal, to pick from by index (`${[4096, None][copy % 2]}`)."""
+        if len(node.elts) > MAX_VALUES:
+            raise ExpressionError(f"${{{self.text[:40]}...}}: a list of more than {MAX_VALUES:,} items")
+        return [self.visit(item) for item in node.elts]
+
+    def _Subscript(self, node: ast.Subscript) -> Any:
+        """One item of a list or string by an integer index (no slices)."""
+        if isinstance(node.slice, ast.Slice):
+            raise ExpressionError(f"${{{self.text}}}: slices are not allowed", hint="index one item: `[a, b][i]`")
+        value, index = self.visit(node.value), self.visit(node.slice)
+        if not isinstance(value, list | str) or not isinstance(index, int) or isinstance(index, bool):
+            raise ExpressionError(f"${{{self.text}}}: only a list or a string can be indexed, by an integer")
+        if not -len(value) <= index < len(value):
+            raise ExpressionError(f"${{{self.text}}}: index {index} is out of range for {len(value)} items")
+        return value[index]
 
     def _Call(self, node: ast.Call) -> Any:
         if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS or node.keywords:

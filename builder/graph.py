@@ -152,22 +152,24 @@ class _Assembler:
         return local
 
     def _copies(self, use: Use, prefix: str, bindings: dict[str, Endpoint]) -> dict[str, Endpoint]:
-        """The node, or its `repeat:` copies, each one's first output feeding the next one's first input."""
+        """The node, or its `repeat:` copies, each one's first output feeding the next one's first input, and each
+        output named like an input feeding that input (a running total, such as a stack's auxiliary loss)."""
         node_id = prefix + use.name
         stacked = use.repeat is not None  # `repeat: 1` still names copies `node.0`, so keys don't move with N
         if stacked:
             self.groups[node_id] = Group(node_id, "repeat", use.type, use.repeat or 1)
-        ports = use.ports
         outs: dict[str, Endpoint] = {}
         for copy in range(use.repeat or 1):
             copy_id = f"{node_id}.{copy}" if stacked else node_id
-            self._count(use, copy_id)
-            if use.body is not None:
-                outs = self._subgraph(use, copy_id, bindings)
+            current = use.copy(copy)
+            self._count(current, copy_id)
+            if current.body is not None:
+                outs = self._subgraph(current, copy_id, bindings)
             else:
-                outs = self._block(use, copy_id, prefix, bindings)
-            if copy + 1 < (use.repeat or 1) and ports:
-                bindings = {**bindings, ports[0]: next(iter(outs.values()))}
+                outs = self._block(current, copy_id, prefix, bindings)
+            if copy + 1 < (use.repeat or 1) and (ports := use.copy(copy + 1).ports):
+                carried = {port: outs[port] for port in ports[1:] if port in outs}
+                bindings = {**bindings, ports[0]: next(iter(outs.values())), **carried}
         return outs
 
     def _count(self, use: Use, node_id: str) -> None:

@@ -16,9 +16,11 @@ port reads once sub-graph inputs are bound at each use.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,10 @@ from torch import nn
 
 from blockgraph.blocks import REGISTRY, BlockEntry, BlockParams
 from blockgraph.builder.block_params import ParamsValidator
-from blockgraph.builder.expressions import Scope
+from blockgraph.builder.expressions import Scope, mentions
 from blockgraph.builder.located import resolve_variable, substitute_located
 from blockgraph.builder.source import SourceMap
-from blockgraph.builder.spec import GraphSpec, NodeSpec, Repeat, Spec
+from blockgraph.builder.spec import NAME_RE, GraphSpec, NodeSpec, Repeat, Spec
 from blockgraph.builder.spec_files import FileAccess
 from blockgraph.common.errors import Problem, ProblemList, SpecPath
 
@@ -55,6 +57,11 @@ class Use:
     entry: BlockEntry | None = None
     params: BlockParams | None = None
     body: Level | None = None
+    variants: tuple[Use, ...] = ()  # a stack whose copies differ (`${copy}`): each copy's own, else ()
+
+    def copy(self, index: int) -> Use:
+        """What copy `index` of a stack is (the node itself unless its copies differ)."""
+        return self.variants[index] if self.variants else self
 
     @property
     def ports(self) -> list[str]:
@@ -92,6 +99,7 @@ def resolve(
     return _Resolver(spec, source, problems, left_out, params).level(_Place(spec), scope)
 
 
+COPY = "copy"  # the variable a repeated node's type and params read: the copy's index, 0 to N - 1
 MODEL_ATTRIBUTES = frozenset({"code", "spec_name", "typed_graph", "spec"})  # what builder.model's GraphModel adds
 # (named here, not imported: the model's type names the typed graph, which is built from this module's output)
 
@@ -268,6 +276,8 @@ class _Resolver:
 
     @staticmethod
     def _out_ports(use: Use) -> tuple[str, ...]:
+        """What a ref reads: the ports of the node, or of a stack's last copy."""
+        use = use.copy((use.repeat or 1) - 1)
         if use.body is not None:
             return tuple(use.body.outputs)
         if use.params is None:
@@ -280,11 +290,69 @@ class _Resolver:
         self, place: _Place, name: str, scope: Scope, names: dict[str, _Readable], uses: dict[str, Use]
     ) -> Use | None:
         """The node `name` of the level resolved, its refs judged against `names`; None when it is wrong."""
-        node, path, node_id = place.graph.nodes[name], (*place.base, name), place.prefix + name
+        node = place.graph.nodes[name]
+        if node.repeat is not None and (mentions(node.type, COPY) or mentions(node.params, COPY)):
+            return self._copies(place, name, node, scope, names, uses)
+        typed = self._typed(node, scope, (*place.base, name))
+        return self._use(place, name, typed, scope, names, uses) if typed is not None else None
+
+    def _typed(self, node: NodeSpec, scope: Scope, path: SpecPath) -> NodeSpec | None:
+        """The node with its `type` substituted, when it is a `${...}`; None when that fails (reported)."""
+        if "${" not in node.type:
+            return node
+        before = len(self.problems.errors)
+        kind = substitute_located(node.type, (*path, "type"), scope, self.source, self.problems)
+        if len(self.problems.errors) > before:
+            return None
+        if not isinstance(kind, str) or not re.fullmatch(NAME_RE, kind):
+            self.error(f"type {node.type!r} gives {kind!r}, not a block or sub-graph name", (*path, "type"))
+            return None
+        return node.model_copy(update={"type": kind})
+
+    def _copies(
+        self,
+        place: _Place,
+        name: str,
+        node: NodeSpec,
+        scope: Scope,
+        names: dict[str, _Readable],
+        uses: dict[str, Use],
+    ) -> Use | None:
+        """A stack whose type or params read `${copy}`: each copy resolved with its index (identical copies once);
+        the first copy that is wrong is reported, not the same mistake once per copy."""
+        path = (*place.base, name)
+        count = self._repeat(node, scope, path) or 1
+        found: dict[tuple[str, int, str], Use] = {}
+        variants = []
+        for index in range(count):
+            inner = Scope({}, parent=scope, origin=path, resolved={COPY: index})
+            typed = self._typed(node, inner, path)
+            use = self._use(place, name, typed, inner, names, uses, index) if typed is not None else None
+            if use is None:
+                return None
+            params = use.params.model_dump_json() if use.params is not None else ""
+            variants.append(found.setdefault((use.type, id(use.body), params), use))
+        if len(found) == 1:
+            return variants[0]
+        return dataclasses.replace(variants[0], variants=tuple(variants))
+
+    def _use(
+        self,
+        place: _Place,
+        name: str,
+        node: NodeSpec,
+        scope: Scope,
+        names: dict[str, _Readable],
+        uses: dict[str, Use],
+        index: int = 0,
+    ) -> Use | None:
+        """The node resolved as written (or as copy `index` of a stack whose copies differ)."""
+        path, node_id = (*place.base, name), place.prefix + name
         if ("blocks", node.type) in self.left_out:  # a sub-graph already reported wrong
             return None
+        first = f"{node_id}.{index}" if node.repeat is not None else node_id  # problems name the first copy
         subgraph = self.spec.blocks.get(node.type)
-        entry = None if subgraph else self._entry(node.type, path, node_id)
+        entry = None if subgraph else self._entry(node.type, path, first)
         if subgraph is None and entry is None:
             return None
         in_ports = subgraph.inputs if subgraph else [p.name for p in entry.cls.in_ports]  # type: ignore[union-attr]
@@ -296,7 +364,6 @@ class _Resolver:
         if node.share is not None and (subgraph or node.repeat is not None):
             self.error("share: works on single block nodes, not on sub-graphs or repeats", (*path, "share"))
             return None
-        first = f"{node_id}.0" if node.repeat is not None else node_id  # problems name the first copy
         if subgraph:
             body = self._subgraph(place, node, scope, path, first)
             return Use(name, path, node.type, bindings, repeat, body=body) if body is not None else None

@@ -49,9 +49,12 @@ class _Writer:
         return {name: self._node(use) for name, use in level.uses.items()}
 
     def _node(self, use: Use) -> dict[str, Any]:
-        node: dict[str, Any] = {"type": self._subgraph(use) if use.body is not None else use.type}
+        copies = [use.copy(index) for index in range(use.repeat or 1)]
+        types = [self._subgraph(copy) if copy.body is not None else copy.type for copy in copies]
+        node: dict[str, Any] = {"type": per_copy(types)}
         if use.params is not None and use.share is None:  # a sharing node takes its owner's params
-            node["params"] = self._params(use)
+            params = [self._params(copy) if copy.params is not None else {} for copy in copies]
+            node["params"] = {key: per_copy([each.get(key) for each in params]) for key in params[0]}
         bindings = {port: ref for port, ref in use.bindings.items() if ref is not None}  # skipped: unconnected
         if bindings:
             node["in"] = bindings
@@ -88,6 +91,23 @@ class _Writer:
                 graph["doc"] = doc
             self.blocks[name] = graph
         return self._names[id(use.body)]
+
+
+def per_copy(values: list[Any]) -> Any:
+    """The value of every copy of a stack: itself when they agree, else a `${...}` picking each copy's by its index,
+    the shorter of a repeating list (`${['local', 'global'][copy % 2]}`) and the runs in order."""
+    if all(value == values[0] for value in values):
+        return values[0]
+    period = next(p for p in range(1, len(values) + 1) if all(v == values[i % p] for i, v in enumerate(values)))
+    cycle = f"[{', '.join(map(repr, values[:period]))}][copy % {period}]" if period < len(values) else None
+    runs: list[tuple[Any, int]] = []  # (value, the first copy after its run)
+    for index, value in enumerate(values):
+        if runs and runs[-1][0] == value:
+            runs[-1] = (value, index + 1)
+        else:
+            runs.append((value, index + 1))
+    chained = " else ".join(f"{value!r} if copy < {end}" for value, end in runs[:-1]) + f" else {runs[-1][0]!r}"
+    return "${" + min(filter(None, (cycle, chained)), key=len) + "}"
 
 
 def _outputs(level: Level) -> str | dict[str, str]:

@@ -117,11 +117,16 @@ Inputs = Annotated[
 class NodeSpec(SpecModel):
     """One use of a block (or of a sub-graph from `blocks:`)."""
 
-    type: Name = Field(description="registered block name or a sub-graph defined under blocks:")
+    type: Name | Expr = Field(
+        description="registered block name or a sub-graph defined under blocks: (a `${...}` may choose it; in a "
+        "repeat, `${copy}` is the copy's index)"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the block's parameters")
     inputs: Inputs = Field(None, alias="in")
     repeat: Repeat | Expr | None = Field(
-        None, description="stack N independent copies, each one's first output feeding the next one's first input"
+        None,
+        description="stack N independent copies, each one's first output feeding the next one's first input (and "
+        "an output named like an input feeding that input); `${copy}` in type and params is the copy's index",
     )
     share: Name | None = Field(
         None,

@@ -10,9 +10,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from blockgraph.blocks import REGISTRY
-from blockgraph.builder.expressions import Scope
+from blockgraph.builder.expressions import Scope, mentions
 from blockgraph.builder.located import failed_paths, pydantic_problems, resolve_variable, substitute_located
-from blockgraph.builder.resolve import Level, resolve
+from blockgraph.builder.resolve import COPY, Level, resolve
 from blockgraph.builder.resolved import resolved_spec
 from blockgraph.builder.source import Document, SourceMap, load_file
 from blockgraph.builder.spec import Spec
@@ -78,10 +78,16 @@ def validate_document(
     # variables first, so that a bad variable is reported at its definition rather than at its first use
     resolved_vars = {name: resolve_variable(scope, name, source, problems) for name in raw_vars}
     failed: list[SpecPath] = []
+    per_copy = _per_copy(data.get("nodes"))  # substituted copy by copy at resolution
+    if per_copy:
+        nodes = {name: {**node, **dict.fromkeys(per_copy.get(name, ()), "")} for name, node in data["nodes"].items()}
+        data = {**data, "nodes": nodes}
     resolved = {
         key: value if key in ("blocks", "vars") else substitute_located(value, (key,), scope, source, problems, failed)
         for key, value in data.items()
     }
+    for name, kept in per_copy.items():
+        resolved["nodes"][name].update(kept)
     resolved["vars"] = resolved_vars
     spec, left_out = _checked_spec(resolved, failed, source, problems)
     top = resolve(spec, source, scope, files, document.path, problems, left_out)
@@ -100,6 +106,19 @@ def validate_document(
         standalone["vars"] = raw_vars
     warnings = (*problems.warnings, *_subgraphs_named_like_blocks(spec, source), *_unused_variables(scope, source))
     return ValidSpec(spec, source, top, document.path, standalone, warnings)
+
+
+def _per_copy(nodes: Any) -> dict[str, dict[str, Any]]:
+    """The `type` and `params` of each repeated node that reads `${copy}`, which only resolution knows per copy."""
+    if not isinstance(nodes, dict):
+        return {}
+    found = {}
+    for name, node in nodes.items():
+        if isinstance(node, dict) and node.get("repeat") is not None:
+            kept = {key: node[key] for key in ("type", "params") if key in node}
+            if any(mentions(value, COPY) for value in kept.values()):
+                found[name] = kept
+    return found
 
 
 SECTIONS = ("inputs", "nodes", "blocks", "vars", "dims", "tie")  # mappings of independent entries
