@@ -85,10 +85,11 @@ def spec_schema() -> dict[str, Any]:
         "anyOf": [
             BLOCK_TYPE,
             {"type": "string", "pattern": NAME_RE, "description": "a sub-graph defined under blocks:"},
+            EXPRESSION,
         ],
         "description": node["properties"]["type"].get("description", ""),
     }
-    # a sub-graph's nodes are substituted only in their params and `repeat` (which takes `${...}` already)
+    # a sub-graph's nodes are substituted only in their type, params and `repeat` (which take `${...}` already)
     defs["SubgraphNodeSpec"] = {**copy.deepcopy(node), "allOf": _params_rules(params_refs)}
     defs["NodeSpec"] = {
         **_inside(node, _substituted),
