@@ -114,6 +114,30 @@ class StepCache:
         self.filled[name] = (dim, total)
         return buffer.narrow(dim, 0, total)
 
+    def ring(self, name: str, new: torch.Tensor, dim: int, size: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sliding window's keys: only the last `size` positions are kept, position p in slot p % size, so the
+        memory stops growing at the window. Returns what the new positions (`start`, start + 1, …) attend, and
+        the position of each of its entries along `dim` (`UNWRITTEN` for a slot not yet written): one new
+        position attends the slots after it is written into them; several attend the slots as they were,
+        followed by themselves, and then the last `size` of them are written."""
+        buffer = self.tensors.get(name)
+        if buffer is None:
+            shape = list(new.shape)
+            shape[dim] = size
+            buffer = self.tensors[name] = new.new_zeros(shape)
+        count = new.size(dim)
+        if count == 1:
+            buffer.narrow(dim, start % size, 1).copy_(new)
+            return buffer, slot_positions(start + 1, size, new.device)
+        seen = torch.cat((buffer, new), dim=dim)
+        positions = torch.cat(
+            (slot_positions(start, size, new.device), torch.arange(start, start + count, device=new.device))
+        )
+        kept = min(count, size)
+        slots = torch.arange(start + count - kept, start + count, device=new.device) % size
+        buffer.index_copy_(dim, slots, new.narrow(dim, count - kept, kept))
+        return seen, positions
+
     def reorder(self, index: torch.Tensor, sources: torch.Tensor | None = None, width: int = 1) -> None:
         """Keep rows `index` (in that order, repeats allowed) of every growing tensor, here and in the children,
         and rows `sources` of the fixed ones (None: the same sources); `width` hypotheses per source follow."""
@@ -136,6 +160,16 @@ class StepCache:
         """Bytes held by this cache and its children (allocated buffers, not just their written part)."""
         own = sum(t.numel() * t.element_size() for t in self.tensors.values())
         return own + sum(child.nbytes() for child in self.children.values())
+
+
+UNWRITTEN = torch.iinfo(torch.int64).min // 2  # the position of a ring slot not yet written: outside every window
+
+
+def slot_positions(length: int, size: int, device: torch.device) -> torch.Tensor:
+    """The position held by each of a ring's `size` slots after `length` positions were written into it."""
+    slot = torch.arange(size, device=device)
+    held = slot + size * torch.div(length - 1 - slot, size, rounding_mode="floor")
+    return torch.where(slot < length, held, UNWRITTEN)
 
 
 @classmethod  # type: ignore[misc]

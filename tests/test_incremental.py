@@ -479,3 +479,42 @@ def test_step_cache_grows_reorders_and_counts():
     sizes = [t.numel() * 4 for t in (cache.tensors["k"], cache.tensors["h"], child.tensors["v"])]
     assert cache.nbytes() == sum(sizes)
     assert cache.grows("x") and not cache.grows("memory")
+
+
+def test_a_sliding_window_keeps_only_the_window_and_steps_exactly_past_it():
+    """Mistral's window of 3: a prompt longer than the window, then single steps far past it, under beam-like
+    reorders, equal the full re-run; the caches stop growing once the window is full."""
+    decoder = _decoder("mistral")
+    tgt = torch.cat((torch.full((3, 1), BOS_ID), torch.randint(4, VOCAB, (3, 13))), dim=1)
+    full = _full(decoder, tgt, None, None)
+    full[..., [PAD_ID, BOS_ID]] = float("-inf")
+    steps = _stepped(decoder, tgt, None, None, first=5, order=_reorders(3))
+    torch.testing.assert_close(steps[0][1], full[:, 4], atol=1e-5, rtol=0)
+    for position, (rows, log_probs) in enumerate(steps[1:], start=5):
+        torch.testing.assert_close(log_probs, full[rows, position], atol=1e-5, rtol=0)
+
+    state = decoder.start(None, None, capacity=64)
+    sizes = []
+    with torch.no_grad():
+        for position in range(12):
+            decoder.next_log_probs(state, tgt[:, position : position + 1])
+            sizes.append(state.cache_bytes())
+    assert sizes[2] == sizes[-1]  # the window (3) is full after 3 positions: nothing more is held
+    window = SMALL["window"] * SMALL["d_model"] // SMALL["heads"] * SMALL["kv_heads"]  # per row, per layer, k or v
+    assert sizes[-1] == SMALL["layers"] * 2 * 3 * window * 4  # 2 layers × (k, v) × 3 rows × float32
+
+
+def test_a_ring_attends_exactly_the_window_whatever_the_step_sizes():
+    """StepCache.ring against the positions it says its slots hold, for steps of 1 and of several positions."""
+    cache = StepCache(capacity=64, ports={"x": True})
+    written = []
+    start = 0
+    for count in (2, 1, 5, 1, 1, 4):
+        new = torch.arange(start, start + count, dtype=torch.float32).view(1, count, 1)
+        seen, positions = cache.ring("k", new, 1, 3, start)
+        written += list(range(start, start + count))
+        valid = positions >= 0
+        assert seen.flatten()[valid].tolist() == positions[valid].tolist()  # each entry is the position it says
+        assert set(positions[valid].tolist()) >= {p for p in written if p > start - 3}  # the first new one's window
+        assert cache.tensors["k"].size(1) == 3
+        start += count
