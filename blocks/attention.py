@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from blockgraph.blocks.flops import linear, multi_head, tokens
+from blockgraph.blocks.norm import RMSNorm
 from blockgraph.blocks.positional import apply_rotary, rotary_angles
 from blockgraph.blocks.registry import Block, BlockParams, Port, register
 from blockgraph.blocks.stepping import StepCache, Stepping
@@ -38,13 +39,17 @@ def attention(
     mask: torch.Tensor | None = None,
     dropout: float = 0.0,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(s·QKᵀ + M)·V computed explicitly, s = 1/√d_k unless given; returns (output, weights after dropout).
 
-    `mask` follows `F.scaled_dot_product_attention`: bool True = MAY attend, or an additive float.
+    `mask` follows `F.scaled_dot_product_attention`: bool True = MAY attend, or an additive float. A `softcap`
+    bounds the scores by cap·tanh(scores / cap) before the mask (Gemma 2's attention logit softcapping).
     """
     scale = 1 / math.sqrt(query.size(-1)) if scale is None else scale
     scores = query @ key.transpose(-2, -1) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = F.dropout(masked_softmax(scores), dropout) if dropout else masked_softmax(scores)
@@ -61,6 +66,7 @@ def combine_masks(
     window: int | None = None,
     bias: torch.Tensor | None = None,
     offset: int = 0,
+    key_positions: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """One mask for `scaled_dot_product_attention`: bool (True = may attend) or additive float.
 
@@ -69,14 +75,15 @@ def combine_masks(
     aligned (query i sees keys 0..i), as `is_causal` in `F.scaled_dot_product_attention`; a `window` keeps
     keys i-window < j only (Mistral's sliding window). `bias` (a float broadcasting to the scores, such as
     T5's relative position bias) is added where attending is allowed. With `offset`, query i is position
-    offset + i (the new positions of a decoding step, after `offset` cached keys).
+    offset + i (the new positions of a decoding step, after `offset` cached keys); `key_positions` are the keys'
+    positions when they are not 0, 1, … (a sliding window's ring of slots, `StepCache.ring`).
     """
     allowed: torch.Tensor | None = None
     if key_padding_mask is not None:
         allowed = ~key_padding_mask[:, None, None, :]
     if causal or window is not None:
         i = torch.arange(offset, offset + query_len, device=device)[:, None]
-        j = torch.arange(key_len, device=device)[None, :]
+        j = (torch.arange(key_len, device=device) if key_positions is None else key_positions)[None, :]
         near = j <= i if causal else torch.ones(query_len, key_len, dtype=torch.bool, device=device)
         if window is not None:
             near = near & (j > i - window)
@@ -212,14 +219,18 @@ class MultiHeadAttention(Block):
     that may NOT be attended; `attn_mask` is [q_len, k_len] or [batch·heads, q_len, k_len] (as in
     `nn.MultiheadAttention`), bool or additive float; `position_bias` [heads or batch·…, q_len, k_len] is added
     to the scores (T5's relative position bias). `causal` is top-left aligned; `window` keeps a query's last
-    `window` keys only (Mistral's sliding window).
+    `window` keys only (Mistral's sliding window). `softcap` bounds the scaled scores by cap·tanh(scores / cap)
+    before any mask or bias (Gemma 2); the fused kernel cannot, so such an attention runs the explicit path.
 
     Grouped-query attention: `kv_heads` < heads key/value heads, each shared by heads/kv_heads query heads (1:
     multi-query). Rotary position embedding (Su et al., 2021): with `rotary_dim` > 0 the first rotary_dim features
     of every query and key head are rotated by p·θ^(−2i/rotary_dim) at position p (from `positions`, or 0..len-1),
     in halves (LLaMA, GPT-NeoX; a rotary_dim below head_dim is GPT-NeoX's partial rotary) or interleaved pairs
-    (GPT-J). With `need_weights: true` a second output `weights` gives the per-head weights [batch, heads, q_len,
-    k_len] (not averaged, after dropout), computed explicitly; otherwise `F.scaled_dot_product_attention` runs.
+    (GPT-J). `qk_norm` RMS-normalises the projected queries and keys before rotary, per head with one gain of
+    head_dim shared by the heads (`head`: Qwen3, Gemma 3) or over all heads' features at once (`full`: OLMo 2);
+    its submodules `q_norm`, `k_norm` are `rms_norm` blocks. With `need_weights: true` a second output `weights`
+    gives the per-head weights [batch, heads, q_len, k_len] (not averaged, after dropout), computed explicitly;
+    otherwise `F.scaled_dot_product_attention` runs.
     """
 
     class Params(BlockParams):
@@ -236,6 +247,9 @@ class MultiHeadAttention(Block):
         v_bias: bool | None = Field(None, description="bias in W_V only (default: bias)")
         o_bias: bool | None = Field(None, description="bias in W_O only (default: bias)")
         scale: float | None = Field(None, gt=0, description="score scale s (default 1/√head_dim; T5 uses 1)")
+        softcap: float | None = Field(
+            None, gt=0, description="cap the scores at ±softcap by softcap·tanh(s·QKᵀ / softcap) (Gemma 2: 50)"
+        )
         causal: bool = Field(False, description="forbid attending to later positions (decoder self-attention)")
         window: int | None = Field(
             None, gt=0, description="sliding window: query i sees keys i-window < j ≤ i only (needs causal)"
@@ -244,8 +258,20 @@ class MultiHeadAttention(Block):
             0, ge=0, description="rotate the first rotary_dim features of each q/k head (0: no rotary embedding)"
         )
         rotary_base: float = Field(10000.0, gt=0, description="θ, the base of the rotary frequencies")
+        rotary_scaling: float = Field(
+            1.0, gt=0, description="linear position interpolation: positions divided by it (Gemma 3's global layers: 8)"
+        )
         rotary_interleaved: bool = Field(
             False, description="rotate pairs (2i, 2i+1) as GPT-J, instead of halves (i, i + rotary_dim/2)"
+        )
+        qk_norm: Literal["head", "full", None] = Field(
+            None,
+            description="RMSNorm of the projected queries and keys, before rotary: head (over each head's "
+            "head_dim, one gain shared by the heads: Qwen3, Gemma 3) or full (over all heads at once: OLMo 2)",
+        )
+        qk_norm_eps: float = Field(1e-6, gt=0, description="the q/k norms' epsilon")
+        qk_norm_offset: float = Field(
+            0.0, description="the q/k norms' gain is offset + weight (Gemma 3: 1), as rms_norm's offset"
         )
         need_weights: bool = Field(
             False,
@@ -263,6 +289,12 @@ class MultiHeadAttention(Block):
                 raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even and at most head_dim ({width})")
             if self.window is not None and not self.causal:
                 raise ValueError("window is a sliding window over earlier positions: set causal: true")
+            if self.rotary_scaling != 1.0 and not self.rotary_dim:
+                raise ValueError("rotary_scaling scales rotary positions: set rotary_dim too, or remove it")
+            fields = type(self).model_fields
+            unused = sorted(f for f in ("qk_norm_eps", "qk_norm_offset") if getattr(self, f) != fields[f].default)
+            if self.qk_norm is None and unused:
+                raise ValueError(f"{' and '.join(unused)} set the q/k norms: set qk_norm (head or full), or remove it")
             return self
 
     in_ports = (
@@ -296,8 +328,9 @@ class MultiHeadAttention(Block):
         self.heads, self.kv_heads = p.heads, p.kv_heads or p.heads
         self.d_k = p.head_dim or p.d_model // p.heads
         self.causal, self.window, self.dropout, self.scale = p.causal, p.window, p.dropout, p.scale
-        self.need_weights = p.need_weights
+        self.need_weights, self.softcap = p.need_weights, p.softcap
         self.rotary_dim, self.rotary_base, self.rotary_interleaved = p.rotary_dim, p.rotary_base, p.rotary_interleaved
+        self.rotary_scaling = p.rotary_scaling
 
         def bias(which: bool | None) -> bool:
             return p.bias if which is None else which
@@ -307,6 +340,16 @@ class MultiHeadAttention(Block):
         self.w_k = nn.Linear(p.d_model, kv_width, bias=bias(p.k_bias))
         self.w_v = nn.Linear(p.d_model, kv_width, bias=bias(p.v_bias))
         self.w_o = nn.Linear(width, p.d_model, bias=bias(p.o_bias))
+        self.qk_norm = p.qk_norm  # the q/k norms are rms_norm blocks: RMSNorm is computed in one place
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if p.qk_norm is not None:
+            per_head = p.qk_norm == "head"
+
+            def rms(dim: int) -> RMSNorm:
+                return RMSNorm(RMSNorm.Params(dim=dim, eps=p.qk_norm_eps, offset=p.qk_norm_offset))
+
+            self.q_norm, self.k_norm = rms(self.d_k if per_head else width), rms(self.d_k if per_head else kv_width)
 
     @classmethod
     def infer(
@@ -417,13 +460,22 @@ class MultiHeadAttention(Block):
         start = cache.advance(query.size(1))
         if key is None or cache.grows("key"):
             q, k, v = self.projected(start, query, key, value, positions)
+            # the last `window` positions only; a position bias has a column per key so far and the weights one
+            # per position, so not with them
+            ring = position_bias is None and not self.need_weights
+            if self.window is not None and self.window < cache.capacity and ring:
+                (k, held), (v, _) = (cache.ring(n, t, 2, self.window, start) for n, t in (("k", k), ("v", v)))
+                if key_padding_mask is not None:
+                    key_padding_mask = cache.ring("pad", key_padding_mask, 1, self.window, start)[0]
+                attended = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias, start, held)
+                return self.merge(*attended)
             k, v = cache.extend("k", k, dim=2), cache.extend("v", v, dim=2)
             if key_padding_mask is not None:
                 key_padding_mask = cache.extend("pad", key_padding_mask, dim=1)
         else:  # the memory's keys and values, one row per source, are attended by all its hypotheses at once
             memory, values = key, key if value is None else value
-            q = self.heads_of(self.w_q, cache.grouped(query), self.heads)
-            k = cache.once("k", lambda: self.heads_of(self.w_k, memory, self.kv_heads))
+            q = self.heads_of(self.w_q, cache.grouped(query), self.heads, self.q_norm)
+            k = cache.once("k", lambda: self.heads_of(self.w_k, memory, self.kv_heads, self.k_norm))
             v = cache.once("v", lambda: self.heads_of(self.w_v, values, self.kv_heads))
             y, weights = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias)
             if weights is not None:  # [sources, heads, width × len, keys] → [rows, heads, len, keys]
@@ -436,11 +488,17 @@ class MultiHeadAttention(Block):
         """A cross-attention's queries are grouped by source; a position bias has a row per query, so not with one."""
         return "position_bias" not in ports
 
-    @staticmethod
-    def heads_of(projection: nn.Linear, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """[batch, len, d_model] → projected, [batch, heads, len, head_dim]."""
+    def heads_of(self, projection: nn.Linear, x: torch.Tensor, heads: int, norm: RMSNorm | None = None) -> torch.Tensor:
+        """[batch, len, d_model] → projected, [batch, heads, len, head_dim]; a q/k `norm` normalises each head's
+        features (qk_norm: head) or all heads' at once (full)."""
         b, t, _ = x.shape
-        return projection(x).view(b, t, heads, -1).transpose(1, 2)
+        y = projection(x)
+        if norm is not None and self.qk_norm == "full":
+            y = norm(y)
+        y = y.view(b, t, heads, -1)
+        if norm is not None and self.qk_norm == "head":
+            y = norm(y)
+        return y.transpose(1, 2)
 
     def projected(
         self,
@@ -450,12 +508,13 @@ class MultiHeadAttention(Block):
         value: torch.Tensor | None,
         positions: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K and V in heads (keys default to the queries, values to the keys), Q and K rotated at `positions`
-        (by default the queries' own: start, start + 1, …)."""
+        """Q, K and V in heads (keys default to the queries, values to the keys), Q and K normalised (qk_norm)
+        and then rotated at `positions` (by default the queries' own: start, start + 1, …)."""
         key = query if key is None else key
         value = key if value is None else value
-        q = self.heads_of(self.w_q, query, self.heads)
-        k, v = self.heads_of(self.w_k, key, self.kv_heads), self.heads_of(self.w_v, value, self.kv_heads)
+        q = self.heads_of(self.w_q, query, self.heads, self.q_norm)
+        k = self.heads_of(self.w_k, key, self.kv_heads, self.k_norm)
+        v = self.heads_of(self.w_v, value, self.kv_heads)
         if self.rotary_dim:
             if positions is None:
                 positions = torch.arange(start, start + query.size(1), device=query.device)
@@ -463,7 +522,7 @@ class MultiHeadAttention(Block):
         return q, k, v
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = rotary_angles(positions, self.rotary_dim, self.rotary_base)
+        cos, sin = rotary_angles(positions, self.rotary_dim, self.rotary_base, self.rotary_scaling)
         return apply_rotary(x, cos, sin, self.rotary_interleaved)
 
     def merge(self, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -481,17 +540,21 @@ class MultiHeadAttention(Block):
         attn_mask: torch.Tensor | None,
         position_bias: torch.Tensor | None,
         offset: int = 0,
+        key_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Heads [batch, heads, len, head_dim] in, heads out: SDPA's fused kernel, or explicit with weights.
+        """Heads [batch, heads, len, head_dim] in, heads out: SDPA's fused kernel, or explicit with weights or a
+        softcap.
 
-        `offset`: the queries are positions offset, offset + 1, … (a decoding step after `offset` cached keys).
+        `offset`: the queries are positions offset, offset + 1, … (a decoding step after `offset` cached keys);
+        `key_positions`: the keys' positions, when not 0, 1, … (a sliding window's ring).
         """
         dropout = self.dropout if self.training else 0.0
         grouped = self.kv_heads != self.heads
         b, _, t_q, _ = q.shape
         causal = self.causal and not (offset and t_q == 1)  # the newest position alone sees every key so far
         unmasked = key_padding_mask is None and attn_mask is None and position_bias is None and self.window is None
-        if unmasked and not self.need_weights and not (causal and offset):  # SDPA's own causal flag is top-left
+        explicit = self.need_weights or self.softcap is not None
+        if unmasked and not explicit and not (causal and offset):  # SDPA's own causal flag is top-left
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=causal, scale=self.scale, enable_gqa=grouped
             )
@@ -499,12 +562,22 @@ class MultiHeadAttention(Block):
         if attn_mask is not None and attn_mask.dim() == 3:  # [batch·heads, q, k] → [batch, heads, q, k]
             attn_mask = attn_mask.view(b, self.heads, t_q, -1)
         mask = combine_masks(
-            t_q, k.size(2), key_padding_mask, attn_mask, causal, q.device, self.window, position_bias, offset
+            t_q,
+            k.size(2),
+            key_padding_mask,
+            attn_mask,
+            causal,
+            q.device,
+            self.window,
+            position_bias,
+            offset,
+            key_positions,
         )
-        if self.need_weights:
+        if explicit:
             if grouped:
                 k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-            return attention(q, k, v, mask, dropout, self.scale)
+            y, weights = attention(q, k, v, mask, dropout, self.scale, self.softcap)
+            return y, weights if self.need_weights else None
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=grouped
         )

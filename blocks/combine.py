@@ -63,6 +63,75 @@ class Concat(Block):
         return torch.cat([t for t in (a, b, c, d) if t is not None], dim=-1)
 
 
+@register("multiply", family="combine")
+class Multiply(Block):
+    """Elementwise product of two to four tensors, y = a ⊙ b (⊙ c ⊙ d), broadcasting as torch does: a gate.
+
+    E.g. SwiGLU written out, silu(W₁x) ⊙ W₃x, or a sigmoid gate [batch, seq, 1] scaling [batch, seq, dim].
+    Dimensions are matched from the last; each pair must be equal or one of them 1, and the output has the
+    larger. Inputs share their dtype.
+    """
+
+    in_ports = (
+        Port("a", doc="[...]"),
+        Port("b", doc="[...], broadcasting against a"),
+        Port("c", optional=True, doc="[...], broadcasting against a and b"),
+        Port("d", optional=True, doc="[...], broadcasting against the others"),
+    )
+    out_ports = (Port("y", doc="the broadcast shape of the inputs"),)
+    example = {}
+
+    @classmethod
+    def infer(
+        cls, p: BlockParams, a: TensorType, b: TensorType, c: TensorType | None = None, d: TensorType | None = None
+    ) -> TensorType:
+        """Shapes broadcast as in torch (from the last dimension: equal, or one of them 1) → the broadcast shape."""
+        shape = a.shape
+        for name, t in (("b", b), ("c", c), ("d", d)):
+            if t is None:
+                continue
+            if t.dtype != a.dtype:
+                raise ShapeError(
+                    f"multiply input {name!r} is {t.described()}, but 'a' is {a.described()}", at=("in", name)
+                )
+            merged = _broadcast(shape, t.shape)
+            if merged is None:
+                raise ShapeError(
+                    f"multiply input {name!r} {t.described()} does not broadcast against {format_shape(shape)}",
+                    hint="from the last dimension on, each pair of sizes must be equal or one of them 1",
+                    at=("in", name),
+                )
+            shape = merged
+        return a.with_shape(*shape)
+
+    flops = no_flops
+
+    stepping = by_position
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None, d: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        y = a * b
+        for t in (c, d):
+            if t is not None:
+                y = y * t
+        return y
+
+
+def _broadcast(x: tuple[Dim, ...], y: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
+    """The shape torch broadcasts x and y to, or None where two sizes differ and neither is 1."""
+    out: list[Dim] = []
+    for i in range(1, max(len(x), len(y)) + 1):
+        m, n = x[-i] if i <= len(x) else 1, y[-i] if i <= len(y) else 1
+        if dims_equal(m, 1):
+            out.append(n)
+        elif dims_equal(n, 1) or dims_equal(m, n):
+            out.append(m)
+        else:
+            return None
+    return tuple(reversed(out))
+
+
 @register("mean_pool", family="combine")
 class MeanPool(Block):
     """Average over the sequence: y = Σ_t x_t / T, counting only non-padding positions when `mask` is given.

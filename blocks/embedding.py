@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,10 @@ class TokenEmbedding(Block):
         scale: bool = Field(
             False, description="multiply by √dim (Vaswani et al., section 3.4); the table then starts as N(0, 1/dim)"
         )
+        round_scale: bool = Field(
+            False,
+            description="with scale: √dim rounded to the table's dtype first, as Gemma does (bfloat16: √3072 → 55.5)",
+        )
         pretrained: str | None = Field(
             None,
             description="Word2Vec/GloVe text file of initial vectors (relative to the spec's folder)",
@@ -174,6 +179,8 @@ class TokenEmbedding(Block):
                 raise ValueError(f"padding_idx ({self.padding_idx}) must be below vocab ({self.vocab})")
             if self.vocab_file is not None and self.pretrained is None:
                 raise ValueError("vocab_file maps the words of a pretrained file; set pretrained too, or drop it")
+            if self.round_scale and not self.scale:
+                raise ValueError("round_scale rounds the √dim factor: set scale: true too, or drop it")
             return self
 
     in_ports = (Port("tokens", dtype="int", doc="token ids [...], each in [0, vocab)"),)
@@ -184,6 +191,7 @@ class TokenEmbedding(Block):
         super().__init__()
         self.lut = nn.Embedding(p.vocab, p.dim, padding_idx=p.padding_idx)
         self.scale = math.sqrt(p.dim) if p.scale else 1.0
+        self.round_scale = p.round_scale
         if p.scale:  # N(0, 1/dim), so that the √dim-scaled output has unit variance instead of dim
             nn.init.normal_(self.lut.weight, std=p.dim**-0.5)
             if p.padding_idx is not None:
@@ -205,7 +213,15 @@ class TokenEmbedding(Block):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.lut(tokens)
-        return x * self.scale if self.scale != 1.0 else x
+        if self.scale == 1.0:
+            return x
+        return x * (rounded(self.scale, x.dtype) if self.round_scale else self.scale)
+
+
+@functools.cache
+def rounded(value: float, dtype: torch.dtype) -> float:
+    """`value` as a tensor of `dtype` holds it: multiplying by it is multiplying by that tensor."""
+    return torch.tensor(value, dtype=dtype, device="cpu").item()
 
 
 def pretrained_table(p: TokenEmbedding.Params) -> torch.Tensor:

@@ -17,7 +17,11 @@ from blockgraph.blocks.types import TensorType, expect_last
 
 @register("generator", family="head")
 class Generator(Block):
-    """Final Linear to vocabulary logits followed by log-softmax (or softmax, or nothing)."""
+    """Final Linear to vocabulary logits followed by log-softmax (or softmax, or nothing).
+
+    `softcap` bounds the logits to (−cap, cap) by cap·tanh(logits / cap) before anything else (Gemma 2's final
+    logit softcapping), so the log-softmax sees the capped logits.
+    """
 
     class Params(BlockParams):
         d_model: int = Field(gt=0, description="input width")
@@ -29,6 +33,9 @@ class Generator(Block):
         output: Literal["log_softmax", "softmax", "logits"] = Field(
             "log_softmax", description="log_softmax (for NLL loss), softmax (probabilities) or raw logits"
         )
+        softcap: float | None = Field(
+            None, gt=0, description="cap the logits at ±softcap by softcap·tanh(logits / softcap) (Gemma 2: 30)"
+        )
 
     example = {"d_model": 512, "vocab": 32000}
 
@@ -38,7 +45,7 @@ class Generator(Block):
         self.fixed_bias = p.bias and p.fixed_bias
         if self.fixed_bias:
             self.register_buffer("bias", torch.zeros(p.vocab))
-        self.output = p.output
+        self.output, self.softcap = p.output, p.softcap
 
     @classmethod
     def infer(cls, p: Params, x: TensorType) -> TensorType:
@@ -55,6 +62,8 @@ class Generator(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.proj(x) + self.bias if self.fixed_bias else self.proj(x)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         if self.output == "log_softmax":
             return F.log_softmax(logits, dim=-1)
         if self.output == "softmax":

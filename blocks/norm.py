@@ -147,12 +147,17 @@ class RMSNorm(Block):
     """Scale the last dimension by its root mean square: y = x / √(mean(x²) + eps) · g (Zhang & Sennrich, 2019).
 
     No mean subtraction and no shift. The normalisation is computed in float32 for lower-precision inputs,
-    then cast back before the gain g, as in LLaMA.
+    then cast back before the gain g, as in LLaMA. With an `offset` the gain is offset + w, the weight w kept
+    as Gemma publishes it (offset 1: a gain of 1 + w, w starting at 0), and it is applied in float32 before
+    the cast back, as Gemma does.
     """
 
     class Params(BlockParams):
         dim: int = Field(gt=0, description="size of the normalised (last) dimension")
         eps: float = Field(1e-6, gt=0, description="added to the mean square for stability")
+        offset: float = Field(
+            0.0, description="the gain is offset + weight (Gemma: 1), applied in float32 before the cast back"
+        )
 
     in_ports = (Port("x", doc="[..., dim]"),)
     out_ports = (Port("y", doc="[..., dim]"),)
@@ -160,8 +165,8 @@ class RMSNorm(Block):
 
     def __init__(self, p: Params):
         super().__init__()
-        self.eps = p.eps
-        self.weight = nn.Parameter(torch.ones(p.dim))
+        self.eps, self.offset = p.eps, p.offset
+        self.weight = nn.Parameter(torch.full((p.dim,), 1.0 - p.offset))  # a gain of 1 to start with
 
     @classmethod
     def infer(cls, p: Params, x: TensorType) -> TensorType:
@@ -176,4 +181,6 @@ class RMSNorm(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight.float())).type_as(x)
         return h.type_as(x) * self.weight

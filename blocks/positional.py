@@ -151,12 +151,18 @@ class LearnedPosition(PositionTable):
         return self.pe.weight[self.offset + start : self.offset + start + count]
 
 
-def rotary_angles(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles p·θ^(−2i/dim), i < dim/2, for `positions` [..., seq] → [..., seq, dim/2].
+def rotary_angles(
+    positions: torch.Tensor, dim: int, base: float, factor: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles p·θ^(−2i/dim) / factor, i < dim/2, for `positions` [..., seq] → [..., seq,
+    dim/2]; a factor above 1 is linear position interpolation (Gemma 3's global layers: 8).
 
-    Computed in float32 whatever the model's dtype, as LLaMA and GPT-NeoX do (Su et al., 2021).
+    Computed in float32 whatever the model's dtype, as LLaMA and GPT-NeoX do (Su et al., 2021); the factor divides
+    the frequencies, as transformers' `linear` rope does.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+    if factor != 1.0:
+        inv_freq = inv_freq / factor
     angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 

@@ -60,6 +60,9 @@ class Port:
     dtype: DtypeKind = "float"
     optional: bool = False
     doc: str = ""
+    # a value over all positions beside per-position ones (a router's balancing loss): an input so marked feeds
+    # only outputs so marked, and decoding step by step, which needs the per-position ones, leaves them out
+    summary: bool = False
 
     @property
     def ranks(self) -> tuple[int, ...] | None:
@@ -112,6 +115,12 @@ class Block(nn.Module):
     def flops(cls, params: Any, inputs: dict[str, TensorType | None], outputs: tuple[TensorType, ...]) -> Any:
         """Forward FLOPs as an expression of the dimensions; None where not counted."""
         return None
+
+    @classmethod
+    def active_parameters(cls, params: Any, total: int) -> int:
+        """How many of the block's `total` parameters one token's forward reads: all of them by default; fewer
+        where each token goes through some of the weights only (a mixture of experts' top_k experts)."""
+        return total
 
     @classmethod
     def stepping(cls, params: Any, ports: Mapping[str, bool]) -> Stepping | None:

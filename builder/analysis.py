@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from blockgraph.blocks.types import TensorType, symbol
+from blockgraph.blocks.types import TensorType, as_dim, symbol
 from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
 from blockgraph.builder.shapes import TypedGraph, check_bounds
 from blockgraph.builder.trial import known_dims
@@ -127,6 +127,7 @@ class NodeCost:
     saved_endpoints: tuple[Endpoint, ...] = ()  # inputs and outputs autograd keeps
     error: str | None = None  # why torch could not measure it
     flops_error: str | None = None  # why the block's own formula failed (a plugin's bug): no analytic count
+    active: int = 0  # of `params`, those one token's forward reads (`Block.active_parameters`: a mixture of experts')
 
     @property
     def shown_flops(self) -> int | None:
@@ -157,10 +158,24 @@ class Costs:
     buffer_bytes: int
     missing_dims: tuple[str, ...] = ()
     endpoint_bytes: dict[Endpoint, int] = field(default_factory=dict)
+    tokens: int | None = None  # positions of one forward: the first integer input's elements (token ids)
 
     @property
     def concrete(self) -> bool:
         return self.dims is not None
+
+    @property
+    def active_parameters(self) -> int:
+        """The parameters one token's forward reads: all of them but the experts a mixture does not route it to."""
+        return sum(n.active for n in self.nodes.values())
+
+    @property
+    def flops_per_token(self) -> int | None:
+        """The forward FLOPs (torch's count, else the formulas') per position of the token input, rounded."""
+        flops = self.flops if self.flops is not None else self.flops_analytic
+        if not self.tokens or not isinstance(flops, int):
+            return None
+        return round(flops / self.tokens)
 
     @property
     def flops(self) -> int | None:
@@ -296,6 +311,9 @@ def analyse(
         missing,
     )
     shape_of = _Concretizer(sizes) if sizes is not None else (lambda s: s)
+    if sizes is not None:
+        ids = [spec for spec in graph.inputs.values() if not spec.optional and _is_int(spec.torch_dtype)]
+        costs.tokens = math.prod(shape_of(tuple(as_dim(d) for d in ids[0].shape))) if ids else None
     itemsizes: dict[torch.dtype, int] = {}
 
     def nbytes(numel: int, kind: torch.dtype) -> int:
@@ -319,6 +337,7 @@ def analyse(
         ins = {port: None if t is None else shape_of(t.shape) for port, t in in_types.items()}
         outs = tuple(shape_of(t.shape) for t in out_types)
         cost = NodeCost(inst.id, inst.entry.name, *counts[inst.id], ins, outs)
+        cost.active = active_parameters(inst, cost.params)
         try:
             cost.flops_analytic = analytic_flops(inst, typed, sizes)
         except Exception as exc:  # a formula is user code when it comes from a plugin: a count lost, not a report
@@ -331,6 +350,21 @@ def analyse(
                     endpoint_bytes(ep)
         costs.nodes[inst.id] = cost
     return costs
+
+
+def active_parameters(inst: NodeInstance, total: int) -> int:
+    """Of a node's `total` parameters, those one token's forward reads (`Block.active_parameters`); a rule that
+    fails (a plugin's) counts them all, and a node whose module another node holds (`share:`) reads them there."""
+    if not total:
+        return 0
+    try:
+        return int(inst.entry.cls.active_parameters(inst.params, total))
+    except Exception:  # a plugin's rule: every parameter counted, as without one
+        return total
+
+
+def _is_int(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 def _known(values: Iterable[T | None]) -> list[T] | None:

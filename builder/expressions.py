@@ -236,6 +236,8 @@ class _Evaluator:
             raise ExpressionError(f"${{{self.text}}} is too large ({_magnitude(result)})")
         if isinstance(result, str) and len(result) > MAX_STRING:
             raise ExpressionError(f"${{{self.text}}} makes a string longer than {MAX_STRING:,} characters")
+        if isinstance(result, list) and len(result) > MAX_VALUES:
+            raise ExpressionError(f"${{{self.text}}} makes a list of more than {MAX_VALUES:,} items")
         return result
 
     def _Constant(self, node: ast.Constant) -> Any:
@@ -254,6 +256,8 @@ class _Evaluator:
             raise ExpressionError(f"${{{self.text}}}: % formatting of strings is not allowed")
         if isinstance(node.op, ast.Mult) and _repeats_string(left, right):
             raise ExpressionError(f"${{{self.text}}} makes a string longer than {MAX_STRING:,} characters")
+        if isinstance(node.op, ast.Mult) and _repeats_list(left, right):  # `[0] * 10**12`: refused, not allocated
+            raise ExpressionError(f"${{{self.text}}} makes a list of more than {MAX_VALUES:,} items")
         op = _BINARY.get(type(node.op))
         if op is None:
             raise ExpressionError(f"${{{self.text}}}: operator {type(node.op).__name__} is not allowed")
@@ -334,6 +338,12 @@ def _repeats_string(left: Any, right: Any) -> bool:
     if not isinstance(text, str) or not isinstance(count, int):
         return False
     return len(text) * count > MAX_STRING
+
+
+def _repeats_list(left: Any, right: Any) -> bool:
+    """Whether `left * right` would build a list of more than MAX_VALUES items."""
+    items, count = (left, right) if isinstance(left, list) else (right, left)
+    return isinstance(items, list) and isinstance(count, int) and len(items) * count > MAX_VALUES
 
 
 def _magnitude(value: int | float) -> str:

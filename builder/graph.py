@@ -147,29 +147,35 @@ class _Assembler:
         """Instances of one level's nodes (in dependency order); returns each local name's outputs by port."""
         local: dict[str, dict[str, Endpoint]] = {name: {"": ep} for name, ep in env.items()}
         for name, use in level.uses.items():
-            bindings = {port: UNBOUND if ref is None else _endpoint(ref, local) for port, ref in use.bindings.items()}
-            local[name] = self._copies(use, prefix, bindings)
+            local[name] = self._copies(use, prefix, local)
         return local
 
-    def _copies(self, use: Use, prefix: str, bindings: dict[str, Endpoint]) -> dict[str, Endpoint]:
-        """The node, or its `repeat:` copies, each one's first output feeding the next one's first input, and each
-        output named like an input feeding that input (a running total, such as a stack's auxiliary loss)."""
+    def _copies(self, use: Use, prefix: str, local: dict[str, dict[str, Endpoint]]) -> dict[str, Endpoint]:
+        """The node, or its `repeat:` copies, each bound by its own ports (copies that differ may name them
+        otherwise), each one's first output feeding the next one's first input, and an output named like an input
+        feeding that input of the later copies (a running total, such as a stack's auxiliary loss)."""
         node_id = prefix + use.name
         stacked = use.repeat is not None  # `repeat: 1` still names copies `node.0`, so keys don't move with N
         if stacked:
-            self.groups[node_id] = Group(node_id, "repeat", use.type, use.repeat or 1)
+            kinds = dict.fromkeys(use.copy(copy).type for copy in range(use.repeat or 1))  # copies may differ
+            self.groups[node_id] = Group(node_id, "repeat", " | ".join(kinds), use.repeat or 1)
         outs: dict[str, Endpoint] = {}
+        carried: dict[str, Endpoint] = {}  # each output name's latest tensor, for a later copy's input of that name
         for copy in range(use.repeat or 1):
             copy_id = f"{node_id}.{copy}" if stacked else node_id
             current = use.copy(copy)
+            ports = current.ports
+            written = current.bindings.items()
+            bindings = {port: UNBOUND if ref is None else _endpoint(ref, local) for port, ref in written}
+            bindings |= {port: carried[port] for port in ports[1:] if port in carried}
+            if copy and ports:
+                bindings[ports[0]] = next(iter(outs.values()))
             self._count(current, copy_id)
             if current.body is not None:
                 outs = self._subgraph(current, copy_id, bindings)
             else:
                 outs = self._block(current, copy_id, prefix, bindings)
-            if copy + 1 < (use.repeat or 1) and (ports := use.copy(copy + 1).ports):
-                carried = {port: outs[port] for port in ports[1:] if port in outs}
-                bindings = {**bindings, ports[0]: next(iter(outs.values())), **carried}
+            carried |= outs
         return outs
 
     def _count(self, use: Use, node_id: str) -> None:

@@ -77,6 +77,7 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
     step_nodes: list[tuple[str, Stepping]] = []
     state_ports: list[dict[str, bool]] = []
     step_ports: list[dict[str, bool]] = []  # per step node
+    summaries: set[Endpoint] = set()  # step nodes' outputs over all positions (a loss term): steps leave them out
     for inst in graph.nodes.values():
         if inst.id not in needed:
             continue
@@ -86,13 +87,20 @@ def plan_steps(typed: TypedGraph, growing: Sequence[str], output: str | None = N
             continue
         where = f"block {inst.entry.name!r} (node {inst.id})"
         how = _stepping(inst.entry.cls, inst.params, ports, where)
-        if how == "positions":  # its growing inputs and all its outputs are [batch, length, …]
+        summary_in = {p.name for p in inst.entry.cls.in_ports if p.summary}
+        misread = [ep for port, ep in inst.bindings.items() if ep in summaries and port not in summary_in]
+        if misread:
+            raise CannotStep(f"{where} reads {misread[0]}, a value over all positions that a step does not compute")
+        if how == "positions":  # its growing inputs and all its outputs are [batch, length, …], summaries aside
             growing_types = [
-                typed.types[ep] for port, ep in inst.bindings.items() if ep is not None and ports.get(port)
+                typed.types[ep]
+                for port, ep in inst.bindings.items()
+                if ep is not None and ports.get(port) and port not in summary_in
             ]
-            shapes = [t.shape for t in (*growing_types, *typed.output_types(inst))]
-            if any(_dim(tuple(shape), 1) != length for shape in shapes):
+            outputs = [t for p, t in zip(inst.out_ports, typed.output_types(inst), strict=True) if not p.summary]
+            if any(_dim(tuple(t.shape), 1) != length for t in (*growing_types, *outputs)):
                 raise CannotStep(f"{where} works position by position, but not along the growing length {length}")
+        summaries |= {Endpoint(inst.id, p.name) for p in inst.out_ports if p.summary}
         step_nodes.append((inst.id, how))
         step_ports.append(ports)
         if how == "state":

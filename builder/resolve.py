@@ -100,6 +100,7 @@ def resolve(
 
 
 COPY = "copy"  # the variable a repeated node's type and params read: the copy's index, 0 to N - 1
+MAX_COPIES = 100_000  # copies resolved one by one (`${copy}`) in a spec: as many as its graph may hold
 MODEL_ATTRIBUTES = frozenset({"code", "spec_name", "typed_graph", "spec"})  # what builder.model's GraphModel adds
 # (named here, not imported: the model's type names the typed graph, which is built from this module's output)
 
@@ -152,6 +153,7 @@ class _Resolver:
         self.problems = problems
         self.params = params
         self._bodies: dict[tuple[str, str], Level | None] = {}
+        self._copies_left = MAX_COPIES  # nested sub-graphs multiply them: counted before each is resolved
 
     def error(
         self, message: str, path: SpecPath, hint: str | None = None, node: str | None = None, key: bool = False
@@ -322,6 +324,17 @@ class _Resolver:
         the first copy that is wrong is reported, not the same mistake once per copy."""
         path = (*place.base, name)
         count = self._repeat(node, scope, path) or 1
+        if count > self._copies_left:
+            if self._copies_left >= 0:  # once: the stacks that follow are left unresolved
+                self.error(
+                    f"stacks whose copies differ resolve to more than {MAX_COPIES:,} copies one by one",
+                    (*path, "repeat"),
+                    hint="repeat: counts multiply when sub-graphs are nested",
+                    node=place.prefix + name,
+                )
+            self._copies_left = -1
+            return None
+        self._copies_left -= count
         found: dict[tuple[str, int, str], Use] = {}
         variants = []
         for index in range(count):

@@ -54,9 +54,13 @@ class _Writer:
         node: dict[str, Any] = {"type": per_copy(types)}
         if use.params is not None and use.share is None:  # a sharing node takes its owner's params
             params = [self._params(copy) if copy.params is not None else {} for copy in copies]
-            node["params"] = {key: per_copy([each.get(key) for each in params]) for key in params[0]}
+            # the spec gave every copy the same keys: one that another copy's block lacks holds its default
+            common = [key for key in params[0] if all(key in each for each in params)]
+            node["params"] = {key: per_copy([each[key] for each in params]) for key in common}
         bindings = {port: ref for port, ref in use.bindings.items() if ref is not None}  # skipped: unconnected
-        if bindings:
+        if any(copy.bindings != use.bindings for copy in copies):  # copies naming their ports otherwise: by position
+            node["in"] = list(use.bindings.values())
+        elif bindings:
             node["in"] = bindings
         if use.repeat is not None:
             node["repeat"] = use.repeat

@@ -96,7 +96,8 @@ def spec_schema() -> dict[str, Any]:
         "allOf": _params_rules({name: _substituted(ref) for name, ref in params_refs.items()}),
     }
     defs["GraphSpec"]["properties"]["nodes"]["patternProperties"][NAME_RE] = {"$ref": "#/$defs/SubgraphNodeSpec"}
-    defs["InputSpec"] = _inside(defs["InputSpec"], _substituted)
+    for substituted in ("InputSpec", "RolesSpec"):  # read after substitution, every part of them
+        defs[substituted] = _inside(defs[substituted], _substituted)
     for name, prop in generated["properties"].items():
         if name not in ("blocks", "vars", "extends"):  # `extends` is read before anything is substituted
             generated["properties"][name] = _substituted(prop)

@@ -7,11 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from conftest import redraw
 from pydantic import ValidationError
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3RotaryEmbedding
+from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2RotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
 
 from blockgraph import builder
-from blockgraph.blocks import REGISTRY
+from blockgraph.blocks import REGISTRY, TensorType
 from blockgraph.blocks.attention import (
     GlobalAttention,
     HardAttention,
@@ -19,6 +26,8 @@ from blockgraph.blocks.attention import (
     MultiHeadAttention,
     ScaledDotProductAttention,
 )
+from blockgraph.blocks.stepping import StepCache
+from blockgraph.blocks.types import symbol
 
 ATOL = 1e-5
 D, H = 8, 2  # model width and heads used throughout: tiny on purpose
@@ -174,6 +183,158 @@ def test_mha_ports_depend_on_need_weights_and_state_dict_keys_are_stable():
 def test_mha_params_reject_heads_not_dividing_d_model():
     with pytest.raises(ValidationError, match=r"d_model \(8\) must be divisible by heads \(3\)"):
         MultiHeadAttention.Params(d_model=8, heads=3)
+
+
+# ---------------------------------------------------------------- q/k norms (Qwen3: per head; OLMo 2: all heads)
+
+
+def qk_norm_pair(kind: str) -> tuple[MultiHeadAttention, nn.Module, nn.Module]:
+    """Our attention with `qk_norm: kind` and transformers' one that has it (grouped-query, redrawn weights and
+    gains), with the reference's rotary embedding."""
+    sizes = {"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 500.0}
+    if kind == "head":  # Qwen3: one gain of head_dim shared by the heads, a head_dim of its own
+        config = transformers.Qwen3Config(**sizes, head_dim=6, rms_norm_eps=1e-5)
+        reference, rotary, width = Qwen3Attention(config, layer_idx=0), Qwen3RotaryEmbedding(config), 6
+    else:  # OLMo 2: one gain over every query head's features, one over every key head's
+        config = transformers.Olmo2Config(**sizes, rms_norm_eps=1e-5)
+        reference, rotary, width = Olmo2Attention(config, layer_idx=0), Olmo2RotaryEmbedding(config), 4
+    config._attn_implementation = "eager"
+    redraw(reference, seed=1)
+    ours = make(MultiHeadAttention, d_model=16, heads=4, kv_heads=2, head_dim=width, bias=False, causal=True,
+                rotary_dim=width, rotary_base=500.0, qk_norm=kind, qk_norm_eps=1e-5)  # fmt: skip
+    renamed = {
+        "q_proj": "w_q",
+        "k_proj": "w_k",
+        "v_proj": "w_v",
+        "o_proj": "w_o",
+        "q_norm": "q_norm",
+        "k_norm": "k_norm",
+    }
+    state = {renamed[name.split(".")[0]] + name[name.index(".") :]: t for name, t in reference.state_dict().items()}
+    ours.load_state_dict(state)
+    return ours, reference.eval(), rotary
+
+
+@pytest.mark.parametrize("kind", ["head", "full"])
+def test_qk_norms_match_transformers_qwen3_and_olmo2_attention(kind):
+    ours, reference, rotary = qk_norm_pair(kind)
+    assert ours.q_norm is not None and ours.k_norm is not None
+    assert ours.q_norm.weight.shape == ((6,) if kind == "head" else (16,))
+    assert ours.k_norm.weight.shape == ((6,) if kind == "head" else (8,))
+    x = torch.randn(2, 7, 16)
+    causal = torch.zeros(7, 7).masked_fill(causal_mask(7, 7), -math.inf)[None, None]
+    with torch.no_grad():
+        expected = reference(x, rotary(x, torch.arange(7)[None]), causal)[0]
+        torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=0)
+        ours.q_norm.weight.fill_(1.0)
+        assert (ours(x) - expected).abs().max() > 1e-3  # the gains matter
+
+
+@pytest.mark.parametrize("kind", ["head", "full"])
+def test_qk_norms_step_as_forward_in_self_and_cross_attention(kind):
+    """A decoding step normalises its new queries (and keys) as the full run does; a cross-attention's memory keys
+    once, at the first step."""
+    self_attention = make(MultiHeadAttention, d_model=D, heads=H, causal=True, rotary_dim=2, qk_norm=kind)
+    cross_attention = make(MultiHeadAttention, d_model=D, heads=H, qk_norm=kind, qk_norm_eps=1e-3)
+    x, memory = torch.randn(2, 6, D), torch.randn(2, 5, D)
+    for block, key, ports in (
+        (self_attention, None, {"query": True}),
+        (cross_attention, memory, {"query": True, "key": False}),
+    ):
+        redraw(block, seed=2)
+        cache = StepCache(capacity=6, ports=ports)
+        with torch.no_grad():
+            steps = [block.step(cache, x[:, a:b], key) for a, b in ((0, 3), (3, 4), (4, 5), (5, 6))]
+            torch.testing.assert_close(torch.cat(steps, dim=1), block(x, key), atol=ATOL, rtol=0)
+
+
+def test_qk_norms_add_no_flops_to_torchs_count_on_meta():
+    p = MultiHeadAttention.Params(d_model=16, heads=4, kv_heads=2, causal=True, rotary_dim=4, qk_norm="full")
+    with torch.device("meta"):
+        block, x = MultiHeadAttention(p), torch.randn(2, 5, 16)
+    with FlopCounterMode(display=False) as counter:
+        block(x)
+    batch, seq = symbol("batch"), symbol("seq")
+    formula = MultiHeadAttention.flops(p, {"query": TensorType((batch, seq, 16))}, ())
+    assert formula.subs({batch: 2, seq: 5}) == counter.get_total_flops()
+
+
+def test_qk_norm_settings_without_qk_norm_are_refused():
+    with pytest.raises(ValidationError, match="qk_norm_eps set the q/k norms: set qk_norm"):
+        MultiHeadAttention.Params(d_model=D, heads=H, qk_norm_eps=1e-5)
+    assert MultiHeadAttention(MultiHeadAttention.Params(d_model=D, heads=H)).q_norm is None
+
+
+# ---------------------------------------------------------------- Gemma: softcaps, 1 + w q/k norms, linear rope
+
+
+def gemma_pair(version: int, **changed) -> tuple[MultiHeadAttention, nn.Module, tuple, torch.Tensor]:
+    """Our attention (with `changed` params) and transformers' Gemma 2 sliding-window layer (scores softcapped at
+    0.5) or Gemma 3 global layer (q/k norms of gain 1 + w, rotary positions divided by 4), weights redrawn, with
+    the reference's rotary angles and additive mask for 7 positions."""
+    sizes = {"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6}
+    sizes.update(query_pre_attn_scalar=5, sliding_window=3, rope_theta=500.0)
+    i, j = torch.arange(7)[:, None], torch.arange(7)[None]
+    positions = torch.arange(7)[None]
+    params = {"d_model": 16, "heads": 4, "kv_heads": 2, "head_dim": 6, "bias": False, "causal": True}
+    params.update(scale=5**-0.5, rotary_dim=6, rotary_base=500.0)
+    if version == 2:
+        config = transformers.Gemma2Config(**sizes, attn_logit_softcapping=0.5)
+        reference = Gemma2Attention(config, layer_idx=0)  # layer 0 slides
+        angles = Gemma2RotaryEmbedding(config)(torch.zeros(1), positions)
+        allowed = (j <= i) & (j > i - 3)
+        params.update(softcap=0.5, window=3)
+    else:
+        rope = {"full_attention": {"rope_type": "linear", "factor": 4.0}, "sliding_attention": {"rope_type": "default"}}
+        config = transformers.Gemma3TextConfig(**sizes, rope_parameters=rope, sliding_window_pattern=1)  # all global
+        reference = Gemma3Attention(config, layer_idx=0)
+        angles = Gemma3RotaryEmbedding(config)(torch.zeros(1), positions, "full_attention")
+        allowed = j <= i
+        params.update(qk_norm="head", qk_norm_offset=1.0, rotary_scaling=4.0)
+    config._attn_implementation = "eager"
+    redraw(reference, seed=1)
+    ours = make(MultiHeadAttention, **{**params, **changed})
+    renamed = {f"{p}_proj": f"w_{p}" for p in "qkvo"} | {"q_norm": "q_norm", "k_norm": "k_norm"}
+    state = {renamed[name.split(".")[0]] + name[name.index(".") :]: t for name, t in reference.state_dict().items()}
+    ours.load_state_dict(state)
+    mask = torch.zeros(7, 7).masked_fill(~allowed, -math.inf)[None, None]
+    return ours, reference.eval(), angles, mask
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_gemma_attention_matches_transformers_and_each_setting_matters(version):
+    ours, reference, angles, mask = gemma_pair(version)
+    x = torch.randn(2, 7, 16) * 10  # scores well beyond the cap
+    with torch.no_grad():
+        expected, expected_weights = reference(x, angles, mask)
+        torch.testing.assert_close(ours(x), expected, atol=ATOL, rtol=0)
+        with_weights = gemma_pair(version, need_weights=True)[0]
+        y, weights = with_weights(x)
+        torch.testing.assert_close(y, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(weights, expected_weights, atol=ATOL, rtol=0)
+        unchanged = {"softcap": None} if version == 2 else {"rotary_scaling": 1.0}
+        assert (gemma_pair(version, **unchanged)[0](x) - expected).abs().max() > 1e-3  # the cap or the factor bites
+        if version == 3:
+            assert (gemma_pair(3, qk_norm_offset=0.0)[0](x) - expected).abs().max() > 1e-3  # and the 1 + w gains
+
+
+def test_softcapped_windowed_grouped_attention_steps_as_forward():
+    """The explicit path a softcap takes is the decoding step's too: new queries against the window so far."""
+    block = make(MultiHeadAttention, d_model=D, heads=4, kv_heads=2, causal=True, window=3, softcap=0.3, rotary_dim=2)
+    x, pad = torch.randn(2, 7, D) * 3, padding(2, 7, {1: 2})
+    cache = StepCache(capacity=7, ports={"query": True, "key_padding_mask": True})
+    with torch.no_grad():
+        steps = [block.step(cache, x[:, a:b], key_padding_mask=pad[:, a:b]) for a, b in ((0, 3), (3, 4), (4, 7))]
+        full = block(x, key_padding_mask=pad)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[~pad], full[~pad], atol=ATOL, rtol=0)
+    uncapped = make(MultiHeadAttention, d_model=D, heads=4, kv_heads=2, causal=True, window=3, rotary_dim=2)
+    uncapped.load_state_dict(block.state_dict())
+    assert (uncapped(x, key_padding_mask=pad) - full)[~pad].abs().max() > 1e-3
+
+
+def test_rotary_scaling_needs_a_rotary_embedding():
+    with pytest.raises(ValidationError, match="rotary_scaling scales rotary positions: set rotary_dim"):
+        MultiHeadAttention.Params(d_model=D, heads=H, rotary_scaling=8.0)
 
 
 # ---------------------------------------------------------------- scaled_dot_product_attention

@@ -1,4 +1,4 @@
-"""The combining blocks (concat, mean_pool, activation): agreement with torch, shape rules, use in specs."""
+"""The combining blocks (concat, multiply, mean_pool, activation): agreement with torch, shape rules, use in specs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from blockgraph import builder
 from blockgraph.blocks import REGISTRY, ShapeError, TensorType
-from blockgraph.blocks.combine import Activation, Concat, MeanPool
+from blockgraph.blocks.combine import Activation, Concat, MeanPool, Multiply
 from blockgraph.blocks.types import symbol
 from blockgraph.builder import SpecError
 
@@ -34,6 +34,48 @@ def test_concat_shape_rule_adds_feature_sizes_and_rejects_other_mismatches():
         Concat.infer(p, TensorType((B, T, 4)), TensorType((B, 4)))
     with pytest.raises(ShapeError, match="float64"):
         Concat.infer(p, TensorType((B, 4)), TensorType((B, 4), torch.float64))
+
+
+def test_multiply_is_torchs_broadcast_product_of_two_to_four_tensors():
+    a, b, c, d = torch.randn(2, 3, 4), torch.randn(2, 3, 1), torch.randn(4), torch.randn(2, 1, 4)
+    block = Multiply()
+    torch.testing.assert_close(block(a, b), a * b)
+    torch.testing.assert_close(block(a, b, c), a * b * c)
+    torch.testing.assert_close(block(a, b, c, d), a * b * c * d)
+    torch.testing.assert_close(block(b, d), b * d)  # each side broadcasts: [2, 3, 4]
+
+
+def test_multiply_shape_rule_broadcasts_and_names_what_does_not():
+    p = Multiply.Params()
+    assert Multiply.infer(p, TensorType((B, T, 4)), TensorType((B, T, 1))).shape == (B, T, 4)
+    assert Multiply.infer(p, TensorType((B, 1, 1)), TensorType((T, 4)), TensorType((4,))).shape == (B, T, 4)
+    with pytest.raises(ShapeError, match="does not broadcast") as info:
+        Multiply.infer(p, TensorType((B, T, 4)), TensorType((B, T, 4)), TensorType((B, T, 3)))
+    assert info.value.at == ("in", "c")
+    with pytest.raises(ShapeError, match="does not broadcast"):
+        Multiply.infer(p, TensorType((B, T, 4)), TensorType((B, symbol("src_len"), 4)))
+    with pytest.raises(ShapeError, match="float64"):
+        Multiply.infer(p, TensorType((B, 4)), TensorType((B, 4), torch.float64))
+
+
+def test_a_gate_in_a_spec_steps_by_position_and_counts_no_flops():
+    """silu(W₁x) ⊙ W₃x written out with `multiply` is the built-in swiglu's hidden layer."""
+    spec = {
+        "name": "gate",
+        "inputs": {"x": {"shape": ["batch", "seq", 6]}},
+        "nodes": {
+            "w_1": {"type": "linear", "params": {"in_features": 6, "out_features": 10, "bias": False}, "in": "x"},
+            "act": {"type": "activation", "params": {"function": "silu"}, "in": "w_1"},
+            "w_3": {"type": "linear", "params": {"in_features": 6, "out_features": 10, "bias": False}, "in": "x"},
+            "gate": {"type": "multiply", "in": ["act", "w_3"]},
+        },
+        "outputs": "gate",
+    }
+    model = builder.build(spec)
+    x = torch.randn(2, 3, 6)
+    torch.testing.assert_close(model(x), F.silu(model.w_1.proj(x)) * model.w_3.proj(x))
+    assert Multiply.stepping(Multiply.Params(), {"a": True, "b": True}) == "positions"
+    assert Multiply.flops(Multiply.Params(), {}, ()) == 0
 
 
 def test_mean_pool_averages_only_real_positions():
@@ -64,7 +106,7 @@ def test_activation_applies_the_named_function(function, reference):
 
 
 def test_blocks_are_registered_with_docs_and_examples():
-    for name in ("concat", "mean_pool", "activation"):
+    for name in ("concat", "multiply", "mean_pool", "activation"):
         entry = REGISTRY.get(name)
         assert entry.family == "combine" and entry.summary and entry.cls.example is not None
         assert entry.cls.infer.__doc__

@@ -301,6 +301,24 @@ def test_scaled_embedding_starts_with_unit_variance_output():
     assert abs(out.var().item() - 1.0) < 0.05
 
 
+def test_a_rounded_scale_is_gemmas_normalizer_in_the_tables_dtype():
+    """√3072 = 55.43 is 55.5 in bfloat16: Gemma multiplies by that, and so does round_scale (float32: the same)."""
+    from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+    ours = embedding(vocab=7, dim=3072, scale=True, round_scale=True)
+    reference = GemmaTextScaledWordEmbedding(7, 3072, padding_idx=0, embed_scale=3072**0.5)
+    reference.weight.data.copy_(ours.lut.weight.data)
+    tokens = torch.arange(7)
+    assert torch.equal(ours(tokens), reference(tokens))
+    ours, reference = ours.bfloat16(), reference.bfloat16()
+    assert torch.equal(ours(tokens), reference(tokens))
+    exact = embedding(vocab=7, dim=3072, scale=True).bfloat16()
+    exact.lut.weight.data.copy_(ours.lut.weight.data)
+    assert not torch.equal(exact(tokens), ours(tokens))
+    with pytest.raises(ValidationError, match="round_scale rounds the √dim factor: set scale: true"):
+        embedding(vocab=7, dim=4, round_scale=True)
+
+
 def test_a_file_a_base_spec_names_is_found_beside_the_base(tmp_path):
     """As `extends:` is relative to the file that writes it, so is `pretrained:` in a base."""
     (tmp_path / "sub").mkdir()

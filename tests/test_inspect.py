@@ -45,6 +45,11 @@ EVERY_BLOCK = {
         "ffn": {"type": "feed_forward", "params": {"d_model": 8, "d_ff": 16, "activation": "gelu"}, "in": "x"},
         "swi": {"type": "swiglu", "params": {"d_model": 8, "d_ff": 12}, "in": "x"},
         "swi2": {"type": "swiglu", "share": "swi", "in": "swi"},
+        "moe": {
+            "type": "mixture_of_experts",
+            "params": {"d_model": 8, "d_ff": 6, "experts": 4, "top_k": 2, "shared_d_ff": 4, "shared_gate": True},
+            "in": {"x": "x", "pad": "pad"},
+        },
         "gen": {"type": "generator", "params": {"d_model": 8, "vocab": 11}, "in": "pos"},
         "self": {"type": "multi_head_attention", "params": {"d_model": 8, "heads": 2, "causal": True}, "in": "x"},
         "masked": {
@@ -114,6 +119,7 @@ EVERY_BLOCK = {
             "lin": "lin",
             "ffn": "ffn",
             "swi2": "swi2",
+            "moe": "moe.y",
             "masked": "masked",
             "weights": "cross.weights",
             "sdpa": "sdpa.y",
@@ -349,6 +355,7 @@ def test_collapsed_tree_and_table_show_groups_with_summed_numbers(tiny):
 NODE_KEYS = {
     "id", "block", "source", "params", "inputs", "outputs", "parameters", "trainable_parameters", "module", "group",
     "flops", "flops_by_op", "flops_analytic", "activation_bytes", "saved_bytes", "error", "flops_error",
+    "active_parameters",
 }  # fmt: skip
 TOP_KEYS = {
     "format", "name", "inputs", "dims", "missing_dims", "dtype", "nodes", "groups", "outputs", "total_parameters",
@@ -356,7 +363,7 @@ TOP_KEYS = {
 }  # fmt: skip
 TOTAL_KEYS = {
     "parameters", "trainable_parameters", "flops", "flops_analytic", "activation_bytes", "saved_activation_bytes",
-    "buffer_bytes", "weight_bytes", "training_bytes",
+    "buffer_bytes", "weight_bytes", "training_bytes", "active_parameters", "flops_per_token",
 }  # fmt: skip
 GROUP_KEYS = {
     "id", "kind", "type", "count", "nodes", "parameters", "trainable_parameters", "flops", "flops_analytic",
@@ -469,6 +476,33 @@ def test_dot_parses_with_pydot(tiny, every_block):
     assert graph.get_name() == '"every \\"block\\""'  # the spec's name, quotes escaped
     collapsed = views.inspect_report(*tiny, fmt="dot", depth=1)
     assert '"in:pad" -> "encoder" [label="key_padding_mask"];' in collapsed
+
+
+# --- mixtures of experts: active and total parameters ----------------------------------------------------------
+
+
+def test_mixtral_8x7b_shows_its_active_parameters_and_flops_per_token(run_cli):
+    """46.7B parameters, of which a token reads 12.9B: its router, 2 of the 8 experts and everything else; the
+    forward FLOPs per token are twice the multiplied ones (not the embedding's look-up, not the norms' gains),
+    and attention's QKᵀ and AV (one position)."""
+    result = run_cli("inspect", SPECS / "mixtral.yaml", "--dim", "batch=1", "--dim", "seq=1", "--format", "json")
+    assert result.code == 0, result.stderr
+    totals = json.loads(result.stdout)["totals"]
+    d, d_ff, layers, vocab = 4096, 14336, 32, 32000
+    idle = layers * (8 - 2) * 3 * d * d_ff  # the experts a token is not routed to
+    assert totals["parameters"] == 46_702_792_704 and totals["active_parameters"] == 46_702_792_704 - idle
+    assert round(totals["active_parameters"] / 1e9, 1) == 12.9
+    multiplied = totals["active_parameters"] - vocab * d - (2 * layers + 1) * d
+    assert totals["flops_per_token"] == totals["flops"] == 2 * multiplied + layers * 4 * d
+    tree = run_cli("inspect", SPECS / "mixtral.yaml", "--depth", "1", env={"COLUMNS": "200"})
+    assert "12,879,925,248 parameters per token (12.88B of 46.70B)" in tree.stdout
+
+
+def test_a_dense_model_has_every_parameter_active(tiny):
+    typed, model = tiny
+    costs = analyse(typed, model)
+    assert costs.active_parameters == costs.parameters and costs.tokens == 2 * 16
+    assert "per token" not in _text(views.inspect_totals(typed, costs))
 
 
 # --- GPT-3 175B -------------------------------------------------------------------------------------------------

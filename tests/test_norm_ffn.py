@@ -101,6 +101,24 @@ def test_rms_norm_keeps_low_precision_dtype():
     torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
 
 
+def test_rms_norm_offset_is_gemmas_one_plus_w_norm_in_float32_and_bfloat16():
+    """offset 1: the published weight w, a gain of 1 + w applied in float32 before the cast back, as GemmaRMSNorm."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    block = RMSNorm(RMSNorm.Params(dim=D, eps=1e-6, offset=1.0))
+    x = torch.randn(B, T, D) * 3
+    torch.testing.assert_close(block(x), RMSNorm(RMSNorm.Params(dim=D))(x), rtol=0, atol=0)  # a gain of 1 to start
+    reference = GemmaRMSNorm(D, eps=1e-6)
+    with torch.no_grad():
+        reference.weight.normal_(0, 0.5)
+        block.weight.copy_(reference.weight)
+    torch.testing.assert_close(block(x), reference(x), rtol=0, atol=1e-6)
+    block, reference, x = block.bfloat16(), reference.bfloat16(), x.bfloat16()
+    assert torch.equal(block(x), reference(x))  # Gemma's order of operations, bit for bit
+    llama_order = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert not torch.equal(block(x), llama_order * (1 + block.weight))
+
+
 # --- add_norm: post- and pre-norm -----------------------------------------------------------------------------------
 
 

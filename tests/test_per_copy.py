@@ -119,6 +119,58 @@ def test_an_output_named_like_an_input_is_carried_to_the_next_copy(tmp_path):
     torch.testing.assert_close(out["total"], start + ys[0] + ys[1] + ys[2], rtol=1e-6, atol=1e-6)
 
 
+def test_copies_that_name_their_inputs_otherwise_read_in_by_their_own_ports(tmp_path, run_cli):
+    """A list `in:` binds each copy's own ports in order: the second copy's mask is its `n`, not the first's `m`;
+    `validate --resolved` writes such an `in:` as the list."""
+    blocks = {
+        name: {"inputs": ["x", port], "nodes": {"sum": {"type": "add", "in": ["x", port]}}, "outputs": "sum"}
+        for name, port in (("first", "m"), ("second", "n"))
+    }
+    inputs = {**INPUTS, "other": {"dtype": "float32", "shape": ["batch", "seq", 8]}}
+    nodes = {"layers": {"type": "${'first' if copy == 0 else 'second'}", "repeat": 3, "in": ["x", "other"]}}
+    model = _build(_spec(nodes, "layers", blocks, inputs), tmp_path)
+    x, other = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    torch.testing.assert_close(model(x=x, other=other), x + 3 * other, rtol=1e-6, atol=1e-6)
+
+    result = run_cli("validate", tmp_path / "spec.yaml", "--resolved", "yaml")
+    assert result.code == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["nodes"]["layers"]["in"] == ["x", "other"]
+    again = _build(resolved, tmp_path, "resolved.yaml")
+    torch.testing.assert_close(again(x=x, other=other), x + 3 * other, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stack_of_two_block_types_is_written_back_with_the_params_they_share(tmp_path, run_cli):
+    """An RMS norm then a layer norm: each has a parameter the other lacks (offset, bias), which stays its own
+    default; the resolved spec validates and builds the same model."""
+    nodes = {"norms": {"type": "${'rms_norm' if copy == 0 else 'layer_norm'}", "params": {"dim": 8, "eps": 1e-3},
+                       "repeat": 2, "in": "x"}}  # fmt: skip
+    model = _build(_spec(nodes, "norms"), tmp_path)
+    result = run_cli("validate", tmp_path / "spec.yaml", "--resolved", "yaml")
+    assert result.code == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["nodes"]["norms"]["params"] == {"dim": 8, "eps": 1e-3}
+    again = _build(resolved, tmp_path, "resolved.yaml")
+    graph, rebuilt = model.typed_graph.graph, again.typed_graph.graph
+    assert {n: i.params for n, i in rebuilt.nodes.items()} == {n: i.params for n, i in graph.nodes.items()}
+
+
+def test_stacks_whose_copies_differ_nested_out_of_reach_are_stopped_while_resolving(tmp_path, monkeypatch):
+    """Each outer copy gives its sub-graph other params, so each resolves its inner stack anew: 40 × 40 copies
+    (10,000 × 10,000 would take hours before the graph's own limit is reached) stop at the limit, once."""
+    monkeypatch.setattr(builder.resolve, "MAX_COPIES", 500)  # the real limit (100,000) takes seconds to reach
+    inner = {"type": "dropout", "params": {"p": "${(outer * 40 + copy) / 10000}"}, "repeat": 40, "in": "h"}
+    blocks = {"g": {"inputs": ["h"], "params": {"outer": 0}, "nodes": {"inner": inner}, "outputs": "inner"}}
+    nodes = {"stack": {"type": "g", "params": {"outer": "${copy}"}, "repeat": 40, "in": "x"}}
+    path = tmp_path / "nested.yaml"
+    path.write_text(yaml.safe_dump(_spec(nodes, "stack", blocks)), encoding="utf-8")
+    with pytest.raises(SpecError) as caught:
+        builder.load_spec(path)
+    [problem] = caught.value.problems
+    assert "more than 500 copies" in problem.message
+    assert problem.location.path == ("blocks", "g", "nodes", "inner", "repeat")
+
+
 def test_copy_outside_a_repeat_is_a_located_error(tmp_path):
     params = {**ATTENTION["params"], "window": "${copy + 1}"}
     path = tmp_path / "bad.yaml"

@@ -49,6 +49,7 @@ def architecture_json(typed: TypedGraph, params: dict[str, int], costs: Costs | 
                 },
                 "parameters": params[inst.id],
                 "trainable_parameters": cost.trainable if cost else None,
+                "active_parameters": cost.active if cost else None,
                 "module": inst.module_id,
                 "group": _innermost_group(graph, inst.id),
                 "flops": cost.flops if cost else None,
@@ -128,7 +129,9 @@ def _totals_json(costs: Costs | None, params: dict[str, int]) -> dict:
         return {
             "parameters": sum(params.values()),
             "trainable_parameters": None,
+            "active_parameters": None,
             "flops": None,
+            "flops_per_token": None,
             "flops_analytic": None,
             "activation_bytes": None,
             "saved_activation_bytes": None,
@@ -139,7 +142,9 @@ def _totals_json(costs: Costs | None, params: dict[str, int]) -> dict:
     return {
         "parameters": costs.parameters,
         "trainable_parameters": costs.trainable,
+        "active_parameters": costs.active_parameters,
         "flops": costs.flops,
+        "flops_per_token": costs.flops_per_token,
         "flops_analytic": _jsonable(costs.flops_analytic),
         "activation_bytes": costs.activation_bytes,
         "saved_activation_bytes": costs.saved_activation_bytes,

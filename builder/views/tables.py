@@ -253,6 +253,11 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
         f"{total:,} parameters ({count(total)}), {costs.trainable:,} trainable, "
         f"{plural(len(typed.graph.nodes), 'block')}",
     )
+    active = costs.active_parameters
+    if active != total:  # a mixture of experts: a token goes through some of the weights only
+        per_token = costs.flops_per_token
+        work = f"; {flops_text(per_token)} forward FLOPs per token" if per_token is not None else ""
+        grid.add_row("active", f"{active:,} parameters per token ({count(active)} of {count(total)}){work}")
     analytic = costs.flops_analytic
     if costs.dims is None:  # not concrete
         missing = ", ".join(costs.missing_dims)
