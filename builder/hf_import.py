@@ -91,8 +91,24 @@ def read_config(directory: Path) -> tuple[Family, dict[str, Any]]:
     return FAMILIES[model_type], config
 
 
-FLOAT_VARIABLES = {"eps", "rope_theta", "rotary_pct", "dropout"}  # the others are sizes: positive integers
-OPTIONAL_VARIABLES = {"window"}  # may be null
+SOFTCAPS = {"attn_softcap", "final_softcap"}  # Gemma's: a number, or null for none
+YARN = {"yarn_factor", "yarn_mscale", "yarn_mscale_all_dim"}  # DeepSeek-V3's YaRN settings: null without YaRN
+# the variables that are numbers (aux_weight: the weight of a router's balancing loss); the others are sizes
+FLOAT_VARIABLES = {
+    "eps",
+    "rope_theta",
+    "rotary_pct",
+    "dropout",
+    "rope_local_theta",
+    "rope_factor",
+    "aux_weight",
+    *SOFTCAPS,
+    *YARN,
+    "yarn_beta_fast",
+    "yarn_beta_slow",
+    "routed_scaling",
+}
+OPTIONAL_VARIABLES = {"window", *SOFTCAPS, *YARN, "yarn_original", "q_lora_rank"}  # may be null
 
 
 def spec_variables(family: Family, config: Config, where: Location) -> dict[str, Any]:
@@ -337,7 +353,8 @@ def import_directory(directory: str | Path) -> Imported:
     model = compile_graph(layout.typed_graph, dtype=dtype).eval()  # the meta layout's graph: resolved once
     targets = unique_tensors(model)[0]
     with Weights(found) as tensors:
-        state, computed = convert(family, tensors, heads=variables.get("heads"))
+        shapes = {name: tuple(t.shape) for name, t in targets.items()}
+        state, computed = convert(family, tensors, heads=variables.get("heads"), shapes=shapes)
         for hf_name, our_name in computed:  # a table the spec computes (sinusoidal positions) must be the stored one
             ours, theirs = model.get_buffer(our_name).squeeze(0), tensors[hf_name]
             rows = min(len(ours), len(theirs)) if ours.dim() == theirs.dim() == 2 else 0

@@ -5,14 +5,17 @@ one Hugging Face model type: the spec it maps onto, how config.json reads into t
 the options it refuses, its special tokens, its weight table, its tokenizer, its class names and sizes.
 
 A table's rule maps one Hugging Face tensor, named by a pattern whose `{i}` (a decoder-only model's layer), `{e}`
-(an encoder layer) or `{d}` (a decoder layer) stands for a layer number, onto one or more tensors of the
-family's spec, through a transform (each has its inverse, for `to_hf`):
+(an encoder layer) or `{d}` (a decoder layer) stands for a layer number and `{x}` for an expert's (a mixture of
+experts'), onto one or more tensors of the family's spec, through a transform (each has its inverse, for `to_hf`):
 
 - `copy`: the same tensor;
 - `transpose`: GPT-2's Conv1D keeps a Linear weight as [in, out];
 - `row`: a [1, n] row kept as [n] (Marian's and BART's final_logits_bias);
 - `qkv`: GPT-2's fused `c_attn`, [d, 3d] (transposed), or its bias [3d]: W_Q, W_K, W_V one after the other;
 - `qkv_heads`: GPT-NeoX's fused `query_key_value` [heads·3·head_dim, d] (or its bias): q, k, v interleaved per head;
+- `split`: Phi-3's fused `qkv_proj` [(heads + 2·kv_heads)·head_dim, d] (unequal parts under grouped-query
+  attention) and `gate_up_proj` [2·d_ff, d] (gate, then up): the spec's tensors one after another along the first
+  dimension, each as large as the spec's (`convert` takes their `shapes`);
 - `computed`: a table the spec computes itself (Marian's sinusoidal positions): not copied, held against ours;
 - `tied`: the same tensor as another Hugging Face tensor (an output layer tied to the embedding): not copied,
   required to be equal to it, as the spec ties the two (and not written back: transformers ties it again).
@@ -25,7 +28,7 @@ says which are left over; the caller holds the result against the built spec's o
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -34,7 +37,7 @@ import torch
 
 from blockgraph.common.errors import CheckpointError, Problem
 
-Transform = Literal["copy", "transpose", "row", "qkv", "qkv_heads", "computed", "tied"]
+Transform = Literal["copy", "transpose", "row", "qkv", "qkv_heads", "split", "computed", "tied"]
 Config = Mapping[str, Any]
 Value = str | tuple[str, Any] | Callable[[Config], Any]  # a config key, a key with its default, or a rule
 Task = Literal["causal-lm", "seq2seq-lm", "encoder"]
@@ -53,7 +56,7 @@ TOKENIZERS: dict[TokenizerKind, tuple[str, ...]] = {  # each kind's files, as a 
 
 @dataclass(frozen=True)
 class Rule:
-    hf: str  # the Hugging Face tensor's name, with {i} / {e} / {d} for layer numbers
+    hf: str  # the Hugging Face tensor's name, with {i} / {e} / {d} for layer numbers, {x} for an expert's
     ours: tuple[str, ...]  # the spec's tensor(s) it becomes
     transform: Transform = "copy"
     source: str = ""  # for `tied`: the Hugging Face tensor it is the same as
@@ -63,8 +66,8 @@ class Rule:
 
 
 def _layered(name: str) -> re.Pattern[str]:
-    """A name whose {i} / {e} / {d} match layer numbers."""
-    return re.compile(re.sub(r"\\\{([ied])\\\}", r"(?P<\1>\\d+)", re.escape(name)) + "$")
+    """A name whose {i} / {e} / {d} match layer numbers and {x} an expert's."""
+    return re.compile(re.sub(r"\\\{([iedx])\\\}", r"(?P<\1>\\d+)", re.escape(name)) + "$")
 
 
 @dataclass(frozen=True)
@@ -183,16 +186,21 @@ def plan(family: Family, names: Iterable[str]) -> dict[str, tuple[Rule, dict[str
 
 
 def convert(
-    family: Family, tensors: Mapping[str, torch.Tensor], heads: int | None = None
+    family: Family,
+    tensors: Mapping[str, torch.Tensor],
+    heads: int | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
     """The spec's tensors from a checkpoint's, and the (checkpoint, spec) names of the `computed` ones to check.
 
     The names are `plan`ned first, so that a mapping that reads its tensors when asked (an import) reads none of
     a checkpoint it refuses; then a `tied` tensor that differs from its source is refused by name. `qkv_heads`
-    needs `heads`.
+    needs `heads`; `split` the `shapes` of the spec's tensors.
     """
     if heads is None and any(rule.transform == "qkv_heads" for rule in family.rules):
         raise CheckpointError([Problem(f"the {family.model_type} table splits fused q/k/v per head: give `heads`")])
+    if shapes is None and any(rule.transform == "split" for rule in family.rules):
+        raise CheckpointError([Problem(f"the {family.model_type} table splits fused tensors: give the `shapes`")])
     ours: dict[str, torch.Tensor] = {}
     computed: list[tuple[str, str]] = []
     untied, misshapen = [], []
@@ -208,8 +216,9 @@ def convert(
             continue
         tensor = tensors[name]
         try:
-            values = _transform(rule.transform, tensor, heads or 0)
-        except (RuntimeError, ValueError):
+            sizes = [tuple(shapes[target]) for target in targets] if rule.transform == "split" and shapes else []
+            values = _transform(rule.transform, tensor, heads or 0, sizes)
+        except (RuntimeError, ValueError, KeyError):
             misshapen.append(f"{name} {tuple(tensor.shape)}")
             continue
         ours.update(zip(targets, values, strict=True))
@@ -228,8 +237,10 @@ def convert(
     return ours, computed
 
 
-def _transform(kind: Transform, tensor: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
-    """The tensor(s) of the spec that a copied rule's checkpoint tensor becomes."""
+def _transform(
+    kind: Transform, tensor: torch.Tensor, heads: int, sizes: Sequence[tuple[int, ...]] = ()
+) -> tuple[torch.Tensor, ...]:
+    """The tensor(s) of the spec that a copied rule's checkpoint tensor becomes (`split`: of these `sizes`)."""
     if kind == "transpose":
         if tensor.dim() != 2:
             raise ValueError("not a matrix")
@@ -244,6 +255,10 @@ def _transform(kind: Transform, tensor: torch.Tensor, heads: int) -> tuple[torch
     if kind == "qkv_heads":  # [heads·3·head_dim, …]: per head, its q, k, v rows one after the other
         grouped = tensor.reshape(heads, 3, -1, *tensor.shape[1:])
         return tuple(grouped[:, j].reshape(-1, *tensor.shape[1:]).contiguous() for j in range(3))
+    if kind == "split":  # [rows₁ + rows₂ + …, …]: the spec's tensors one after another
+        if not sizes or any(size[1:] != tuple(tensor.shape[1:]) for size in sizes):
+            raise ValueError("not the spec's tensors one after another")
+        return tuple(piece.contiguous() for piece in tensor.split([size[0] for size in sizes]))
     return (tensor,)  # copy
 
 
@@ -280,6 +295,8 @@ def _untransform(kind: Transform, tensors: list[torch.Tensor], heads: int) -> to
         return tensors[0].reshape(1, -1)
     if kind == "qkv":
         return torch.cat(tensors).t().contiguous() if tensors[0].dim() == 2 else torch.cat(tensors)
+    if kind == "split":
+        return torch.cat(tensors)
     if kind == "qkv_heads":
         rest = tensors[0].shape[1:]
         return torch.stack([t.reshape(heads, -1, *rest) for t in tensors], dim=1).reshape(-1, *rest).contiguous()

@@ -79,12 +79,13 @@ def validate_document(
     resolved_vars = {name: resolve_variable(scope, name, source, problems) for name in raw_vars}
     failed: list[SpecPath] = []
     per_copy = _per_copy(data.get("nodes"))  # substituted copy by copy at resolution
+    blanked = data  # per-copy keys left out of substitution; the standalone spec keeps them as written
     if per_copy:
         nodes = {name: {**node, **dict.fromkeys(per_copy.get(name, ()), "")} for name, node in data["nodes"].items()}
-        data = {**data, "nodes": nodes}
+        blanked = {**data, "nodes": nodes}
     resolved = {
         key: value if key in ("blocks", "vars") else substitute_located(value, (key,), scope, source, problems, failed)
-        for key, value in data.items()
+        for key, value in blanked.items()
     }
     for name, kept in per_copy.items():
         resolved["nodes"][name].update(kept)

@@ -21,7 +21,7 @@ from conftest import ROOT, SPECS, redraw
 
 from blockgraph import builder
 from blockgraph.builder.families import FAMILIES
-from blockgraph.builder.hf_mappings import Family, Rule, convert
+from blockgraph.builder.hf_mappings import Family, Rule, convert, to_hf
 from blockgraph.builder.persist import unique_tensors
 from blockgraph.common.errors import CheckpointError
 
@@ -281,6 +281,14 @@ PUBLISHED = {
     "bert.yaml": ("BertModel", "BertConfig", {}),
     "llama.yaml": ("LlamaForCausalLM", "LlamaConfig", {"intermediate_size": 11008, "rms_norm_eps": 1e-6}),
     "mistral.yaml": ("MistralForCausalLM", "MistralConfig", {}),
+    "mixtral.yaml": ("MixtralForCausalLM", "MixtralConfig", {}),
+    "deepseek_v3.yaml": ("DeepseekV3ForCausalLM", "DeepseekV3Config", {}),  # 671B: meta, never allocated
+    "qwen2_moe.yaml": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", {}),
+    "qwen3_moe.yaml": (
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        {"num_hidden_layers": 48, "head_dim": 128, "norm_topk_prob": True},
+    ),
     "gpt_neox.yaml": (
         "GPTNeoXForCausalLM",
         "GPTNeoXConfig",
@@ -324,6 +332,49 @@ PUBLISHED = {
         },
     ),
     "t5.yaml": ("T5ForConditionalGeneration", "T5Config", {}),
+    "qwen2.yaml": (
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        {
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+        },
+    ),
+    "qwen3.yaml": (
+        "Qwen3ForCausalLM",
+        "Qwen3Config",
+        {"intermediate_size": 12288, "num_hidden_layers": 36, "num_key_value_heads": 8, "head_dim": 128},
+    ),
+    "olmo2.yaml": ("Olmo2ForCausalLM", "Olmo2Config", {"vocab_size": 100352}),
+    "phi3.yaml": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "gemma.yaml": ("GemmaForCausalLM", "GemmaConfig", {}),
+    "gemma2.yaml": (
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        {
+            "hidden_size": 3584,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 42,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+        },
+    ),
+    "gemma3_text.yaml": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {
+            "vocab_size": 262144,
+            "hidden_size": 1152,
+            "intermediate_size": 6912,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+        },
+    ),
 }
 
 
@@ -363,6 +414,31 @@ def test_fused_heads_need_the_number_of_heads():
     config = transformers.GPTNeoXConfig(vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2)
     with pytest.raises(CheckpointError, match="give `heads`"):
         convert(FAMILIES["gpt_neox"], transformers.GPTNeoXForCausalLM(config).state_dict())
+
+
+def test_fused_projections_split_into_the_specs_tensors_by_their_shapes_and_back():
+    """Phi-3's qkv_proj under grouped-query attention (16 + 8 + 8 rows) and gate_up_proj (gate first)."""
+    config = transformers.Phi3Config(
+        vocab_size=11, hidden_size=16, intermediate_size=12, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0,
+    )  # fmt: skip
+    state = transformers.Phi3ForCausalLM(config).state_dict()
+    family = FAMILIES["phi3"]
+    ours = builder.build(
+        family.spec_path, overrides={"vocab": 11, "d_model": 16, "heads": 4, "kv_heads": 2, "d_ff": 12, "layers": 1}
+    )
+    shapes = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
+    split, _ = convert(family, state, shapes=shapes)
+    fused = state["model.layers.0.self_attn.qkv_proj.weight"]
+    assert torch.equal(split["layers.0.self_attn.w_k.weight"], fused[16:24])
+    assert torch.equal(split["layers.0.mlp.w_1.weight"], state["model.layers.0.mlp.gate_up_proj.weight"][:12])
+    back = to_hf(family, split)
+    assert back.keys() == state.keys() and all(torch.equal(back[name], state[name]) for name in state)
+    with pytest.raises(CheckpointError, match="splits fused tensors: give the `shapes`"):
+        convert(family, state)
+    wrong = {**shapes, "layers.0.self_attn.w_k.weight": (4, 16)}  # 16 + 4 + 8 rows: not the fused tensor's 32
+    with pytest.raises(CheckpointError, match=r"qkv_proj\.weight \(32, 16\): not a shape the phi3 table"):
+        convert(family, state, shapes=wrong)
 
 
 def test_two_checkpoint_tensors_onto_one_of_ours_are_refused():

@@ -19,8 +19,13 @@ from blockgraph.trainer.vocab import BOS_ID, PAD_ID
 torch.set_num_threads(1)
 
 #: a decoder of each kind: attention encoder–decoders (with cross-attention, relative bias), language models
-#: (learned and rotary positions), recurrent ones with attention
-NAMES = ["transformer", "t5", "gpt2", "llama", "lstm_lm", "rnn_seq2seq_attention"]
+#: (learned and rotary positions, q/k norms per head and over all heads; a mixture of experts; latent attention;
+#: softcapped scores and logits, 1 + w norms, alternating windows, linearly scaled rotary positions), recurrent
+#: ones with attention
+NAMES = [
+    "transformer", "t5", "gpt2", "llama", "qwen3", "olmo2", "lstm_lm", "rnn_seq2seq_attention", "mixtral",
+    "deepseek_v3", "gemma2", "gemma3_text",
+]  # fmt: skip
 #: how far a step may be from the full re-run in the same precision (log-probabilities: absolute, relative):
 #: bfloat16 keeps 8 bits of mantissa (2⁻⁸ relative) and may sum in another order; int8 quantizes the new
 #: positions' activations with their own scale (a 255th of their largest), the full re-run with the sequence's

@@ -244,3 +244,26 @@ def _block_forwards(settings: dict, **options) -> int:
     finally:
         loop.initialise = original
     return len(calls)
+
+
+def test_a_mixture_of_experts_trains_on_two_sharded_processes_as_on_one(tmp_path):
+    """Mixtral's spec, small (4 experts, 2 per token): 2 FSDP processes give the one-process losses, the
+    load-balancing loss included (its counts summed over the processes: the global batch's), and hold the
+    expert weights `inspect --ranks 2 --strategy fsdp` counts."""
+    lines = [" ".join(f"w{(i * 7 + j * 3) % 13}" for j in range(2 + i % 6)) for i in range(24)]
+    (tmp_path / "lm.txt").write_text("\n".join(lines) + "\n")
+    sizes = {"d_model": 16, "heads": 2, "kv_heads": 1, "d_ff": 16, "experts": 4, "top_k": 2, "layers": 2}
+    settings = {
+        "spec": str(SPECS / "mixtral.yaml"), "overrides": {**sizes, "aux_weight": 0.5}, "task": None,
+        "data": str(tmp_path / "lm.txt"), "valid_fraction": 0.0, "batch_size": 8, "max_steps": 4, "seed": 1,
+    }  # fmt: skip
+    ranks = _spawn(tmp_path, {**settings, "strategy": "fsdp"})
+    single = train(TrainConfig(**{**SETTINGS, **settings}), tmp_path / "one", quiet=True)
+    assert single.history and all(h["train_loss_aux"] > 0.5 for h in single.history)  # about 1 per layer
+    for fsdp, one in zip(ranks[0]["history"], single.history, strict=True):
+        assert fsdp["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+        assert fsdp["train_loss_aux"] == pytest.approx(one["train_loss_aux"], abs=1e-6)
+    expected = sharding.per_rank(single.model, 2, "fsdp")
+    assert (ranks[0]["params"], ranks[0]["state"]) == (expected.parameters, expected.optimizer)
+    experts = [name for name, _ in single.model.named_parameters() if ".experts." in name]
+    assert len(experts) == 2 * 4 * 3  # layers × experts × (w_1, w_3, w_2), each sharded on its own

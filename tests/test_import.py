@@ -25,6 +25,10 @@ from blockgraph.trainer import decode, pretrained
 
 torch.set_num_threads(1)
 
+GEMMA_SIZES = {  # heads of 12, wider than hidden_size / heads
+    "vocab_size": 89, "hidden_size": 32, "intermediate_size": 44, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 12, "max_position_embeddings": 64,
+}  # fmt: skip
 
 MODELS: dict[str, tuple[Callable[..., Any], Callable[[], Any]]] = {
     "gpt2": (
@@ -69,6 +73,152 @@ MODELS: dict[str, tuple[Callable[..., Any], Callable[[], Any]]] = {
             intermediate_size=48,
             rotary_pct=0.5,
             max_position_embeddings=64,
+        ),
+    ),
+    "qwen2": (
+        transformers.Qwen2ForCausalLM,
+        lambda: transformers.Qwen2Config(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500.0,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "qwen3": (
+        transformers.Qwen3ForCausalLM,
+        lambda: transformers.Qwen3Config(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,  # not hidden_size / heads
+            rope_theta=500.0,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "olmo2": (
+        transformers.Olmo2ForCausalLM,
+        lambda: transformers.Olmo2Config(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500.0,
+            max_position_embeddings=64,
+            pad_token_id=None,
+            eos_token_id=2,
+        ),
+    ),
+    "phi3": (
+        transformers.Phi3ForCausalLM,
+        lambda: transformers.Phi3Config(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=44,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # q/k/v fused in unequal parts
+            partial_rotary_factor=0.5,
+            sliding_window=3,  # shorter than the inputs
+            max_position_embeddings=64,
+            pad_token_id=2,
+            eos_token_id=2,
+        ),
+    ),
+    "mixtral": (
+        transformers.MixtralForCausalLM,
+        lambda: transformers.MixtralConfig(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,  # more experts than each token takes: tokens route unevenly
+            num_experts_per_tok=2,
+            rope_theta=500.0,
+            max_position_embeddings=64,
+        ),
+    ),
+    "qwen2_moe": (
+        transformers.Qwen2MoeForCausalLM,
+        lambda: transformers.Qwen2MoeConfig(
+            vocab_size=89,
+            hidden_size=32,
+            moe_intermediate_size=12,
+            shared_expert_intermediate_size=20,  # a gated shared expert beside the routed ones
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=6,
+            num_experts_per_tok=2,
+            rope_theta=500.0,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "deepseek_v3": (  # a dense layer, then two of 8 experts in 4 groups (2 kept), 2 per token; YaRN
+        transformers.DeepseekV3ForCausalLM,
+        lambda: transformers.DeepseekV3Config(
+            vocab_size=89,
+            hidden_size=32,
+            intermediate_size=44,
+            moe_intermediate_size=12,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=12,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            v_head_dim=6,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            max_position_embeddings=1024,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 500.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.7,
+            },
+        ),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeForCausalLM,
+        lambda: transformers.Qwen3MoeConfig(
+            vocab_size=89,
+            hidden_size=32,
+            moe_intermediate_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,  # not hidden_size / heads
+            num_experts=5,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            rope_theta=500.0,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
     ),
     "bert": (
@@ -116,6 +266,36 @@ MODELS: dict[str, tuple[Callable[..., Any], Callable[[], Any]]] = {
             feed_forward_proj="relu",
             dropout_rate=0.0,
             decoder_start_token_id=0,
+        ),
+    ),
+    "gemma": (
+        transformers.GemmaForCausalLM,
+        lambda: transformers.GemmaConfig(**GEMMA_SIZES, num_hidden_layers=2, rope_theta=500.0),
+    ),
+    "gemma2": (  # softcaps small enough to change the logits; a window shorter than the padded inputs
+        transformers.Gemma2ForCausalLM,
+        lambda: transformers.Gemma2Config(
+            **GEMMA_SIZES,
+            num_hidden_layers=3,
+            query_pre_attn_scalar=10,
+            sliding_window=3,
+            attn_logit_softcapping=1.0,
+            final_logit_softcapping=2.0,
+            rope_theta=500.0,
+        ),
+    ),
+    "gemma3_text": (  # sliding, global, sliding; the global layer's positions linearly interpolated
+        transformers.Gemma3ForCausalLM,
+        lambda: transformers.Gemma3TextConfig(
+            **GEMMA_SIZES,
+            num_hidden_layers=3,
+            query_pre_attn_scalar=10,
+            sliding_window=3,
+            sliding_window_pattern=2,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+            },
         ),
     ),
 }
@@ -187,6 +367,8 @@ def test_the_import_computes_what_the_original_does(imported, model_type):
             got = ours(**given, segment=torch.zeros_like(given["tokens"]))["last_hidden_state"]
         else:
             got = ours(**given)
+    if isinstance(got, dict):  # the logits beside a loss term (a mixture of experts' balancing loss)
+        got = got["logits"]
     assert (got - expected).abs()[keep].max().item() <= 1e-5
 
 
@@ -210,6 +392,8 @@ def _generated(reference: torch.nn.Module, model_type: str, inputs: dict[str, to
     options: dict[str, Any] = {"max_new_tokens": new, "do_sample": False, "num_beams": 1}
     if model_type in SEQ2SEQ:  # what our decoder never generates, and no forced tokens
         options.update(suppress_tokens=[config.pad_token_id], forced_bos_token_id=None, forced_eos_token_id=None)
+    elif config.pad_token_id not in (None, config.eos_token_id):  # a language model's padding id (Gemma's 0) too
+        options.update(suppress_tokens=[config.pad_token_id])
     with torch.no_grad():
         sequences = reference.generate(**inputs, **options).tolist()
     skip = 1 if model_type in SEQ2SEQ else inputs["input_ids"].size(1)  # the decoder start, or the prompt
@@ -317,6 +501,26 @@ def test_every_option_the_spec_does_not_implement_is_reported_at_once(tmp_path):
     assert any("scale_attn_by_inverse_layer_idx is 'true'; the gpt2 spec implements false" in m for m in messages)
 
 
+def test_a_tied_or_windowed_qwen_and_a_long_context_phi3_are_refused_by_message(tmp_path):
+    """What a spec cannot follow by its variables: the tie of Qwen's small sizes, Qwen's sliding window; and the
+    rotary scaling of the 128k Phi-3 (older files name it `su`)."""
+    _saved("qwen2", tmp_path / "qwen2")
+    config_file = tmp_path / "qwen2" / "config.json"
+    tied = {**json.loads(config_file.read_text()), "tie_word_embeddings": True, "use_sliding_window": True}
+    config_file.write_text(json.dumps(tied))
+    with pytest.raises(CheckpointError) as caught:
+        pretrained.import_pretrained(tmp_path / "qwen2", tmp_path / "out")
+    messages = [p.message for p in caught.value.problems]
+    assert any("tie_word_embeddings is 'true'; the qwen2 spec implements false" in m for m in messages)
+    assert any("use_sliding_window is 'true'; the qwen2 spec implements false" in m for m in messages)
+    _saved("phi3", tmp_path / "phi3")
+    config_file = tmp_path / "phi3" / "config.json"
+    scaled = {**json.loads(config_file.read_text()), "rope_scaling": {"type": "su", "short_factor": [1.0] * 2}}
+    config_file.write_text(json.dumps(scaled))
+    with pytest.raises(CheckpointError, match="rope_type is 'su'; the phi3 spec implements default"):
+        pretrained.import_pretrained(tmp_path / "phi3", tmp_path / "out")
+
+
 def test_a_missing_or_extra_tensor_is_refused_by_name(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -393,6 +597,40 @@ def test_a_malformed_config_is_a_located_error(tmp_path, run_cli, changes, messa
     _edited_config(hf, **changes)
     result = run_cli("import", hf, "--out", tmp_path / "out")
     assert result.code == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_gemma2_held_to_its_import_softcaps_and_slides_where_it_counts(tmp_path):
+    """Each cap of MODELS' Gemma 2, and its window, changes its logits on the padded inputs: the import's 1e-5 is
+    held on a model where all three matter."""
+    reference = _saved("gemma2", tmp_path / "hf")
+    expected, keep = reference_outputs(reference, "gemma2")
+    for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None}, {"sliding_window": 64}):
+        config = transformers.Gemma2Config.from_pretrained(tmp_path / "hf", **change)
+        other = transformers.Gemma2ForCausalLM.from_pretrained(tmp_path / "hf", config=config).eval()
+        assert (reference_outputs(other, "gemma2")[0] - expected).abs()[keep].max() > 1e-2, change
+
+
+def test_gemma_layers_off_their_specs_pattern_and_other_rotary_scalings_are_refused(tmp_path):
+    """Gemma 2 slides on its even layers, Gemma 3 on all but every pattern-th (here 2nd); Gemma 3's global layers
+    take linear rotary scaling only, its sliding-window layers none."""
+    _saved("gemma2", tmp_path / "g2")
+    _edited_config(tmp_path / "g2", layer_types=["full_attention", "sliding_attention", "full_attention"])
+    with pytest.raises(CheckpointError, match=r"layer_types is .*; the gemma2 spec implements sliding, full, sliding"):
+        pretrained.import_pretrained(tmp_path / "g2", tmp_path / "out")
+    _saved("gemma3_text", tmp_path / "g3")
+    rope = json.loads((tmp_path / "g3" / "config.json").read_text())["rope_parameters"]
+    rope["full_attention"]["rope_type"] = "yarn"
+    rope["sliding_attention"].update(rope_type="linear", factor=2.0)
+    _edited_config(
+        tmp_path / "g3", layer_types=["sliding_attention", "full_attention", "full_attention"], rope_parameters=rope
+    )
+    with pytest.raises(CheckpointError) as caught:
+        pretrained.import_pretrained(tmp_path / "g3", tmp_path / "out")
+    messages = " ".join(p.message for p in caught.value.problems)
+    assert "layer_types is" in messages and "every pattern-th layer full, the others sliding" in messages
+    assert "rope_type is 'yarn'; the gemma3_text spec implements default or linear" in messages
+    assert "local_rope_type is 'linear'; the gemma3_text spec implements default" in messages
     assert not (tmp_path / "out").exists()
 
 

@@ -26,11 +26,15 @@ VOCAB = 13
 SMALL = {
     "vocab": VOCAB, "src_vocab": VOCAB, "tgt_vocab": VOCAB, "d_model": 16, "heads": 2, "kv_heads": 1, "d_ff": 32,
     "emb": 16, "hidden": 16, "layers": 2, "enc_layers": 2, "dec_layers": 2, "dropout": 0.0, "window": 3, "d_kv": 4,
+    "head_dim": 8, "experts": 4, "top_k": 2, "shared_d_ff": 24, "pattern": 2, "attn_softcap": 1.0, "final_softcap": 2.0,
+    "rope_factor": 4.0, "q_lora_rank": 8, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+    "v_head_dim": 4, "moe_d_ff": 8, "groups": 2, "groups_kept": 1, "dense_layers": 1,
 }  # fmt: skip
 DECODERS = [
     "transformer", "transformer_tied", "gpt_decoder", "lstm_lm", "rnn_seq2seq_attention", "rnn_seq2seq_local",
     "rnn_seq2seq_hard", "rnn_seq2seq_input_feeding", "gpt2", "llama", "mistral", "gpt_neox", "marian_zh_en",
-    "bart", "t5",
+    "bart", "t5", "qwen2", "qwen3", "olmo2", "phi3", "mixtral", "gemma", "gemma2", "gemma3_text",
+    "qwen2_moe", "deepseek_v3", "qwen3_moe",
 ]  # fmt: skip
 
 
@@ -518,3 +522,17 @@ def test_a_ring_attends_exactly_the_window_whatever_the_step_sizes():
         assert set(positions[valid].tolist()) >= {p for p in written if p > start - 3}  # the first new one's window
         assert cache.tensors["k"].size(1) == 3
         start += count
+
+
+def test_a_sliding_window_with_a_relative_position_bias_steps_as_its_full_run(write_spec):
+    """The bias has a column per key so far, in position order: such an attention keeps every position."""
+    spec = _language_model()
+    bias = {"type": "relative_position_bias", "params": {"heads": 2, "bidirectional": False}, "in": "emb"}
+    window = {"d_model": 8, "heads": 2, "causal": True, "window": 2}
+    attention = {"type": "multi_head_attention", "params": window, "in": {"query": "emb", "position_bias": "bias"}}
+    spec["nodes"] = {"emb": spec["nodes"]["emb"], "bias": bias, "attn": attention, "gen": {**spec["nodes"]["gen"]}}
+    spec["nodes"]["gen"]["in"] = "attn"
+    model = builder.build(write_spec(spec)).eval()
+    decoder = decode.Decoder(model, find_roles(model.typed_graph.graph))
+    assert isinstance(decoder.program, StepProgram), decoder.reason
+    _steps_equal_a_full_run(decoder)

@@ -7,7 +7,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from blockgraph.builder.families import bart, bert, gpt2, gpt_neox, llama, marian, mistral, t5
+from blockgraph.builder.families import (
+    bart,
+    bert,
+    deepseek_v3,
+    gemma,
+    gemma2,
+    gemma3_text,
+    gpt2,
+    gpt_neox,
+    llama,
+    marian,
+    mistral,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    t5,
+)
 from blockgraph.builder.hf_mappings import TOKENIZERS, Family
 from blockgraph.common.errors import PluginError, Problem
 
@@ -45,7 +65,27 @@ def loading(*, override: bool) -> Iterator[None]:
         _override = saved
 
 
-for _module in (gpt2, bert, llama, mistral, gpt_neox, marian, bart, t5):
+for _module in (
+    gpt2,
+    bert,
+    llama,
+    mistral,
+    gpt_neox,
+    marian,
+    bart,
+    t5,
+    gemma,
+    gemma2,
+    gemma3_text,
+    qwen2,
+    qwen3,
+    olmo2,
+    phi3,
+    mixtral,
+    qwen2_moe,
+    qwen3_moe,
+    deepseek_v3,
+):
     register(_module.FAMILY)
 
 
