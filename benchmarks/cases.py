@@ -46,6 +46,10 @@ class Config:
     lstm_batch: int = 32
     chain: int = 200
     chain_width: int = 16
+    moe_d_model: int = 512  # Mixtral's shape scaled down: d_ff = 3.5 · d_model, 8 experts, 2 per token
+    moe_d_ff: int = 1792
+    moe_experts: int = 8
+    moe_top_k: int = 2
 
     @property
     def warmup(self) -> int:
@@ -67,6 +71,8 @@ class Config:
             f"batch {self.batch}, seq {self.seq}, dropout 0, vocab {self.vocab} (translation)",
             "lstm": f"input {self.lstm_input}, hidden {self.lstm_hidden}, seq {self.lstm_seq}, batch {self.lstm_batch}",
             "chain": f"{self.chain} × linear {self.chain_width}→{self.chain_width}, batch 8",
+            "moe": f"d_model {self.moe_d_model}, d_ff {self.moe_d_ff}, {self.moe_experts} experts, top "
+            f"{self.moe_top_k}, batch {self.batch}, seq {self.seq}",
         }
 
 
@@ -573,6 +579,32 @@ def _chain_case(cfg: Config) -> list[Row]:
     return rows
 
 
+# --- mixture of experts -----------------------------------------------------------------------------------------
+
+
+def moe_case(cfg: Config) -> list[Row]:
+    """A Mixtral-shaped `mixture_of_experts` (each expert on the tokens routed to it) against the same routing
+    with every expert on every token, forward only, the very same modules."""
+    params = {"d_model": cfg.moe_d_model, "d_ff": cfg.moe_d_ff, "experts": cfg.moe_experts, "top_k": cfg.moe_top_k}
+    spec = {
+        "name": "bench-moe",
+        "inputs": {"x": {"shape": ["batch", "seq", cfg.moe_d_model]}},
+        "nodes": {"moe": {"type": "mixture_of_experts", "params": params, "in": "x"}},
+        "outputs": "moe.y",
+    }
+    torch.manual_seed(0)
+    ours = quiet_build(spec, dtype=cfg.dtype).eval()
+    dense = refs.DenseExperts(ours.moe).eval()
+    x = torch.randn(cfg.batch, cfg.seq, cfg.moe_d_model, dtype=cfg.dtype)
+    with torch.no_grad():
+        check_close("mixture of experts", dense(x), ours(x=x), cfg.dtype)
+    calls = {"dense loop over experts": no_grad(lambda: dense(x)), "blockgraph": no_grad(lambda: ours(x=x))}
+    times = compare(calls, warmup=cfg.warmup, repeats=cfg.repeats)
+    ideal = cfg.moe_experts / cfg.moe_top_k
+    note = f"forward; the dense loop does {ideal:g}× the expert work"
+    return [row("Mixtral-shaped MoE layer forward", "dense loop over experts", "blockgraph", times, None, note)]
+
+
 # --- torch.compile ----------------------------------------------------------------------------------------------
 
 
@@ -672,6 +704,7 @@ CASES: dict[str, Callable[[Config], list[Row]]] = {
     "lstm": lstm_case,
     "small": small_case,
     "chain": chain_case,
+    "moe": moe_case,
     "compile": compile_case,
     "build": build_case,
 }

@@ -140,3 +140,24 @@ def annotated_layer_state(ours: dict[str, torch.Tensor], prefix: str, names: dic
         for kind in ("weight", "bias"):
             state[f"norms.{i}.{kind}"] = ours[f"{prefix}.{norm}.{kind}"]
     return state
+
+
+# --- a mixture of experts computed densely: every expert on every token ---------------------------------------
+
+
+class DenseExperts(nn.Module):
+    """A `mixture_of_experts` block's routing, then each expert on every token, weighted by its routing weight
+    (zero for the experts a token is not routed to): the same function, E / top_k times the expert work."""
+
+    def __init__(self, moe: nn.Module):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))
+        weights, chosen = self.moe.route(self.moe.scores(flat))
+        gates = torch.zeros(flat.size(0), self.moe.p.experts, dtype=weights.dtype).scatter_(1, chosen, weights)
+        y = torch.zeros_like(flat)
+        for j, expert in enumerate(self.moe.experts.children()):
+            y = y + (gates[:, j : j + 1] * expert(flat)).to(flat.dtype)
+        return y.reshape(x.shape)
