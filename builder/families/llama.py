@@ -45,14 +45,25 @@ def rules() -> tuple[Rule, ...]:
     )
 
 
-def variables(d_ff: int, eps: float) -> dict[str, Value]:
+def variables(
+    *,
+    vocab: int = 32000,
+    d_model: int = 4096,
+    heads: int = 32,
+    d_ff: int = 11008,
+    layers: int = 32,
+    eps: float = 1e-6,
+) -> dict[str, Value]:
+    """The sizes a LLaMA-layout decoder reads (LLaMA, Mistral, Qwen, OLMo 2, Phi-3, Mixtral), each with
+    transformers' value for a config.json that lacks it (LlamaConfig's unless given); key/value heads default to
+    the query heads."""
     return {
-        "vocab": ("vocab_size", 32000),
-        "d_model": ("hidden_size", 4096),
-        "heads": ("num_attention_heads", 32),
-        "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 32),
+        "vocab": ("vocab_size", vocab),
+        "d_model": ("hidden_size", d_model),
+        "heads": ("num_attention_heads", heads),
+        "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", heads),
         "d_ff": ("intermediate_size", d_ff),
-        "layers": ("num_hidden_layers", 32),
+        "layers": ("num_hidden_layers", layers),
         "rope_theta": rope("rope_theta", 10000.0, "rope_theta"),
         "eps": ("rms_norm_eps", eps),
     }
@@ -85,7 +96,7 @@ FAMILY = Family(
     "llama",
     "llama.yaml",
     rules(),
-    variables={**variables(11008, 1e-6), "window": lambda c: None},
+    variables={**variables(), "window": lambda c: None},
     fixed=FIXED,
     specials={"bos": 1, "eos": 2, "pad": None},
     nested=("rope_scaling", "rope_parameters"),

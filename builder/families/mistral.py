@@ -10,7 +10,7 @@ FAMILY = dataclasses.replace(
     llama.FAMILY,
     model_type="mistral",
     spec="mistral.yaml",
-    variables={**llama.variables(14336, 1e-5), "window": ("sliding_window", 4096)},
+    variables={**llama.variables(d_ff=14336, eps=1e-5), "window": ("sliding_window", 4096)},
     architectures=("MistralForCausalLM",),
     sizes="7B (v0.1)",
 )

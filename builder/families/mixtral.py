@@ -31,7 +31,7 @@ FAMILY = Family(
     "mixtral.yaml",
     rules(),
     variables={
-        **llama.variables(14336, 1e-5),
+        **llama.variables(d_ff=14336, eps=1e-5),
         "rope_theta": llama.rope("rope_theta", 1e6, "rope_theta"),
         "experts": ("num_local_experts", 8),
         "top_k": ("num_experts_per_tok", 2),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from blockgraph.builder.families.llama import rope, rope_type, without_frequencies, written
+from blockgraph.builder.families.llama import rope_type, variables, without_frequencies, written
 from blockgraph.builder.families.qwen2 import HEAD_DIM
 from blockgraph.builder.hf_mappings import Family, table
 
@@ -24,14 +24,7 @@ FAMILY = Family(
         ("lm_head.weight", "lm_head.proj.weight"),
     ),
     variables={  # transformers' values for a config.json that lacks them (Olmo2Config's)
-        "vocab": ("vocab_size", 50304),
-        "d_model": ("hidden_size", 4096),
-        "heads": ("num_attention_heads", 32),
-        "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 32),
-        "d_ff": ("intermediate_size", 11008),
-        "layers": ("num_hidden_layers", 32),
-        "rope_theta": rope("rope_theta", 10000.0, "rope_theta"),
-        "eps": ("rms_norm_eps", 1e-5),
+        **variables(vocab=50304, eps=1e-5),
     },
     fixed={
         "hidden_act": ("silu",),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from blockgraph.builder.families.llama import rope, rope_type, without_frequencies
+from blockgraph.builder.families.llama import rope, rope_type, variables, without_frequencies
 from blockgraph.builder.families.qwen2 import HEAD_DIM
 from blockgraph.builder.hf_mappings import Family, table
 
@@ -37,15 +37,8 @@ FAMILY = Family(
         ("lm_head.weight", "lm_head.proj.weight"),
     ),
     variables={  # transformers' values for a config.json that lacks them (Phi3Config's)
-        "vocab": ("vocab_size", 32064),
-        "d_model": ("hidden_size", 3072),
-        "heads": ("num_attention_heads", 32),
-        "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 32),
-        "d_ff": ("intermediate_size", 8192),
-        "layers": ("num_hidden_layers", 32),
+        **variables(vocab=32064, d_model=3072, d_ff=8192, eps=1e-5),
         "rotary_pct": rope("partial_rotary_factor", 1.0, "partial_rotary_factor"),
-        "rope_theta": rope("rope_theta", 10000.0, "rope_theta"),
-        "eps": ("rms_norm_eps", 1e-5),
         "window": ("sliding_window", None),
     },
     # the long-context variants' rotary scaling (rope_scaling `longrope`, older `su`: Phi-3-mini-128k) is refused

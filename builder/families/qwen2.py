@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from blockgraph.builder.families import llama
 from blockgraph.builder.families.llama import FIXED as LLAMA_FIXED
-from blockgraph.builder.families.llama import rope, rope_type, rules, without_frequencies, written
+from blockgraph.builder.families.llama import rope_type, rules, without_frequencies, written
 from blockgraph.builder.hf_mappings import Config, Derived, Family, Value, table
 
 LAYER, OURS = "model.layers.{i}", "layers.{i}"
@@ -14,16 +15,7 @@ LAYER, OURS = "model.layers.{i}", "layers.{i}"
 
 def variables() -> dict[str, Value]:
     """The sizes a Qwen reads, each with transformers' value for a config.json that lacks it."""
-    return {
-        "vocab": ("vocab_size", 151936),
-        "d_model": ("hidden_size", 4096),
-        "heads": ("num_attention_heads", 32),
-        "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 32),
-        "d_ff": ("intermediate_size", 22016),
-        "layers": ("num_hidden_layers", 32),
-        "rope_theta": rope("rope_theta", 10000.0, "rope_theta"),
-        "eps": ("rms_norm_eps", 1e-6),
-    }
+    return llama.variables(vocab=151936, d_ff=22016)
 
 
 def _full_attention(config: Config) -> list[str]:

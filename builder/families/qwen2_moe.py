@@ -11,7 +11,7 @@ refuses the other patterns.
 from __future__ import annotations
 
 from blockgraph.builder.families import qwen2
-from blockgraph.builder.families.llama import rope_type, rules, without_frequencies, written
+from blockgraph.builder.families.llama import rope_type, rules, variables, without_frequencies, written
 from blockgraph.builder.hf_mappings import Family, Rule, table
 
 
@@ -34,12 +34,7 @@ def moe_rules() -> tuple[Rule, ...]:
 
 
 VARIABLES = {
-    **{name: value for name, value in qwen2.variables().items() if name != "d_ff"},
-    "vocab": ("vocab_size", 151936),
-    "d_model": ("hidden_size", 2048),
-    "heads": ("num_attention_heads", 16),
-    "kv_heads": lambda c: c.get("num_key_value_heads") or c.get("num_attention_heads", 16),
-    "layers": ("num_hidden_layers", 24),
+    **variables(vocab=151936, d_model=2048, heads=16, layers=24),
     "d_ff": ("moe_intermediate_size", 1408),
     "shared_d_ff": ("shared_expert_intermediate_size", 5632),
     "experts": ("num_experts", 60),
