@@ -463,15 +463,16 @@ class MultiHeadAttention(Block):
             # the last `window` positions only; a position bias has a column per key so far and the weights one
             # per position, so not with them
             ring = position_bias is None and not self.need_weights
+            held = None  # the keys' positions, when a ring holds them out of order
             if self.window is not None and self.window < cache.capacity and ring:
                 (k, held), (v, _) = (cache.ring(n, t, 2, self.window, start) for n, t in (("k", k), ("v", v)))
                 if key_padding_mask is not None:
                     key_padding_mask = cache.ring("pad", key_padding_mask, 1, self.window, start)[0]
-                attended = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias, start, held)
-                return self.merge(*attended)
-            k, v = cache.extend("k", k, dim=2), cache.extend("v", v, dim=2)
-            if key_padding_mask is not None:
-                key_padding_mask = cache.extend("pad", key_padding_mask, dim=1)
+            else:
+                k, v = cache.extend("k", k, dim=2), cache.extend("v", v, dim=2)
+                if key_padding_mask is not None:
+                    key_padding_mask = cache.extend("pad", key_padding_mask, dim=1)
+            return self.merge(*self.attend(q, k, v, key_padding_mask, attn_mask, position_bias, start, held))
         else:  # the memory's keys and values, one row per source, are attended by all its hypotheses at once
             memory, values = key, key if value is None else value
             q = self.heads_of(self.w_q, cache.grouped(query), self.heads, self.q_norm)
@@ -481,7 +482,6 @@ class MultiHeadAttention(Block):
             if weights is not None:  # [sources, heads, width × len, keys] → [rows, heads, len, keys]
                 weights = cache.ungrouped(weights.transpose(1, 2)).transpose(1, 2)
             return self.merge(cache.ungrouped(y.transpose(1, 2)).transpose(1, 2), weights)
-        return self.merge(*self.attend(q, k, v, key_padding_mask, attn_mask, position_bias, offset=start))
 
     @classmethod
     def shares_fixed(cls, p: Params, ports: Mapping[str, bool]) -> bool:
