@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from blockgraph.blocks.types import TensorType, as_dim, symbol
+from blockgraph.blocks.types import TensorType, as_dim, dtype_kind, symbol
 from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
 from blockgraph.builder.shapes import TypedGraph, check_bounds
 from blockgraph.builder.trial import known_dims
@@ -312,7 +312,7 @@ def analyse(
     )
     shape_of = _Concretizer(sizes) if sizes is not None else (lambda s: s)
     if sizes is not None:
-        ids = [spec for spec in graph.inputs.values() if not spec.optional and _is_int(spec.torch_dtype)]
+        ids = [spec for spec in graph.inputs.values() if not spec.optional and dtype_kind(spec.torch_dtype) == "int"]
         costs.tokens = math.prod(shape_of(tuple(as_dim(d) for d in ids[0].shape))) if ids else None
     itemsizes: dict[torch.dtype, int] = {}
 
@@ -361,10 +361,6 @@ def active_parameters(inst: NodeInstance, total: int) -> int:
         return int(inst.entry.cls.active_parameters(inst.params, total))
     except Exception:  # a plugin's rule: every parameter counted, as without one
         return total
-
-
-def _is_int(dtype: torch.dtype) -> bool:
-    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 def _known(values: Iterable[T | None]) -> list[T] | None:
