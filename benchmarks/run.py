@@ -30,12 +30,14 @@ from benchmarks.ctranslate2_case import ctranslate2_case
 from benchmarks.decoding import decoding_case
 from benchmarks.mixed_precision import mixed_precision_case
 from benchmarks.timing import use_clock
+from benchmarks.vision import vit_case
 
 CASES = {
     **cases.CASES,
     "bf16-mixed": mixed_precision_case,
     "decoding": decoding_case,
     "ctranslate2": ctranslate2_case,
+    "vit": vit_case,
 }
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SCRATCH = Path(__file__).parent / "RESULTS-quick.md"  # quick or partial runs: untracked (.gitignore)

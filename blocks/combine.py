@@ -3,6 +3,8 @@ activation (for Luong's attentional state tanh(W_c[c_t; h_t]) and similar heads)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import sympy
 import torch
 from pydantic import Field
@@ -10,7 +12,7 @@ from pydantic import Field
 from blockgraph.blocks.activations import ACTIVATIONS, ActivationName
 from blockgraph.blocks.flops import no_flops
 from blockgraph.blocks.registry import Block, BlockParams, Port, register
-from blockgraph.blocks.stepping import by_position
+from blockgraph.blocks.stepping import Stepping, by_position
 from blockgraph.blocks.types import Dim, ShapeError, TensorType, dims_equal, format_dim, format_shape
 
 
@@ -180,7 +182,7 @@ class Activation(Block):
         function: ActivationName = Field(
             "tanh",
             description="the nonlinearity: tanh, relu, gelu (exact erf form), gelu_tanh (its tanh approximation, "
-            "GPT-2's gelu_new), silu (swish) or sigmoid",
+            "GPT-2's gelu_new), quick_gelu (CLIP's x·σ(1.702x)), silu (swish) or sigmoid",
         )
 
     in_ports = (Port("x", doc="[...]"),)
@@ -207,10 +209,10 @@ class Activation(Block):
         return self.function
 
 
-def _axis(x: TensorType, dim: int) -> int:
+def _axis(x: TensorType, dim: int, param: str = "dim") -> int:
     """A (possibly negative) dimension index of x, checked against its rank."""
     if not -x.rank <= dim < x.rank:
-        raise ShapeError(f"dim {dim} does not exist in {x.described()} (rank {x.rank})", at=("params", "dim"))
+        raise ShapeError(f"{param} {dim} does not exist in {x.described()} (rank {x.rank})", at=("params", param))
     return dim % x.rank
 
 
@@ -290,3 +292,44 @@ class Slice(Block):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, {self.range.start}:{self.range.stop}:{self.range.step}"
+
+
+@register("transpose", family="combine")
+class Transpose(Block):
+    """Swap two dimensions: y = x.transpose(dim0, dim1); e.g. a convolution's [batch, channels, length] output
+    into the [batch, length, channels] sequence the attention layers read (Whisper's encoder).
+
+    Negative dims count from the last. Decoding steps it position by position when it leaves the batch and
+    position dimensions (0 and 1) where they are.
+    """
+
+    class Params(BlockParams):
+        dim0: int = Field(1, description="one dimension (negative: from the last)")
+        dim1: int = Field(2, description="the dimension to swap it with (negative: from the last)")
+
+    out_ports = (Port("y", doc="x with dimensions dim0 and dim1 swapped"),)
+    example = {"dim0": 1, "dim1": 2}
+
+    def __init__(self, p: Params):
+        super().__init__()
+        self.dim0, self.dim1 = p.dim0, p.dim1
+
+    @classmethod
+    def infer(cls, p: Params, x: TensorType) -> TensorType:
+        """[…, a, …, b, …] → […, b, …, a, …]: the sizes at dim0 and dim1 swapped."""
+        shape = list(x.shape)
+        first, second = _axis(x, p.dim0, "dim0"), _axis(x, p.dim1, "dim1")
+        shape[first], shape[second] = shape[second], shape[first]
+        return x.with_shape(*shape)
+
+    flops = no_flops
+
+    @classmethod
+    def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
+        return "positions" if min(p.dim0, p.dim1) >= 2 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(self.dim0, self.dim1)
+
+    def extra_repr(self) -> str:
+        return f"dim0={self.dim0}, dim1={self.dim1}"

@@ -22,7 +22,9 @@ class FeedForwardParams(BlockParams):
     d_ff: int = Field(gt=0, description="hidden width (2048 in the base Transformer)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout after the activation")
     activation: ActivationName = Field(
-        "relu", description="hidden activation: relu (paper), gelu (exact), gelu_tanh (GPT-2), silu, tanh or sigmoid"
+        "relu",
+        description="hidden activation: relu (paper), gelu (exact), gelu_tanh (GPT-2), quick_gelu (CLIP), silu, tanh "
+        "or sigmoid",
     )
     gated: bool = Field(False, description="GLU: act(W₁x) ⊙ W₃x (GEGLU with gelu, SwiGLU with silu)")
     bias: bool = Field(True, description="biases in W₁ (W₃) and W₂")

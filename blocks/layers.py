@@ -31,7 +31,9 @@ class LayerParams(BlockParams):
         None, ge=0.0, lt=1.0, description="on the FFN hidden units (default dropout)"
     )
     activation: ActivationName = Field(
-        "relu", description="feed-forward activation: relu, gelu, gelu_tanh, silu (Marian's swish), tanh, sigmoid"
+        "relu",
+        description="feed-forward activation: relu, gelu, gelu_tanh, quick_gelu (CLIP), silu (Marian's swish), tanh, "
+        "sigmoid",
     )
     gated: bool = Field(False, description="gated feed-forward act(W₁x) ⊙ W₃x (GEGLU, SwiGLU)")
     bias: bool = Field(True, description="biases in the attention projections and the feed-forward")

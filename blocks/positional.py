@@ -5,39 +5,54 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from blockgraph.blocks.flops import no_flops
 from blockgraph.blocks.registry import Block, BlockParams, Port, register
 from blockgraph.blocks.stepping import StepCache, Stepping
-from blockgraph.blocks.types import Limit, TensorType, expect_last
+from blockgraph.blocks.types import Limit, ShapeError, TensorType, dims_equal, expect_last, format_dim
 
 
 def sinusoid_table(max_len: int, dim: int, layout: str = "interleaved") -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)); odd `dim` keeps one more sine.
 
     `layout: halves` puts the same sines first and the cosines after them (Marian, XLM without interleaving).
-    Computed as in the Annotated Transformer (div_term = exp(2i · −ln(10000)/d)) but in float64, so the
-    float32 result is the closed form correctly rounded even at large positions.
+    `layout: whisper` is Whisper's table (`sinusoids` of transformers and of OpenAI's code): sines then cosines of
+    pos · 10000^(−i/(d/2 − 1)), i < d/2, so that the last frequency is 1/10000 (an even d ≥ 4), not `halves`'
+    10000^(−2i/d). Computed as in the Annotated Transformer (div_term = exp(2i · −ln(10000)/d)) but in
+    float64, so the float32 result is the closed form correctly rounded even at large positions.
     """
     target = torch.get_default_device()
     if target.type == "meta":  # no values to compute; the ops' meta decompositions would import torch._dynamo
         return torch.empty(max_len, dim)
     with torch.device("cpu"):  # computed where it can be (float64), then moved
         position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
-        div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * -(math.log(10000.0) / dim))
+        if layout == "whisper":
+            steps = torch.arange(dim // 2, dtype=torch.float64)
+            div_term = torch.exp(steps * -(math.log(10000.0) / (dim // 2 - 1)))
+        else:
+            div_term = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * -(math.log(10000.0) / dim))
         sines, cosines = torch.sin(position * div_term), torch.cos(position * div_term[: dim // 2])
-        if layout == "halves":
+        if layout in ("halves", "whisper"):
             pe = torch.cat((sines, cosines), dim=1)
         else:
             pe = torch.zeros(max_len, dim, dtype=torch.float64)
             pe[:, 0::2] = sines
             pe[:, 1::2] = cosines
     return pe.float().to(target)
+
+
+TableLayout = Literal["interleaved", "halves", "whisper"]
+
+
+def check_layout(layout: str, dim: int) -> None:
+    """Whisper's table spaces its frequencies over dim/2 − 1 steps: it needs an even dim of 4 or more."""
+    if layout == "whisper" and (dim % 2 or dim < 4):
+        raise ValueError(f"Whisper's sinusoid table needs an even dim of at least 4, not {dim}")
 
 
 class TableParams(Protocol):
@@ -54,7 +69,7 @@ class PositionTable(Block):
     a decoding step where the last one stopped.
     """
 
-    in_ports = (Port("x", rank=3, doc="embeddings [batch, seq, dim], seq ≤ max_len"),)
+    in_ports: ClassVar[tuple[Port, ...]] = (Port("x", rank=3, doc="embeddings [batch, seq, dim], seq ≤ max_len"),)
     dropout: nn.Dropout
 
     @classmethod
@@ -94,18 +109,26 @@ class SinusoidalPosition(PositionTable):
 
     PE(pos, 2i) = sin(pos / 10000^(2i/dim)) and PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)) (Vaswani et al.,
     section 3.5). For an odd dim the last column is a sine. `layout: halves` keeps the same values with all
-    sines first (Marian). The table is a non-persistent buffer: it is not in the state_dict and is recomputed
-    when the block is built.
+    sines first (Marian); `layout: whisper` is Whisper's table (see `sinusoid_table`). The table is a
+    non-persistent buffer: it is not in the state_dict and is recomputed when the block is built (a learned_position
+    with `init: whisper` and `freeze: true` is the same table stored with the weights, as Whisper's checkpoints
+    hold it).
     """
 
     class Params(BlockParams):
         dim: int = Field(gt=0, description="model width; odd widths get one more sine than cosine column")
         max_len: int = Field(5000, gt=0, description="longest sequence the table covers")
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the sum")
-        layout: Literal["interleaved", "halves"] = Field(
+        layout: TableLayout = Field(
             "interleaved",
-            description="interleaved: sin, cos, sin, … (the paper); halves: all sines, then cosines (Marian)",
+            description="interleaved: sin, cos, sin, … (the paper); halves: all sines, then cosines (Marian); "
+            "whisper: Whisper's sines, then cosines (an even dim ≥ 4)",
         )
+
+        @model_validator(mode="after")
+        def _layout_fits(self) -> SinusoidalPosition.Params:
+            check_layout(self.layout, self.dim)
+            return self
 
     out_ports = (Port("y", doc="x + PE[:seq], [batch, seq, dim]"),)
     example = {"dim": 512, "dropout": 0.1}
@@ -122,10 +145,15 @@ class SinusoidalPosition(PositionTable):
 
 @register("learned_position", family="positional")
 class LearnedPosition(PositionTable):
-    """Add a learned vector per position (an nn.Embedding of max_len rows) to x (batch, seq, dim), then dropout.
+    """Add a learned vector per position (a row of an nn.Embedding) to x (batch, seq, dim), then dropout.
 
-    y = dropout(x + P[offset : offset + seq]) with P[offset + pos] the learned row of position pos (as in BERT and
-    GPT-2, offset 0; BART keeps 2 unused rows first, offset 2), initialised N(0, init_std²).
+    y = dropout(x + P[offset + pos]) with P[offset + pos] the learned row of position pos (as in BERT and GPT-2,
+    offset 0; BART keeps 2 unused rows first, offset 2), initialised N(0, init_std²). Given `pad`, pos counts the
+    real tokens only (a row's k-th real token is at pos k − 1, whatever padding comes before it) and padded
+    positions read row `pad_row`, as fairseq numbers positions: RoBERTa, XLM-R and CamemBERT (offset 2, pad_row 1,
+    their padding_idx), whose outputs left padding then leaves unchanged. A decoding step goes on from the real
+    tokens so far. `init` may start the table as a sinusoid table instead, and `freeze` keep it fixed: Whisper's
+    encoder positions (init whisper, freeze), which its checkpoints store with the weights.
     """
 
     class Params(BlockParams):
@@ -136,16 +164,90 @@ class LearnedPosition(PositionTable):
         )
         dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the sum")
         init_std: float = Field(0.02, gt=0, description="standard deviation of the initial position vectors")
+        pad_row: int = Field(
+            0, ge=0, description="the row padded positions read when `pad` is given (RoBERTa: 1, its padding_idx)"
+        )
+        init: Literal["normal", "interleaved", "halves", "whisper"] = Field(
+            "normal",
+            description="the initial table: normal, N(0, init_std²); or that layout of sinusoidal_position's table "
+            "(whisper: Whisper's encoder, which keeps it with freeze)",
+        )
+        freeze: bool = Field(False, description="keep the table fixed (requires_grad False), as Whisper's encoder")
 
-    out_ports = (Port("y", doc="x + P[:seq], [batch, seq, dim]"),)
+        @model_validator(mode="after")
+        def _row_in_table(self) -> LearnedPosition.Params:
+            if self.init != "normal":
+                check_layout(self.init, self.dim)
+            if self.pad_row >= self.max_len + self.offset:
+                raise ValueError(
+                    f"pad_row ({self.pad_row}) must be a row of the table, below max_len + offset "
+                    f"({self.max_len + self.offset})"
+                )
+            return self
+
+    in_ports = (
+        *PositionTable.in_ports,
+        Port("pad", rank=2, dtype="bool", optional=True, doc="[batch, seq], True = padding: not counted as a position"),
+    )
+    out_ports = (Port("y", doc="x + P[offset + pos], [batch, seq, dim]"),)
     example = {"dim": 768, "max_len": 512, "dropout": 0.1}
 
     def __init__(self, p: Params):
         super().__init__()
         self.pe = nn.Embedding(p.max_len + p.offset, p.dim)
-        nn.init.normal_(self.pe.weight, std=p.init_std)
+        with torch.no_grad():
+            if p.init == "normal":
+                nn.init.normal_(self.pe.weight, std=p.init_std)
+            else:
+                self.pe.weight.copy_(sinusoid_table(p.max_len + p.offset, p.dim, p.init))
+        self.pe.weight.requires_grad_(not p.freeze)
         self.dropout = nn.Dropout(p.dropout)
-        self.offset = p.offset
+        self.offset, self.pad_row = p.offset, p.pad_row
+
+    @classmethod
+    def infer(cls, p: TableParams, x: TensorType, pad: TensorType | None = None) -> TensorType:
+        """[batch, seq, dim] (pad [batch, seq]) → [batch, seq, dim], with seq ≤ max_len."""
+        if pad is not None and not (dims_equal(pad.shape[0], x.shape[0]) and dims_equal(pad.shape[1], x.shape[1])):
+            raise ShapeError(
+                f"pad {pad.described()} must be [batch, seq] = [{format_dim(x.shape[0])}, {format_dim(x.shape[1])}] "
+                f"of x {x.described()}",
+                hint="feed the padding mask of the tokens x was embedded from",
+                at=("in", "pad"),
+            )
+        return super().infer(p, x)
+
+    @classmethod
+    def limits(cls, p: TableParams, x: TensorType, pad: TensorType | None = None) -> tuple[Limit, ...]:
+        return (Limit(x.shape[1], p.max_len, "the sequence length", "max_len"),)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        return self.counted(0, x, pad, None)[0]
+
+    def step(self, cache: StepCache, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """The new positions go on where the last step stopped: from the real tokens so far, once `pad` is given
+        (their count per row is kept, batch first)."""
+        start = cache.advance(x.size(1))
+        before = cache.tensors.get("real")
+        if pad is not None and before is None:  # every earlier position was real
+            before = torch.full((x.size(0),), start, dtype=torch.long, device=x.device)
+        y, real = self.counted(start, x, pad, before)
+        if real is not None:
+            cache.tensors["real"] = real
+        return y
+
+    def counted(
+        self, start: int, x: torch.Tensor, pad: torch.Tensor | None, before: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What forward and step compute: x plus the rows of its positions, then dropout, and each row's count of
+        real tokens up to its last position (None while nothing was padded). Without padding so far the positions
+        are start, start + 1, …; otherwise each real token's is the count of real tokens before it (`before`
+        per row counted earlier), and padded positions read row pad_row."""
+        if pad is None and before is None:
+            return self.added(start, x), None
+        real = ~pad if pad is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        count = real.cumsum(1) if before is None else before[:, None] + real.cumsum(1)
+        index = torch.where(real, count - 1 + self.offset, self.pad_row)
+        return self.dropout(x + self.pe(index)), count[:, -1]
 
     def rows(self, start: int, count: int) -> torch.Tensor:
         return self.pe.weight[self.offset + start : self.offset + start + count]

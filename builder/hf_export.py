@@ -190,7 +190,7 @@ def export_hf(
     }
     shards = _shards(tensors, max_shard_size)
     files = {"config.json": _json(config), **dict(tokenizer or {})}
-    if family.task != "encoder":
+    if family.generates:
         generation = {SPECIAL_KEYS[name]: i for name, i in ids.items() if i is not None}
         files["generation_config.json"] = _json(generation)
 

@@ -96,6 +96,7 @@ YARN = {"yarn_factor", "yarn_mscale", "yarn_mscale_all_dim"}  # DeepSeek-V3's Ya
 # the variables that are numbers (aux_weight: the weight of a router's balancing loss); the others are sizes
 FLOAT_VARIABLES = {
     "eps",
+    "vision_eps",
     "rope_theta",
     "rotary_pct",
     "dropout",
@@ -108,7 +109,8 @@ FLOAT_VARIABLES = {
     "yarn_beta_slow",
     "routed_scaling",
 }
-OPTIONAL_VARIABLES = {"window", *SOFTCAPS, *YARN, "yarn_original", "q_lora_rank"}  # may be null
+# may be null (eos_token: CLIP's text pooler then reads each text's largest id)
+OPTIONAL_VARIABLES = {"window", *SOFTCAPS, *YARN, "yarn_original", "q_lora_rank", "eos_token"}
 
 
 def spec_variables(family: Family, config: Config, where: Location) -> dict[str, Any]:
@@ -182,9 +184,10 @@ def _shown(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def specials(family: Family, config: Config, vocab: int, where: Location) -> dict[str, int | None]:
+def specials(family: Family, config: Config, vocab: int | None, where: Location) -> dict[str, int | None]:
     """The pad, bos, eos and decoder-start ids of the config (the family's defaults where it says nothing); a
-    negative id means none (as some conversions write it), one past the vocabulary is an error."""
+    negative id means none (as some conversions write it), one past the vocabulary (`vocab`, None for a model
+    that reads no tokens) is an error."""
     found: dict[str, int | None] = {}
     problems = []
     for name, default in family.specials.items():
@@ -194,7 +197,7 @@ def specials(family: Family, config: Config, vocab: int, where: Location) -> dic
             value = value[0] if value else None
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             value = None
-        elif value >= vocab:
+        elif vocab is not None and value >= vocab:
             problems.append(Problem(f"{key} is {value}, beyond the vocabulary of {vocab}", where))
         found[name] = value
     if problems:
@@ -369,7 +372,7 @@ def import_directory(directory: str | Path) -> Imported:
     with torch.no_grad():
         for name, value in state.items():
             targets[name].copy_(value)
-    vocab = int(variables["vocab"])
+    vocab = int(variables["vocab"]) if "vocab" in variables else None  # an image model reads no tokens
     text = spec_text(family, variables, excerpt(directory.resolve().name, 60))
     found_specials = specials(family, config, vocab, where)
     return Imported(family.model_type, variables, found_specials, text, model, len(found))

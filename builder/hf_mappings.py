@@ -10,7 +10,9 @@ experts'), onto one or more tensors of the family's spec, through a transform (e
 
 - `copy`: the same tensor;
 - `transpose`: GPT-2's Conv1D keeps a Linear weight as [in, out];
-- `row`: a [1, n] row kept as [n] (Marian's and BART's final_logits_bias);
+- `row`: a tensor of a leading 1 kept without it: [1, n] as [n] (Marian's and BART's final_logits_bias), [1, n, d]
+  as [n, d] (ViT's cls_token and position_embeddings);
+- `unsqueeze`: a [n, …] tensor kept as [1, n, …] (CLIP's class_embedding [dim], one token of [count, dim]);
 - `qkv`: GPT-2's fused `c_attn`, [d, 3d] (transposed), or its bias [3d]: W_Q, W_K, W_V one after the other;
 - `qkv_heads`: GPT-NeoX's fused `query_key_value` [heads·3·head_dim, d] (or its bias): q, k, v interleaved per head;
 - `split`: Phi-3's fused `qkv_proj` [(heads + 2·kv_heads)·head_dim, d] (unequal parts under grouped-query
@@ -37,14 +39,16 @@ import torch
 
 from blockgraph.common.errors import CheckpointError, Problem
 
-Transform = Literal["copy", "transpose", "row", "qkv", "qkv_heads", "split", "computed", "tied"]
+Transform = Literal["copy", "transpose", "row", "unsqueeze", "qkv", "qkv_heads", "split", "computed", "tied"]
 Config = Mapping[str, Any]
 Value = str | tuple[str, Any] | Callable[[Config], Any]  # a config key, a key with its default, or a rule
-Task = Literal["causal-lm", "seq2seq-lm", "encoder"]
+Task = Literal["causal-lm", "seq2seq-lm", "speech-seq2seq", "encoder", "image-classification"]
 AUTO_CLASSES: dict[Task, str] = {
     "causal-lm": "AutoModelForCausalLM",
     "seq2seq-lm": "AutoModelForSeq2SeqLM",
+    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",  # audio features in, text out (Whisper)
     "encoder": "AutoModel",
+    "image-classification": "AutoModelForImageClassification",
 }
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 TokenizerKind = Literal["tokenizer.json", "marian"]
@@ -111,7 +115,7 @@ class Family:
     legacy: Callable[[str], str | None] = _same_name  # an older checkpoint's name as today's (None: dropped)
     architectures: tuple[str, ...] = ()  # config.json's `architectures`: the class that loads it
     task: Task = "causal-lm"
-    tokenizer: TokenizerKind = "tokenizer.json"  # the files import carries and export writes (TOKENIZERS)
+    tokenizer: TokenizerKind | None = "tokenizer.json"  # the files import carries and export writes; None: no text
     sizes: str = ""  # the published sizes, for docs/models.md
 
     @property
@@ -122,6 +126,12 @@ class Family:
     def auto_class(self) -> str:
         """The transformers Auto class that loads an exported directory (no remote code)."""
         return AUTO_CLASSES[self.task]
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model writes text (a generation_config.json, `translate` / `generate`): not an encoder of
+        text alone, nor an image classifier."""
+        return self.task not in ("encoder", "image-classification")
 
 
 Row = tuple[str, str | tuple[str, ...]] | tuple[str, str | tuple[str, ...], str]  # (hf, ours[, transform])
@@ -245,8 +255,10 @@ def _transform(
         if tensor.dim() != 2:
             raise ValueError("not a matrix")
         return (tensor.t().contiguous(),)
-    if kind == "row":
-        return (tensor.reshape(-1),)
+    if kind == "row":  # [1, …] → […]; another leading size fails to reshape
+        return (tensor.reshape(tensor.shape[1:]),)
+    if kind == "unsqueeze":
+        return (tensor.unsqueeze(0),)
     if kind == "qkv":  # [d, 3d] (Conv1D) → three [d, d]; a bias [3d] → three [d]
         if tensor.dim() not in (1, 2) or tensor.shape[-1] % 3:
             raise ValueError("not three equal parts")
@@ -292,7 +304,9 @@ def _untransform(kind: Transform, tensors: list[torch.Tensor], heads: int) -> to
     if kind == "transpose":
         return tensors[0].t().contiguous()
     if kind == "row":
-        return tensors[0].reshape(1, -1)
+        return tensors[0].unsqueeze(0)
+    if kind == "unsqueeze":
+        return tensors[0].squeeze(0)
     if kind == "qkv":
         return torch.cat(tensors).t().contiguous() if tensors[0].dim() == 2 else torch.cat(tensors)
     if kind == "split":

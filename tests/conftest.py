@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import signal
 import sys
@@ -93,6 +94,19 @@ def pytest_terminal_summary(terminalreporter) -> None:
     terminalreporter.write_line(line)
     for note in harness.NOTES:
         terminalreporter.write_line(f"hostile corpus: {note}")
+
+
+@functools.cache
+def _meta_model(path: Path) -> torch.nn.Module:
+    from blockgraph import builder
+
+    return builder.build(path, device="meta")
+
+
+def meta_model(path: Path) -> torch.nn.Module:
+    """A shipped spec at its defaults built on meta, once per test session (DeepSeek-V3's 15,000 experts take
+    seconds to lay out): read it, never change it."""
+    return _meta_model(Path(path).resolve())
 
 
 def redraw(model: torch.nn.Module, seed: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import ROOT, SPECS, redraw
+from conftest import ROOT, SPECS, meta_model, redraw
 
 from blockgraph import builder
 from blockgraph.builder.families import FAMILIES
@@ -279,6 +279,7 @@ def test_input_feeding_decoder_follows_the_equations():
 PUBLISHED = {
     "gpt2.yaml": ("GPT2LMHeadModel", "GPT2Config", {}),
     "bert.yaml": ("BertModel", "BertConfig", {}),
+    "roberta.yaml": ("RobertaModel", "RobertaConfig", {"max_position_embeddings": 514, "type_vocab_size": 1}),
     "llama.yaml": ("LlamaForCausalLM", "LlamaConfig", {"intermediate_size": 11008, "rms_norm_eps": 1e-6}),
     "mistral.yaml": ("MistralForCausalLM", "MistralConfig", {}),
     "mixtral.yaml": ("MixtralForCausalLM", "MixtralConfig", {}),
@@ -332,6 +333,19 @@ PUBLISHED = {
         },
     ),
     "t5.yaml": ("T5ForConditionalGeneration", "T5Config", {}),
+    "whisper.yaml": (
+        "WhisperForConditionalGeneration",
+        "WhisperConfig",
+        {
+            "d_model": 512,
+            "encoder_layers": 6,
+            "decoder_layers": 6,
+            "encoder_attention_heads": 8,
+            "decoder_attention_heads": 8,
+            "encoder_ffn_dim": 2048,
+            "decoder_ffn_dim": 2048,
+        },
+    ),
     "qwen2.yaml": (
         "Qwen2ForCausalLM",
         "Qwen2Config",
@@ -375,6 +389,9 @@ PUBLISHED = {
             "num_key_value_heads": 1,
         },
     ),
+    "vit.yaml": ("ViTForImageClassification", "ViTConfig", {"num_labels": 1000}),  # google/vit-base-patch16-224
+    "clip.yaml": ("CLIPModel", "CLIPConfig", {}),  # openai/clip-vit-base-patch32
+    "mamba.yaml": ("MambaForCausalLM", "MambaConfig", {"num_hidden_layers": 24}),  # state-spaces/mamba-130m-hf
 }
 
 
@@ -384,8 +401,7 @@ def test_default_sizes_have_the_published_parameter_count(spec):
     model_class, config_class, settings = PUBLISHED[spec]
     with torch.device("meta"):
         reference = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings))
-    ours = builder.build(SPECS / spec, device="meta")
-    assert _learned(ours) == _learned(reference)
+    assert _learned(meta_model(SPECS / spec)) == _learned(reference)
 
 
 # --- the tables refuse what they cannot place ------------------------------------------------------------------
@@ -452,4 +468,4 @@ def test_the_models_page_states_the_parameter_counts_the_specs_have():
     rows = re.findall(r"^\| `specs/(\w+\.yaml)` \|[^|]*\| ([\d,]+)", (ROOT / "docs" / "models.md").read_text(), re.M)
     assert {spec for spec, _ in rows} >= set(PUBLISHED)
     for spec, stated in rows:
-        assert _learned(builder.build(SPECS / spec, device="meta")) == int(stated.replace(",", "")), spec
+        assert _learned(meta_model(SPECS / spec)) == int(stated.replace(",", "")), spec

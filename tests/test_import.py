@@ -232,6 +232,19 @@ MODELS: dict[str, tuple[Callable[..., Any], Callable[[], Any]]] = {
             max_position_embeddings=32,
         ),
     ),
+    "roberta": (  # right-padded here; left padding, with the pad id where padded: tests/test_roberta.py
+        transformers.RobertaModel,
+        lambda: transformers.RobertaConfig(
+            vocab_size=91,
+            hidden_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=40,
+            max_position_embeddings=34,
+            type_vocab_size=1,
+            layer_norm_eps=1e-5,
+        ),
+    ),
     "marian": (
         transformers.MarianMTModel,
         lambda: transformers.MarianConfig(
@@ -298,8 +311,13 @@ MODELS: dict[str, tuple[Callable[..., Any], Callable[[], Any]]] = {
             },
         ),
     ),
+    "mamba": (  # time_step_rank "auto": 2
+        transformers.MambaForCausalLM,
+        lambda: transformers.MambaConfig(vocab_size=89, hidden_size=32, state_size=8, num_hidden_layers=2),
+    ),
 }
 SEQ2SEQ = ("marian", "bart", "t5")
+ENCODERS = ("bert", "roberta")  # last_hidden_state, and a segment input
 
 
 def _saved(model_type: str, where: Path) -> torch.nn.Module:
@@ -343,7 +361,7 @@ def padded_inputs(model_type: str, vocab: int) -> dict[str, torch.Tensor]:
 
 
 def reference_outputs(model: torch.nn.Module, model_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A transformers model's logits (BERT: last hidden state) on `padded_inputs`, and where they are real."""
+    """A transformers model's logits (an encoder's last hidden state) on `padded_inputs`, and where they are real."""
     given = padded_inputs(model_type, model.config.vocab_size)
     with torch.no_grad():
         if model_type in SEQ2SEQ:
@@ -353,7 +371,7 @@ def reference_outputs(model: torch.nn.Module, model_type: str) -> tuple[torch.Te
             )  # fmt: skip
             return output.logits, ~given["tgt_pad"]
         output = model(input_ids=given["tokens"], attention_mask=(~given["pad"]).long())
-    return (output.last_hidden_state if model_type == "bert" else output.logits), ~given["pad"]
+    return (output.last_hidden_state if model_type in ENCODERS else output.logits), ~given["pad"]
 
 
 @pytest.mark.parametrize("model_type", list(MODELS))
@@ -363,7 +381,7 @@ def test_the_import_computes_what_the_original_does(imported, model_type):
     expected, keep = reference_outputs(reference, model_type)
     given = padded_inputs(model_type, reference.config.vocab_size)
     with torch.no_grad():
-        if model_type == "bert":
+        if model_type in ENCODERS:
             got = ours(**given, segment=torch.zeros_like(given["tokens"]))["last_hidden_state"]
         else:
             got = ours(**given)
@@ -405,7 +423,7 @@ def _generated(reference: torch.nn.Module, model_type: str, inputs: dict[str, to
     return rows
 
 
-@pytest.mark.parametrize("model_type", [t for t in MODELS if t != "bert"])
+@pytest.mark.parametrize("model_type", [t for t in MODELS if t not in ENCODERS])
 def test_greedy_decoding_equals_generate(imported, model_type):
     reference, out = imported[model_type]
     loaded = pretrained.load_model(out)
@@ -486,9 +504,9 @@ def _gpt2_dir(tmp_path: Path, **settings: Any) -> Path:
 def test_an_unknown_model_type_is_refused(tmp_path, run_cli):
     hf = _gpt2_dir(tmp_path)
     config = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "xlnet"}))
     result = run_cli("import", hf, "--out", tmp_path / "out")
-    assert result.code == 1 and "model_type 'roberta' cannot be imported" in result.stderr
+    assert result.code == 1 and "model_type 'xlnet' cannot be imported" in result.stderr
     assert "supported: gpt2, bert, llama" in result.stderr and not (tmp_path / "out").exists()
 
 

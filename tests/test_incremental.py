@@ -34,7 +34,7 @@ DECODERS = [
     "transformer", "transformer_tied", "gpt_decoder", "lstm_lm", "rnn_seq2seq_attention", "rnn_seq2seq_local",
     "rnn_seq2seq_hard", "rnn_seq2seq_input_feeding", "gpt2", "llama", "mistral", "gpt_neox", "marian_zh_en",
     "bart", "t5", "qwen2", "qwen3", "olmo2", "phi3", "mixtral", "gemma", "gemma2", "gemma3_text",
-    "qwen2_moe", "deepseek_v3", "qwen3_moe",
+    "qwen2_moe", "deepseek_v3", "qwen3_moe", "mamba",
 ]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import torch
 import yaml
-from conftest import SPECS
+from conftest import SPECS, meta_model
 from pydantic import TypeAdapter, ValidationError
 
 from blockgraph import builder
@@ -190,7 +190,8 @@ def _reads_only_copy(text: str) -> bool:
 
 
 def _assert_same_model(original: Path | dict, resolved: Path | dict, overrides: dict | None = None) -> None:
-    first = builder.build(original, device="meta", overrides=overrides)
+    plain = isinstance(original, Path) and not overrides
+    first = meta_model(original) if plain else builder.build(original, device="meta", overrides=overrides)
     second = builder.build(resolved, device="meta")
     shapes = {name: tuple(t.shape) for name, t in first.state_dict().items()}
     assert {name: tuple(t.shape) for name, t in second.state_dict().items()} == shapes

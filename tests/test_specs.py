@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SPECS
+from conftest import SPECS, meta_model
 from torch import nn
 
 from blockgraph import builder
@@ -38,6 +38,12 @@ SMALL_VARS = {
     "layers": 1,
     "enc_layers": 1,
     "dec_layers": 1,
+    "vision_d_model": 16,  # CLIP's vision tower
+    "vision_heads": 2,
+    "vision_d_ff": 32,
+    "vision_layers": 1,
+    "patch": 4,  # images of 12 × 12 pixels (the trial's --dim cap): a 3 × 3 grid
+    "image_size": 12,
 }
 SMALL_TRANSFORMER = {"src_vocab": 50, "tgt_vocab": 50, "d_model": 32, "heads": 4, "enc_layers": 2, "dec_layers": 2}
 SMALL_RNN = {"src_vocab": 50, "tgt_vocab": 50, "emb": 16, "hidden": 24, "layers": 2}
@@ -67,21 +73,21 @@ def test_spec_validates_strictly_and_inspects(run_cli, path):
     assert "warning" not in result.stderr
     inspected = run_cli("inspect", path)
     assert inspected.code == 0, inspected.stdout + inspected.stderr
-    total = n_params(builder.build(path, device="meta"))
+    total = n_params(meta_model(path))
     assert re.search(rf"total\s+{total:,} parameters", inspected.stdout), inspected.stdout
 
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=lambda p: p.name)
 def test_spec_builds_through_the_cli(run_cli, path):
     overrides: dict = {}
-    if n_params(builder.build(path, device="meta")) > FULL_BUILD_LIMIT:
+    if n_params(meta_model(path)) > FULL_BUILD_LIMIT:
         overrides = {k: v for k, v in SMALL_VARS.items() if k in spec_vars(path)}
         assert overrides, f"{path.name} is too large to build in a test and declares none of {sorted(SMALL_VARS)}"
     dims = builder.load_spec(path).spec.dims
     args = [f"--set={k}={v}" for k, v in overrides.items()] + [f"--dim={k}={min(v, 12)}" for k, v in dims.items()]
     result = run_cli("build", path, *args)
     assert result.code == 0, result.stdout + result.stderr
-    expected = n_params(builder.build(path, device="meta", overrides=overrides))
+    expected = n_params(builder.build(path, device="meta", overrides=overrides) if overrides else meta_model(path))
     assert f"parameters  {expected:,}" in result.stdout
 
 

@@ -213,7 +213,12 @@ def translate(
     beam: BeamOpt = 1,
     max_len: Annotated[
         int | None,
-        typer.Option(min=1, max=MOST_TOKENS, metavar="N", help="Longest output in tokens (default: 2 × source + 10)."),
+        typer.Option(
+            min=1,
+            max=MOST_TOKENS,
+            metavar="N",
+            help="Longest output in tokens (default: 2 × source + 10; of --features, the model's positions).",
+        ),
     ] = None,
     alpha: AlphaOpt = 0.0,
     n_best: NBestOpt = 1,
@@ -223,17 +228,46 @@ def translate(
     tokenizer: TokenizerOpt = None,
     src_tokenizer: SrcTokenizerOpt = None,
     tgt_tokenizer: TgtTokenizerOpt = None,
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Decode the float features of a .npy or .safetensors file into text instead of sentences, one line "
+            "per utterance: an imported Whisper's log-mel spectrogram, mel × frames (or utterances × mel × frames).",
+        ),
+    ] = None,
 ) -> None:
     """Translate sentences with a trained checkpoint (greedy or beam search); a language model continues them.
 
     One line out per line in, in order, decoded `--batch-size` at a time. A classifier's checkpoint prints
-    each text's most likely label and its probability.
+    each text's most likely label and its probability. An imported speech model (Whisper) writes out the text
+    of audio features given with --features.
     """
     from blockgraph.trainer import checkpoint, model_path, pretrained
+    from blockgraph.trainer.features import read_features
     from blockgraph.trainer.generation import Translator
     from blockgraph.trainer.roles import ModelIO, Roles
 
     given = model_path.resolve(checkpoint_dir).trained("translate")
+    if features is not None:
+        if text or file is not None:
+            raise UsageError(Problem("--features decodes a file of features: give no sentences beside it"))
+        if given.imported is None:
+            raise UsageError(
+                Problem("only an imported model reads float features", hint="import a Whisper directory first")
+            )
+        _own_tokenizer(tokenizer or src_tokenizer or tgt_tokenizer)
+        translator = pretrained.load(
+            given.imported, device=device, compiled=compile_step, precision=precision, note=_note
+        )
+        if not translator.features:
+            raise UsageError(Problem("this model reads text, not float features", hint="give it sentences"))
+        values = read_features(features, translator.model.typed_graph, translator.roles.src or "")
+        decoded = translator.decode_features(
+            values, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size
+        )
+        _print(decoded, n_best, streamed=False)
+        return
     sentences = _sentences(text, file)
     if given.imported is not None:
         _own_tokenizer(tokenizer or src_tokenizer or tgt_tokenizer)
@@ -340,13 +374,16 @@ def import_(
     refused with the list). Anything that cannot be reproduced exactly (an option the spec does not implement,
     a tensor left over or missing) is refused; pickle files (pytorch_model.bin) are never opened.
     """
+    from blockgraph.builder.families import FAMILIES
     from blockgraph.trainer import pretrained
 
     with err.status("importing …"):
         report = pretrained.import_pretrained(directory, out)
+    reads_text = FAMILIES[report.model_type].tokenizer is not None
+    missing = "none (translate and generate need one)" if reads_text else "none (the model reads no text)"
     err.print(
         f"imported {report.model_type}: {report.tensors} tensors, {report.parameters:,} parameters, "
-        f"tokenizer: {report.tokenizer or 'none (translate and generate need one)'}"
+        f"tokenizer: {report.tokenizer or missing}"
     )
     tokenizer = ", tokenizer/" if report.tokenizer else ""
     err.print(f"wrote {escape(str(out))}: spec.yaml (edit, inspect, build it), model/{tokenizer}, pretrained.json")

@@ -7,6 +7,7 @@ a meta copy of the model.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -69,11 +70,14 @@ class DecodingGuard:
         self._meta: decode.Decoder | None = None
         self._fitted: list[tuple[int, int, int, int]] = []  # sizes that fitted: a batch no larger needs no new run
 
-    def check(self, *, sentences: int, rows: int, src_len: int | None, prompt: int, most: int) -> None:
-        """`rows` decode together (the sentences times the beam), sources of `src_len` tokens (padded) or
-        prompts of `prompt`, `most` new tokens at most."""
+    def check(
+        self, *, sentences: int, rows: int, src_len: int | None, prompt: int, most: int, features: tuple[int, ...] = ()
+    ) -> None:
+        """`rows` decode together (the sentences times the beam), sources of `src_len` tokens (padded), or of
+        float `features` of this shape each (an utterance's mel × frames), or prompts of `prompt`, `most` new tokens
+        at most."""
         device = self.decoder.device
-        size = (rows, src_len or 0, prompt, most)
+        size = (rows, src_len or (math.prod(features) if features else 0), prompt, most)
         if any(all(a <= b for a, b in zip(size, fitted, strict=True)) for fitted in self._fitted):
             return  # the peak only grows with each of these
         if memory.skip_requested() or memory.available(device) is None:
@@ -83,6 +87,9 @@ class DecodingGuard:
             budget = 2 * footprint.op_budget(meta.model.typed_graph)
             with torch.no_grad(), footprint.MetaPeak(meta.model, budget=budget) as peak:
                 sources = _ids(rows, src_len) if src_len is not None else None
+                if features:
+                    dtype = next(p.dtype for p in meta.model.parameters() if p.is_floating_point())
+                    sources = torch.zeros(rows, *features, dtype=dtype, device="meta")
                 masks = torch.zeros(rows, src_len, dtype=torch.bool, device="meta") if src_len is not None else None
                 begin = _ids(rows, len(meta.specials.start) + prompt)  # the start tokens, then the prompt
                 state = meta.start(sources, masks if meta.roles.src_pad is not None else None, begin.size(1) + most)

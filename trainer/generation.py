@@ -5,7 +5,8 @@ the model's text sides (a checkpoint's vocabularies, a pretrained model's tokeni
 batches (trainer.decode) and yields each sentence's hypotheses as text, in the order of the input, as each
 batch is done. Sources of different lengths share a batch when the model takes a source padding mask;
 otherwise, and for prompts (the target side has no padding while decoding), a batch decodes the sentences of
-each length together, so that every result is the one the sentence gets alone.
+each length together, so that every result is the one the sentence gets alone. A model whose source is float
+features (Whisper's log-mel spectrograms) decodes them into text instead (`decode_features`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class Translator:
             self.note(f"decoding re-runs the whole model at every step: {self.decoder.reason}")
         self._capped = False
         self.guard = fits.DecodingGuard(self.decoder)
+        fed = model.typed_graph.graph.inputs.get(roles.src or "")
+        self.features = fed is not None and fed.torch_dtype.is_floating_point  # audio in, not text
 
     @classmethod
     def of_checkpoint(
@@ -184,12 +187,54 @@ class Translator:
         search = Search(beam, alpha, n_best, sampling, temperature or 1.0, top_k, top_p, seed)
         return self._run(prompts, batch_size, max_new, search, window)
 
+    def decode_features(
+        self,
+        features: torch.Tensor,
+        *,
+        beam: int = 1,
+        max_len: int | None = None,
+        alpha: float = 0.0,
+        n_best: int = 1,
+        batch_size: int = 32,
+    ) -> Iterator[list[Output]]:
+        """Each utterance of `features` ([utterances, …], the model's float source: Whisper's mel × frames) decoded
+        into text from the decoder's start token, greedily or with beam search, its hypotheses best first.
+        `max_len`: most new tokens (default: as many as the model's positions allow, else 200)."""
+        search = Search(beam, alpha, n_best)
+        _check_search(search, max_len)
+        if not self.features:
+            raise UsageError(Problem("this model reads text, not float features", hint="give it sentences"))
+        most = self._cap(max_len or self.decoder.most_new(0) or 200, 0)
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        for start in range(0, features.size(0), batch_size):
+            rows = features[start : start + batch_size].to(self.decoder.device, dtype)
+            self.guard.check(
+                sentences=rows.size(0), rows=rows.size(0) * beam, src_len=None, prompt=0, most=most,
+                features=tuple(rows.shape[1:]),
+            )  # fmt: skip
+            given: dict[str, Any] = {
+                "src": rows,
+                "src_pad": None,
+                "prompt": None,
+                "rows": rows.size(0),
+                "max_len": most,
+            }
+            for hypotheses in self._search(given, search, None):
+                yield [Output(self.target.decode(list(h.tokens)), h.normalized) for h in hypotheses[:n_best]]
+
     def _run(
         self, sentences: Iterable[str], batch_size: int, most: int | None, search: Search, window: int
     ) -> Iterator[list[Output]]:
         """Decode `window` batches' worth of sentences at a time, sorted by length so that a batch pads little
         and its rows finish together; each sentence's hypotheses come out in input order."""
         _check_search(search, most)
+        if self.features:
+            raise UsageError(
+                Problem(
+                    f"this model reads float features ({self.roles.src!r}), not text",
+                    hint="decode a file of them: blockgraph translate MODEL --features FILE.npy",
+                )
+            )
         lines = iter(sentences)
         counter = itertools.count()
         generator = decode.seeded(search.seed, self.decoder.device) if search.sampling else None
@@ -274,6 +319,18 @@ class Translator:
             "max_len": limits,
         }
         self._fits(group, search, src, prompt)
+        found = self._search(given, search, generator)
+        out = {}
+        for item, hypotheses in zip(group, found, strict=True):
+            before = [] if self.seq2seq else item.ids  # a language model's output starts with its prompt
+            texts = [Output(self.target.decode([*before, *h.tokens]), h.normalized) for h in hypotheses]
+            out[item.index] = texts[: search.n_best]
+        return out
+
+    def _search(
+        self, given: dict[str, Any], search: Search, generator: torch.Generator | None
+    ) -> list[list[decode.Hypothesis]]:
+        """Each row's hypotheses, by sampling, greedily or by beam search."""
         if search.sampling:
             options: dict[str, Any] = {"temperature": search.temperature, "top_k": search.top_k, "top_p": search.top_p}
             found = [[h] for h in decode.sample(self.decoder, **given, **options, generator=generator)]
@@ -283,9 +340,4 @@ class Translator:
             found = decode.beam_search(
                 self.decoder, **given, beam=search.beam, alpha=search.alpha, n_best=search.n_best
             )
-        out = {}
-        for item, hypotheses in zip(group, found, strict=True):
-            before = [] if self.seq2seq else item.ids  # a language model's output starts with its prompt
-            texts = [Output(self.target.decode([*before, *h.tokens]), h.normalized) for h in hypotheses]
-            out[item.index] = texts[: search.n_best]
-        return out
+        return found

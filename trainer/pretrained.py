@@ -87,9 +87,8 @@ def import_pretrained(directory: str | Path, out: str | Path) -> Report:
     imported = import_directory(directory)
     kind = tokenizer_kind(directory, imported.model_type)
     files = {name: read_bytes(directory / name, TOKENIZER_FILE) for name in _tokenizer_files(kind)}
-    vocab = int(imported.variables["vocab"])
     if kind is not None:  # parsed before anything is written: a bad file stops here
-        _sides(files, kind, imported.specials, vocab, Location(str(directory)))
+        _sides(files, kind, imported.specials, int(imported.variables["vocab"]), Location(str(directory)))
     digest = hashlib.sha256(imported.spec_text.encode("utf-8")).hexdigest()
     record = PretrainedRecord(
         format=FORMAT, model_type=imported.model_type, specials=imported.specials, tokenizer=kind, spec_sha256=digest
@@ -128,7 +127,7 @@ def export(
     exported = export_hf(
         model, out, model_type=model_type, specials=specials, tokenizer=files, max_shard_size=max_shard_size
     )
-    if not files:
+    if not files and FAMILIES[exported.model_type].tokenizer is not None:  # an image model has none to carry
         note("no tokenizer files went along (the model was not imported with any): copy the original's beside them")
     return exported
 
@@ -172,6 +171,8 @@ def tokenizer_kind(directory: Path, model_type: str) -> TokenizerKind | None:
     """The tokenizer the family declares if the directory holds its files, else none; another kind's files
     alone are refused: the family's model would read text through a tokenizer it was not made for."""
     kind = FAMILIES[model_type].tokenizer
+    if kind is None:  # a family that reads no text (images): whatever text files lie beside it stay there
+        return None
     if all((directory / name).is_file() for name in TOKENIZERS[kind]):
         return kind
     for other, names in TOKENIZERS.items():
@@ -209,7 +210,7 @@ def load_model(path: str | Path, *, device: str = "cpu") -> Loaded:
     record = writer_record(path)
     model = persist.load(path / MODEL, device=device).eval()  # decoding: dropout off
     graph = model.typed_graph.graph
-    roles = find_roles(graph, types=model.typed_graph.types)
+    roles = find_roles(graph, types=model.typed_graph.types, features=True)  # decoding reads audio features too
     vocab = sizes(graph, roles).out_vocab or 0
     specials = specials_of(record, roles.kind, vocab, Location(str(path / RECORD)))
     return Loaded(model, roles, specials, record, vocab)
@@ -220,10 +221,11 @@ def writer_record(path: Path) -> PretrainedRecord:
     record = read_record(path / RECORD, PretrainedRecord, RECORD_FILE)
     where = Location(str(path / RECORD))
     family = FAMILIES.get(record.model_type)
-    if family is not None and family.task == "encoder":
+    if family is not None and not family.generates:
+        reads = "classifies images" if family.task == "image-classification" else "encodes text"
         raise CheckpointError(
             Problem(
-                f"a {record.model_type} model encodes text; it does not generate",
+                f"a {record.model_type} model {reads}; it does not generate",
                 where,
                 hint="translate, generate and fine-tune models that write text (inspect and build this one)",
             )

@@ -5,7 +5,8 @@ bool padding mask for each (True = padding). A language model has one int64 inpu
 optional mask. By convention:
 
 - source: the int input named `src` or `source`; target: `tgt` or `target`; with two int inputs and other
-  names, the first declared is the source. A language model's single int input is its target.
+  names, the first declared is the source. A language model's single int input is its target; beside one
+  required float input (audio features), that input is the source, which decoding an imported model reads.
 - masks: a bool input whose name starts with the source's (`src_pad`, `src_mask`) or the target's name, or,
   failing that, has exactly the source's or the target's shape (same dimension names).
 - output: the single output, or in a mapping the one named `log_probs`, `logits` or `output`, or the one
@@ -80,8 +81,14 @@ def parse_roles(text: str | None) -> dict[str, str]:
     return roles
 
 
-def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | None = None) -> Roles:
-    """The roles of the spec's inputs and output; `types` (a TypedGraph's) lets a classifier be recognised."""
+def find_roles(
+    graph: Graph, given: dict[str, str] | None = None, types: dict | None = None, *, features: bool = False
+) -> Roles:
+    """The roles of the spec's inputs and output; `types` (a TypedGraph's) lets a classifier be recognised.
+
+    A spec with one int input and one required float input reads features (Whisper's log-mel spectrogram) into
+    text: the float input is its source, which only decoding an imported model takes (`features`); training and
+    translating text read token ids, and refuse it by name."""
     given = dict(given or {})
     where = graph.locate(("inputs",))
     inputs = graph.inputs
@@ -96,12 +103,13 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | 
             )
     ints = [n for n, s in inputs.items() if not s.torch_dtype.is_floating_point and s.torch_dtype != torch.bool]
     bools = [n for n, s in inputs.items() if s.torch_dtype == torch.bool]
+    floats = [n for n, s in inputs.items() if s.torch_dtype.is_floating_point and not s.optional]
     src, tgt = given.get("src"), given.get("tgt")
     if src is None and tgt is None:
         src = next((n for n in ints if n in ("src", "source")), None)
         tgt = next((n for n in ints if n in ("tgt", "target")), None)
         if len(ints) == 1:
-            src, tgt = None, ints[0]
+            src, tgt = (floats[0] if len(floats) == 1 else None), ints[0]
         elif len(ints) == 2 and (src is None or tgt is None):
             src, tgt = ints
     elif tgt is None:
@@ -116,8 +124,17 @@ def find_roles(graph: Graph, given: dict[str, str] | None = None, types: dict | 
                 hint="an encoder–decoder spec has two int64 inputs; name them with --input-roles src=NAME,tgt=NAME",
             )
         )
+    if src in floats and not features:
+        raise SpecError(
+            Problem(
+                f"the source input {src!r} holds {inputs[src].dtype} features, not token ids: training and translating "
+                "text read token ids",
+                where,
+                hint="an imported model decodes features into text: blockgraph translate MODEL --features FILE.npy",
+            )
+        )
     for role, chosen in (("src", src), ("tgt", tgt)):
-        if chosen is not None and chosen not in ints:
+        if chosen is not None and chosen not in ints and not (role == "src" and chosen in floats):
             raise SpecError(Problem(f"the {role} input {chosen!r} is not an integer input", where))
     masks: dict[str, str | None] = {}
     for role, owner in (("src_pad", src), ("tgt_pad", tgt)):

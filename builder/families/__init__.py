@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from blockgraph.builder.families import (
     bart,
     bert,
+    clip,
     deepseek_v3,
     gemma,
     gemma2,
@@ -17,6 +18,7 @@ from blockgraph.builder.families import (
     gpt2,
     gpt_neox,
     llama,
+    mamba,
     marian,
     mistral,
     mixtral,
@@ -26,7 +28,10 @@ from blockgraph.builder.families import (
     qwen2_moe,
     qwen3,
     qwen3_moe,
+    roberta,
     t5,
+    vit,
+    whisper,
 )
 from blockgraph.builder.hf_mappings import TOKENIZERS, Family
 from blockgraph.common.errors import PluginError, Problem
@@ -85,6 +90,11 @@ for _module in (
     qwen2_moe,
     qwen3_moe,
     deepseek_v3,
+    roberta,
+    clip,
+    vit,
+    whisper,
+    mamba,
 ):
     register(_module.FAMILY)
 
@@ -93,7 +103,8 @@ def docs_table() -> str:
     """The families as docs/models.md and docs/pretrained.md list them (a test holds the pages to it)."""
     rows = ["| model_type | class (`architectures`) | spec | published sizes | tokenizer |", "|---|---|---|---|---|"]
     for family in FAMILIES.values():
-        tokenizer = ", ".join(f"`{name}`" for name in TOKENIZERS[family.tokenizer])
+        files = TOKENIZERS[family.tokenizer] if family.tokenizer is not None else ()
+        tokenizer = ", ".join(f"`{name}`" for name in files) or "none"
         spec = family.spec if isinstance(family.spec, str) else family.spec.name
         rows.append(
             f"| `{family.model_type}` | `{family.architectures[0]}` | `specs/{spec}` | {family.sizes} | {tokenizer} |"

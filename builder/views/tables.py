@@ -289,6 +289,14 @@ def inspect_totals(typed: TypedGraph, costs: Costs) -> RenderableType:
             grid.add_row(
                 "", Text(f"≈ {flops_text(3 * total_flops)} per training step (backward ≈ 2 × forward)", style="dim")
             )
+            grid.add_row(
+                "",
+                Text(
+                    f"2 FLOPs per multiply-add: {flops_text(total_flops // 2)} multiply-adds (MACs), the figure papers "
+                    "often quote as FLOPs",
+                    style="dim",
+                ),
+            )
         failed = costs.unmeasured
         if failed:
             first = failed[0]
