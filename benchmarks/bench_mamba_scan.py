@@ -8,7 +8,7 @@ gradients, the same weights on both sides (transformers' MambaMixer as it initia
 - **the scan**: Δ = softplus(δ + b), h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t, y_t = C_t·h_t + D u_t, gated by
   SiLU(z): transformers' `mamba_selective_scan`, a loop over the positions (its path without the CUDA kernels of
   `mamba_ssm`), against ours, `linear_scan` over chunks of positions (`Mamba.scanned`: on a CPU, as many as keep
-  each of its tensors near 2¹⁹ values);
+  its tensors near 2¹⁹ values per row, 21 positions here);
 - **the layer**: `MambaMixer.forward` (that loop, with its projections and convolution) against the `mamba`
   block's forward.
 

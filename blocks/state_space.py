@@ -44,7 +44,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return h
 
 
-SCAN_VALUES = {"cpu": 2**19}  # values per tensor of a chunk's scan by default, by device type (others: 2**26)
+SCAN_VALUES = {"cpu": 2**19}  # values per row of a chunk's scan tensors by default, by device type (others: 2**24)
 
 
 @register("mamba", family="state_space")
@@ -60,8 +60,11 @@ class Mamba(Block):
 
     A whole sequence is scanned in parallel (see `linear_scan`), `chunk` positions at a time with the state carried
     from chunk to chunk: the scan's tensors hold batch · chunk · d_inner · d_state floats. By default a chunk holds
-    about 2¹⁹ of them on a CPU, where a scan that stays in its caches runs fastest (but 8 positions at least), and
-    2²⁶ elsewhere (on a GPU, the fewer and larger the steps the better); chunks change the result by rounding only.
+    about 2¹⁹ of them per row on a CPU, where a scan that stays in its caches runs fastest (but 8 positions at
+    least), and 2²⁴ elsewhere (on a GPU, the fewer and larger the steps the better); the batch is left out, so that
+    an export keeps it dynamic. Chunks change the result by rounding only; the sequence length is a constant of an
+    export (the scan's depth follows it).
+
     A decoding step keeps the convolution's last d_conv − 1 inputs and the state h, batch · d_inner · (d_conv − 1 +
     d_state) numbers per layer whatever the length so far. `pad` (True = padding) zeroes the padded positions' input
     and convolved features, as transformers' Mamba does with its attention mask: left padding then leaves the real
@@ -175,7 +178,7 @@ class Mamba(Block):
         if conv is None:
             conv = inner.new_zeros(inner.size(0), self.d_inner, self.d_conv - 1)
         stream = torch.cat((conv, inner.transpose(1, 2)), dim=2)  # [batch, d_inner, d_conv − 1 + seq]
-        conv = stream.narrow(2, stream.size(2) - (self.d_conv - 1), self.d_conv - 1)
+        conv = stream.narrow(2, stream.size(2) - (self.d_conv - 1), self.d_conv - 1).clone()  # not all the stream
         u = F.silu(self.conv1d(stream)).transpose(1, 2)
         if keep is not None:
             u = u * keep
@@ -191,8 +194,7 @@ class Mamba(Block):
         """C_t·h_t at every position ([batch, seq, d_inner]) and the last state, from `h` before the first (None:
         zeros), `chunk` positions at a time: h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t."""
         a = -torch.exp(self.A_log.float())  # [d_inner, d_state]
-        per_position = u.size(0) * self.d_inner * self.d_state
-        chunk = self.chunk or max(8, SCAN_VALUES.get(u.device.type, 2**26) // per_position)
+        chunk = self.chunk or max(8, SCAN_VALUES.get(u.device.type, 2**24) // (self.d_inner * self.d_state))
         readouts = []
         for start in range(0, u.size(1), chunk):
             part = slice(start, start + chunk)
@@ -203,4 +205,4 @@ class Mamba(Block):
             states = linear_scan(decay, given)
             readouts.append((states @ c[:, part, :, None]).squeeze(-1))
             h = states[:, -1]
-        return torch.cat(readouts, dim=1), states[:, -1]
+        return torch.cat(readouts, dim=1), states[:, -1].clone()  # its own storage, not the chunk's states

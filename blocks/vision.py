@@ -39,8 +39,8 @@ class PatchEmbedding(Block):
 
     A Conv2d whose kernel and stride are both `patch`, its output [batch, dim, height / patch, width / patch]
     flattened row by row and transposed to a sequence: the patch in grid row r, column c is position
-    r · (width / patch) + c. This is transformers' ViTPatchEmbeddings (CLIP's and SigLIP's `patch_embedding`
-    without the bias). The state_dict reads `projection.weight` [dim, channels, patch, patch] and
+    r · (width / patch) + c. This is transformers' ViTPatchEmbeddings and SigLIP's `patch_embedding` (CLIP's
+    with `bias: false`). The state_dict reads `projection.weight` [dim, channels, patch, patch] and
     `projection.bias` [dim].
 
     An image whose height or width is not a multiple of `patch` is an error, located at the node, since pixels

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from blockgraph.blocks.types import format_shape
+from blockgraph.blocks.types import format_shape, symbol
 from blockgraph.builder.shapes import TypedGraph
 from blockgraph.builder.trial import dummy_inputs
 from blockgraph.common.atomic import check_file_target, write_file
@@ -173,7 +173,9 @@ def _trace(
     # sizes 0 and 1 are specialised by torch.export; trace dynamic dimensions at 2 or more
     trace_dims = {**dims, **{d: max(dims[d], 2) for d in symbolic}}
     kwargs = sample_inputs(typed, trace_dims, names, device, dtype)
-    spec_dims = {d: Dim(d) for d in symbolic}
+    least = {d: smallest_size(typed, d, trace_dims) for d in symbolic}
+
+    spec_dims = {d: Dim(d, min=least[d]) for d in symbolic}
     shapes: dict[str, Any] = {
         n: {i: spec_dims[d] for i, d in enumerate(graph.inputs[n].shape) if isinstance(d, str)} or None for n in names
     }
@@ -186,14 +188,18 @@ def _trace(
             break
         except torch._dynamo.exc.UserError as exc:
             guards.extend(line for line in str(exc).splitlines() if line.strip().startswith("- "))
+            unproven = _unproven_guard(str(exc), least, trace_dims)
             fixes = _suggested_fixes(str(exc))
-            if not fixes:
+            if not fixes and unproven is None:
                 break
             try:
-                shapes = _refine(fixes, shapes)
+                shapes = _refine(fixes, shapes) if fixes else shapes
             except Exception:  # a fix torch cannot apply itself: fall back to static sizes
                 program = None
                 break
+            if unproven is not None:  # a guard that holds, which torch's range analysis cannot prove from the
+                least[unproven] += 1  # minimum (its bounds of a floor division are loose): try the next one
+                shapes = _with_minimum(shapes, unproven, least[unproven])
         except Exception as exc:
             if not symbolic:
                 raise _trace_error(exc, typed) from exc
@@ -231,6 +237,34 @@ def _trace(
     return program, dynamic, static, notes
 
 
+def smallest_size(typed: TypedGraph, name: str, sizes: dict[str, int]) -> int:
+    """The least size of dimension `name` (at least 2, at most its trace size) from which every size inferred from
+    it stays 2 or more, the others at their trace sizes: torch.export specialises a size of 1, so a stride-2
+    convolution's output (Whisper's frames) must not reach it inside the range.
+
+    Inferred sizes grow with the dimensions they derive from, so the least such size is found by bisection."""
+    target = symbol(name)
+    others = {symbol(d): size for d, size in sizes.items() if d != name}
+    derived = {
+        d.subs(others)
+        for t in typed.types.values()
+        for d in t.shape
+        if not isinstance(d, int) and target in getattr(d, "free_symbols", ())
+    }
+    derived = {d for d in derived if d.free_symbols == {target}}
+
+    def fits(size: int) -> bool:
+        return all(int(d.subs(target, size)) >= 2 for d in derived)
+
+    low, high = 2, sizes[name]
+    if not derived or fits(low) or not fits(high):
+        return low
+    while high - low > 1:  # fits(high), not fits(low)
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
 def _static_at_trace_size(
     shapes: dict[str, Any], graph: Any, names: list[str], dims: dict[str, int], trace_dims: dict[str, int]
 ) -> bool:
@@ -252,6 +286,31 @@ def _fixed_shapes(shapes: dict[str, Any], dims: dict[str, int], graph: Any, name
         spec = graph.inputs[n].shape
         out[n] = {i: dims[spec[i]] if isinstance(v, int) else v for i, v in shapes[n].items()}
     return out
+
+
+def _with_minimum(shapes: dict[str, Any], name: str, low: int) -> dict[str, Any]:
+    """The dynamic shapes with dimension `name` starting at `low` (its maximum kept)."""
+    from torch.export import Dim
+
+    def changed(dim: Any) -> Any:
+        if getattr(dim, "__name__", None) != name:
+            return dim
+        high = getattr(dim, "max", None)
+        return Dim(name, min=low, max=high) if isinstance(high, int) and high < 2**62 else Dim(name, min=low)
+
+    raised: dict[str, Any] = {}
+    for n, axes in shapes.items():
+        raised[n] = None if axes is None else {i: changed(d) for i, d in axes.items()}
+    return raised
+
+
+def _unproven_guard(message: str, least: dict[str, int], trace_dims: dict[str, int]) -> str | None:
+    """The dimension of a "not all values ... in the specified range satisfy the generated guard" failure whose
+    minimum can still rise below its trace size (the guard holds there), else None."""
+    for name in re.findall(r"Not all values of (\w+) = .* satisfy the generated guard (?!\d+ <= )", message):
+        if name in least and least[name] < trace_dims[name]:
+            return name
+    return None
 
 
 def _suggested_fixes(message: str) -> str:
@@ -380,8 +439,10 @@ def describe(result: Exported, typed: TypedGraph) -> list[str]:
     for name in result.inputs:
         spec = typed.graph.inputs[name]
         lines.append(f"  input {name}: {spec.dtype} {format_shape(spec.shape)}")
-    for name, (_, high) in result.dynamic.items():
-        lines.append(f"  dynamic {name}" + (f" (at most {high})" if high is not None else ""))
+    for name, (low, high) in result.dynamic.items():
+        bounds = [f"at least {low}"] if low is not None and low > 2 else []  # 0 and 1 are torch.export's own
+        bounds += [f"at most {high}"] if high is not None else []
+        lines.append(f"  dynamic {name}" + (f" ({', '.join(bounds)})" if bounds else ""))
     for name, size in result.static.items():
         lines.append(f"  static {name} = {size}")
     if result.format == "exported-program":  # the program takes its inputs by name, as the model does

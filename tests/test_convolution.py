@@ -159,3 +159,15 @@ def test_a_learned_table_may_start_as_whispers_and_stay_fixed():
     table = fixed(fixed.Params(dim=16, max_len=24, layout="whisper"))
     x = torch.randn(2, 5, 16)
     assert torch.equal(block(x), table(x))
+
+
+def test_convolutions_build_on_meta_and_run_in_bfloat16():
+    """inspect builds on meta; decoding in bfloat16 casts the weights, which the convolution reads as they are."""
+    for cls, params, x in ((CONV1D, ONE_D[1], torch.randn(2, 6, 15)), (CONV2D, TWO_D[1], torch.randn(2, 4, 9, 8))):
+        with torch.device("meta"):
+            on_meta = cls(cls.Params(**params))
+        assert on_meta.weight.is_meta and on_meta(x.to("meta")).shape == cls(cls.Params(**params))(x).shape
+        block = cls(cls.Params(**params))
+        half = cls(cls.Params(**params)).to(torch.bfloat16)
+        half.load_state_dict(block.state_dict())
+        torch.testing.assert_close(half(x.to(torch.bfloat16)).float(), block(x), rtol=0.02, atol=0.02)

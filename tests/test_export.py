@@ -166,3 +166,22 @@ def test_the_export_api_warns_of_each_optional_input_left_out(tmp_path):
     assert warning.severity == "warning" and "pad (bool [batch, seq])" in warning.message
     named = exporting.export(model, typed, dims, "exported-program", tmp_path / "n.pt2", include_optional=["pad"])
     assert named.inputs == ["tokens", "pad"] and not named.warnings
+
+
+def test_a_strided_convolution_keeps_its_length_dynamic_from_the_least_size_it_takes(tmp_path):
+    """Whisper's stride-2 convolution halves the frames: torch.export specialises a length of 1, so the frames
+    stay dynamic from the least size that keeps every derived length at 2 or more (or the next that torch's range
+    analysis proves) rather than falling back to the trial size."""
+    small = {"vocab": 50, "d_model": 16, "heads": 2, "d_ff": 32, "enc_layers": 1, "dec_layers": 1, "mel": 8}
+    typed = typed_graph(ROOT / "specs" / "whisper.yaml", {**small, "source_positions": 16, "max_len": 16})
+    model = compile_graph(typed).eval()
+    sizes = {"batch": 2, "frames": 32, "tgt_len": 10}
+    assert exporting.smallest_size(typed, "frames", sizes) == 3  # floor((3 - 1) / 2) + 1 = 2; 2 frames give 1
+    result = exporting.export(model, typed, sizes, "exported-program", tmp_path / "w.pt2")
+    low, high = result.dynamic["frames"]
+    assert not result.static and 3 <= low < 32 and high == 32, result.dynamic  # 32 frames fill 16 positions
+    program = torch.export.load(tmp_path / "w.pt2").module()
+    for batch, frames, length in ((1, low, 3), (3, 17, 7)):
+        inputs = {"features": torch.randn(batch, 8, frames), "tgt": torch.randint(0, 50, (batch, length))}
+        with torch.no_grad():
+            torch.testing.assert_close(program(**inputs), model(**inputs), rtol=0, atol=1e-5)

@@ -133,18 +133,19 @@ def test_steps_equal_the_full_run_through_chunks_padding_and_reordered_rows():
 
 
 def test_decoding_memory_is_flat_in_the_sequence_length():
-    """The shipped spec at small sizes: each layer keeps d_conv − 1 convolution inputs and the d_inner × d_state
-    state per row, after 4 tokens as after 8."""
+    """The shipped spec at small sizes, a prompt of 4 tokens, then one at a time: each layer's cache holds (in
+    storage, not only in view) d_conv − 1 convolution inputs and the d_inner × d_state state per row, after the
+    prompt as after 4 more tokens."""
     decoder = _decoder("mamba")
     rows, layers, d_inner, d_state, d_conv = 3, 2, 2 * 16, 16, 4
-    tokens = torch.randint(4, 13, (rows, 9), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(4, 13, (rows, 8), generator=torch.Generator().manual_seed(4))
     state = decoder.start(None, None, capacity=tokens.size(1))
     held = []
     with torch.no_grad():
-        for position in range(8):
-            decoder.next_log_probs(state, tokens[:, position : position + 1])
-            held.append(sum(cache.nbytes() for cache in state.caches))
-    assert held[3] == held[7] == rows * layers * d_inner * ((d_conv - 1) + d_state) * 4
+        for part in (slice(0, 4), *(slice(p, p + 1) for p in range(4, 8))):
+            decoder.next_log_probs(state, tokens[:, part])
+            held.append(sum(t.untyped_storage().nbytes() for cache in state.caches for t in cache.tensors.values()))
+    assert held[0] == held[-1] == rows * layers * d_inner * ((d_conv - 1) + d_state) * 4
 
 
 @pytest.mark.parametrize("which", ["bfloat16", "int8"])

@@ -23,12 +23,14 @@ class Example:
     """Token ids: the source as the encoder reads it, eos included (None for a language model), and the
     target without its start and end (`Specials` frame it), or a classifier's text.
 
-    A classifier's example has the index of its label in `label`.
+    A classifier's example has the index of its label in `label`. A language model's may have a `prompt`, read
+    between the start and the target but not scored (a synthetic task's source and its separator).
     """
 
     tgt: list[int]
     src: list[int] | None = None
     label: int | None = None
+    prompt: list[int] | None = None
 
 
 @dataclass
@@ -37,7 +39,9 @@ class Batch:
 
     `tgt_in` is the framed target `[*start, *tokens, eos]` without its last id, `tgt_out` without its first
     (the tokens to predict, eos last). A classifier's batch has the text as it is in `tgt_in` (no bos or eos), the label
-    indices [batch] in `labels`, and `tgt_out` is the same tensor as `labels`.
+    indices [batch] in `labels`, and `tgt_out` is the same tensor as `labels`. Prompted examples frame
+    `[*start, *prompt, *tokens, eos]`, and `scored` is True where `tgt_out` holds a target token or eos (None: every
+    position that is not padding).
     """
 
     tgt_in: torch.Tensor
@@ -46,17 +50,23 @@ class Batch:
     src: torch.Tensor | None = None
     src_pad: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    scored: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return self.tgt_in.shape[0]
 
     @property
+    def keep(self) -> torch.Tensor:
+        """Where `tgt_out` is predicted and counted: the scored positions, by default those that are not padding."""
+        return ~self.tgt_pad if self.scored is None else self.scored
+
+    @property
     def tokens(self) -> int:
-        """The predictions the loss is averaged over: target tokens, or a classifier's examples."""
+        """The predictions the loss is averaged over: scored target tokens, or a classifier's examples."""
         if self.labels is not None:
             return int(self.labels.shape[0])
-        return int((~self.tgt_pad).sum())
+        return int(self.keep.sum())
 
     def to(self, device: torch.device | str) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -72,6 +82,7 @@ class Batch:
             move(self.src),
             move(self.src_pad),
             move(self.labels),
+            move(self.scored),
         )
 
 
@@ -91,17 +102,21 @@ def collate(examples: Sequence[Example], specials: Specials = TRAINER_SPECIALS) 
         tokens, mask = pad([e.tgt for e in examples], fill)
         labels = torch.tensor([e.label for e in examples], dtype=torch.long)
         return Batch(tokens, labels, mask, labels=labels)
-    framed = [[*specials.start, *e.tgt, specials.eos] for e in examples]
+    framed = [[*specials.start, *(e.prompt or ()), *e.tgt, specials.eos] for e in examples]
     tgt_in, tgt_pad = pad([f[:-1] for f in framed], fill)
     tgt_out, _ = pad([f[1:] for f in framed], fill)
     if examples[0].src is None:
-        return Batch(tgt_in, tgt_out, tgt_pad)
+        if not any(e.prompt for e in examples):
+            return Batch(tgt_in, tgt_out, tgt_pad)
+        read = torch.tensor([len(specials.start) + len(e.prompt or ()) for e in examples])  # before the target
+        scored = (torch.arange(tgt_out.shape[1])[None, :] >= read[:, None] - 1) & ~tgt_pad  # tgt_out[j]: framed[j+1]
+        return Batch(tgt_in, tgt_out, tgt_pad, scored=scored)
     src, src_pad = pad([e.src for e in examples], fill)  # type: ignore[misc]
     return Batch(tgt_in, tgt_out, tgt_pad, src, src_pad)
 
 
 def length(example: Example) -> tuple[int, int]:
-    return (len(example.src) if example.src is not None else 0, len(example.tgt))
+    return (len(example.src) if example.src is not None else 0, len(example.prompt or ()) + len(example.tgt))
 
 
 def plan(

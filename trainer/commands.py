@@ -379,8 +379,13 @@ def import_(
 
     with err.status("importing …"):
         report = pretrained.import_pretrained(directory, out)
-    reads_text = FAMILIES[report.model_type].tokenizer is not None
-    missing = "none (translate and generate need one)" if reads_text else "none (the model reads no text)"
+    family = FAMILIES[report.model_type]
+    if family.tokenizer is None:
+        missing = "none (the model reads no text)"
+    elif family.generates:
+        missing = "none (translate and generate need one)"
+    else:  # an encoder (BERT, CLIP): its texts are token ids the original's tokenizer makes
+        missing = "none (encode texts with the original's tokenizer)"
     err.print(
         f"imported {report.model_type}: {report.tensors} tensors, {report.parameters:,} parameters, "
         f"tokenizer: {report.tokenizer or missing}"

@@ -77,7 +77,10 @@ class DataOptions(BaseModel):
     ] = None
     task: Annotated[
         Literal["copy", "reverse"] | None,
-        Field(description="Train on a synthetic task instead of --data: copy or reverse."),
+        Field(
+            description="Train on a synthetic task instead of --data: copy or reverse (a language model reads the "
+            "source as a prompt and learns the target after it)."
+        ),
         Cli(panel=DATA),
     ] = None
     task_options: Annotated[

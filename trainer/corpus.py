@@ -6,6 +6,9 @@ Examples longer than `max_len` tokens on either side are left out of both splits
 A classifier's data is `label<TAB>text` lines: the text is tokenized with the target-side tokenizer into
 `tgt_vocab`, and the label set is the training split's labels, sorted; held-out lines whose label never
 occurs in training are left out and counted.
+
+A language model learns a synthetic task from prompts: each example's source and the task's separator, in the
+one vocabulary, are its `prompt` (read, not scored), and its target is what it predicts.
 """
 
 from __future__ import annotations
@@ -86,10 +89,6 @@ def load(
     train_text: Sequence[tuple[str, ...]]  # (source, target) pairs, or a target alone
     valid_text: Sequence[tuple[str, ...]]
     if options.task is not None:
-        if not seq2seq:
-            raise DataError(
-                Problem(f"--task {options.task} needs an encoder–decoder spec (a source and a target input)")
-            )
         task_options = tasks.task_options(options.task_options, "the task options")
         train_text, valid_text = tasks.make_pairs(options.task, task_options, options.seed)
         tokenizers = ("space", "space")
@@ -102,13 +101,14 @@ def load(
                 _tokenizer(options.source_tokenizer, [r[0] for r in train_text], options) if seq2seq else "space",
                 _tokenizer(options.target_tokenizer, [r[-1] for r in train_text], options),
             )
-    train_tokens = _tokenize(train_text, tokenizers, seq2seq)
-    valid_tokens = _tokenize(valid_text, tokenizers, seq2seq)
+    sources = seq2seq or options.task is not None  # a language model's task: the source is its prompt
+    train_tokens = _tokenize(train_text, tokenizers, sources)
+    valid_tokens = _tokenize(valid_text, tokenizers, sources)
     if vocabs is not None:
         src_vocab, tgt_vocab = vocabs
     elif options.task is not None:
-        tokens = [*SPECIALS, *tasks.symbols(task_options)]
-        src_vocab, tgt_vocab = Vocab(tokens, "space"), Vocab(tokens, "space")
+        tokens = [*SPECIALS, *tasks.symbols(task_options, separator=not seq2seq)]
+        src_vocab, tgt_vocab = (Vocab(tokens, "space") if seq2seq else None), Vocab(tokens, "space")
     else:
         src_vocab, tgt_vocab = _vocabs(train_tokens, tokenizers, options, seq2seq, shared_vocab)
     train, dropped = _encode(train_tokens, src_vocab, tgt_vocab, options.max_len)
@@ -125,7 +125,9 @@ def load(
 
 def _load_labelled(options: DataOptions, vocab: Vocab | None, labels: list[str] | None, notes: list[str]) -> Corpus:
     if options.task is not None:
-        raise DataError(Problem(f"--task {options.task} needs an encoder–decoder spec, not a classifier"))
+        raise DataError(
+            Problem(f"--task {options.task} needs an encoder–decoder or a language-model spec, not a classifier")
+        )
     if options.data is None:
         raise DataError(Problem("no training data", hint="pass --data FILE of label<TAB>text lines"))
 
@@ -230,7 +232,7 @@ def fit_positions(corpus: Corpus, source: int | None, target: int | None) -> Non
 
     def fits(example: Example) -> bool:
         src_ok = source is None or example.src is None or len(example.src) <= source
-        return src_ok and (target is None or start + len(example.tgt) <= target)
+        return src_ok and (target is None or start + len(example.prompt or ()) + len(example.tgt) <= target)
 
     train = [e for e in corpus.train if fits(e)]
     keep = [fits(e) for e in corpus.valid]
@@ -273,10 +275,10 @@ def _tokenizer(kind: str, lines: list[str], options: DataOptions) -> str:
     return guess_tokenizer(lines) if kind == "auto" else check_tokenizer(kind)
 
 
-def _tokenize(records, tokenizers: tuple[str, str], seq2seq: bool) -> list[tuple[list[str] | None, list[str]]]:
+def _tokenize(records, tokenizers: tuple[str, str], sources: bool) -> list[tuple[list[str] | None, list[str]]]:
     out = []
     for record in records:
-        src = tokenize(record[0], tokenizers[0]) if seq2seq else None
+        src = tokenize(record[0], tokenizers[0]) if sources else None
         out.append((src, tokenize(record[-1], tokenizers[1])))
     return out
 
@@ -298,13 +300,18 @@ def _fits(src: list[str] | None, tgt: list[str], max_len: int) -> bool:
 
 
 def _encode(tokens, src_vocab: Vocab | None, tgt_vocab: Vocab, max_len: int) -> tuple[list[Example], int]:
+    """Examples of the token pairs that fit; a source without a source vocabulary is a language model's prompt,
+    followed by the task's separator."""
     examples, dropped = [], 0
     for src, tgt in tokens:
         if not _fits(src, tgt, max_len):
             dropped += 1
-            continue
-        source = [*src_vocab.encode(src), EOS_ID] if src is not None else None  # type: ignore[union-attr]
-        examples.append(Example(tgt_vocab.encode(tgt), source))
+        elif src is None:
+            examples.append(Example(tgt_vocab.encode(tgt)))
+        elif src_vocab is None:
+            examples.append(Example(tgt_vocab.encode(tgt), prompt=tgt_vocab.encode([*src, tasks.SEPARATOR])))
+        else:
+            examples.append(Example(tgt_vocab.encode(tgt), [*src_vocab.encode(src), EOS_ID]))
     return examples, dropped
 
 

@@ -627,8 +627,9 @@ def _evaluated(config: TrainConfig) -> TrainConfig:
 def evaluate(
     model: GraphModel, io: ModelIO, data: corpus.Corpus, config: TrainConfig, device: torch.device
 ) -> dict[str, float]:
-    """Held-out loss (plain cross-entropy per token: declared loss outputs are training's), perplexity, token
-    accuracy and BLEU of greedy translations.
+    """Held-out loss (plain cross-entropy per scored token: declared loss outputs are training's), perplexity, token
+    accuracy and BLEU of greedy translations (a language model's: of greedy continuations of its prompts, when
+    its examples have them).
 
     A classifier's: loss per example and accuracy (no perplexity, no BLEU).
     """
@@ -649,7 +650,8 @@ def evaluate(
     }
     if data.labels is not None:
         del result["valid_ppl"]
-    if io.roles.kind == "seq2seq" and config.bleu_sentences > 0:
+    translates = io.roles.kind == "seq2seq" or data.valid[0].prompt is not None
+    if translates and config.bleu_sentences > 0:
         result.update(corpus_bleu_of(model, io, data, config.bleu_sentences, config.max_len, device))
     return result
 
@@ -657,17 +659,28 @@ def evaluate(
 def corpus_bleu_of(
     model: GraphModel, io: ModelIO, data: corpus.Corpus, limit: int, max_len: int, device: torch.device
 ) -> dict[str, float]:
-    """BLEU and chrF of greedy translations of the first `limit` held-out sources against their references."""
+    """BLEU and chrF of greedy translations of the first `limit` held-out sources (a language model's: greedy
+    continuations of their prompts) against their references."""
     examples = data.valid[:limit]
-    hypotheses: list[str] = []
+    hypotheses = [""] * len(examples)
     decoder = decode.Decoder(model, io.roles, specials=data.specials)
-    for start in range(0, len(examples), 64):
-        chunk = examples[start : start + 64]
-        batch = batching.collate(chunk, data.specials).to(device)
-        assert batch.src is not None
-        length = min(max_len + 1, 2 * batch.src.shape[1] + 10, decoder.most_new(0) or max_len + 1)
-        for hyp in decode.greedy(decoder, batch.src, batch.src_pad, max_len=length):
-            hypotheses.append(data.target_text(hyp.tokens))
+    groups: dict[int, list[int]] = {}  # prompts decode together when they are as long (decode.greedy's prompts)
+    for i, example in enumerate(examples):
+        groups.setdefault(len(example.prompt) if example.prompt is not None else -1, []).append(i)
+    for read, indices in groups.items():
+        for start in range(0, len(indices), 64):
+            chunk = indices[start : start + 64]
+            if read < 0:
+                batch = batching.collate([examples[i] for i in chunk], data.specials).to(device)
+                assert batch.src is not None
+                length = min(max_len + 1, 2 * batch.src.shape[1] + 10, decoder.most_new(0) or max_len + 1)
+                found = decode.greedy(decoder, batch.src, batch.src_pad, max_len=length)
+            else:
+                prompt = torch.tensor([examples[i].prompt for i in chunk], device=device)
+                length = min(max_len + 1, 2 * read + 10, decoder.most_new(read) or max_len + 1)
+                found = decode.greedy(decoder, prompt=prompt, max_len=length)
+            for i, hyp in zip(chunk, found, strict=True):
+                hypotheses[i] = data.target_text(hyp.tokens)
     return bleu.corpus_scores(hypotheses, data.valid_refs[: len(examples)], tokenize=data.bleu_tokenize)
 
 

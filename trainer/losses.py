@@ -59,18 +59,18 @@ def correct_labels(log_probs: torch.Tensor, labels: torch.Tensor) -> int:
 
 
 def batch_nll(log_probs: torch.Tensor, batch: Batch, smoothing: float, pad: int | None) -> torch.Tensor:
-    """Summed (label-smoothed) NLL of a batch's target tokens (`pad`: the token smoothing leaves out), or of a
-    classifier's labels."""
+    """Summed (label-smoothed) NLL of a batch's scored target tokens (`pad`: the token smoothing leaves out; a
+    prompt is read, not scored), or of a classifier's labels."""
     if batch.labels is not None:
         return class_nll(log_probs, batch.labels, smoothing)
-    return smoothed_nll(log_probs, batch.tgt_out, ~batch.tgt_pad, smoothing, pad)
+    return smoothed_nll(log_probs, batch.tgt_out, batch.keep, smoothing, pad)
 
 
 def batch_correct(log_probs: torch.Tensor, batch: Batch) -> int:
-    """How many of a batch's target tokens (a classifier's labels) the model ranks first."""
+    """How many of a batch's scored target tokens (a classifier's labels) the model ranks first."""
     if batch.labels is not None:
         return correct_labels(log_probs, batch.labels)
-    return correct_tokens(log_probs, batch.tgt_out, ~batch.tgt_pad)
+    return correct_tokens(log_probs, batch.tgt_out, batch.keep)
 
 
 def objective(

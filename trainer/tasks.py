@@ -3,6 +3,10 @@
 Sequences are drawn from `symbols` tokens named `0`, `1`, ... with lengths uniform in [min_len, max_len],
 from a generator seeded with `seed`, so the same options always give the same examples. The pairs are
 written as space-separated text, and read with the `space` tokenizer.
+
+A language model learns a task as one sequence, the source as a prompt, then `SEPARATOR`, then the target; only
+the target (and eos) is scored. The separator is a token of the task's vocabulary rather than eos, so that a
+prompt typed with it (`3 1 4 <sep>`) continues into the target where text decodes up to the first eos.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from blockgraph.common.errors import Problem, UsageError
 from blockgraph.common.text import excerpt
 
 TASKS = ("copy", "reverse")
+SEPARATOR = "<sep>"  # between a language model's prompt (the source) and its target
 
 
 LIMITS = {"symbols": (2, 100_000), "min_len": (1, 10_000), "max_len": (1, 10_000), "train": (1, 10_000_000),
@@ -86,6 +91,6 @@ def make_pairs(task: str, options: TaskOptions, seed: int) -> tuple[list[tuple[s
     return draw(options.train), draw(options.valid)
 
 
-def symbols(options: TaskOptions) -> list[str]:
-    """The task's tokens in id order (after the special tokens)."""
-    return [str(i) for i in range(options.symbols)]
+def symbols(options: TaskOptions, *, separator: bool = False) -> list[str]:
+    """The task's tokens in id order (after the special tokens); `separator`: a language model's, the separator last."""
+    return [str(i) for i in range(options.symbols)] + ([SEPARATOR] if separator else [])

@@ -3,36 +3,22 @@ tokens from padding_idx + 1, as fairseq numbers them (XLM-R and CamemBERT are Ro
 
 from __future__ import annotations
 
-import re
+from dataclasses import replace
 
-from blockgraph.builder.hf_mappings import Family, linear, norm, table
+from blockgraph.builder.families import bert
 
 
 def _today(name: str) -> str | None:
-    """Checkpoints of the task models sit in a `roberta.` prefix; older ones save the position ids (which the spec
-    computes from the padding) and name LayerNorm's weight and bias gamma and beta."""
-    name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name.removeprefix("roberta.")))
-    return None if name == "embeddings.position_ids" else name
+    """Checkpoints of the task models sit in a `roberta.` prefix; otherwise BERT's older names (LayerNorm's gamma
+    and beta, the saved position ids, which the spec computes from the padding)."""
+    return bert.FAMILY.legacy(name.removeprefix("roberta."))
 
 
-FAMILY = Family(
-    "roberta",
-    "roberta.yaml",
-    table(
-        ("embeddings.word_embeddings.weight", "word_embeddings.lut.weight"),
-        ("embeddings.position_embeddings.weight", "position_embeddings.pe.weight"),
-        ("embeddings.token_type_embeddings.weight", "token_type_embeddings.lut.weight"),
-        *norm("embeddings.LayerNorm", "embeddings_norm.norm"),
-        *linear("encoder.layer.{e}.attention.self.query", "encoder.{e}.self_attn.w_q"),
-        *linear("encoder.layer.{e}.attention.self.key", "encoder.{e}.self_attn.w_k"),
-        *linear("encoder.layer.{e}.attention.self.value", "encoder.{e}.self_attn.w_v"),
-        *linear("encoder.layer.{e}.attention.output.dense", "encoder.{e}.self_attn.w_o"),
-        *norm("encoder.layer.{e}.attention.output.LayerNorm", "encoder.{e}.norm1"),
-        *linear("encoder.layer.{e}.intermediate.dense", "encoder.{e}.ffn.w_1"),
-        *linear("encoder.layer.{e}.output.dense", "encoder.{e}.ffn.w_2"),
-        *norm("encoder.layer.{e}.output.LayerNorm", "encoder.{e}.norm2"),
-        *linear("pooler.dense", "pooler.proj"),
-    ),
+# BERT's weights under BERT's names: only the config (positions, padding id, defaults) and the spec differ
+FAMILY = replace(
+    bert.FAMILY,
+    model_type="roberta",
+    spec="roberta.yaml",
     variables={
         "vocab": ("vocab_size", 50265),
         "segments": ("type_vocab_size", 2),
