@@ -183,6 +183,19 @@ def test_a_variant_the_spec_does_not_implement_is_refused(tmp_path):
         pretrained.import_pretrained(tmp_path / "hf", tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    ("image_size", "said"),
+    [(13, "image_size % patch_size is .5.; the vit spec implements 0"), (3, "smaller than one patch")],
+)
+def test_an_image_size_no_whole_grid_of_patches_covers_is_refused_at_import(tmp_path, image_size, said):
+    """transformers' convolution drops the pixels no patch covers; the spec's grid is image_size / patch."""
+    config = small_config()
+    config.image_size = image_size
+    config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=said):
+        pretrained.import_pretrained(tmp_path, tmp_path / "out")
+
+
 # --- inspect and export -----------------------------------------------------------------------------------------
 
 

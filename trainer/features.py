@@ -8,6 +8,7 @@ every defect a located error naming the file."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import torch
@@ -15,8 +16,8 @@ import torch
 from blockgraph.builder.shapes import TypedGraph, check_bounds
 from blockgraph.builder.spec import InputSpec
 from blockgraph.common.errors import DataError, SpecError
-from blockgraph.common.files import FileKind, GiB, read_bytes
-from blockgraph.common.tensorfile import read_header
+from blockgraph.common.files import FileKind, GiB, read_bytes, size_text
+from blockgraph.common.tensorfile import ITEMSIZE, read_header
 from blockgraph.common.text import excerpt
 
 FEATURES_FILE = FileKind("features file", DataError, limit=1 * GiB)
@@ -39,19 +40,31 @@ def _npy(path: Path) -> torch.Tensor:
     hint = "save the features as a float32 array: numpy.save(path, features), or as safetensors"
     if not data.startswith(b"\x93NUMPY"):
         raise FEATURES_FILE.fail(path, "the features file is not a NumPy .npy array (nor .safetensors)", hint)
-    try:
-        array = numpy.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:  # truncated, or an object array (Python objects, pickled inside)
-        pickled = "allow_pickle" in str(exc)
+    stream = io.BytesIO(data)
+    try:  # the header first: numpy.load allocates the size it claims before reading a byte of data
+        version = numpy.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"format version {version[0]}.{version[1]}")
+        read = numpy.lib.format.read_array_header_1_0 if version == (1, 0) else numpy.lib.format.read_array_header_2_0
+        shape, _, dtype = read(stream)
+    except ValueError as exc:
+        raise FEATURES_FILE.fail(
+            path, f"the features file is not a readable .npy array ({excerpt(str(exc), 80)})", hint
+        ) from None
+    if dtype.hasobject:  # Python objects, which only a pickle holds
+        raise FEATURES_FILE.fail(
+            path, "the features file holds Python objects (a pickle), which are never loaded", hint
+        )
+    if dtype.kind != "f":
+        raise FEATURES_FILE.fail(path, *_not_floats(str(dtype)))
+    if math.prod(shape) * dtype.itemsize != len(data) - stream.tell():
         raise FEATURES_FILE.fail(
             path,
-            "the features file holds Python objects (a pickle), which are never loaded"
-            if pickled
-            else f"the features file is not a readable .npy array ({excerpt(str(exc), 80)})",
+            f"the features file's header says {list(shape)} {dtype} values, which its "
+            f"{len(data) - stream.tell():,} bytes of data do not hold: the file is truncated or corrupt",
             hint,
-        ) from None
-    if array.dtype.kind != "f":
-        raise FEATURES_FILE.fail(path, *_not_floats(str(array.dtype)))
+        )
+    array = numpy.load(io.BytesIO(data), allow_pickle=False)  # as long as the file: bounded by its limit
     return torch.from_numpy(array.astype(numpy.float32, copy=True))
 
 
@@ -71,6 +84,14 @@ def _safetensors(path: Path) -> torch.Tensor:
     info = header.tensors[name]
     if not info.floating:
         raise FEATURES_FILE.fail(path, *_not_floats(info.dtype))
+    stored = math.prod(info.shape) * ITEMSIZE[info.dtype]  # a sparse file may claim any size its header checks
+    if stored > FEATURES_FILE.limit:
+        raise FEATURES_FILE.fail(
+            path,
+            f"the features tensor {excerpt(name, 40)} holds {size_text(stored)}: the limit is "
+            f"{size_text(FEATURES_FILE.limit)}",
+            hint="decode fewer utterances at a time",
+        )
     with safe_open(str(path), framework="pt") as handle:
         return handle.get_tensor(name).float()
 

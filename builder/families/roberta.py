@@ -19,26 +19,15 @@ FAMILY = replace(
     bert.FAMILY,
     model_type="roberta",
     spec="roberta.yaml",
-    variables={
+    variables={  # BERT's keys and defaults, but for the vocabulary and the positions (2 more rows than tokens)
+        **{name: value for name, value in bert.FAMILY.variables.items() if name != "max_len"},
         "vocab": ("vocab_size", 50265),
-        "segments": ("type_vocab_size", 2),
         "positions": ("max_position_embeddings", 512),
-        "d_model": ("hidden_size", 768),
-        "heads": ("num_attention_heads", 12),
-        "d_ff": ("intermediate_size", 3072),
-        "layers": ("num_hidden_layers", 12),
-        "dropout": ("hidden_dropout_prob", 0.1),
-        "eps": ("layer_norm_eps", 1e-12),
     },
-    fixed={
-        "hidden_act": ("gelu",),
-        "position_embedding_type": ("absolute",),
-        "is_decoder": (False,),
-        "pad_token_id": (1,),  # the spec's positions start after it (offset 2) and padding reads its row
-    },
+    # the spec's positions start after the padding id (offset 2) and padding reads its row
+    fixed={**bert.FAMILY.fixed, "pad_token_id": (1,)},
     specials={"pad": 1, "bos": 0, "eos": 2},
     legacy=_today,
     architectures=("RobertaModel",),
-    task="encoder",
     sizes="base (125M), large (355M)",
 )

@@ -17,6 +17,14 @@ def _labels(config: Config) -> Any:
     return len(names) if isinstance(names, Mapping) and names else 2
 
 
+def _leftover(config: Config) -> Any:
+    """The pixels of each side no patch covers: 0, as the spec implements (its grid is image_size / patch)."""
+    size, patch = config.get("image_size", 224), config.get("patch_size", 16)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, patch)):
+        return 0  # not sizes: reading the variables says so
+    return size % patch if size >= patch else f"{size} (smaller than one patch of {patch})"
+
+
 def _written(variables: Mapping[str, Any]) -> dict[str, Any]:
     """config.json's labels, named as transformers names them when it knows no better (LABEL_0, …)."""
     names = {str(i): f"LABEL_{i}" for i in range(variables["labels"])}
@@ -54,7 +62,8 @@ FAMILY = Family(
         "dropout": ("hidden_dropout_prob", 0.0),
         "eps": ("layer_norm_eps", 1e-12),
     },
-    fixed={"hidden_act": ("gelu",), "qkv_bias": (True,)},
+    fixed={"hidden_act": ("gelu",), "qkv_bias": (True,), "image_size % patch_size": (0,)},
+    options={"image_size % patch_size": _leftover},
     written=_written,
     architectures=("ViTForImageClassification",),
     task="image-classification",
