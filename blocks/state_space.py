@@ -119,10 +119,13 @@ class Mamba(Block):
         self.conv1d = nn.Conv1d(d_inner, d_inner, p.d_conv, groups=d_inner, bias=p.conv_bias)
         self.x_proj = nn.Linear(d_inner, rank + 2 * p.d_state, bias=False)
         self.dt_proj = nn.Linear(rank, d_inner)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, p.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.A_log = nn.Parameter(torch.empty(d_inner, p.d_state))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, p.d_model, bias=p.bias)
-        with torch.no_grad():  # Mamba's initialisation: A = −(1, 2, …, N) per channel (above), Δ spread in a range
+        if self.D.is_meta:  # no values to draw (and on meta, arange and arithmetic run torch's reference code,
+            return  # which loads its compiler: `validate` and `inspect` stay light)
+        with torch.no_grad():  # Mamba's initialisation: A = −(1, 2, …, N) per channel, Δ spread in a range
+            self.A_log.copy_(torch.log(torch.arange(1, p.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
             bound = rank**-0.5
             nn.init.uniform_(self.dt_proj.weight, -bound, bound)
             spread = torch.rand(d_inner) * (math.log(p.dt_max) - math.log(p.dt_min)) + math.log(p.dt_min)

@@ -6,6 +6,7 @@ writes the text of a .npy or safetensors file (never a pickle), and every wrong 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,43 @@ def test_inspect_reads_the_spectrogram_and_counts_the_convolutions():
     assert costs.nodes["conv1"].flops == costs.nodes["conv1"].flops_analytic == 2 * 2 * 16 * FRAMES * MEL * 3
     assert costs.nodes["conv2"].flops == 2 * 2 * 16 * (FRAMES // 2) * 16 * 3
     assert costs.flops == costs.flops_analytic
+
+
+def test_a_features_header_that_claims_more_than_the_file_holds_is_refused_before_allocating(tmp_path):
+    """A .npy header of 8 × 10¹² floats over 64 bytes, and a sparse safetensors file whose (consistent) header
+    claims 6 GB: each refused from its header, under an address-space cap 1 GiB above what the process maps."""
+    import json
+    import resource
+    import struct
+
+    from blockgraph.builder import pipeline
+    from blockgraph.common.errors import DataError
+    from blockgraph.trainer.features import read_features
+
+    sizes = {"vocab": VOCAB, "mel": MEL, "d_model": 16, "heads": 2, "d_ff": 24, "enc_layers": 1, "dec_layers": 1}
+    typed = pipeline.typed_graph(SPECS / "whisper.yaml", sizes)
+    claimed = tmp_path / "claimed.npy"
+    with open(claimed, "wb") as handle:
+        numpy.lib.format.write_array_header_1_0(
+            handle, {"descr": "<f4", "fortran_order": False, "shape": (MEL, 10**12)}
+        )
+        handle.write(bytes(64))
+    sparse, count = tmp_path / "sparse.safetensors", MEL * 100_000_000
+    header = json.dumps({"features": {"dtype": "F64", "shape": [MEL, 100_000_000], "data_offsets": [0, 8 * count]}})
+    with open(sparse, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header.encode())
+        handle.truncate(8 + len(header) + 8 * count)
+    mapped = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = mapped + 2**30 if hard == resource.RLIM_INFINITY else min(hard, mapped + 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        for path, message in (
+            (claimed, f"header says [{MEL}, 1000000000000] float32 values, which its 64 bytes of data do not hold"),
+            (sparse, "the features tensor 'features' holds 5.96 GiB: the limit is 1 GiB"),
+        ):
+            with pytest.raises(DataError, match=re.escape(message)) as caught:
+                read_features(path, typed, "features")
+            assert str(path) in str(caught.value)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

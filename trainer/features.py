@@ -1,6 +1,7 @@
 """Float features a model decodes into text (a Whisper model's log-mel spectrograms), read from files that hold
 data only: NumPy's .npy, read with allow_pickle=False (an object array, which only a pickle can hold, is refused
-unread), or safetensors (its header checked first, common.tensorfile). Each file is held against the model's
+unread), or safetensors (its header checked first, common.tensorfile); either header is held against the data the
+file holds and the 1 GiB limit before anything is allocated. Each file is held against the model's
 source input before anything runs: floating-point values, the sizes the input fixes (80 mel bins), and the
 limits its blocks put on the named sizes (3000 frames: Whisper's 1500 positions after the stride-2 convolution),
 every defect a located error naming the file."""

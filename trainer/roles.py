@@ -130,7 +130,8 @@ def find_roles(
                 f"the source input {src!r} holds {inputs[src].dtype} features, not token ids: training and translating "
                 "text read token ids",
                 where,
-                hint="an imported model decodes features into text: blockgraph translate MODEL --features FILE.npy",
+                hint="an imported speech model (Whisper) decodes its features into text: blockgraph translate MODEL "
+                "--features FILE.npy",
             )
         )
     for role, chosen in (("src", src), ("tgt", tgt)):
