@@ -29,12 +29,13 @@ SMALL = {
     "head_dim": 8, "experts": 4, "top_k": 2, "shared_d_ff": 24, "pattern": 2, "attn_softcap": 1.0, "final_softcap": 2.0,
     "rope_factor": 4.0, "q_lora_rank": 8, "kv_lora_rank": 8, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
     "v_head_dim": 4, "moe_d_ff": 8, "groups": 2, "groups_kept": 1, "dense_layers": 1,
+    "attn_period": 2, "attn_offset": 0,  # the hybrid's 2 layers: attention with a SwiGLU, then Mamba with experts
 }  # fmt: skip
 DECODERS = [
     "transformer", "transformer_tied", "gpt_decoder", "lstm_lm", "rnn_seq2seq_attention", "rnn_seq2seq_local",
     "rnn_seq2seq_hard", "rnn_seq2seq_input_feeding", "gpt2", "llama", "mistral", "gpt_neox", "marian_zh_en",
     "bart", "t5", "qwen2", "qwen3", "olmo2", "phi3", "mixtral", "gemma", "gemma2", "gemma3_text",
-    "qwen2_moe", "deepseek_v3", "qwen3_moe", "mamba",
+    "qwen2_moe", "deepseek_v3", "qwen3_moe", "mamba", "hybrid",
 ]  # fmt: skip
 
 
