@@ -14,8 +14,8 @@ from conftest import SPECS
 from rich.console import Console
 
 from blockgraph.blocks.attention import MultiHeadAttention
-from blockgraph.blocks.stepping import StepCache
 from blockgraph.blocks.state_space import Mamba
+from blockgraph.blocks.stepping import StepCache
 from blockgraph.builder import pipeline, views
 from blockgraph.trainer import batching, corpus, decode, losses, tasks
 from blockgraph.trainer.batching import Example
@@ -53,7 +53,8 @@ def test_a_prompt_is_read_and_only_the_target_and_eos_are_scored():
     assert batch.tgt_out.tolist() == [[5, 6, sep, 7, 8, EOS_ID], [9, sep, 4, EOS_ID, PAD_ID, PAD_ID]]
     assert batch.tokens == 5  # 7, 8, eos; 4, eos
     log_probs = torch.randn(2, 6, 15).log_softmax(-1)
-    scored = log_probs[0, 3, 7] + log_probs[0, 4, 8] + log_probs[0, 5, EOS_ID] + log_probs[1, 2, 4] + log_probs[1, 3, EOS_ID]
+    gold = [(0, 3, 7), (0, 4, 8), (0, 5, EOS_ID), (1, 2, 4), (1, 3, EOS_ID)]  # (row, position, token)
+    scored = sum(log_probs[row, position, token] for row, position, token in gold)
     torch.testing.assert_close(losses.batch_nll(log_probs, batch, 0.0, PAD_ID), -scored)
     right = torch.nn.functional.one_hot(batch.tgt_out, 15).float().log_softmax(-1)  # every position's argmax right
     assert losses.batch_correct(right, batch) == 5
@@ -90,7 +91,7 @@ def test_the_hybrid_inspects_with_each_layer_s_kind():
     assert [kinds[f"layers.{i}"] for i in range(4)] == KINDS
     blocks = {node["id"]: node["block"] for node in report["nodes"]}
     assert [blocks[f"layers.{i}.mixer"] for i in range(4)] == ["mamba", "mamba", "multi_head_attention", "mamba"]
-    assert [blocks[f"layers.{i}.ffn"] for i in range(4)] == ["swiglu", "mixture_of_experts", "swiglu", "mixture_of_experts"]
+    assert [blocks[f"layers.{i}.ffn"] for i in range(4)] == ["swiglu", "mixture_of_experts"] * 2
     console = Console(file=io.StringIO(), width=200)
     console.print(views.inspect_report(typed, model, depth=2))
     tree = console.file.getvalue()  # type: ignore[attr-defined]
