@@ -85,6 +85,9 @@ class Block(nn.Module):
     in_ports: ClassVar[tuple[Port, ...]] = (Port("x"),)
     out_ports: ClassVar[tuple[Port, ...]] = (Port("y"),)
     example: ClassVar[dict[str, Any] | None] = None
+    # parameters whose initial values are part of the block's definition (a state-space layer's decay rates),
+    # by name within the block: a trainer's generic initialisation leaves them as the block drew them
+    own_init: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Any = None) -> None:
         super().__init__()

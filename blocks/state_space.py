@@ -110,6 +110,7 @@ class Mamba(Block):
     )
     out_ports = (Port("y", doc="[batch, seq, d_model]"),)
     example = {"d_model": 768, "d_state": 16, "d_conv": 4, "expand": 2}
+    own_init = ("A_log", "dt_proj.weight")  # the decay rates 1 … N and Δ's spread are Mamba's, not a generic draw
 
     def __init__(self, p: Params):
         super().__init__()

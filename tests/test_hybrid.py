@@ -42,8 +42,8 @@ def _copy_config(spec, overrides: dict, steps: int, **recipe) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def hybrid() -> TrainResult:
-    """The hybrid at small sizes trained on the copy task: 250 steps (its own Mamba initialisation kept)."""
-    return train(_copy_config(HYBRID, HYBRID_SMALL, 250, lr=1e-2, warmup=20, clip_norm=1.0, init="spec"), quiet=True)
+    """The hybrid at small sizes trained on the copy task: 250 steps (Xavier, Mamba's own initialisation kept)."""
+    return train(_copy_config(HYBRID, HYBRID_SMALL, 250, lr=1e-2, warmup=20, clip_norm=1.0), quiet=True)
 
 
 def test_a_prompt_is_read_and_only_the_target_and_eos_are_scored():
@@ -139,3 +139,21 @@ def test_the_trained_hybrid_decodes_step_by_step_as_a_full_rerun_with_flat_mamba
 def _written(cache: StepCache) -> int:
     """The most positions written into a growing buffer of `cache` or its children (0: none grows)."""
     return max([written for _, written in cache.filled.values()] + [_written(c) for c in cache.children.values()] + [0])
+
+
+def test_xavier_initialisation_leaves_what_a_block_draws_as_its_own():
+    """`--init xavier` redraws every weight matrix but Mamba's decay rates (A = −(1 … N)) and Δ's projection."""
+    from blockgraph.trainer.loop import initialise
+
+    model = pipeline.build(HYBRID, overrides=HYBRID_SMALL)
+    mamba = model.get_submodule("layers.0.mixer")
+    assert isinstance(mamba, Mamba)
+    drawn = {name: p.detach().clone() for name, p in model.named_parameters()}
+    initialise(model)
+    rates = torch.log(torch.arange(1, 5, dtype=torch.float32)).expand(mamba.d_inner, 4)
+    assert torch.equal(mamba.A_log, rates)
+    kept = {name for name, p in model.named_parameters() if torch.equal(p, drawn[name])}
+    matrices = {name for name, p in model.named_parameters() if p.dim() > 1}
+    assert {name for name in matrices & kept} == {
+        name for name in matrices if name.endswith(("mixer.A_log", "mixer.dt_proj.weight"))
+    }

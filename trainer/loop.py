@@ -600,12 +600,15 @@ def initialise(model: GraphModel) -> None:
     """Xavier-uniform initialisation of every weight with two or more dimensions (as the Annotated Transformer).
 
     Blocks' defaults differ (nn.Embedding draws N(0, 1), which `scale: true` multiplies by √d_model, drowning
-    the position signal in small models); embeddings loaded from `pretrained` files and frozen tensors are kept.
+    the position signal in small models); embeddings loaded from `pretrained` files, frozen tensors and what a
+    block initialises as part of its definition (`Block.own_init`: Mamba's decay rates) are kept.
     """
     keep = set()
     for inst in model.typed_graph.graph.nodes.values():
+        module = model.get_submodule(inst.module_id)
         if getattr(inst.params, "pretrained", None):
-            keep |= {id(p) for p in model.get_submodule(inst.module_id).parameters()}
+            keep |= {id(p) for p in module.parameters()}
+        keep |= {id(module.get_parameter(name)) for name in inst.entry.cls.own_init}
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() > 1 and parameter.requires_grad and id(parameter) not in keep:
