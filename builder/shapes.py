@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import sympy
 
 from blockgraph.blocks.registry import Port
-from blockgraph.blocks.types import Limit, ShapeError, TensorType, as_dim, dtype_kind, format_shape, symbol
+from blockgraph.blocks.types import Dim, Limit, ShapeError, TensorType, as_dim, dtype_kind, format_shape, symbol
 from blockgraph.builder.graph import Endpoint, Graph, NodeInstance
 from blockgraph.common.errors import Location, Problem, ProblemList, SpecError
 from blockgraph.common.text import sizes_text
@@ -89,14 +90,38 @@ def infer_shapes(graph: Graph) -> TypedGraph:
 
 
 def check_bounds(typed: TypedGraph, sizes: dict[str, int]) -> None:
-    """Raise a located `SpecError` for every block limit these sizes of the named dimensions exceed."""
+    """Raise a located `SpecError` for every block limit these sizes of the named dimensions exceed, and for every
+    node whose output they leave without a position (a convolution's kernel longer than its padded input)."""
     subs = {symbol(name): size for name, size in sizes.items()}
     problems = ProblemList()
     for bound in typed.bounds:
         value = sympy.sympify(bound.limit.size).subs(subs)  # an expression: a number was checked at once
         if value.is_number and int(value) > bound.limit.most:
             problems.add(_exceeded(bound, int(value), f" ({bound.limit.size} at {sizes_text(sizes)})"))
+    for inst in typed.graph.nodes.values():
+        empty = next(_empty_sizes(typed, inst, subs), None)
+        if empty is not None:
+            dim, value = empty
+            problems.add(
+                Problem(
+                    f"its output's dimension {dim} would be {value} at {sizes_text(sizes)}: the input is too short",
+                    typed.graph.locate(inst.spec_path),
+                    hint="give longer inputs with --dim, or smaller kernels, strides or patches",
+                    node=inst.id,
+                )
+            )
     problems.raise_if_errors(SpecError)
+
+
+def _empty_sizes(typed: TypedGraph, inst: NodeInstance, subs: dict[sympy.Symbol, int]) -> Iterator[tuple[Dim, int]]:
+    """Each output dimension of the node that these sizes make smaller than 1, with its value."""
+    for out in typed.output_types(inst):
+        for dim in out.shape:
+            if isinstance(dim, int):
+                continue
+            value = dim.subs(subs)
+            if value.is_number and int(value) < 1:
+                yield dim, int(value)
 
 
 def largest(typed: TypedGraph, name: str) -> int | None:

@@ -89,6 +89,31 @@ def test_what_does_not_fit_is_refused_with_a_fix():
         CONV2D.Params(in_channels=3, out_channels=3, kernel=[3, 0])
 
 
+def test_named_sizes_too_short_for_a_kernel_are_refused_at_the_node_before_anything_runs(write_spec, run_cli):
+    """A 5-wide kernel over `frames` leaves frames − 4 positions: at frames=3 that is −1, said by inspect and build."""
+    spec = write_spec(
+        {
+            "name": "short",
+            "dims": {"batch": 2, "frames": 3},
+            "inputs": {"features": {"shape": ["batch", 4, "frames"]}},
+            "nodes": {
+                "conv": {
+                    "type": "conv1d",
+                    "params": {"in_channels": 4, "out_channels": 8, "kernel": 5},
+                    "in": "features",
+                }
+            },
+            "outputs": "conv",
+        }
+    )
+    for command in ("inspect", "build"):
+        result = run_cli(command, spec)
+        assert result.code == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "output's dimension frames - 4 would be -1 at batch=2, frames=3" in result.stderr, result.stderr
+        assert "node conv" in result.stderr and "--dim" in result.stderr
+    assert run_cli("inspect", spec, "--dim", "frames=5").code == 0  # one position left
+
+
 FLOPS_SPEC = {
     "name": "convolutions",
     "inputs": {
