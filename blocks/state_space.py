@@ -56,7 +56,8 @@ class Mamba(Block):
     h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t, and v_t = C_t·h_t + D ⊙ u_t; the output is W_out(v ⊙ SiLU(z)).
     Δ, B and C depend on the input (selective), A and D do not. d_inner = expand · d_model. The tensors keep the
     names and shapes of Hugging Face's MambaMixer (`in_proj`, `conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`,
-    `out_proj`). The scan runs in float32 whatever the model's precision.
+    `out_proj`). The recurrence runs in float32 whatever the model's precision (under autocast the readout C·h
+    follows autocast, as transformers' does).
 
     A whole sequence is scanned in parallel (see `linear_scan`), `chunk` positions at a time with the state carried
     from chunk to chunk: the scan's tensors hold batch · chunk · d_inner · d_state floats. By default a chunk holds
@@ -110,7 +111,8 @@ class Mamba(Block):
     )
     out_ports = (Port("y", doc="[batch, seq, d_model]"),)
     example = {"d_model": 768, "d_state": 16, "d_conv": 4, "expand": 2}
-    own_init = ("A_log", "dt_proj.weight")  # the decay rates 1 … N and Δ's spread are Mamba's, not a generic draw
+    # the decay rates 1 … N, Δ's spread and the depthwise kernel (whose fans a dense rule miscounts) are Mamba's
+    own_init = ("A_log", "dt_proj.weight", "conv1d.weight")
 
     def __init__(self, p: Params):
         super().__init__()
@@ -179,6 +181,8 @@ class Mamba(Block):
         if keep is not None:
             x = x * keep
         inner, gate = self.in_proj(x).chunk(2, dim=-1)
+        if keep is not None and self.in_proj.bias is not None:  # W_in's bias: not an input the convolution may read
+            inner = inner * keep
         if conv is None:
             conv = inner.new_zeros(inner.size(0), self.d_inner, self.d_conv - 1)
         stream = torch.cat((conv, inner.transpose(1, 2)), dim=2)  # [batch, d_inner, d_conv − 1 + seq]

@@ -142,7 +142,8 @@ def _written(cache: StepCache) -> int:
 
 
 def test_xavier_initialisation_leaves_what_a_block_draws_as_its_own():
-    """`--init xavier` redraws every weight matrix but Mamba's decay rates (A = −(1 … N)) and Δ's projection."""
+    """`--init xavier` redraws every weight matrix but Mamba's decay rates (A = −(1 … N)), Δ's projection and its
+    depthwise convolution's kernel."""
     from blockgraph.trainer.loop import initialise
 
     model = pipeline.build(HYBRID, overrides=HYBRID_SMALL)
@@ -155,5 +156,5 @@ def test_xavier_initialisation_leaves_what_a_block_draws_as_its_own():
     kept = {name for name, p in model.named_parameters() if torch.equal(p, drawn[name])}
     matrices = {name for name, p in model.named_parameters() if p.dim() > 1}
     assert {name for name in matrices & kept} == {
-        name for name in matrices if name.endswith(("mixer.A_log", "mixer.dt_proj.weight"))
+        name for name in matrices if name.endswith(("mixer.A_log", "mixer.dt_proj.weight", "mixer.conv1d.weight"))
     }

@@ -110,6 +110,19 @@ def test_padding_is_masked_as_transformers_masks_it_and_left_padding_changes_not
         assert (ours(x)[1, 3:] - alone[0]).abs().max().item() > 1e-3  # what the padded inputs would have changed
 
 
+def test_left_padding_changes_nothing_with_a_biased_input_projection():
+    """The bias of W_in is not an input: the padded positions still feed zeros to the convolution."""
+    torch.manual_seed(0)
+    ours = Mamba(Mamba.Params(**SIZES, bias=True)).eval()
+    with torch.no_grad():
+        ours.in_proj.bias.normal_()
+    x = torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(7))
+    pad = torch.zeros(1, 9, dtype=torch.bool)
+    pad[0, :3] = True
+    with torch.no_grad():
+        assert (ours(x, pad)[:, 3:] - ours(x[:, 3:])).abs().max().item() <= 1e-5
+
+
 def test_steps_equal_the_full_run_through_chunks_padding_and_reordered_rows():
     """A prompt (one row left-padded), single positions and a three-position step, rows reordered as beam search
     does, with chunks of 2 positions: every step's outputs are the full run's at its positions."""
