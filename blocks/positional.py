@@ -175,7 +175,7 @@ class LearnedPosition(PositionTable):
         freeze: bool = Field(False, description="keep the table fixed (requires_grad False), as Whisper's encoder")
 
         @model_validator(mode="after")
-        def _row_in_table(self) -> LearnedPosition.Params:
+        def _consistent(self) -> LearnedPosition.Params:
             if self.init != "normal":
                 check_layout(self.init, self.dim)
             if self.pad_row >= self.max_len + self.offset:
