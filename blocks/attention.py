@@ -429,6 +429,23 @@ class MultiHeadAttention(Block):
         q, k, v = self.projected(0, query, key, value, positions)
         return self.merge(*self.attend(q, k, v, key_padding_mask, attn_mask, position_bias))
 
+    def weights(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        position_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The per-head weights [batch, heads, q_len, k_len] that `forward` gives these inputs, with or without
+        need_weights: to look at a trained model's attention (trainer.generation) without changing its outputs."""
+        q, k, v = self.projected(0, query, key, value, positions)
+        weights = self.attend(q, k, v, key_padding_mask, attn_mask, position_bias, keep=True)[1]
+        assert weights is not None
+        return weights
+
     @classmethod
     def stepping(cls, p: Params, ports: Mapping[str, bool]) -> Stepping | None:
         """Causal self-attention keeps its keys and values; attention to a fixed memory projects it once."""
@@ -541,19 +558,21 @@ class MultiHeadAttention(Block):
         position_bias: torch.Tensor | None,
         offset: int = 0,
         key_positions: torch.Tensor | None = None,
+        keep: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Heads [batch, heads, len, head_dim] in, heads out: SDPA's fused kernel, or explicit with weights or a
         softcap.
 
         `offset`: the queries are positions offset, offset + 1, … (a decoding step after `offset` cached keys);
-        `key_positions`: the keys' positions, when not 0, 1, … (a sliding window's ring).
+        `key_positions`: the keys' positions, when not 0, 1, … (a sliding window's ring); `keep`: return the
+        weights even without need_weights.
         """
         dropout = self.dropout if self.training else 0.0
         grouped = self.kv_heads != self.heads
         b, _, t_q, _ = q.shape
         causal = self.causal and not (offset and t_q == 1)  # the newest position alone sees every key so far
         unmasked = key_padding_mask is None and attn_mask is None and position_bias is None and self.window is None
-        explicit = self.need_weights or self.softcap is not None
+        explicit = self.need_weights or keep or self.softcap is not None
         if unmasked and not explicit and not (causal and offset):  # SDPA's own causal flag is top-left
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout, is_causal=causal, scale=self.scale, enable_gqa=grouped
@@ -577,7 +596,7 @@ class MultiHeadAttention(Block):
             if grouped:
                 k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
             y, weights = attention(q, k, v, mask, dropout, self.scale, self.softcap)
-            return y, weights if self.need_weights else None
+            return y, weights if self.need_weights or keep else None
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=grouped
         )
@@ -853,6 +872,16 @@ class LocalAttention(SourceAttention):
         t = torch.arange(start, start + h_t.size(1), device=h_t.device, dtype=h_t.dtype)
         return torch.minimum(t[None, :], source_len[:, None] - 1)
 
+    def aligned(
+        self, start: int, query: torch.Tensor, memory: torch.Tensor, memory_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """p_t, the window's centre, [batch, tgt_len], S being each example's unpadded source length (also what
+        an attention map draws the window from: trainer.attention_maps)."""
+        source_len = torch.full((memory.size(0),), memory.size(1), dtype=query.dtype, device=query.device)
+        if memory_padding_mask is not None:
+            source_len = (~memory_padding_mask).sum(-1).to(query.dtype)
+        return self.aligned_position(query, source_len, start)
+
     def attend(
         self,
         start: int,
@@ -861,11 +890,8 @@ class LocalAttention(SourceAttention):
         keys: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, src_len = memory.shape[:2]
-        source_len = torch.full((b,), src_len, dtype=query.dtype, device=query.device)
-        if memory_padding_mask is not None:
-            source_len = (~memory_padding_mask).sum(-1).to(query.dtype)
-        p_t = self.aligned_position(query, source_len, start)
+        src_len = memory.size(1)
+        p_t = self.aligned(start, query, memory, memory_padding_mask)
         distance = torch.arange(src_len, device=query.device, dtype=query.dtype) - p_t[..., None]  # s − p_t
         scores = self.mask_padding(self.score_keys(query, keys), memory_padding_mask)
         align = masked_softmax(scores.masked_fill(distance.abs() > self.window, float("-inf")))

@@ -24,6 +24,7 @@ from blockgraph.common.text import excerpt
 from blockgraph.trainer.config import MAX_SEED, RESUMABLE, command_parameters
 
 if TYPE_CHECKING:
+    from blockgraph.trainer.attention_maps import SentenceAttention
     from blockgraph.trainer.distributed import Ending
 
 
@@ -236,18 +237,33 @@ def translate(
             "per utterance: an imported Whisper's log-mel spectrogram, mel × frames (or utterances × mel × frames).",
         ),
     ] = None,
+    attention: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Also draw each sentence's cross-attention weights as heatmaps labelled with the source and target "
+            "tokens (per layer and head, and averaged) into FILE.html (self-contained) or FILE.svg.",
+        ),
+    ] = None,
 ) -> None:
     """Translate sentences with a trained checkpoint (greedy or beam search); a language model continues them.
 
     One line out per line in, in order, decoded `--batch-size` at a time. A classifier's checkpoint prints
     each text's most likely label and its probability. An imported speech model (Whisper) writes out the text
-    of audio features given with --features.
+    of audio features given with --features. With --attention, each sentence is decoded alone and its best
+    translation's attention maps are drawn.
     """
     from blockgraph.trainer import checkpoint, model_path, pretrained
     from blockgraph.trainer.features import read_features
     from blockgraph.trainer.generation import Translator
     from blockgraph.trainer.roles import ModelIO, Roles
 
+    if attention is not None:
+        from blockgraph.trainer import attention_maps
+
+        attention_maps.check_path(attention)  # before the model is read
+        if features is not None or n_best > 1:
+            raise UsageError(Problem("--attention draws the best translation of sentences: drop --features/--n-best"))
     given = model_path.resolve(checkpoint_dir).trained("translate")
     if features is not None:
         if text or file is not None:
@@ -279,6 +295,8 @@ def translate(
             given.run("translate"), device=device, tokenizers=(src_tokenizer or tokenizer, tgt_tokenizer or tokenizer)
         )
         roles = Roles(**saved.info["roles"])
+        if roles.kind == "classify" and attention is not None:
+            raise UsageError(Problem("a classifier has no translation to draw the attention of: drop --attention"))
         if roles.kind == "classify":
             model, io = saved.model.eval(), ModelIO(roles)
             for sentence in sentences:
@@ -286,6 +304,9 @@ def translate(
                 write_plain(f"{label}\t{probability:.3f}")
             return
         translator = Translator.of_checkpoint(saved, compiled=compile_step, precision=precision, note=_note)
+    if attention is not None:
+        _draw_attention(translator.attention(sentences, beam=beam, max_len=max_len, alpha=alpha), attention)
+        return
     results = translator.translate(
         sentences, beam=beam, max_len=max_len, alpha=alpha, n_best=n_best, batch_size=batch_size,
         window=_window(text),
@@ -418,6 +439,18 @@ def _own_tokenizer(given: str | None) -> None:
         raise UsageError(
             Problem("an imported model decodes with its own tokenizer", hint="leave out --tokenizer options")
         )
+
+
+def _draw_attention(found: Iterable[SentenceAttention], path: Path) -> None:
+    """Print each translation as it is done, then write the attention maps of them all to `path`."""
+    from blockgraph.trainer import attention_maps
+
+    drawn = []
+    for sentence in found:
+        write_plain(sentence.translation)
+        drawn.append(sentence)
+    attention_maps.write(path, drawn)
+    err.print(f"attention maps: {escape(str(path))}")
 
 
 def _note(text: str) -> None:

@@ -11,6 +11,7 @@ features (Whisper's log-mel spectrograms) decodes them into text instead (`decod
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from blockgraph.builder import precision as precisions
 from blockgraph.builder.model import GraphModel
 from blockgraph.common.errors import CheckpointError, DataError, Location, Problem, UsageError
 from blockgraph.common.text import excerpt
-from blockgraph.trainer import checkpoint, decode, fits
+from blockgraph.trainer import attention_maps, checkpoint, decode, fits
 from blockgraph.trainer.batching import pad
 from blockgraph.trainer.roles import Roles
 from blockgraph.trainer.text import TextSide
@@ -221,6 +222,47 @@ class Translator:
             }
             for hypotheses in self._search(given, search, None):
                 yield [Output(self.target.decode(list(h.tokens)), h.normalized) for h in hypotheses[:n_best]]
+
+    def attention(
+        self, sentences: Iterable[str], *, beam: int = 1, max_len: int | None = None, alpha: float = 0.0
+    ) -> Iterator[attention_maps.SentenceAttention]:
+        """Each sentence's best translation (as `translate` gives it) with the cross-attention weights of every
+        attention node of the model, from one teacher-forced run on the source and that translation
+        (trainer.attention_maps); the decoding itself is unchanged."""
+        search = Search(beam, alpha)
+        _check_search(search, max_len)
+        if not self.seq2seq or self.features:
+            raise UsageError(Problem("attention maps show how a translation attends its source: this model has none"))
+        assert self.source is not None
+        for index, sentence in enumerate(sentences):
+            item = self._item(index, sentence, max_len)
+            if not item.ids:
+                yield attention_maps.SentenceAttention([], [], "", [])
+                continue
+            src, src_pad = (t.to(self.decoder.device) for t in pad([item.ids], self.decoder.specials.fill))
+            given = {"src": src, "src_pad": src_pad, "prompt": None, "rows": 1, "max_len": item.limit}
+            self._fits([item], search, src, None)
+            tokens = list(self._search(given, search, None)[0][0].tokens)
+            read = torch.tensor([tokens[:-1]], dtype=torch.long, device=self.decoder.device)
+            tgt = torch.cat((self.decoder.begin(None, 1), read), dim=1)
+            tgt_pad = torch.zeros_like(tgt, dtype=torch.bool) if self.decoder.pad_required else None
+            run = functools.partial(self.decoder.io, self.model, tgt, src, src_pad, tgt_pad)
+            maps = attention_maps.capture(self.model, run)
+            if not maps:
+                raise UsageError(
+                    Problem("this model has no attention node whose weights can be drawn (multi_head_attention "
+                            "across to the source, global_attention, hard_attention, local_attention)")
+                )  # fmt: skip
+            yield attention_maps.SentenceAttention(
+                [self._token(self.source, i) for i in item.ids],
+                [self._token(self.target, i) for i in tokens],
+                self.target.decode(tokens),
+                maps,
+            )
+
+    def _token(self, side: TextSide, token: int) -> str:
+        """A token id as a label: its text, or a name for the end mark and for ids that read as nothing."""
+        return "</s>" if token == self.decoder.specials.eos else side.decode([token]) or f"<{token}>"
 
     def _run(
         self, sentences: Iterable[str], batch_size: int, most: int | None, search: Search, window: int
