@@ -236,6 +236,9 @@ class InspectFormat(str, Enum):
     json = "json"
     mermaid = "mermaid"
     dot = "dot"
+    html = "html"
+    svg = "svg"
+    png = "png"
 
 
 DtypeOpt = Annotated[
@@ -347,8 +350,22 @@ def inspect(
         ),
     ] = None,
     format: Annotated[
-        InspectFormat, typer.Option("--format", "-f", help="tree, table, json, mermaid or dot.")
+        InspectFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="tree, table, json, mermaid, dot; html (an interactive page), svg or png (a picture of the graph).",
+        ),
     ] = InspectFormat.tree,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write json, mermaid, dot, html, svg or png to this file (png needs it).",
+            show_default=False,
+        ),
+    ] = None,
     dtype: Annotated[
         str | None, typer.Option(help="Floating dtype activation and training memory are counted in (default float32).")
     ] = None,
@@ -377,6 +394,17 @@ def inspect(
 
     if code and params:
         raise UsageError(Problem("--code and --params print different things", hint="give one of them"))
+    if output is not None and (code or params or format in (InspectFormat.tree, InspectFormat.table)):
+        shown = "--code" if code else "--params" if params else f"--format {format.value}"
+        raise UsageError(
+            Problem(f"--out writes a file of the graph; {shown} prints to the terminal", hint="redirect it: > FILE")
+        )
+    if format is InspectFormat.png and output is None and not params:
+        raise UsageError(Problem("--format png is an image, not text", hint="give --out FILE.png"))
+    if output is not None:  # refused now (a FIFO, a device, a directory), not after the analysis
+        from blockgraph.common.atomic import check_file_target
+
+        check_file_target(output, what=f"{format.value} file")
     valid = model_path(spec).load_spec(
         parse_pairs(set_, "--set", typed=True), allow_external_files=allow_external_files
     )
@@ -397,24 +425,35 @@ def inspect(
             write_plain(model.code)
         return
     compute_dtype = pipeline.parse_dtype(dtype)
-    report = views.inspect_report(
-        typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=compute_dtype
-    )
-    per_rank = None
+    per_rank = None  # the table of --ranks: after the tree or the table, in the HTML page's totals
+    per_process = None  # the same in JSON
     if ranks > 1 or strategy is not None:
         from blockgraph.builder.views import per_rank as shares
 
         chosen: Literal["ddp", "fsdp"] = "ddp" if strategy is Strategy.ddp else "fsdp"  # fsdp by default
         size = compute_dtype.itemsize if compute_dtype is not None else 4  # float32
         if format is InspectFormat.json:
-            assert isinstance(report, str)  # json is text
-            report = json.dumps({**json.loads(report), "per_process": shares.ranks_json(model, ranks, chosen, size)})
-        elif format in (InspectFormat.tree, InspectFormat.table):
+            per_process = shares.ranks_json(model, ranks, chosen, size)
+        elif format in (InspectFormat.tree, InspectFormat.table, InspectFormat.html):
             per_rank = shares.ranks_table(model, ranks, chosen, size)
-    if isinstance(report, str):  # json, mermaid, dot: as is, never wrapped or read as Rich markup
+    report = views.inspect_report(
+        typed, model, depth=depth, fmt=format.value, dims=parse_dims(dim), dtype=compute_dtype, per_rank=per_rank
+    )
+    if per_process is not None:
+        assert isinstance(report, str)  # json is text
+        report = json.dumps({**json.loads(report), "per_process": per_process})
+    if output is not None:
+        from blockgraph.common.atomic import write_file
+
+        data = report if isinstance(report, bytes) else (str(report).rstrip("\n") + "\n").encode()
+        write_file(output, lambda tmp: tmp.write_bytes(data), what=f"{format.value} file")
+        err.print(f"wrote {output}", markup=False)
+        return
+    if isinstance(report, str):  # json, mermaid, dot, html, svg: as is, never wrapped or read as Rich markup
         write_plain(report, json=format is InspectFormat.json)
-    else:
-        out.print(report)
+        return
+    assert not isinstance(report, bytes)  # png needs --out, checked first
+    out.print(report)
     if per_rank is not None:
         out.print(per_rank)
 

@@ -55,7 +55,7 @@ def _train(
     ctx: typer.Context, *, out_dir: Path | None, resume: Path | None, nproc: int, quiet: bool, **options: Any
 ) -> None:
     """Train SPEC on tab-separated source/target pairs (or a synthetic task) and write checkpoints."""
-    from blockgraph.trainer import distributed, model_path, rundir
+    from blockgraph.trainer import distributed, model_path, rundir, tensorboard
     from blockgraph.trainer.config import config_from_command_line
     from blockgraph.trainer.loop import check_precision, check_tokenizers
     from blockgraph.trainer.loop import train as run_training
@@ -72,6 +72,7 @@ def _train(
     if nproc > 1:
         check_tokenizers(config)  # here, before any worker starts (a run in this process checks them itself)
         check_precision(config, config.device)
+        tensorboard.check(config, out_dir)
         debug = bool(ctx.find_root().params.get("debug"))
         job = distributed.Job.of(config, out_dir, resume, quiet, debug=debug)
         try:

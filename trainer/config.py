@@ -210,6 +210,14 @@ class TrainConfig(DataOptions):
     bleu_sentences: Annotated[
         int, Field(ge=0, le=10**7, description="Held-out sentences translated for BLEU each epoch (0: none)."), Cli()
     ] = 200
+    tensorboard: Annotated[
+        bool,
+        Field(
+            description="Also write the curves and the options for TensorBoard into RUN/tensorboard (needs the "
+            "tensorboard package, blockgraph's extra of that name)."
+        ),
+        Cli(),
+    ] = False
     device: Annotated[str, Field(description="cpu or cuda (each process takes cuda:LOCAL_RANK)."), Cli()] = "cpu"
     precision: Annotated[
         Literal["32", "bf16-mixed", "16-mixed"],
@@ -246,7 +254,7 @@ class TrainConfig(DataOptions):
 #: options a resumed run takes from the command line when given again; the others are the checkpoint's
 RESUMABLE = frozenset(
     {"epochs", "max_steps", "device", "data", "valid_data", "save_every", "bleu_sentences", "skip_bad_lines",
-     "checkpoint_activations", "precision"}
+     "checkpoint_activations", "precision", "tensorboard"}
 )  # fmt: skip
 
 

@@ -53,6 +53,7 @@ from blockgraph.trainer import (
     rundir,
     schedule,
     sharded,
+    tensorboard,
 )
 from blockgraph.trainer.config import RESUMABLE, TrainConfig
 from blockgraph.trainer.roles import ModelIO, Roles, check_sizes, class_variable, find_roles, sizes, vocab_variables
@@ -70,7 +71,9 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
 
 
-SUMS = ("loss", "tokens", "correct")  # what an epoch's training figures are made of, summed over its batches
+#: what an epoch's training figures are made of, summed over its batches (and the ranks); the gradient norm, the
+#: same on every rank, is summed by the main process alone, over its steps with a finite norm (`grad_steps`)
+SUMS = ("loss", "tokens", "correct", "grad_norm", "grad_steps")
 
 
 class EpochSums(BaseModel):
@@ -82,6 +85,8 @@ class EpochSums(BaseModel):
     loss: float = Field(0.0, allow_inf_nan=False)
     tokens: float = Field(0.0, ge=0, allow_inf_nan=False)
     correct: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grad_norm: float = Field(0.0, ge=0, allow_inf_nan=False)
+    grad_steps: float = Field(0.0, ge=0, allow_inf_nan=False)
     outputs: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
         default_factory=dict
     )  # each declared loss output times its batches' tokens
@@ -102,13 +107,15 @@ class Voice:
 @dataclass(frozen=True)
 class StepFigures:
     """One step's figures on this rank: the summed training loss, its tokens and how many of them the model got
-    right, the tokens of the global batch, and each declared loss output times the tokens (for the epoch mean)."""
+    right, the tokens of the global batch, each declared loss output times the tokens (for the epoch mean), and
+    the norm of the step's (averaged, unscaled, unclipped) gradient."""
 
     loss: float
     tokens: float
     correct: float
     global_tokens: float
     outputs: dict[str, float]
+    grad_norm: float
 
 
 @dataclass
@@ -130,6 +137,7 @@ class Run:
     step: int = 0  # optimizer steps taken
     history: list[dict[str, Any]] = field(default_factory=list)
     sums: dict[str, Any] = field(default_factory=dict)  # the epoch's so far: SUMS, and `outputs` by name
+    board: tensorboard.Board | None = None  # --tensorboard's writer, on the main process
 
     def __post_init__(self) -> None:
         if not self.sums:
@@ -336,6 +344,9 @@ class Run:
                     totals["correct"] += figures.correct
                     for name, value in figures.outputs.items():
                         totals["outputs"][name] += value
+                    if context.main and math.isfinite(figures.grad_norm):  # 16-mixed: an overflow skips the step
+                        totals["grad_norm"] += figures.grad_norm
+                        totals["grad_steps"] += 1
                     seen += figures.global_tokens
                     speed = seen / max(time.perf_counter() - started, 1e-9)
                     progress.update(task, advance=1, loss=figures.loss / max(figures.tokens, 1), speed=speed)
@@ -355,16 +366,19 @@ class Run:
                 saved = self.save() or saved
                 if self.out is not None and context.main:
                     rundir.append_line(self.out / rundir.METRICS, json.dumps(record))
+                if self.board is not None:
+                    self.board.log(record)
         if saved is not None:
             self.say(f"checkpoint: {escape(str(saved))}")
         return saved
 
     def _epoch_record(self, totals: dict[str, Any], speed: float) -> dict[str, Any]:
         """The epoch's training figures over all ranks: loss and accuracy per token, each declared loss output's
-        mean (weighted by its batches' tokens)."""
+        mean (weighted by its batches' tokens), the learning rate of its last step and its steps' mean gradient
+        norm."""
         names = list(totals["outputs"])
-        loss, tokens, correct, *outputs = distributed.all_sum(
-            self.context, totals["loss"], totals["tokens"], totals["correct"], *totals["outputs"].values()
+        loss, tokens, correct, grad_norm, grad_steps, *outputs = distributed.all_sum(
+            self.context, *(totals[name] for name in SUMS), *totals["outputs"].values()
         )
         record = {
             "epoch": self.epoch + 1,
@@ -374,6 +388,9 @@ class Run:
         }
         for name, value in zip(names, outputs, strict=True):
             record[f"train_loss_{name}"] = value / max(tokens, 1)
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        if grad_steps:
+            record["grad_norm"] = grad_norm / grad_steps
         record["tokens_per_s"] = speed
         return record
 
@@ -393,15 +410,18 @@ class Run:
         schedule.set_lr(self.optimizer, schedule.noam_lr(self.step, self.d_model, self.config.warmup, self.lr_factor))
         loss = self.loss(batch, weight * context.world / max(global_tokens, 1.0), weight)
         self.scaler.scale(loss.objective).backward()
+        self.scaler.unscale_(self.optimizer)  # the norm of the true gradients (16-mixed; otherwise a no-op)
+        norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if self.config.clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)  # the norm of the true gradients
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_norm)
+            nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.clip_norm, norm)
         self.scaler.step(self.optimizer)  # 16-mixed: skipped where a gradient overflowed (and the scale halves)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         correct = losses.batch_correct(loss.outputs.log_probs.detach(), batch) * weight
         outputs = {name: float(value.detach()) * tokens for name, value in loss.outputs.losses.items()}
-        return StepFigures(float(loss.nll.detach()) * weight, tokens, correct, global_tokens, outputs)
+        if self.config.strategy == "fsdp":  # a DTensor: each rank holds its shards' part
+            norm = norm.full_tensor()  # type: ignore[attr-defined]
+        return StepFigures(float(loss.nll.detach()) * weight, tokens, correct, global_tokens, outputs, float(norm))
 
     def loss(self, batch: batching.Batch, scale: float, weight: float = 1.0) -> losses.Loss:
         """The loss this rank minimises on `batch`: its summed cross-entropy times `scale`, plus each declared loss
@@ -474,6 +494,7 @@ def train(
     say = Voice(console or safe_console(stderr=True), context.main and not quiet)
     try:
         out_dir = Path(out) if out is not None else (checkpoint.locate(resume).parent if resume else None)
+        tensorboard.check(config, out_dir)  # before any work (a resumed run's own options are checked as it opens)
         take_lock = out_dir is not None and context.main and not locked
         with rundir.exclusive(out_dir) if take_lock else contextlib.nullcontext():  # type: ignore[arg-type]
             if resume is None and out_dir is not None and (out_dir / checkpoint.NAME).exists():
@@ -487,10 +508,18 @@ def train(
                 run = Run.start(config, context, out_dir, say)
                 if out_dir is not None and context.main:
                     (out_dir / rundir.METRICS).unlink(missing_ok=True)
+                    tensorboard.clear(out_dir)
             else:
                 run = Run.resume(config, resume, context, out_dir, say)
             run.introduce(resume)
-            saved = run.train()
+            run.board = tensorboard.Board.open(
+                run.config, out_dir, main=context.main, step=run.step, resumed=resume is not None
+            )
+            try:
+                saved = run.train()
+            finally:
+                if run.board is not None:
+                    run.board.close()
             return TrainResult(run.model, run.roles, run.data, run.history, run.step, saved, run.optimizer)
     finally:
         distributed.teardown(context)

@@ -19,16 +19,17 @@ from pathlib import Path
 
 from blockgraph.common.atomic import check_directory_target, owned_directory
 from blockgraph.common.errors import Location, Problem, UsageError, WriteError
-from blockgraph.trainer import checkpoint
+from blockgraph.trainer import checkpoint, tensorboard
 
 LOCK = ".lock"
 METRICS = "metrics.jsonl"
 
 
 def is_run_directory(path: Path) -> bool:
-    """A run's own directory: its lock, its metrics and its checkpoint, nothing of the user's beside them (the
-    lock is not required: a run copied without its dot-files is still a run)."""
-    return owned_directory(path, None, {LOCK, METRICS}, {checkpoint.NAME: checkpoint.replaceable})
+    """A run's own directory: its lock, its metrics, its checkpoint and its TensorBoard events, nothing of the
+    user's beside them (the lock is not required: a run copied without its dot-files is still a run)."""
+    directories = {checkpoint.NAME: checkpoint.replaceable, tensorboard.DIRECTORY: tensorboard.is_event_directory}
+    return owned_directory(path, None, {LOCK, METRICS}, directories)
 
 
 @contextlib.contextmanager

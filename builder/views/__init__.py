@@ -5,6 +5,7 @@
 - tables: Rich renderings (the build summary, the tree, the table, the totals);
 - as_json: the JSON format of `inspect` and the resolved spec;
 - drawings: Mermaid and Graphviz;
+- layout, picture, html: the layered layout, drawn as SVG and PNG, and the interactive HTML page;
 - state: the state_dict keys (`inspect --params`);
 - fitted: a Rich table that never breaks a word on a narrow terminal.
 
@@ -25,7 +26,10 @@ from blockgraph.builder.model import GraphModel
 from blockgraph.builder.shapes import TypedGraph
 from blockgraph.builder.views.as_json import architecture_json
 from blockgraph.builder.views.drawings import architecture_dot, architecture_mermaid
+from blockgraph.builder.views.html import html_page
+from blockgraph.builder.views.layout import initially_expanded, scene
 from blockgraph.builder.views.numbers import bytes_text, flops_text
+from blockgraph.builder.views.picture import png_picture, svg_picture
 from blockgraph.builder.views.state import state_json, state_table
 from blockgraph.builder.views.tables import architecture_table, architecture_tree, build_summary, inspect_totals
 from blockgraph.builder.views.units import node_params
@@ -47,7 +51,7 @@ __all__ = [
     "params_report",
 ]
 
-INSPECT_FORMATS = ("tree", "table", "json", "mermaid", "dot")
+INSPECT_FORMATS = ("tree", "table", "json", "mermaid", "dot", "html", "svg", "png")
 
 
 def inspect_report(
@@ -58,11 +62,13 @@ def inspect_report(
     fmt: str = "tree",
     dims: dict[str, int] | None = None,
     dtype: torch.dtype | None = None,
-) -> RenderableType | str:
+    per_rank: RenderableType | None = None,
+) -> RenderableType | str | bytes:
     """Everything `blockgraph inspect` prints, for a (meta) model: a Rich renderable for tree and table, text
-    (to print as is, without Rich markup or wrapping) for json, mermaid and dot.
+    (to print as is, without Rich markup or wrapping) for json, mermaid, dot, html and svg, PNG bytes for png.
 
-    `dims` override the spec's `dims:`; `dtype` is the floating dtype memory is counted in (default float32).
+    `dims` override the spec's `dims:`; `dtype` is the floating dtype memory is counted in (default float32);
+    `per_rank` (the table of `--ranks`) goes into the HTML page's totals.
     """
     fmt = getattr(fmt, "value", fmt)
     if fmt not in INSPECT_FORMATS:
@@ -74,6 +80,13 @@ def inspect_report(
     costs = analyse(typed, model, dims, dtype=dtype)
     if fmt == "json":
         return json.dumps(architecture_json(typed, params, costs), indent=2, ensure_ascii=False)
+    if fmt in ("html", "svg", "png"):
+        drawn = scene(typed, params, costs)
+        opened = initially_expanded(drawn, depth)
+        if fmt == "html":
+            totals = [inspect_totals(typed, costs)] + ([per_rank] if per_rank is not None else [])
+            return html_page(drawn, opened, totals)
+        return svg_picture(drawn, opened) if fmt == "svg" else png_picture(drawn, opened)
     if fmt == "table":
         body: RenderableType = architecture_table(typed, params, depth, costs)
     else:
