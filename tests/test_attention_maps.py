@@ -5,6 +5,7 @@ and written as every output is."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -12,6 +13,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 from conftest import SPECS, tiny_reverse_config
+from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
@@ -142,6 +144,71 @@ def test_hostile_tokens_are_escaped():
     ET.fromstring(attention_maps.svg([drawn]))  # well-formed despite the markup and the control character
     page = attention_maps.html([drawn])
     assert "<script>" not in page and "&lt;script&gt;" in page and "&amp;amp;" in page
+    halves = attention_maps.AttentionMap("attn", "global", torch.full((1, 1, 2), 0.5))
+    chinese = attention_maps.SentenceAttention(["我们", "line\nbreak"], ["é"], "t", [halves])
+    _png(attention_maps.png([chinese]))  # characters the built-in font lacks are drawn as boxes, not refused
+
+
+def _png(data: bytes) -> Image.Image:
+    """The PNG `data`, verified by Pillow and opened again to read its pixels."""
+    Image.open(io.BytesIO(data)).verify()
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.mode == "RGB"
+    return image
+
+
+def _colour(hex_colour: str) -> tuple[int, int, int]:
+    red, green, blue = (int(hex_colour[k : k + 2], 16) for k in (1, 3, 5))
+    return red, green, blue
+
+
+def test_png_cells_are_coloured_by_their_weight(rnn, tmp_path):
+    kind, translator = rnn
+    found = list(translator.attention(SENTENCES))
+    image = _png(attention_maps.write(tmp_path / "maps.png", found).read_bytes())
+    placed = attention_maps.png_panels(found)
+    assert [p.panel.weights.shape for p in placed] == [m.weights[0].shape for s in found for m in s.maps]
+    cell = attention_maps.CELL
+    for place in placed:
+        weights = place.panel.weights
+        rows, cols = weights.shape
+        # Each cell's centre pixel, read at its computed position: ACCENT over white at opacity = the weight, so
+        # the ink (how far its red + green + blue fall below white) is proportional to the weight.
+        centres = [
+            [image.getpixel((place.x + j * cell + cell // 2, place.y + i * cell + cell // 2)) for j in range(cols)]
+            for i in range(rows)
+        ]
+        ink = 255 * 3 - torch.tensor([[sum(rgb) for rgb in row] for row in centres], dtype=torch.float32)
+        full = 255 * 3 - sum(_colour(attention_maps.ACCENT))
+        torch.testing.assert_close(ink / full, weights, atol=0.01, rtol=0)
+        if kind == "hard":  # the darkest cell of each row, the full colour, is the one-hot choice
+            assert torch.equal(ink.argmax(-1), weights.argmax(-1))
+            assert all(centres[i][int(weights[i].argmax())] == _colour(attention_maps.ACCENT) for i in range(rows))
+        if kind == "local":  # each row's window is outlined in its colour, on the edge of its first cell
+            assert place.panel.window is not None
+            for i, (low, _) in enumerate(place.panel.window.tolist()):
+                assert image.getpixel((place.x + low * cell, place.y + i * cell + cell // 2)) == _colour(
+                    attention_maps.WINDOW
+                )
+
+
+def test_png_grows_with_its_tokens_and_panels(monkeypatch):
+    def size(sources: int, targets: int, layers: int, heads: int) -> tuple[int, int]:
+        maps = [
+            attention_maps.AttentionMap(f"decoder.{n}.cross_attn", "multi_head", torch.rand(heads, targets, sources))
+            for n in range(layers)
+        ]
+        words = attention_maps.SentenceAttention(["w"] * sources, ["t"] * targets, "t", maps)
+        return _png(attention_maps.png([words])).size
+
+    small = size(3, 2, 1, 1)
+    assert size(5, 2, 1, 1)[0] > small[0] and size(3, 4, 1, 1)[1] > small[1]  # more source, target tokens
+    assert size(3, 2, 1, 3)[0] > small[0]  # more heads: panels side by side
+    assert size(3, 2, 2, 1)[1] > small[1]  # more layers: groups below each other (and their average)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", small[0] * small[1])  # what Pillow opens without a warning
+    assert size(3, 2, 1, 1) == small
+    with pytest.raises(UsageError, match="fewer or shorter sentences"):
+        size(3, 3, 1, 1)
 
 
 def test_outputs_are_written_atomically_and_refuse_what_every_output_refuses(transformer, tmp_path):
@@ -160,8 +227,18 @@ def test_outputs_are_written_atomically_and_refuse_what_every_output_refuses(tra
         with pytest.raises(WriteError):
             attention_maps.write(refused, found)
     assert fifo.is_fifo() and link.is_symlink()
-    with pytest.raises(UsageError, match=r"html or \.svg"):
-        attention_maps.check_path(tmp_path / "maps.png")
+    png = tmp_path / "maps.png"
+    png.write_bytes(b"old")
+    attention_maps.write(png, found)
+    _png(png.read_bytes())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left beside it
+    fifo_png = tmp_path / "pipe.png"
+    os.mkfifo(fifo_png)
+    with pytest.raises(WriteError):
+        attention_maps.write(fifo_png, found)
+    assert fifo_png.is_fifo()
+    with pytest.raises(UsageError, match=r"html, \.svg or \.png"):
+        attention_maps.check_path(tmp_path / "maps.pdf")
 
 
 def test_translate_draws_attention_from_the_command_line(transformer_run, transformer, tmp_path):
@@ -171,7 +248,7 @@ def test_translate_draws_attention_from_the_command_line(transformer_run, transf
     assert run.exit_code == 0, run.stderr
     assert run.stdout.splitlines() == [out[0].text for out in transformer.translate(SENTENCES)]
     assert ET.parse(tmp_path / "a.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"
-    fifo = tmp_path / "pipe.html"
+    fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     refused = CliRunner().invoke(app, ["translate", str(transformer_run), "1", "--attention", str(fifo)])
     assert refused.exit_code == 1 and "never replaced" in refused.stderr and fifo.is_fifo()

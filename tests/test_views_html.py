@@ -144,3 +144,42 @@ def test_a_sub_graph_copy_is_a_group_holding_its_blocks(tmp_path):
     assert copy.get("data-type") == "encoder_block"
     inside = {g.get("data-name") for g in copy.iter(f"{SVG}g") if g.get("data-name")}
     assert {"encoder.1.attn", "encoder.1.norm1", "encoder.1.ffn", "encoder.1.norm2"} <= inside
+
+
+def test_spec_text_cannot_break_the_page_or_the_picture(tmp_path):
+    """A spec's own text (its name, a block's string param) is escaped everywhere: `<!--<script>` in the page's data
+    would make the browser read the data's closing tag as text and swallow the page's script; a control character
+    (YAML's "\\x01") is not XML, so the SVG says U+FFFD instead."""
+    spec = tmp_path / "odd.yaml"
+    spec.write_text(
+        'name: "odd</title></script>\\x01<!--"\n'
+        "inputs: {x: {dtype: int64, shape: [b, 4]}}\n"
+        'nodes: {n: {type: token_embedding, params: {vocab: 10, dim: 4, pretrained: "<!--<script>.txt"}, in: x}}\n'
+        "outputs: n\n"
+    )
+    page_path, svg_path = tmp_path / "odd.html", tmp_path / "odd.svg"
+    for fmt, path in (("html", page_path), ("svg", svg_path)):
+        code, text = _inspect(spec, "--format", fmt, "--out", path)
+        assert code == 0, text
+    page = page_path.read_text(encoding="utf-8")
+    blob = re.search(r'<script type="application/json" id="bg-data">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in blob and "<!--<script>.txt" in json.loads(blob)["n"]["params"]
+    assert page.count("<script") == 2 and "odd&lt;/title&gt;&lt;/script&gt;" in page
+    title = ET.parse(svg_path).getroot().find(f"{SVG}title")
+    assert title is not None and title.text == "odd</title></script>\ufffd<!--"
+
+
+def test_a_png_too_large_to_hold_is_refused_before_it_is_drawn(tmp_path):
+    """A wide row over a tall one makes a canvas of width × height: bounded (at Pillow's own image limit), not
+    gigabytes allocated; the refusal names the formats that draw any size."""
+    long_name = "n" * 20_000  # one box 144,000 px wide (an explicit `? key`: plain YAML keys stop at 1,024 chars)
+    chain = "".join(f"  c{i}: {{type: layer_norm, params: {{dim: 4}}, in: c{i - 1}}}\n" for i in range(1, 12))
+    spec = tmp_path / "wide.yaml"
+    spec.write_text(
+        "name: wide\ninputs: {x: {shape: [b, 4]}}\nnodes:\n"
+        f"  ? {long_name}\n  : {{type: layer_norm, params: {{dim: 4}}, in: x}}\n"
+        f"  c0: {{type: layer_norm, params: {{dim: 4}}, in: x}}\n{chain}outputs: {{y: c11, z: {long_name}}}\n"
+    )
+    code, text = _inspect(spec, "--format", "png", "--out", tmp_path / "wide.png")
+    assert code == 1 and "pixels" in text and "--format svg" in text, text
+    assert not (tmp_path / "wide.png").exists()

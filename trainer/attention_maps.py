@@ -5,15 +5,16 @@ tokens and every generated token but the last, so row t is the query that chose 
 the cross-attention weights of every attention node: each `multi_head_attention` whose keys are not its queries
 (a Transformer decoder layer's `cross_attn`), and each RNN source attention (global, hard, local). The blocks
 compute the weights themselves (`MultiHeadAttention.weights`, a source attention's `weights` output, a local
-attention's window centre), so nothing here re-implements attention. `html` and `svg` draw them as heatmaps,
-one row per target token and one column per source token (per layer and head, and their averages); `write`
-writes either file atomically, refusing what every output refuses (common.atomic).
+attention's window centre), so nothing here re-implements attention. `html`, `svg` and `png` draw them as
+heatmaps, one row per target token and one column per source token (per layer and head, and their averages);
+`write` writes the file atomically, refusing what every output refuses (common.atomic).
 """
 
 from __future__ import annotations
 
 import html as markup
 import inspect
+import io
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ import torch
 from torch import nn
 
 from blockgraph.blocks.attention import HardAttention, LocalAttention, MultiHeadAttention, SourceAttention
-from blockgraph.common.atomic import check_file_target, write_text
+from blockgraph.builder.views.picture import canvas
+from blockgraph.common.atomic import check_file_target, write_file, write_text
 from blockgraph.common.errors import Problem, UsageError
 
 Kind = Literal["multi_head", "global", "hard", "local"]
-FORMATS = (".html", ".htm", ".svg")
+FORMATS = (".html", ".htm", ".svg", ".png")
 
 CELL = 18  # px per weight
 GAP = 24  # px between panels
@@ -60,7 +62,9 @@ class SentenceAttention:
 def check_path(path: Path) -> None:
     """Refuse an attention-map file name before any decoding: an unknown format, or a target no output replaces."""
     if path.suffix.lower() not in FORMATS:
-        raise UsageError(Problem(f"cannot draw attention maps as {path.name!r}", hint="name an .html or .svg file"))
+        raise UsageError(
+            Problem(f"cannot draw attention maps as {path.name!r}", hint="name an .html, .svg or .png file")
+        )
     check_file_target(path, what="attention maps")
 
 
@@ -261,8 +265,137 @@ def svg(sentences: Sequence[SentenceAttention]) -> str:
     )
 
 
+# --- PNG -----------------------------------------------------------------------------------------------------------
+
+PNG_FONT = 12  # px: Pillow's built-in scalable font (ImageFont.load_default(size), as `inspect --format png` draws)
+MARGIN = 10
+INK, GRID = (17, 17, 17), (190, 190, 190)
+_UNDRAWABLE = re.compile("[\x00-\x1f\x7f]")  # a newline would start a second line; the others have no glyph
+
+
+def _label(value: str) -> str:
+    """`value` as one line of a PNG label: control characters become U+FFFD (drawn, as every character the
+    built-in font lacks, as its missing-glyph box)."""
+    return _UNDRAWABLE.sub("\ufffd", value)
+
+
+def _shade(weight: float) -> tuple[int, int, int]:
+    """The colour of a cell: ACCENT at opacity `weight` over the white background, as the SVG paints it."""
+    alpha = min(max(weight, 0.0), 1.0)
+    red, green, blue = (round(255 + (int(ACCENT[i : i + 2], 16) - 255) * alpha) for i in (1, 3, 5))
+    return red, green, blue
+
+
+@dataclass(frozen=True)
+class PlacedPanel:
+    """Where `png` draws a heatmap: its cell (i, j) covers [x + j·CELL, y + i·CELL] to the next cell, exclusive."""
+
+    panel: _Panel
+    x: int  # the grid's top-left corner, in pixels
+    y: int
+
+
+def _png_layout(sentences: Sequence[SentenceAttention], font: Any) -> tuple[int, int, list, list[PlacedPanel]]:
+    """The PNG's width, height, its lines of text [(x, y, text, vertical)] and its heatmaps, laid out as the SVG
+    lays them out: sentence below sentence, a title, group below group, a group's panels side by side."""
+
+    def width(text: str) -> int:
+        return int(font.getlength(text)) + 1
+
+    line = PNG_FONT + 6
+    texts: list[tuple[int, int, str, bool]] = []
+    placed: list[PlacedPanel] = []
+    y, right = MARGIN, MARGIN
+    for n, sentence in enumerate(sentences, 1):
+        source, target = [_label(t) for t in sentence.source], [_label(t) for t in sentence.target]
+        heading = f"{n}. {_label(' '.join(sentence.source))} -> {_label(sentence.translation)}"
+        texts.append((MARGIN, y, heading, False))
+        right = max(right, MARGIN + width(heading))
+        y += line + 6
+        left = max((width(t) for t in target), default=0) + 6
+        top = line + max((width(s) for s in source), default=0) + 6
+        for title, panels in _panels(sentence):
+            texts.append((MARGIN, y, _label(title), False))
+            y += line
+            x, tallest = MARGIN, 0
+            for panel in panels:
+                rows, cols = panel.weights.shape
+                texts.append((x, y, _label(panel.title), False))
+                ox, oy = x + left, y + top
+                for j in range(cols):
+                    texts.append(
+                        (ox + j * CELL + (CELL - PNG_FONT) // 2, oy - 4, source[j] if j < len(source) else "", True)
+                    )
+                for i in range(rows):
+                    label = target[i] if i < len(target) else ""
+                    texts.append((ox - 4 - width(label), oy + i * CELL + (CELL - line) // 2 + 2, label, False))
+                placed.append(PlacedPanel(panel, ox, oy))
+                right = max(right, ox + cols * CELL, x + width(panel.title))
+                x = ox + cols * CELL + GAP
+                tallest = max(tallest, top + rows * CELL)
+            y += tallest + GAP
+        y += GAP
+    return right + MARGIN, y + MARGIN, texts, placed
+
+
+def png_panels(sentences: Sequence[SentenceAttention]) -> list[PlacedPanel]:
+    """Where `png(sentences)` draws each heatmap (in the order of the sentences and their panels)."""
+    from PIL import ImageFont
+
+    return _png_layout(sentences, ImageFont.load_default(PNG_FONT))[3]
+
+
+def png(sentences: Sequence[SentenceAttention]) -> bytes:
+    """The SVG's picture as PNG bytes, drawn with Pillow: the same heatmaps, labels and windows on white. Its
+    built-in font covers Latin letters, digits and ASCII signs; another character (Chinese, é, →) is drawn as
+    the font's missing-glyph box, and the HTML and SVG files show it as written. A picture larger than Pillow
+    opens without a warning (Image.MAX_IMAGE_PIXELS, about 89 million pixels) is refused before it is drawn."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(PNG_FONT)
+    width, height, texts, placed = _png_layout(sentences, font)
+    hint = "draw fewer or shorter sentences into the PNG, or write FILE.html or FILE.svg"
+    image = canvas(width, height, "the attention maps", hint)
+    draw = ImageDraw.Draw(image)
+    for x, y, text, vertical in texts:
+        if not text:
+            continue
+        if not vertical:
+            draw.text((x, y), text, fill=INK, font=font)
+            continue
+        # A source token reads upwards above its column, ending just above the grid.
+        stamp = Image.new("L", (int(font.getlength(text)) + 1, PNG_FONT + 6), 0)
+        ImageDraw.Draw(stamp).text((0, 0), text, fill=255, font=font)
+        upright = stamp.rotate(90, expand=True)
+        image.paste(INK, (x, y - upright.height), upright)
+    for place in placed:
+        weights = place.panel.weights
+        rows, cols = weights.shape
+        for i in range(rows):
+            for j in range(cols):
+                x, y = place.x + j * CELL, place.y + i * CELL
+                draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=_shade(float(weights[i, j])))
+        draw.rectangle([place.x - 1, place.y - 1, place.x + cols * CELL, place.y + rows * CELL], outline=GRID)
+        if place.panel.window is not None:
+            for i, (low, high) in enumerate(place.panel.window.tolist()):
+                box = [
+                    place.x + low * CELL,
+                    place.y + i * CELL,
+                    place.x + (high + 1) * CELL - 1,
+                    place.y + (i + 1) * CELL - 1,
+                ]
+                draw.rectangle(box, outline=WINDOW, width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write(path: Path, sentences: Sequence[SentenceAttention]) -> Path:
-    """Write the maps to `path` as HTML or SVG (by its suffix), atomically."""
+    """Write the maps to `path` as HTML, SVG or PNG (by its suffix), atomically."""
     check_path(path)
-    text = svg(sentences) if path.suffix.lower() == ".svg" else html(sentences)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        data = png(sentences)
+        return write_file(path, lambda tmp: tmp.write_bytes(data), what="attention maps")
+    text = svg(sentences) if suffix == ".svg" else html(sentences)
     return write_text(path, text, what="attention maps")

@@ -243,7 +243,7 @@ def translate(
         typer.Option(
             metavar="FILE",
             help="Also draw each sentence's cross-attention weights as heatmaps labelled with the source and target "
-            "tokens (per layer and head, and averaged) into FILE.html (self-contained) or FILE.svg.",
+            "tokens (per layer and head, and averaged) into FILE.html (self-contained), FILE.svg or FILE.png.",
         ),
     ] = None,
 ) -> None:

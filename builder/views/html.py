@@ -132,7 +132,9 @@ def html_page(scene: Scene, expanded: set[str], totals: list[RenderableType]) ->
     """The page: search box, the graph, the side panel (details of the node under the pointer, the totals)."""
     data = {key: item.details for key, item in scene.items.items() if item.details}
     script = SCRIPT % {"pad": PAD, "hgap": H_GAP, "vgap": V_GAP, "header": HEADER}
-    blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    # No `<` at all inside the script element: `</script>` would end it early, and `<!--<script>` would keep its own
+    # closing tag from ending it (the HTML tokenizer's "double escaped" state), swallowing the page's script.
+    blob = json.dumps(data, ensure_ascii=False).replace("<", "\\u003c")
     summary = "\n".join(_text(part) for part in totals)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -7,9 +7,15 @@ the data its script reads; the PNG draws the same boxes, edges and labels with P
 from __future__ import annotations
 
 import io
-from xml.sax.saxutils import escape, quoteattr
+import re
+from typing import TYPE_CHECKING
+from xml.sax import saxutils
 
 from blockgraph.builder.views.layout import BOX_PAD, HEADER, LINE_H, Scene, edge_path, place
+from blockgraph.common.errors import Problem, UsageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # Light colours; the HTML view and an SVG opened in a browser switch to the dark ones with the system's theme.
 STYLE = """
@@ -34,6 +40,18 @@ svg.graph { font: 12px ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monosp
   .graph .arrow { fill: #a0aec0; }
 }
 """
+
+
+# Characters XML 1.0 forbids (a spec's name may hold any, through YAML's "\x01"): the picture shows U+FFFD.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def escape(text: str) -> str:
+    return saxutils.escape(_NOT_XML.sub("\ufffd", text))
+
+
+def quoteattr(text: str) -> str:
+    return saxutils.quoteattr(_NOT_XML.sub("\ufffd", text))
 
 
 def _f(value: float) -> str:
@@ -99,13 +117,26 @@ def svg_picture(scene: Scene, expanded: set[str]) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + svg_markup(scene, expanded, hidden=False, standalone=True)
 
 
+def canvas(width: int, height: int, what: str, hint: str) -> Image.Image:
+    """A white RGB image to draw on; refused before anything is allocated over Pillow's own bound against
+    decompression bombs (Image.MAX_IMAGE_PIXELS, about 89 million pixels: 256 MiB), which viewers open."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        message = f"{what} would be {width:,} × {height:,} pixels, over the {int(limit):,} a PNG is drawn with"
+        raise UsageError(Problem(message, hint=hint))
+    return Image.new("RGB", (width, height), "white")
+
+
 def png_picture(scene: Scene, expanded: set[str]) -> bytes:
     """`inspect --format png`: the same layout drawn with Pillow (light colours, white background)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont
 
     layout = place(scene, expanded)
     size = layout.inner[""]
-    image = Image.new("RGB", (int(size.width) + 1, int(size.height) + 1), "white")
+    hint = "use --format svg or html (any size), or open fewer groups (a smaller --depth)"
+    image = canvas(int(size.width) + 1, int(size.height) + 1, "the picture", hint)
     draw = ImageDraw.Draw(image)
     font, small = ImageFont.load_default(12), ImageFont.load_default(10)
 
