@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from blockgraph.blocks.attention import HardAttention, LocalAttention, MultiHeadAttention, SourceAttention
-from blockgraph.builder.views.picture import canvas
+from blockgraph.builder.views.picture import canvas, xml_safe
 from blockgraph.common.atomic import check_file_target, write_file, write_text
 from blockgraph.common.errors import Problem, UsageError
 
@@ -111,12 +111,10 @@ def capture(model: nn.Module, run: Callable[[], object]) -> list[AttentionMap]:
 
 # --- drawing ------------------------------------------------------------------------------------------------------
 
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
 
 def _text(value: str) -> str:
     """`value` escaped for XML and HTML (characters XML cannot hold become U+FFFD)."""
-    return markup.escape(_NOT_XML.sub("\ufffd", value), quote=True)
+    return markup.escape(xml_safe(value), quote=True)
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,17 @@ svg.graph { font: 12px ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monosp
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
+def xml_safe(text: str) -> str:
+    """`text` with every character XML cannot hold as U+FFFD (the attention maps' SVG uses it too)."""
+    return _NOT_XML.sub("\ufffd", text)
+
+
 def escape(text: str) -> str:
-    return saxutils.escape(_NOT_XML.sub("\ufffd", text))
+    return saxutils.escape(xml_safe(text))
 
 
 def quoteattr(text: str) -> str:
-    return saxutils.quoteattr(_NOT_XML.sub("\ufffd", text))
+    return saxutils.quoteattr(xml_safe(text))
 
 
 def _f(value: float) -> str:
