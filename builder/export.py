@@ -295,8 +295,8 @@ def _with_minimum(shapes: dict[str, Any], name: str, low: int) -> dict[str, Any]
     def changed(dim: Any) -> Any:
         if getattr(dim, "__name__", None) != name:
             return dim
-        high = getattr(dim, "max", None)
-        return Dim(name, min=low, max=high) if isinstance(high, int) and high < 2**62 else Dim(name, min=low)
+        high = _range(dim)[1]
+        return Dim(name, min=low) if high is None else Dim(name, min=low, max=high)
 
     raised: dict[str, Any] = {}
     for n, axes in shapes.items():
